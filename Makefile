@@ -1,0 +1,30 @@
+# One venv per checkout; every target that runs code depends on it.
+PYTHON      ?= python3
+VENV        ?= .venv
+# The CPU wheel that lies on this kind of machine. GPU users: make TORCH_SPEC="torch" (or a CUDA index).
+TORCH_SPEC  ?= torch==2.13.0
+BIN         := $(VENV)/bin
+PY          := $(BIN)/python
+STAMP       := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test demo train bench bench-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, on its own: otherwise a dependency's unpinned "torch" pulls a CUDA build.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

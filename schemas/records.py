@@ -1,0 +1,162 @@
+"""The preference record: the contract between ingest, curate and tokenize.
+
+A record is one comparison: a conversation (`prompt`) and two continuations of it, the preferred
+one (`chosen`) and the other (`rejected`). Text is normalised once, here, so every later stage can
+compare strings byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+Role = Literal["system", "user", "assistant"]
+
+# Reason codes a record can fail validation with. Ingest turns them into quarantine reasons, so
+# they are part of the contract: a user greps quarantine.jsonl for them.
+EMPTY_CONTENT = "empty_content"
+EMPTY_PROMPT = "empty_prompt"
+EMPTY_ANSWER = "empty_answer"
+PROMPT_NOT_ENDING_WITH_USER = "prompt_not_ending_with_user"
+ANSWER_NOT_STARTING_WITH_ASSISTANT = "answer_not_starting_with_assistant"
+SYSTEM_NOT_FIRST = "system_not_first"
+IDENTICAL_ANSWERS = "identical_answers"
+ID_MISMATCH = "id_mismatch"
+
+
+def normalize_text(text: str) -> str:
+    """BOM stripped, CRLF/CR → LF, Unicode NFC, surrounding whitespace trimmed."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\ufeff", "")
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return text.strip()
+
+
+def _stable_hash(payload: Any) -> str:
+    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def _pairs(messages: list[Message]) -> list[list[str]]:
+    return [[m.role, m.content] for m in messages]
+
+
+def prompt_hash(prompt: list[Message]) -> str:
+    """Hash of the normalised prompt: the same conversation gets the same id on any machine."""
+    return _stable_hash(_pairs(prompt))
+
+
+def record_id(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
+    """Content hash of the pair. Scores and provenance are left out: the same comparison from two
+    dumps is the same record."""
+    return _stable_hash([_pairs(prompt), _pairs(chosen), _pairs(rejected)])
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _normalise(cls, content: str) -> str:
+        content = normalize_text(content)
+        if not content:
+            raise PydanticCustomError(EMPTY_CONTENT, "message content is empty after normalisation")
+        return content
+
+
+MetaValue = str | int | float | bool | None
+
+
+class PreferenceRecord(BaseModel):
+    """One validated comparison. `id` is filled in from the content when not given, and checked
+    when given (a record edited by hand must not keep its old id)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = ""
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    source: str
+    source_format: str
+    source_row: int
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+    meta: dict[str, MetaValue] = {}
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> PreferenceRecord:
+        if not self.prompt:
+            raise PydanticCustomError(EMPTY_PROMPT, "prompt has no messages")
+        if self.prompt[-1].role != "user":
+            raise PydanticCustomError(
+                PROMPT_NOT_ENDING_WITH_USER,
+                "prompt must end with a user turn, got {role}",
+                {"role": self.prompt[-1].role},
+            )
+        if any(m.role == "system" for m in self.prompt[1:]):
+            raise PydanticCustomError(SYSTEM_NOT_FIRST, "a system message may only open the prompt")
+        for name, answer in (("chosen", self.chosen), ("rejected", self.rejected)):
+            if not answer:
+                raise PydanticCustomError(EMPTY_ANSWER, "{name} has no messages", {"name": name})
+            if answer[0].role != "assistant":
+                raise PydanticCustomError(
+                    ANSWER_NOT_STARTING_WITH_ASSISTANT,
+                    "{name} must start with an assistant turn, got {role}",
+                    {"name": name, "role": answer[0].role},
+                )
+        if self.chosen == self.rejected:
+            raise PydanticCustomError(IDENTICAL_ANSWERS, "chosen and rejected are identical")
+        expected = record_id(self.prompt, self.chosen, self.rejected)
+        if not self.id:
+            object.__setattr__(self, "id", expected)
+        elif self.id != expected:
+            raise PydanticCustomError(ID_MISMATCH, "id does not match the record's content")
+        return self
+
+    def to_row(self) -> dict[str, Any]:
+        """The record as a row of RECORD_SCHEMA (meta as a JSON string: polars has no map type)."""
+        row = self.model_dump()
+        row["meta"] = json.dumps(self.meta, ensure_ascii=False, sort_keys=True)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PreferenceRecord:
+        row = dict(row)
+        row["meta"] = json.loads(row.get("meta") or "{}")
+        return cls.model_validate(row)
+
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+
+# records.parquet, train.parquet, eval.parquet. Column order is the field order above.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", MESSAGES_TYPE),
+        ("chosen", MESSAGES_TYPE),
+        ("rejected", MESSAGES_TYPE),
+        ("source", pa.string()),
+        ("source_format", pa.string()),
+        ("source_row", pa.int64()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+        ("meta", pa.string()),
+    ]
+)
+
+
+def records_to_table(records: list[PreferenceRecord]) -> pa.Table:
+    return pa.Table.from_pylist([r.to_row() for r in records], schema=RECORD_SCHEMA)

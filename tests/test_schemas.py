@@ -1,0 +1,101 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from schemas.errors import UserError
+from schemas.manifest import Counts, Manifest
+from schemas.records import PreferenceRecord, normalize_text, record_id
+
+
+def _rec(**over):
+    base = dict(
+        prompt=[{"role": "user", "content": "Hi"}],
+        chosen=[{"role": "assistant", "content": "Hello!"}],
+        rejected=[{"role": "assistant", "content": "Go away."}],
+        source="f.jsonl",
+        source_format="trl",
+        source_row=1,
+    )
+    base.update(over)
+    return PreferenceRecord.model_validate(base)
+
+
+def _reason(exc: ValidationError) -> str:
+    return exc.errors()[0]["type"]
+
+
+def test_normalisation_strips_bom_crlf_and_composes():
+    assert normalize_text("\ufeff  cafe\u0301\r\nok \r") == "caf\u00e9\nok"
+
+
+def test_id_is_stable_content_hash_and_ignores_provenance():
+    a = _rec()
+    b = _rec(source="other.csv", source_row=99, chosen_score=3.0)
+    assert a.id == b.id == record_id(a.prompt, a.chosen, a.rejected)
+    assert len(a.id) == 32
+    # Normalisation happens before hashing: stray whitespace does not change the id.
+    assert _rec(chosen=[{"role": "assistant", "content": "  Hello!\r\n"}]).id == a.id
+    assert _rec(chosen=[{"role": "assistant", "content": "Hello"}]).id != a.id
+
+
+def test_id_given_must_match():
+    with pytest.raises(ValidationError) as exc:
+        _rec(id="deadbeef")
+    assert _reason(exc.value) == "id_mismatch"
+    assert _rec(id=_rec().id).id == _rec().id
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({"chosen": [{"role": "assistant", "content": "   "}]}, "empty_content"),
+        ({"prompt": []}, "empty_prompt"),
+        ({"rejected": []}, "empty_answer"),
+        ({"prompt": [{"role": "assistant", "content": "x"}]}, "prompt_not_ending_with_user"),
+        ({"chosen": [{"role": "user", "content": "x"}]}, "answer_not_starting_with_assistant"),
+        ({"rejected": [{"role": "assistant", "content": "Hello!"}]}, "identical_answers"),
+        (
+            {"prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                        {"role": "user", "content": "c"}]},
+            "system_not_first",
+        ),
+        ({"prompt": [{"role": "robot", "content": "x"}]}, "literal_error"),
+    ],
+)
+def test_validators_give_reason_codes(override, reason):
+    with pytest.raises(ValidationError) as exc:
+        _rec(**override)
+    assert _reason(exc.value) == reason
+
+
+def test_row_round_trip():
+    rec = _rec(meta={"model": "x", "n": 2})
+    row = rec.to_row()
+    assert json.loads(row["meta"]) == {"model": "x", "n": 2}
+    assert PreferenceRecord.from_row(row) == rec
+
+
+@given(st.integers(0, 50), st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)))
+def test_counts_must_add_up(kept, dropped):
+    read = kept + sum(dropped.values())
+    assert Counts(read=read, kept=kept, dropped=dropped).read == read
+    with pytest.raises(ValidationError):
+        Counts(read=read + 1, kept=kept, dropped=dropped)
+
+
+def test_manifest_round_trip_and_guards(tmp_path):
+    m = Manifest(stage="ingest", package_version="0", config={"x": 1}, counts=Counts(read=2, kept=2))
+    m.write(tmp_path)
+    assert Manifest.read(tmp_path, stages=("ingest",)) == m
+    with pytest.raises(UserError, match="expected the output of curate"):
+        Manifest.read(tmp_path, stages=("curate",))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    raw["schema_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="schema version 99"):
+        Manifest.read(tmp_path)
+    with pytest.raises(UserError, match="no manifest.json"):
+        Manifest.read(tmp_path.parent)
