@@ -20,6 +20,43 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Preference-data preparation: ingest → curate → tokenize → precompute-ref, and inspect."""
+
+
+@app.command("tokenize")
+def tokenize_command(
+    input_dir: str = typer.Argument(..., help="Output of `prefdata curate` (train/eval) or `prefdata ingest`."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer directory or Hub name (offline: a directory)."),
+    out: str = typer.Option(..., "--out", help="Directory for the shards, dropped.parquet and manifest.json."),
+    template: str = typer.Option("auto", help="auto: the tokenizer's chat template if it has one, else plain."),
+    max_length: int = typer.Option(1024, help="Prompt + completion tokens, per answer."),
+    max_prompt_length: int = typer.Option(512, help="Prompt tokens."),
+    overflow: str = typer.Option("drop", help="drop: pairs that do not fit are dropped (too_long); truncate: cut them."),
+    rows_per_shard: int = typer.Option(50_000, help="Rows per Arrow file."),
+) -> None:
+    """Tokenize records into Arrow IPC shards (TRL column names, int32 ids)."""
+    from prefdata.tokenize import TokenizeConfig, summary_lines, tokenize
+
+    config = _config(TokenizeConfig, input_dir=input_dir, tokenizer=tokenizer, out=out, template=template,
+                     max_length=max_length, max_prompt_length=max_prompt_length, overflow=overflow,
+                     rows_per_shard=rows_per_shard)
+    print("\n".join(summary_lines(tokenize(config))))
+
+
+def _config(config_cls, **options):
+    """Build a stage config; option values it rejects become one-line UserErrors."""
+    from pydantic import ValidationError
+
+    try:
+        return config_cls(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise UserError(f"{option}: {first['msg']}") from None
+
+
 def main() -> None:
     try:
         app()

@@ -45,11 +45,11 @@ def _stable_hash(payload: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def _pairs(messages: list[Message]) -> list[list[str]]:
-    return [[m.role, m.content] for m in messages]
+def _pairs(messages: list[Message] | list[dict[str, str]]) -> list[list[str]]:
+    return [[m["role"], m["content"]] if isinstance(m, dict) else [m.role, m.content] for m in messages]
 
 
-def prompt_hash(prompt: list[Message]) -> str:
+def prompt_hash(prompt: list[Message] | list[dict[str, str]]) -> str:
     """Hash of the normalised prompt: the same conversation gets the same id on any machine."""
     return _stable_hash(_pairs(prompt))
 

@@ -1,0 +1,366 @@
+"""Stage 3: records → tokenized Arrow IPC shards (DESIGN.md, "Shard").
+
+Rendering turns messages into text (the tokenizer's chat template, or a plain template for base
+models); the Rust tokenizer then encodes whole batches at once. Per row we only do string slicing
+and length arithmetic, in numpy where it matters.
+
+The prompt ids are the tokens a model sees right before it writes an answer (the template's
+generation prompt); chosen/rejected ids are the completion only and end with EOS / end-of-turn
+exactly once. A pair that does not fit is dropped (`too_long`) or, with `--overflow truncate`,
+cut: the prompt from the left (oldest tokens first, a leading BOS kept), completions from the
+right. Every drop is counted and listed in `dropped.parquet`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prefdata import __version__
+from schemas.errors import UserError
+from schemas.fingerprint import tokenizer_fingerprint
+from schemas.io import atomic_dir, sha256_file
+from schemas.manifest import Counts, InputFile, Manifest, ShardFile
+from schemas.progress import progress
+from schemas.records import prompt_hash
+from schemas.shard import SHARD_SCHEMA, shard_name
+
+TOO_LONG = "too_long"
+TEMPLATE_MISMATCH = "template_mismatch"
+EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
+IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+
+# Which files each upstream stage leaves, and the split each becomes.
+STAGE_INPUTS = {"ingest": {"records.parquet": "train"}, "curate": {"train.parquet": "train", "eval.parquet": "eval"}}
+
+# The plain template for base models (no chat template): the Anthropic HH layout, which base
+# models have seen and which the DPO paper's HH experiments used. The completion starts with a
+# space after "Assistant:" and the tokenizer's EOS is appended.
+PLAIN_ROLE_PREFIX = {"system": "System: ", "user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
+PLAIN_GENERATION_PROMPT = "\n\nAssistant:"
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_dir: str
+    tokenizer: str
+    out: str
+    template: Literal["auto", "chat", "plain"] = "auto"
+    max_length: int = Field(1024, gt=1)
+    max_prompt_length: int = Field(512, gt=0)
+    overflow: Literal["drop", "truncate"] = "drop"
+    rows_per_shard: int = Field(50_000, gt=0)
+    batch_rows: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TokenizeConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "
+                f"({self.max_length}): completions need room"
+            )
+        return self
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """AutoTokenizer with one-line errors for a missing path, a directory without tokenizer files,
+    or a Hub name that cannot be fetched offline."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
+    if looks_local and not path.exists():
+        raise UserError(f"tokenizer path {name_or_path} does not exist")
+    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{name_or_path} holds no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load tokenizer {name_or_path}: {first_line}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: messages → (prompt text, completion text, whether EOS must be appended as an id)
+
+
+class ChatRenderer:
+    """The tokenizer's own chat template. The completion is what the template adds after the
+    generation prompt, cut after the last end-of-turn token (dropping the template's trailing
+    newline, which a model never generates)."""
+
+    kind = "chat"
+    add_bos_id = False  # a chat template renders its own BOS where the model wants one
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.end_of_turn = tokenizer.eos_token
+
+    def prompts(self, prompts: list[list[dict]]) -> list[str]:
+        return self.tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+
+    def completions(self, prompts: list[list[dict]], prompt_texts: list[str], answers: list[list[dict]]) -> list[str | None]:
+        full_texts = self.tokenizer.apply_chat_template([p + a for p, a in zip(prompts, answers)], tokenize=False)
+        return [self._completion(full, prompt) for full, prompt in zip(full_texts, prompt_texts)]
+
+    def _completion(self, full: str, prompt: str) -> str | None:
+        if not full.startswith(prompt):
+            return None  # the template renders history differently from a generation prompt
+        completion = full[len(prompt):]
+        end = completion.rfind(self.end_of_turn) if self.end_of_turn else -1
+        return completion[: end + len(self.end_of_turn)] if end >= 0 else completion.rstrip()
+
+
+class PlainRenderer:
+    """HH-style text for base models; EOS appended as a token id."""
+
+    kind = "plain"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        bos = tokenizer.bos_token_id
+        # Prepend BOS exactly when the tokenizer itself would (Llama-style), so a base model sees
+        # what it saw in pre-training — and never twice.
+        probe = tokenizer("a").input_ids
+        self.add_bos_id = bos is not None and bool(probe) and probe[0] == bos
+
+    @staticmethod
+    def _render(messages: list[dict]) -> str:
+        return "".join(PLAIN_ROLE_PREFIX[m["role"]] + m["content"] for m in messages)
+
+    def prompts(self, prompts: list[list[dict]]) -> list[str]:
+        return [(self._render(p) + PLAIN_GENERATION_PROMPT).lstrip("\n") for p in prompts]
+
+    def completions(self, prompts: list[list[dict]], prompt_texts: list[str], answers: list[list[dict]]) -> list[str | None]:
+        # The answer's own "\n\nAssistant: " prefix is already in the prompt's generation prompt.
+        return [" " + self._render(a)[len(PLAIN_ROLE_PREFIX["assistant"]):] for a in answers]
+
+
+def make_renderer(tokenizer: Any, template: str) -> ChatRenderer | PlainRenderer:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_template:
+        raise UserError("--template chat: this tokenizer has no chat template; use --template plain (or auto)")
+    if template == "chat" or (template == "auto" and has_template):
+        return ChatRenderer(tokenizer)
+    return PlainRenderer(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and length policy
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _with_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
+
+
+class _Encoded:
+    """Token ids of one batch plus a drop reason per row (None = kept)."""
+
+    def __init__(self, size: int) -> None:
+        self.prompt: list[list[int]] = [[] for _ in range(size)]
+        self.chosen: list[list[int]] = [[] for _ in range(size)]
+        self.rejected: list[list[int]] = [[] for _ in range(size)]
+        self.reason: list[str | None] = [None] * size
+
+
+def encode_batch(rows: list[dict], renderer: ChatRenderer | PlainRenderer, eos_id: int) -> _Encoded:
+    prompts = [r["prompt"] for r in rows]
+    prompt_texts = renderer.prompts(prompts)
+    chosen_texts = renderer.completions(prompts, prompt_texts, [r["chosen"] for r in rows])
+    rejected_texts = renderer.completions(prompts, prompt_texts, [r["rejected"] for r in rows])
+    out = _Encoded(len(rows))
+    ok = [i for i in range(len(rows)) if chosen_texts[i] is not None and rejected_texts[i] is not None]
+    for i in set(range(len(rows))) - set(ok):
+        out.reason[i] = TEMPLATE_MISMATCH
+    bos = [renderer.tokenizer.bos_token_id] if renderer.add_bos_id else []
+    for i, p, c, r in zip(
+        ok,
+        _encode(renderer.tokenizer, [prompt_texts[i] for i in ok]),
+        _encode(renderer.tokenizer, [chosen_texts[i] for i in ok]),
+        _encode(renderer.tokenizer, [rejected_texts[i] for i in ok]),
+    ):
+        out.prompt[i], out.chosen[i], out.rejected[i] = bos + p, _with_eos(c, eos_id), _with_eos(r, eos_id)
+    return out
+
+
+def apply_length_policy(enc: _Encoded, config: TokenizeConfig, bos_id: int | None, stats: Counter) -> None:
+    """Mark rows that do not fit as `too_long`, or truncate them in place (`--overflow truncate`)."""
+    p = np.fromiter((len(x) for x in enc.prompt), dtype=np.int64, count=len(enc.prompt))
+    c = np.fromiter((len(x) for x in enc.chosen), dtype=np.int64, count=len(enc.chosen))
+    r = np.fromiter((len(x) for x in enc.rejected), dtype=np.int64, count=len(enc.rejected))
+    alive = np.array([reason is None for reason in enc.reason], dtype=bool)
+    overflow = alive & ((p > config.max_prompt_length) | (p + np.maximum(c, r) > config.max_length))
+    for i in np.flatnonzero(overflow):
+        if config.overflow == "drop":
+            enc.reason[i] = TOO_LONG
+        else:
+            _truncate_row(enc, int(i), config, bos_id, stats)
+
+
+def _truncate_row(enc: _Encoded, i: int, config: TokenizeConfig, bos_id: int | None, stats: Counter) -> None:
+    prompt = enc.prompt[i]
+    if len(prompt) > config.max_prompt_length:
+        keep_bos = bos_id is not None and prompt[0] == bos_id
+        head = prompt[:1] if keep_bos else []
+        prompt = head + prompt[len(prompt) - (config.max_prompt_length - len(head)):]
+        stats["truncated_prompts"] += 1
+    room = config.max_length - len(prompt)
+    chosen, rejected = enc.chosen[i][:room], enc.rejected[i][:room]
+    stats["truncated_completions"] += int(len(chosen) < len(enc.chosen[i])) + int(len(rejected) < len(enc.rejected[i]))
+    enc.prompt[i], enc.chosen[i], enc.rejected[i] = prompt, chosen, rejected
+    if not chosen or not rejected:
+        enc.reason[i] = EMPTY_AFTER_TRUNCATION
+    elif chosen == rejected:
+        enc.reason[i] = IDENTICAL_AFTER_TRUNCATION
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard writing
+
+
+class ShardWriter:
+    """Arrow IPC *file* format shards of at most `rows_per_shard` rows, named by split."""
+
+    def __init__(self, out_dir: Path, split: str, rows_per_shard: int) -> None:
+        self.out_dir, self.split, self.rows_per_shard = out_dir, split, rows_per_shard
+        self.files: list[ShardFile] = []
+        self._writer: ipc.RecordBatchFileWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(table.num_rows, self.rows_per_shard - self._rows)
+            self._writer.write_table(table.slice(0, take))
+            self._rows += take
+            table = table.slice(take)
+            if self._rows == self.rows_per_shard:
+                self._close()
+
+    def _open(self) -> None:
+        name = shard_name(self.split, len(self.files))
+        self._writer = ipc.new_file(self.out_dir / name, SHARD_SCHEMA)
+        self.files.append(ShardFile(name=name, split=self.split, rows=0, sha256=""))
+
+    def _close(self) -> None:
+        self._writer.close()
+        shard = self.files[-1]
+        self.files[-1] = shard.model_copy(update={"rows": self._rows, "sha256": sha256_file(self.out_dir / shard.name)})
+        self._writer, self._rows = None, 0
+
+    def close(self) -> list[ShardFile]:
+        if self._writer is not None:
+            self._close()
+        return self.files
+
+
+def _shard_table(rows: list[dict], enc: _Encoded, keep: list[int]) -> pa.Table:
+    ids = pa.list_(pa.int32())
+    return pa.table(
+        {
+            "id": pa.array([rows[i]["id"] for i in keep], pa.string()),
+            "prompt_id": pa.array([prompt_hash(rows[i]["prompt"]) for i in keep], pa.string()),
+            "prompt_input_ids": pa.array([enc.prompt[i] for i in keep], ids),
+            "chosen_input_ids": pa.array([enc.chosen[i] for i in keep], ids),
+            "rejected_input_ids": pa.array([enc.rejected[i] for i in keep], ids),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("drop_reason", pa.string()),
+                            ("prompt_tokens", pa.int64()), ("chosen_tokens", pa.int64()), ("rejected_tokens", pa.int64())])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]]]:
+    upstream = Manifest.read(input_dir, stages=tuple(STAGE_INPUTS))
+    files = [(split, input_dir / name) for name, split in STAGE_INPUTS[upstream.stage].items()]
+    missing = [str(p) for _, p in files if not p.is_file()]
+    if missing:
+        raise UserError(f"{input_dir}: {', '.join(missing)} missing; re-run prefdata {upstream.stage}")
+    return upstream, files
+
+
+def tokenize(config: TokenizeConfig) -> Manifest:
+    input_dir = Path(config.input_dir)
+    upstream, files = _input_files(input_dir)
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer {config.tokenizer} has no EOS token; completions must end with one")
+    renderer = make_renderer(tokenizer, config.template)
+    dropped: Counter = Counter()
+    stats: Counter = Counter()
+    read = kept = 0
+    shards: list[ShardFile] = []
+    dropped_rows: list[dict] = []
+    total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+    with atomic_dir(config.out) as out_dir, progress("tokenize", total=total) as bar:
+        for split, path in files:
+            writer = ShardWriter(out_dir, split, config.rows_per_shard)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=config.batch_rows, columns=["id", "prompt", "chosen", "rejected"]):
+                rows = batch.to_pylist()
+                enc = encode_batch(rows, renderer, tokenizer.eos_token_id)
+                apply_length_policy(enc, config, tokenizer.bos_token_id, stats)
+                keep = [i for i, reason in enumerate(enc.reason) if reason is None]
+                writer.write(_shard_table(rows, enc, keep))
+                for i, reason in enumerate(enc.reason):
+                    if reason is not None:
+                        dropped[reason] += 1
+                        dropped_rows.append({"id": rows[i]["id"], "split": split, "drop_reason": reason,
+                                             "prompt_tokens": len(enc.prompt[i]), "chosen_tokens": len(enc.chosen[i]),
+                                             "rejected_tokens": len(enc.rejected[i])})
+                stats["prompt_tokens"] += sum(len(enc.prompt[i]) for i in keep)
+                stats["completion_tokens"] += sum(len(enc.chosen[i]) + len(enc.rejected[i]) for i in keep)
+                read += len(rows)
+                kept += len(keep)
+                bar.advance(len(rows))
+            shards += writer.close()
+        pq.write_table(pa.Table.from_pylist(dropped_rows, schema=DROPPED_SCHEMA), out_dir / "dropped.parquet")
+        manifest = Manifest(
+            stage="tokenize",
+            package_version=__version__,
+            config=config.model_dump(),
+            inputs=[InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size, rows=pq.ParquetFile(p).metadata.num_rows) for _, p in files],
+            counts=Counts(read=read, kept=kept, dropped=dict(dropped)),
+            outputs=[s.name for s in shards] + ["dropped.parquet"],
+            shards=shards,
+            tokenizer=tokenizer_fingerprint(tokenizer, config.tokenizer),
+            stats={"template": renderer.kind, "bos_prepended": renderer.add_bos_id, "upstream_stage": upstream.stage,
+                   "rows_per_split": {s: sum(f.rows for f in shards if f.split == s) for s in dict.fromkeys(f.split for f in shards)},
+                   **dict(stats)},
+            versions=_versions(),
+        )
+        manifest.write(out_dir)
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import tokenizers
+    import transformers
+
+    return {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "pyarrow": pa.__version__}
+
+
+def summary_lines(manifest: Manifest) -> list[str]:
+    c = manifest.counts
+    lines = [f"tokenize: read {c.read}, kept {c.kept}, dropped {sum(c.dropped.values())} {json.dumps(c.dropped)}"]
+    lines += [f"  {s.name}: {s.rows} rows" for s in manifest.shards]
+    return lines

@@ -1,0 +1,149 @@
+import json
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+from transformers import AutoTokenizer
+
+from prefdata.tokenize import TokenizeConfig, tokenize
+from schemas.errors import UserError
+from schemas.io import sha256_file
+from schemas.manifest import Manifest
+from schemas.shard import SHARD_SCHEMA
+from tests.records_factory import make_record, write_records_dir
+
+MULTI_TURN = make_record(
+    [("system", "You are a helpful assistant."), ("user", "What is the capital of France?"),
+     ("assistant", "Paris."), ("user", "And of Italy?")],
+    "The capital of Italy is Rome.",
+    "I do not know.",
+)
+SINGLE = make_record("Write a haiku about autumn.", "Leaves fall on the pond.", "No.", row=2)
+
+
+def _read_shard(path):
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_file(source).read_all()
+
+
+@pytest.fixture
+def records_dir(tmp_path):
+    return write_records_dir(tmp_path / "curated", {"train": [MULTI_TURN, SINGLE], "eval": [SINGLE.model_copy()]})
+
+
+def test_chat_prompt_ids_equal_apply_chat_template(records_dir, chat_tokenizer_dir, tmp_path):
+    manifest = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "shards")))
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    table = _read_shard(tmp_path / "shards" / "train-00000.arrow")
+    assert table.schema.equals(SHARD_SCHEMA)
+    row = table.to_pylist()[0]
+    messages = [m.model_dump() for m in MULTI_TURN.prompt]
+    expected_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert row["prompt_input_ids"] == expected_prompt
+    # prompt + completion is the full conversation the template renders, minus its trailing newline.
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "The capital of Italy is Rome."}], tokenize=True)["input_ids"]
+    assert row["prompt_input_ids"] + row["chosen_input_ids"] == full[: len(row["prompt_input_ids"]) + len(row["chosen_input_ids"])]
+    for ids in (row["chosen_input_ids"], row["rejected_input_ids"]):
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert tok.decode(row["chosen_input_ids"], skip_special_tokens=True) == "The capital of Italy is Rome."
+    assert tok.bos_token_id not in row["prompt_input_ids"]  # ChatML renders no BOS, and none is added
+    assert manifest.counts.read == 3 and manifest.counts.kept == 3
+    assert [(s.name, s.split, s.rows) for s in manifest.shards] == [("train-00000.arrow", "train", 2), ("eval-00000.arrow", "eval", 1)]
+    assert all(s.sha256 == sha256_file(tmp_path / "shards" / s.name) for s in manifest.shards)
+    assert manifest.tokenizer.chat_template_sha256 is not None
+    assert Manifest.read(tmp_path / "shards") == manifest
+
+
+def test_plain_template_single_bos_and_eos(records_dir, base_tokenizer_dir, tmp_path):
+    manifest = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(base_tokenizer_dir), out=str(tmp_path / "s")))
+    tok = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+    row = _read_shard(tmp_path / "s" / "train-00000.arrow").to_pylist()[1]
+    assert manifest.stats["template"] == "plain"
+    assert row["prompt_input_ids"][0] == tok.bos_token_id and row["prompt_input_ids"].count(tok.bos_token_id) == 1
+    assert tok.decode(row["prompt_input_ids"], skip_special_tokens=True) == "Human: Write a haiku about autumn.\n\nAssistant:"
+    assert tok.decode(row["chosen_input_ids"]) == " Leaves fall on the pond.</s>"
+    assert row["rejected_input_ids"][-1] == tok.eos_token_id
+
+
+def test_too_long_dropped_and_counted(records_dir, chat_tokenizer_dir, tmp_path):
+    manifest = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s"),
+                                       max_length=40, max_prompt_length=30))
+    assert manifest.counts.dropped == {"too_long": 1} and manifest.counts.kept == 2
+    dropped = pl.read_parquet(tmp_path / "s" / "dropped.parquet")
+    assert dropped["id"].to_list() == [MULTI_TURN.id] and dropped["drop_reason"].to_list() == ["too_long"]
+
+
+def test_truncate_cuts_prompt_left_and_completions_right(tmp_path, chat_tokenizer_dir):
+    long_answer = "the movie was a delight from start to finish " * 5
+    rec = make_record([("user", "hello there " * 30)], "yes " + long_answer, "no " + long_answer)
+    same_after_cut = make_record("hi", long_answer + "A", long_answer + "B", row=2)
+    src = write_records_dir(tmp_path / "in", {"train": [rec, same_after_cut], "eval": []})
+    manifest = tokenize(TokenizeConfig(input_dir=str(src), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s"),
+                                       max_length=48, max_prompt_length=16, overflow="truncate"))
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    full_prompt = tok.apply_chat_template([m.model_dump() for m in rec.prompt], add_generation_prompt=True, tokenize=True)["input_ids"]
+    rows = _read_shard(tmp_path / "s" / "train-00000.arrow").to_pylist()
+    assert manifest.counts.dropped == {"identical_after_truncation": 1}
+    (row,) = rows
+    assert row["prompt_input_ids"] == full_prompt[-16:]  # the newest 16 tokens survive
+    assert len(row["prompt_input_ids"]) + len(row["chosen_input_ids"]) == 48
+    assert manifest.stats["truncated_prompts"] == 1 and manifest.stats["truncated_completions"] == 4
+
+
+def test_shards_read_by_polars_pyarrow_and_datasets(records_dir, chat_tokenizer_dir, tmp_path):
+    import datasets
+
+    out = tmp_path / "s"
+    tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(out), rows_per_shard=1))
+    assert sorted(p.name for p in out.glob("*.arrow")) == ["eval-00000.arrow", "train-00000.arrow", "train-00001.arrow"]
+    frame = pl.scan_ipc(str(out / "*.arrow")).select(pl.col("chosen_input_ids").list.len().alias("n")).collect()
+    assert frame.height == 3
+    ds = datasets.load_dataset("arrow", data_files=sorted(str(p) for p in out.glob("train-*.arrow")), split="train")
+    assert ds.num_rows == 2 and ds.features["prompt_input_ids"].feature.dtype == "int32"
+    assert _read_shard(out / "train-00001.arrow").num_rows == 1
+
+
+def test_deterministic_output(records_dir, chat_tokenizer_dir, tmp_path):
+    a = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "a")))
+    b = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "b")))
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tokenizer": "/nonexistent/tok"}, "does not exist"),
+        ({"max_length": 100, "max_prompt_length": 100}, "must be smaller than --max-length"),
+        ({"template": "chat", "tokenizer": "BASE"}, "has no chat template"),
+    ],
+)
+def test_bad_options(records_dir, chat_tokenizer_dir, base_tokenizer_dir, tmp_path, kwargs, message):
+    options = {"tokenizer": str(chat_tokenizer_dir), **kwargs}
+    if options["tokenizer"] == "BASE":
+        options["tokenizer"] = str(base_tokenizer_dir)
+    with pytest.raises(UserError, match=message):
+        tokenize(TokenizeConfig(input_dir=str(records_dir), out=str(tmp_path / "s"), **options))
+    assert not (tmp_path / "s").exists()
+
+
+def test_directory_without_tokenizer_or_records(tmp_path, chat_tokenizer_dir, records_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no tokenizer files"):
+        tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(tmp_path / "empty"), out=str(tmp_path / "s")))
+    with pytest.raises(UserError, match="no manifest.json"):
+        tokenize(TokenizeConfig(input_dir=str(tmp_path / "empty"), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s")))
+
+
+def test_cli_one_line_error_and_success(records_dir, chat_tokenizer_dir, tmp_path):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "prefdata", "tokenize", str(records_dir), "--out", str(tmp_path / "s")]
+    bad = subprocess.run(base + ["--tokenizer", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    ok = subprocess.run(base + ["--tokenizer", str(chat_tokenizer_dir)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "read 3, kept 3" in ok.stdout
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["stage"] == "tokenize"
