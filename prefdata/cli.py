@@ -45,6 +45,25 @@ def tokenize_command(
     print("\n".join(summary_lines(tokenize(config))))
 
 
+@app.command("inspect")
+def inspect_command(
+    directory: str = typer.Argument(..., help="Any stage's output directory."),
+    sample: int = typer.Option(0, "--sample", help="Show N decoded examples."),
+    seed: int = typer.Option(0, help="Which examples --sample picks."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+) -> None:
+    """Stage, schema, rows per file, length quantiles, drop reasons, fingerprints, samples."""
+    import json
+
+    from prefdata.inspect import inspect_dir, render
+
+    report = inspect_dir(directory, sample=sample, seed=seed)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        render(report)
+
+
 def _config(config_cls, **options):
     """Build a stage config; option values it rejects become one-line UserErrors."""
     from pydantic import ValidationError

@@ -1,0 +1,145 @@
+"""`prefdata inspect DIR`: what any stage's output holds, read through its manifest.
+
+Lengths are tokens for shards and characters for record sets, computed with polars expressions
+over the Arrow/Parquet files (lazily: only the length columns are materialised).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from schemas.errors import UserError
+from schemas.manifest import Manifest
+
+RECORD_FILES = ("records.parquet", "train.parquet", "eval.parquet")
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+PARTS = ("prompt", "chosen", "rejected")
+
+
+def _data_files(directory: Path, manifest: Manifest) -> list[Path]:
+    if manifest.shards:
+        return [directory / s.name for s in manifest.shards]
+    return [directory / name for name in RECORD_FILES if (directory / name).is_file()]
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    return pl.scan_ipc(path) if path.suffix == ".arrow" else pl.scan_parquet(path)
+
+
+def _length_exprs(is_shard: bool) -> list[pl.Expr]:
+    if is_shard:
+        return [pl.col(f"{part}_input_ids").list.len().alias(part) for part in PARTS]
+    chars = pl.element().struct.field("content").str.len_chars()
+    return [pl.col(part).list.eval(chars).list.sum().alias(part) for part in PARTS]
+
+
+def length_quantiles(files: list[Path], is_shard: bool) -> dict[str, dict[str, int]]:
+    """p50/p90/p99/max of prompt, chosen and rejected lengths over all files."""
+    if not files:
+        return {}
+    lengths = pl.concat([_scan(f).select(_length_exprs(is_shard)) for f in files])
+    aggs = [pl.col(part).quantile(q, interpolation="nearest").alias(f"{part}.{name}") for part in PARTS for name, q in QUANTILES.items()]
+    aggs += [pl.col(part).max().alias(f"{part}.max") for part in PARTS]
+    row = lengths.select(aggs).collect().row(0, named=True)
+    return {part: {stat: int(row[f"{part}.{stat}"] or 0) for stat in [*QUANTILES, "max"]} for part in PARTS}
+
+
+def _schema_and_rows(path: Path) -> tuple[list[str], int]:
+    if path.suffix == ".arrow":
+        reader = ipc.open_file(str(path))
+        return [f"{f.name}: {f.type}" for f in reader.schema], sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    meta = pq.ParquetFile(path)
+    return [f"{f.name}: {f.type}" for f in meta.schema_arrow], meta.metadata.num_rows
+
+
+def _samples(files: list[Path], manifest: Manifest, n: int, seed: int) -> list[dict[str, Any]]:
+    if n <= 0 or not files:
+        return []
+    frame = pl.concat([_scan(f) for f in files], how="diagonal_relaxed").collect()
+    picks = sorted(random.Random(seed).sample(range(frame.height), min(n, frame.height)))
+    rows = frame[picks].to_dicts()
+    if not manifest.shards:
+        return [{"id": r["id"], **{p: _render_messages(r[p]) for p in PARTS}} for r in rows]
+    decode = _decoder(manifest)
+    return [{"id": r["id"], **{p: decode(r[f"{p}_input_ids"]) for p in PARTS},
+             **{k: r[k] for k in ("ref_chosen_logps", "ref_rejected_logps") if k in r}} for r in rows]
+
+
+def _render_messages(messages: list[dict]) -> str:
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+
+
+def _decoder(manifest: Manifest):
+    from prefdata.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(manifest.tokenizer.name_or_path)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def inspect_dir(directory: str | Path, sample: int = 0, seed: int = 0) -> dict[str, Any]:
+    directory = Path(directory)
+    manifest = Manifest.read(directory)
+    files = _data_files(directory, manifest)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{directory}: {', '.join(missing)} listed in the manifest but missing; re-run prefdata {manifest.stage}")
+    is_shard = bool(manifest.shards)
+    per_file = {f.name: _schema_and_rows(f) for f in files}
+    report: dict[str, Any] = {
+        "directory": str(directory),
+        "stage": manifest.stage,
+        "schema_version": manifest.schema_version,
+        "package_version": manifest.package_version,
+        "schema": next(iter(per_file.values()))[0] if per_file else [],
+        "rows_per_file": {name: rows for name, (_, rows) in per_file.items()},
+        "length_unit": "tokens" if is_shard else "characters",
+        "lengths": length_quantiles(files, is_shard),
+        "counts": manifest.counts.model_dump(),
+        "tokenizer": manifest.tokenizer.model_dump() if manifest.tokenizer else None,
+        "reference": manifest.reference.model_dump() if manifest.reference else None,
+        "stats": manifest.stats,
+    }
+    if sample:
+        report["samples"] = _samples(files, manifest, sample, seed)
+    return report
+
+
+def render(report: dict[str, Any]) -> None:
+    """Rich tables for a person at a terminal (plain text when piped: rich detects it)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{report['directory']}[/]: stage [cyan]{report['stage']}[/], schema v{report['schema_version']}, prefdata {report['package_version']}")
+    files = Table("file", "rows", title="files")
+    for name, rows in report["rows_per_file"].items():
+        files.add_row(name, f"{rows:,}")
+    console.print(files)
+    counts = report["counts"]
+    reasons = Table("", "rows", title="accounting")
+    reasons.add_row("read", f"{counts['read']:,}")
+    reasons.add_row("kept", f"{counts['kept']:,}")
+    for reason, n in sorted(counts["dropped"].items(), key=lambda kv: -kv[1]):
+        reasons.add_row(f"dropped: {reason}", f"{n:,}")
+    console.print(reasons)
+    if report["lengths"]:
+        lengths = Table("part", *QUANTILES, "max", title=f"lengths ({report['length_unit']})")
+        for part, stats in report["lengths"].items():
+            lengths.add_row(part, *(f"{v:,}" for v in stats.values()))
+        console.print(lengths)
+    console.print("schema: " + "; ".join(report["schema"]))
+    for key in ("tokenizer", "reference"):
+        if report[key]:
+            console.print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in report[key].items()))
+    for sample in report.get("samples", []):
+        console.rule(sample["id"])
+        for key, value in sample.items():
+            if key != "id":
+                console.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
