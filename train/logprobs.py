@@ -1,0 +1,106 @@
+"""THE sequence log-prob: one definition for the reference pass and the trainer's policy pass.
+
+log π(y|x) = sum over the completion tokens of log p(token | everything before it), in float32:
+the first completion token is predicted from the last prompt token, EOS is included, prompt and
+padding are not (DESIGN.md). Chosen and rejected rows go through one forward pass (`PairBatch`).
+
+Memory: the model's own forward would project EVERY position to the vocabulary. Here the backbone
+runs alone, only the hidden states that predict a completion token are projected, and they are
+projected in chunks of at most `LOGITS_CHUNK_BYTES` of float32 logits, each reduced at once to
+"logit of the label − logsumexp". With gradients on, each chunk is checkpointed, so backward
+recomputes its logits instead of keeping them all. bf16/fp16 models: the projection runs in the
+model's dtype and each chunk is upcast to float32 before the softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from train.batching import PairBatch
+
+LOGITS_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class SequenceLogps:
+    chosen: torch.Tensor  # [B] float32, log π(chosen | prompt)
+    rejected: torch.Tensor  # [B] float32
+    chosen_tokens: torch.Tensor  # [B] int64, completion tokens scored (IPO's length average)
+    rejected_tokens: torch.Tensor  # [B] int64
+
+    @property
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean NLL per chosen completion token over the batch: the SFT term of RPO (TRL's `sft`)."""
+        return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
+
+
+def _final_logits(logits: torch.Tensor, config: Any) -> torch.Tensor:
+    """What some architectures do to the LM head's output inside their forward; we bypass that
+    forward, so we repeat it here (Cohere: logit_scale, Granite: logits_scaling, Gemma 2/3:
+    final_logit_softcapping)."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor is not None:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_logps(head: torch.nn.Module, config: Any, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = _final_logits(head(hidden).float(), config)
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _token_logps(model: Any, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[i] | hidden[i]) for N positions, float32 [N], chunk by chunk."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    pieces = []
+    for start in range(0, labels.shape[0], chunk):
+        args = (head, config, hidden[start : start + chunk], labels[start : start + chunk])
+        # Under autograd, keep only the chunk's hidden states; backward recomputes its logits.
+        pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logps(*args))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class SequenceScorer(torch.nn.Module):
+    """A causal LM seen as "rows → per-row completion log-prob sums". A Module so that the trainer
+    can wrap it whole in DDP/FSDP (`DDP(SequenceScorer(model))`): calling the wrapper's forward
+    is what lets DDP synchronise gradients, and this forward is where the backbone runs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (sum of completion-token log-probs [R] float32, completion tokens scored [R])."""
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        # Position t predicts token t+1: a completion token at t+1 is scored from hidden state t.
+        targets = completion_mask[:, 1:]
+        token_logps = _token_logps(self.model, out.last_hidden_state[:, :-1][targets], input_ids[:, 1:][targets])
+        # A dense [R, T-1] float32 sum (not index_add): deterministic on GPU, so re-runs match bit for bit.
+        per_position = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+        return per_position.masked_scatter(targets, token_logps).sum(dim=1), targets.sum(dim=1)
+
+
+def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
+    """Chosen and rejected log-probs of `batch` (already on the model's device) in one forward.
+
+    `model` is a causal LM, a `SequenceScorer`, or a DDP/FSDP wrapper around a `SequenceScorer`.
+    Works under `torch.inference_mode()` (reference pass) and with gradients (trainer)."""
+    is_scorer = isinstance(getattr(model, "module", model), SequenceScorer)
+    scorer = model if is_scorer else SequenceScorer(model)
+    logps, tokens = scorer(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    chosen, rejected = logps.chunk(2)
+    chosen_tokens, rejected_tokens = tokens.chunk(2)
+    return SequenceLogps(chosen, rejected, chosen_tokens, rejected_tokens)
