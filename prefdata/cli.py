@@ -7,6 +7,7 @@ starts fast. Errors a user can cause are `UserError`s: one line on stderr, exit 
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 
@@ -23,6 +24,57 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Preference-data preparation: ingest → curate → tokenize → precompute-ref, and inspect."""
+
+
+@app.command("ingest")
+def ingest_command(
+    raw: list[str] = typer.Argument(
+        ..., help="Files (.jsonl/.json/.csv/.parquet, optionally .gz/.zst/.bz2), directories, globs, "
+        "save_to_disk directories or Hub dataset names."),
+    out: str = typer.Option(..., "--out", help="Directory for records.parquet, quarantine.jsonl, manifest.json."),
+    format: str = typer.Option(
+        "auto", "--format", help="auto (from the columns), trl, hh, llamafactory, llamafactory_v1, openai, tabular."),
+    column_map: str = typer.Option(
+        "", "--map", help="field=column,... for a generic table (fields: system, prompt, chosen, rejected, "
+        "chosen_score, rejected_score); implies --format tabular."),
+    limit: int = typer.Option(None, "--limit", help="Read at most N rows in total."),
+    split: str = typer.Option(None, "--split", help="Split of a Hub dataset (default train) or of a save_to_disk dict."),
+) -> None:
+    """Turn raw comparison dumps into validated records; every rejected row is quarantined with its reason."""
+    from prefdata.ingest import IngestConfig, ingest, parse_column_map, summary_lines
+
+    config = _config(IngestConfig, inputs=raw, out=out, format=format,
+                     options={"column_map": parse_column_map(column_map)}, limit=limit, split=split)
+    print("\n".join(summary_lines(ingest(config))))
+
+
+@app.command("curate")
+def curate_command(
+    inputs: list[str] = typer.Argument(..., help="Record sets: outputs of `prefdata ingest` (or curate)."),
+    out: str = typer.Option(..., "--out", help="Directory for train/eval/dropped.parquet and manifest.json."),
+    near_dup: bool = typer.Option(True, "--near-dup/--no-near-dup", help="Cluster near-duplicate prompts (MinHash LSH)."),
+    ngram: int = typer.Option(5, help="Word n-gram size of the MinHash shingles."),
+    threshold: float = typer.Option(0.8, help="Jaccard similarity at which prompts are near-duplicates."),
+    num_perm: int = typer.Option(128, help="MinHash permutations."),
+    max_pairs_per_prompt: Optional[int] = typer.Option(None, help="Keep at most K pairs per prompt cluster (largest margins)."),
+    min_margin: Optional[float] = typer.Option(None, help="Drop pairs whose chosen_score - rejected_score is below X."),
+    min_chars: int = typer.Option(1, help="Drop pairs with an answer shorter than this."),
+    max_chars: Optional[int] = typer.Option(None, help="Drop pairs with an answer longer than this."),
+    decontaminate: list[str] = typer.Option([], help="Evaluation set (any ingestible file, record dir, or .txt); repeatable."),
+    decontaminate_ngram: int = typer.Option(13, help="Shared word n-gram length that counts as contamination."),
+    eval_fraction: float = typer.Option(0.02, help="Fraction of prompt clusters held out for eval."),
+    seed: int = typer.Option(0, help="Seed of the split hash and the MinHash permutations."),
+) -> None:
+    """Dedupe, drop degenerate pairs, decontaminate, and split train/eval without leaks."""
+    from rich.console import Console
+
+    from prefdata.curate import CurateConfig, curate, summary_table
+
+    config = _config(CurateConfig, inputs=inputs, out=out, near_dup=near_dup, ngram=ngram, threshold=threshold,
+                     num_perm=num_perm, max_pairs_per_prompt=max_pairs_per_prompt, min_margin=min_margin,
+                     min_chars=min_chars, max_chars=max_chars, decontaminate=decontaminate,
+                     decontaminate_ngram=decontaminate_ngram, eval_fraction=eval_fraction, seed=seed)
+    Console().print(summary_table(curate(config)))
 
 
 @app.command("tokenize")
@@ -62,6 +114,30 @@ def inspect_command(
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         render(report)
+
+
+@app.command("precompute-ref")
+def precompute_ref_command(
+    shards: str = typer.Argument(..., help="Output of `prefdata tokenize` (shards + manifest.json)."),
+    model: str = typer.Option(..., "--model", help="Reference model: a directory (save_pretrained) or Hub name."),
+    device: str = typer.Option("auto", help="auto: CUDA if present, else MPS, else CPU. Or cuda, mps, cpu."),
+    dtype: str = typer.Option("auto", help="auto: bfloat16 on a GPU that has it, else float32. Or float32, bfloat16, float16."),
+    batch_tokens: int = typer.Option(16_384, help="Padded tokens per forward pass (chosen + rejected rows)."),
+    attn_implementation: str = typer.Option(None, help="Passed to from_pretrained: sdpa, eager, flash_attention_2, …"),
+    verify: int = typer.Option(0, help="Re-score N random rows one at a time and compare with the batched values."),
+    force: bool = typer.Option(False, "--force", help="Replace log-probs that another model (or dtype) wrote."),
+) -> None:
+    """Add the reference model's log-probs (ref_chosen_logps, ref_rejected_logps) to every shard.
+    Resumable shard by shard; under torchrun, rank r takes shards r, r+W, …"""
+    import os
+
+    from train.reference import PrecomputeRefConfig, precompute_ref, summary_lines
+
+    config = _config(PrecomputeRefConfig, shards=shards, model=model, device=device, dtype=dtype,
+                     batch_tokens=batch_tokens, attn_implementation=attn_implementation, verify=verify, force=force)
+    lines = summary_lines(precompute_ref(config))
+    if os.environ.get("RANK", "0") == "0":
+        print("\n".join(lines))
 
 
 def _config(config_cls, **options):
