@@ -1,0 +1,159 @@
+"""Preference losses: pure functions of sequence log-probs, one per loss, same formulas as TRL 1.x.
+
+Notation for every function (B = pairs in the batch, all tensors float32, shape [B]):
+    chosen_logratios   = log πθ(yw|x) − log πref(yw|x)
+    rejected_logratios = log πθ(yl|x) − log πref(yl|x)
+    chosen_tokens / rejected_tokens = completion token counts (for length-normalised losses)
+Each returns the per-pair loss, shape [B]; the trainer takes the mean (and the weighted sum when
+several losses are combined, as TRL's `loss_type=[...]`, `loss_weights=[...]`).
+
+Where we differ from TRL 1.x on purpose: `sigmoid` honours `label_smoothing` (conservative DPO,
+as the original DPO code and OpenRLHF do); TRL 1.x ignores label_smoothing for `sigmoid`. With
+label_smoothing = 0 (the default) the two agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossParams:
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid (cDPO), robust, exo_pair
+    discopop_tau: float = 0.05
+
+
+def sigmoid(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7); with label_smoothing ε, conservative DPO:
+    −(1−ε)·log σ(β·Δ) − ε·log σ(−β·Δ), Δ = chosen_logratios − rejected_logratios."""
+    logits = p.beta * (chosen_logratios - rejected_logratios)
+    return -(1 - p.label_smoothing) * F.logsigmoid(logits) - p.label_smoothing * F.logsigmoid(-logits)
+
+
+def hinge(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """SLiC: max(0, 1 − β·Δ)."""
+    return torch.relu(1 - p.beta * (chosen_logratios - rejected_logratios))
+
+
+def ipo(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, *, chosen_tokens: Tensor,
+        rejected_tokens: Tensor, **_: Tensor) -> Tensor:
+    """IPO (Azar et al. 2023, eq. 17) on length-averaged log-ratios (TRL's normalisation):
+    (Δ̄ − 1/(2β))², Δ̄ = chosen_logratios/|yw| − rejected_logratios/|yl|."""
+    delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    return (delta - 1 / (2 * p.beta)) ** 2
+
+
+def robust(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """rDPO (Chowdhury et al. 2024): unbiased under label-flip rate ε = label_smoothing < 0.5."""
+    logits = p.beta * (chosen_logratios - rejected_logratios)
+    eps = p.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+
+
+def bco_pair(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """BCO on pairs (TRL's form, no running reward shift): −log σ(β·rw) − log σ(−β·rl)."""
+    return -F.logsigmoid(p.beta * chosen_logratios) - F.logsigmoid(-p.beta * rejected_logratios)
+
+
+def exo_pair(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """EXO-pref (Ji et al. 2024, eq. 16): KL(softmax(βΔ) ‖ [1−ε, ε]) over {chosen, rejected};
+    needs label_smoothing ε > 0."""
+    if p.label_smoothing <= 0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (the target distribution [1-ε, ε])")
+    logits = p.beta * (chosen_logratios - rejected_logratios)
+    eps = torch.tensor(p.label_smoothing, dtype=logits.dtype, device=logits.device)
+    return (torch.sigmoid(logits) * (F.logsigmoid(logits) - torch.log1p(-eps))
+            + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - torch.log(eps)))
+
+
+def nca_pair(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """NCA (Chen et al. 2024): −log σ(rw) − ½log σ(−rw) − ½log σ(−rl), r = β·logratio."""
+    chosen_rewards, rejected_rewards = p.beta * chosen_logratios, p.beta * rejected_logratios
+    return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+
+
+def sppo_hard(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """SPPO with hard win probabilities: (rw − 1/(2β))² + (rl + 1/(2β))², r = logratio."""
+    return (chosen_logratios - 0.5 / p.beta) ** 2 + (rejected_logratios + 0.5 / p.beta) ** 2
+
+
+def apo_zero(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): 1 − σ(β·rw) + σ(β·rl)."""
+    return 1 - torch.sigmoid(p.beta * chosen_logratios) + torch.sigmoid(p.beta * rejected_logratios)
+
+
+def apo_down(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """APO-down (eq. 8): σ(β·rw) + 1 − σ(β·(rw − rl))."""
+    return torch.sigmoid(p.beta * chosen_logratios) + 1 - torch.sigmoid(p.beta * (chosen_logratios - rejected_logratios))
+
+
+def sigmoid_norm(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, *, chosen_tokens: Tensor,
+                 rejected_tokens: Tensor, **_: Tensor) -> Tensor:
+    """DPO on length-averaged log-ratios: −log σ(β·Δ̄)."""
+    delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+    return -F.logsigmoid(p.beta * delta)
+
+
+def discopop(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """DiscoPOP (Chris Lu et al. 2024, eq. 5): log-ratio-modulated mix of the logistic and the
+    exponential loss, mixing weight σ(βΔ/τ)."""
+    logits = p.beta * (chosen_logratios - rejected_logratios)
+    mix = torch.sigmoid(logits / p.discopop_tau)
+    return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+
+
+PAIR_LOSSES: dict[str, Callable[..., Tensor]] = {
+    f.__name__: f
+    for f in (sigmoid, hinge, ipo, robust, bco_pair, exo_pair, nca_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, discopop)
+}
+
+
+def sft_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of the chosen completions over the batch (TRL's `sft`
+    loss type and RPO's NLL term): −Σ log πθ(yw) / Σ |yw|. Scalar."""
+    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+
+
+def preference_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_tokens: Tensor,
+    rejected_tokens: Tensor,
+    losses: dict[str, float],
+    params: LossParams,
+    sft_weight: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_k weight_k · mean(loss_k) + sft_weight · NLL(chosen), and the usual DPO metrics.
+
+    Shapes: every input [B] (float32 log-prob sums; token counts as float or int). Returns the
+    scalar loss and metrics: rewards/chosen, rewards/rejected (β·logratio, mean), rewards/margins,
+    rewards/accuracies (fraction with chosen reward > rejected reward), logps/chosen, logps/rejected.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    lengths = {"chosen_tokens": chosen_tokens.to(chosen_logps.dtype), "rejected_tokens": rejected_tokens.to(chosen_logps.dtype)}
+    loss = chosen_logps.new_zeros(())
+    for name, weight in losses.items():
+        loss = loss + weight * PAIR_LOSSES[name](chosen_logratios, rejected_logratios, params, **lengths).mean()
+    if sft_weight:
+        loss = loss + sft_weight * sft_loss(chosen_logps, lengths["chosen_tokens"])
+    with torch.no_grad():
+        chosen_rewards = params.beta * chosen_logratios.detach()
+        rejected_rewards = params.beta * rejected_logratios.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
+        }
+    return loss, metrics
