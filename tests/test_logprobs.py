@@ -14,7 +14,7 @@ from train.batching import (
     LengthGroupedSampler,
     TokenColumns,
     collate_pairs,
-    padding_efficiency,
+    processed_tokens,
     token_budget_batches,
 )
 from train.logprobs import SequenceScorer, sequence_logps
@@ -152,9 +152,10 @@ def test_a_ddp_style_wrapper_around_the_scorer_is_called_not_bypassed():
     torch.testing.assert_close(wrapped.chosen, direct.chosen)
 
 
-def test_equals_trl_dpo_trainer_precomputed_reference_logps(tiny_model_dir, tmp_path):
-    """TRL 1.x `DPOTrainer(precompute_ref_log_probs=True)` tokenizes and scores a dataset; we score
-    TRL's own token ids with the same model and must match its stored values."""
+def trl_precomputed_dataset(model_dir, out_dir):
+    """TRL 1.x `DPOTrainer(precompute_ref_log_probs=True)`, float32 on CPU, over a small
+    conversational dataset: its train_dataset holds TRL's own token ids (prompt_ids, chosen_ids,
+    rejected_ids) and the reference log-probs TRL computed for them."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -165,19 +166,26 @@ def test_equals_trl_dpo_trainer_precomputed_reference_logps(tiny_model_dir, tmp_
              rejected=[{"role": "assistant", "content": CORPUS[i + 2][: 10 + 7 * i]}])
         for i in range(6)
     ]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    args = DPOConfig(output_dir=str(tmp_path), precompute_ref_log_probs=True, per_device_train_batch_size=4,
+    args = DPOConfig(output_dir=str(out_dir), precompute_ref_log_probs=True, per_device_train_batch_size=4,
                      bf16=False, use_cpu=True, report_to="none")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir))
     data = trainer.train_dataset
+    assert len(set(np.round(data["ref_rejected_logps"], 2))) == len(rows)  # distinct rows, not one value
+    return data
+
+
+def test_equals_trl_dpo_trainer_precomputed_reference_logps(tiny_model_dir, tmp_path):
+    """We score TRL's own token ids with the same model and must match TRL's stored values."""
+    from transformers import AutoModelForCausalLM
+
+    data = trl_precomputed_dataset(tiny_model_dir, tmp_path)
     columns = _columns(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
-    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.inference_mode():
-        got = sequence_logps(ours, collate_pairs(columns, np.arange(len(rows)), pad_id=0))
+        got = sequence_logps(model, collate_pairs(columns, np.arange(len(columns)), pad_id=0))
     np.testing.assert_allclose(got.chosen.numpy(), np.array(data["ref_chosen_logps"]), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.rejected.numpy(), np.array(data["ref_rejected_logps"]), atol=1e-4, rtol=0)
-    assert len(set(np.round(data["ref_rejected_logps"], 2))) == len(rows)  # distinct rows, not one value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,9 +223,7 @@ def test_token_budget_batches_cover_every_row_once_longest_first_within_budget()
     widths = [int(lengths[b].max()) for b in batches]
     assert widths == sorted(widths, reverse=True)
     assert [b.tolist() for b in batches] == [[5], [1], [7, 2], [3, 6, 0, 4]]
-    real = 2 * lengths  # pretend prompt-free pairs with both answers as long as the pair
-    expected = real.sum() / (2 * (100 + 40 + 2 * 30 + 4 * 12))
-    assert padding_efficiency(lengths, real, batches) == pytest.approx(expected)
+    assert processed_tokens(lengths, batches) == 2 * (100 + 40 + 2 * 30 + 4 * 12)
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():

@@ -130,10 +130,10 @@ def token_budget_batches(pair_lengths: np.ndarray, batch_tokens: int) -> list[np
     return batches
 
 
-def padding_efficiency(pair_lengths: np.ndarray, real_tokens: np.ndarray, batches: list[np.ndarray]) -> float:
-    """Real tokens / processed (padded) tokens over a batch plan."""
-    processed = sum(2 * len(b) * int(pair_lengths[b].max()) for b in batches if len(b))
-    return float(real_tokens.sum() / processed) if processed else 1.0
+def processed_tokens(pair_lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    """Tokens a batch plan puts through the model, padding included (2 rows per pair × the
+    batch's longest pair). Padding efficiency = real tokens / this."""
+    return sum(2 * len(b) * int(pair_lengths[b].max()) for b in batches if len(b))
 
 
 class LengthGroupedSampler:

@@ -1,0 +1,417 @@
+"""`prefdata precompute-ref`: the reference model's log-probs, computed once, stored in the shards.
+
+For every shard: read it memory-mapped, batch its rows by a token budget (longest first), score
+chosen and rejected with `train.logprobs.sequence_logps` under `torch.inference_mode`, and rewrite
+it with float32 `ref_chosen_logps` / `ref_rejected_logps` (SHARD_WITH_REF_SCHEMA), atomically.
+
+Resuming. A shard is the unit of work. Before the finished file is renamed over the old one, a
+marker `.precompute-ref/<shard>.json` records the new file's sha256 and the reference model:
+    marker sha == file sha, same model   → done, skipped;
+    file sha == manifest sha             → not done (killed before the rename, or never started);
+    anything else                        → the file is corrupted or truncated: refused.
+So kill -9 at any instant leaves every shard either old-and-valid or new-and-marked, and a re-run
+scores only what is left. When all shards are done, the manifest (stage `precompute-ref`) is
+written once and the markers are removed.
+
+Many GPUs. Under `torchrun` rank r takes shards r, r+W, …; nothing is exchanged but a final
+barrier, after which rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.errors import UserError
+from schemas.fingerprint import tokenizer_fingerprint
+from schemas.io import atomic_path, sha256_file, write_text_atomic
+from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
+from schemas.progress import progress
+from schemas.shard import REF_COLUMNS, SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
+from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
+from train.device import dtype_name, select_device, select_dtype
+from train.logprobs import sequence_logps
+
+MARKERS_DIR = ".precompute-ref"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+# --verify: how far a row scored alone may differ from its batched value (atol, rtol). Batching
+# changes only padding, so any gap is rounding: tiny in float32, a few hundredths per token in
+# half precision, summed over hundreds of tokens.
+VERIFY_TOLERANCE = {torch.float32: (1e-3, 1e-5), torch.float16: (0.25, 1e-2), torch.bfloat16: (1.0, 2e-2)}
+
+
+class PrecomputeRefConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shards: str
+    model: str
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_tokens: int = Field(16_384, gt=0)
+    attn_implementation: str | None = None
+    verify: int = Field(0, ge=0)
+    seed: int = 0  # which rows --verify picks
+    force: bool = False
+
+
+class ShardScore(BaseModel):
+    """A done-marker: what one shard became and what it took. Also the per-shard stats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sha256: str
+    reference: ModelFingerprint
+    rows: int
+    real_tokens: int
+    processed_tokens: int
+    seconds: float
+    verified_rows: int = 0
+    verify_max_abs_diff: float = 0.0
+
+
+@dataclass
+class PrecomputeResult:
+    manifest: Manifest
+    scored: list[str] = field(default_factory=list)  # shards this process scored in this run
+    skipped: list[str] = field(default_factory=list)  # shards this process found already done
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference model: where it is, what it is, loading it
+
+
+def _model_dir(name_or_path: str) -> Path:
+    """A local directory as is; a Hub name through the Hub cache (offline: the cache only)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name_or_path.startswith(".") or path.exists() or name_or_path.count("/") > 1:
+        raise UserError(f"--model {name_or_path}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except Exception as exc:  # any reason the Hub cannot give us the model is the user's to fix
+        raise UserError(f"--model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: Path, name_or_path: str, dtype: torch.dtype, device: torch.device) -> ModelFingerprint:
+    config = model_dir / "config.json"
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    if not config.is_file() or not weights:
+        raise UserError(f"--model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {model_dir}")
+    return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),
+                            weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
+
+
+def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
+    """Same weights, same config, same dtype: the same numbers (up to the device's rounding). The
+    path may differ (a copied model is the same model)."""
+    return a is not None and (a.config_sha256, a.weights_sha256, a.dtype) == (b.config_sha256, b.weights_sha256, b.dtype)
+
+
+def _check_tokenizer(model_dir: Path, name_or_path: str, expected: Any) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({str(exc).splitlines()[0]}); "
+                        "save the tokenizer the shards were made with beside the model") from None
+    found = tokenizer_fingerprint(tokenizer, name_or_path)
+    if found.files_sha256 != expected.files_sha256:
+        raise UserError(f"--model {name_or_path}: its tokenizer differs from the one the shards were made with "
+                        f"({expected.name_or_path}); re-run prefdata tokenize with --tokenizer {name_or_path}")
+
+
+def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {config.model}: cannot load it: {first}") from None
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    rank: int
+    world: int
+
+    @classmethod
+    def start(cls) -> _Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            # gloo even on GPUs: the only collective is a barrier. The timeout is long because a
+            # rank with shorter shards waits there for the others; a crashed rank does not leave
+            # the rest hanging, since torchrun stops every worker when one fails.
+            torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
+        return cls(int(os.environ.get("RANK", "0")), world)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard
+
+
+def _marker_path(shards_dir: Path, name: str) -> Path:
+    return shards_dir / MARKERS_DIR / f"{name}.json"
+
+
+def _read_marker(shards_dir: Path, name: str) -> ShardScore | None:
+    path = _marker_path(shards_dir, name)
+    return ShardScore.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _needs_work(shards_dir: Path, shard: ShardFile, upstream: Manifest, reference: ModelFingerprint, force: bool) -> bool:
+    """The state table of the module docstring; refuses a corrupted shard or another model's values."""
+    path = shards_dir / shard.name
+    if not path.is_file():
+        raise UserError(f"{path}: shard listed in the manifest is missing; re-run prefdata tokenize")
+    actual = sha256_file(path)
+    marker = _read_marker(shards_dir, shard.name)
+    if marker is not None and marker.sha256 == actual:
+        if same_reference(marker.reference, reference) and not force:
+            return False
+        if not force:
+            raise UserError(f"{path}: already holds reference log-probs of another model "
+                            f"({marker.reference.name_or_path}, {marker.reference.dtype}); pass --force to replace them")
+        return True
+    if actual != shard.sha256:
+        raise UserError(f"{path}: sha256 differs from the manifest (truncated or corrupted); re-run prefdata tokenize")
+    return force or not (upstream.stage == "precompute-ref" and same_reference(upstream.reference, reference))
+
+
+def _read_table(path: Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        table = ipc.open_file(source).read_all()
+    if not table.schema.remove_metadata().equals(SHARD_SCHEMA) and not table.schema.remove_metadata().equals(SHARD_WITH_REF_SCHEMA):
+        raise UserError(f"{path}: not a prefdata shard (columns {table.column_names}); re-run prefdata tokenize")
+    return table
+
+
+def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
+    if columns.max_token_id() >= vocab_size:
+        raise UserError(f"{path}: token id {columns.max_token_id()} but the model's vocabulary has {vocab_size} "
+                        "entries; the shards were made for another model")
+    if len(columns) and min(columns.prompt.lengths.min(), columns.chosen.lengths.min(), columns.rejected.lengths.min()) < 1:
+        raise UserError(f"{path}: a row has an empty prompt or answer, which has no log-prob; re-run prefdata tokenize")
+
+
+def _score(model: Any, columns: TokenColumns, batches: list[np.ndarray], pad_id: int, device: torch.device,
+           bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    chosen = np.zeros(len(columns), dtype=np.float32)
+    rejected = np.zeros(len(columns), dtype=np.float32)
+    start, tokens = time.perf_counter(), 0
+    for rows in batches:
+        batch = collate_pairs(columns, rows, pad_id).to(device)
+        out = sequence_logps(model, batch)
+        chosen[rows], rejected[rows] = out.chosen.cpu().numpy(), out.rejected.cpu().numpy()
+        tokens += batch.real_tokens
+        bar.advance(len(rows), tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+    return chosen, rejected
+
+
+def _verify(model: Any, columns: TokenColumns, rows: np.ndarray, batched: tuple[np.ndarray, np.ndarray],
+            pad_id: int, device: torch.device, dtype: torch.dtype, path: Path) -> float:
+    """Score `rows` one at a time (no padding at all) and compare with the batched values."""
+    atol, rtol = VERIFY_TOLERANCE[dtype]
+    worst = 0.0
+    for row in rows:
+        out = sequence_logps(model, collate_pairs(columns, np.array([row]), pad_id).to(device))
+        for alone, stored in ((out.chosen.item(), batched[0][row]), (out.rejected.item(), batched[1][row])):
+            diff = abs(alone - float(stored))
+            worst = max(worst, diff)
+            if diff > atol + rtol * abs(alone):
+                raise UserError(f"{path}: --verify row {row}: batched {stored:.6g} vs alone {alone:.6g} ({dtype_name(dtype)}); "
+                                "the model mishandles right padding, try another --attn-implementation (e.g. eager)")
+    return worst
+
+
+def _write_shard(shards_dir: Path, name: str, table: pa.Table, chosen: np.ndarray, rejected: np.ndarray,
+                 score: ShardScore) -> ShardScore:
+    base = [table.column(f.name) for f in SHARD_SCHEMA]  # drops old ref columns under --force
+    out = pa.Table.from_arrays([*base, pa.array(chosen, pa.float32()), pa.array(rejected, pa.float32())],
+                               schema=SHARD_WITH_REF_SCHEMA)
+    with atomic_path(shards_dir / name) as tmp:
+        with ipc.new_file(tmp, SHARD_WITH_REF_SCHEMA) as writer:
+            writer.write_table(out)
+        score = score.model_copy(update={"sha256": sha256_file(tmp)})
+        # The marker goes first: a kill before the rename leaves old file + marker of a sha that
+        # no file has, which reads as "not done" (see _needs_work).
+        write_text_atomic(_marker_path(shards_dir, name), score.model_dump_json(indent=2) + "\n")
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _verify_picks(shards: list[ShardFile], n: int, seed: int) -> dict[str, np.ndarray]:
+    """n distinct rows drawn over all shards (the same draw on every rank), grouped by shard."""
+    bounds = np.cumsum([0] + [s.rows for s in shards])
+    picks = np.sort(np.random.default_rng(seed).choice(bounds[-1], size=min(n, int(bounds[-1])), replace=False))
+    return {s.name: picks[(picks >= lo) & (picks < hi)] - lo for s, lo, hi in zip(shards, bounds[:-1], bounds[1:])}
+
+
+class _Scorer:
+    """The model, loaded the first time a shard needs it (a finished re-run never loads it)."""
+
+    def __init__(self, model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.model_dir, self.config, self.dtype, self.device = model_dir, config, dtype, device
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = _load_model(self.model_dir, self.config, self.dtype, self.device)
+        return self._model
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.model.config.get_text_config().pad_token_id
+        return pad if pad is not None else 0  # masked out anyway; only has to be a valid index
+
+    def score_shard(self, shards_dir: Path, name: str, verify_rows: np.ndarray, reference: ModelFingerprint,
+                    bar: Any) -> ShardScore:
+        path = shards_dir / name
+        table = _read_table(path)
+        columns = TokenColumns.from_table(table)
+        _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
+        batches = token_budget_batches(columns.pair_lengths, self.config.batch_tokens)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            chosen, rejected = _score(self.model, columns, batches, self.pad_id, self.device, bar)
+            seconds = time.perf_counter() - start
+            worst = _verify(self.model, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path)
+        real = columns.real_tokens
+        score = ShardScore(name=name, sha256="", reference=reference, rows=len(columns), real_tokens=int(real.sum()),
+                           processed_tokens=processed_tokens(columns.pair_lengths, batches),
+                           seconds=seconds, verified_rows=len(verify_rows), verify_max_abs_diff=worst)
+        return _write_shard(shards_dir, name, table, chosen, rejected, score)
+
+
+def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
+    shards_dir = Path(config.shards)
+    upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
+    if not upstream.shards or upstream.tokenizer is None:
+        raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
+    ranks = _Ranks.start()
+    device = select_device(config.device)
+    dtype = select_dtype(config.dtype, device)
+    model_dir = _model_dir(config.model)
+    reference = model_fingerprint(model_dir, config.model, dtype, device)
+    if upstream.stage == "precompute-ref" and not same_reference(upstream.reference, reference) and not config.force:
+        raise UserError(f"{shards_dir}: already holds reference log-probs of {upstream.reference.name_or_path} "
+                        f"({upstream.reference.dtype}); pass --force to replace them with {config.model}")
+    _check_tokenizer(model_dir, config.model, upstream.tokenizer)
+
+    mine = upstream.shards[ranks.rank :: ranks.world]
+    todo = [s for s in mine if _needs_work(shards_dir, s, upstream, reference, config.force)]
+    result = PrecomputeResult(upstream, skipped=[s.name for s in mine if s not in todo])
+    picks = _verify_picks(upstream.shards, config.verify, config.seed)
+    scorer = _Scorer(model_dir, config, dtype, device)
+    for shard in todo:  # a kill -9 leaves its atomic_path temp file behind
+        for stale in shards_dir.glob(f".tmp-{shard.name}.*"):
+            stale.unlink()
+    if todo:
+        with progress("precompute-ref", total=sum(s.rows for s in todo)) as bar:
+            for shard in todo:
+                scorer.score_shard(shards_dir, shard.name, picks[shard.name], reference, bar)
+                result.scored.append(shard.name)
+    ranks.barrier()
+    if ranks.rank == 0 and (shards_dir / MARKERS_DIR).is_dir():
+        _final_manifest(shards_dir, upstream, config, reference).write(shards_dir)
+        shutil.rmtree(shards_dir / MARKERS_DIR)
+    ranks.barrier()
+    result.manifest = Manifest.read(shards_dir)
+    return result
+
+
+def _final_manifest(shards_dir: Path, upstream: Manifest, config: PrecomputeRefConfig,
+                    reference: ModelFingerprint) -> Manifest:
+    """Shards scored since the last manifest take their marker's sha and stats; the others (already
+    holding this model's values) keep the upstream manifest's."""
+    upstream_stats = upstream.stats.get("shards", {})
+    shards, per_shard = [], {}
+    for shard in upstream.shards:
+        marker = _read_marker(shards_dir, shard.name)
+        if marker is not None and same_reference(marker.reference, reference):
+            shards.append(shard.model_copy(update={"sha256": marker.sha256}))
+            per_shard[shard.name] = marker.model_dump(exclude={"name", "sha256", "reference"})
+        else:
+            shards.append(shard)
+            per_shard[shard.name] = upstream_stats[shard.name]
+    rows = sum(s.rows for s in shards)
+    real = sum(s["real_tokens"] for s in per_shard.values())
+    seconds = sum(s["seconds"] for s in per_shard.values())
+    import transformers
+
+    return Manifest(
+        stage="precompute-ref",
+        package_version=upstream.package_version,
+        config=config.model_dump(),
+        inputs=[InputFile(path=s.name, sha256=s.sha256, rows=s.rows) for s in upstream.shards],
+        counts=Counts(read=rows, kept=rows),
+        outputs=upstream.outputs,
+        shards=shards,
+        tokenizer=upstream.tokenizer,
+        reference=reference,
+        stats={
+            "rows": rows,
+            "real_tokens": real,
+            "padding_efficiency": real / max(1, sum(s["processed_tokens"] for s in per_shard.values())),
+            "tokens_per_s": real / seconds if seconds else None,  # per process, summed over shards
+            "verified_rows": sum(s["verified_rows"] for s in per_shard.values()),
+            "verify_max_abs_diff": max(s["verify_max_abs_diff"] for s in per_shard.values()),
+            "shards": per_shard,
+            # The tokenize stage's settings and drop counts, which this manifest replaces.
+            "tokenize": upstream.stats.get("tokenize") or {"config": upstream.config, "counts": upstream.counts.model_dump(),
+                                                           "stats": upstream.stats},
+        },
+        versions={**upstream.versions, "torch": torch.__version__, "transformers": transformers.__version__},
+    )
+
+
+def summary_lines(result: PrecomputeResult) -> list[str]:
+    stats, ref = result.manifest.stats, result.manifest.reference
+    if not result.scored:
+        return [f"precompute-ref: nothing to do; {len(result.skipped)} shard(s) already hold log-probs of "
+                f"{ref.name_or_path if ref else '?'}"]
+    return [f"precompute-ref: scored {len(result.scored)} shard(s), {len(result.skipped)} already done; "
+            f"{stats['rows']} rows, {stats['tokens_per_s']:,.0f} tokens/s, padding efficiency "
+            f"{stats['padding_efficiency']:.1%}, reference {ref.name_or_path} ({ref.dtype} on {ref.device_type})"]
+
