@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefdata import __version__
-from prefdata.neardup import clusters, components, minhash, shingles
+from prefdata.neardup import clusters, components, shares_shingle, shingles, signatures
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
@@ -120,7 +120,7 @@ def _degenerate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
 def _exact_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
     """Among live rows, every pair whose normalised (prompt, chosen, rejected) was seen at an
     earlier row is dropped and points at that row's id."""
-    key = pl.concat_str(["prompt_norm", "chosen_norm", "rejected_norm"], separator="\x00")
+    key = ["prompt_norm", "chosen_norm", "rejected_norm"]
     live = pl.col("drop_reason").is_null()
     first_id = pl.col("id").filter(live).first().over(key)
     is_later = live & (pl.col("row").filter(live).first().over(key) != pl.col("row"))
@@ -137,12 +137,10 @@ def _decontaminate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
 
     eval_texts = pl.Series(load_eval_texts(config.decontaminate)).str.normalize("NFKC").str.to_lowercase() \
         .str.replace_all(r"\s+", " ").str.strip_chars()
-    _, eval_grams = shingles(eval_texts, config.decontaminate_ngram)
-    eval_grams = np.unique(eval_grams)
+    eval_grams = np.unique(shingles(eval_texts, config.decontaminate_ngram)[1])
     hit = np.zeros(frame.height, dtype=bool)
     for column in ("prompt_norm", "chosen_norm", "rejected_norm"):
-        index, grams = shingles(_strip_roles(frame[column]), config.decontaminate_ngram)
-        hit[np.unique(index[np.isin(grams, eval_grams)])] = True
+        hit |= shares_shingle(_strip_roles(frame[column]), config.decontaminate_ngram, eval_grams)
     return frame.with_columns(
         drop_reason=pl.when(pl.Series(hit) & pl.col("drop_reason").is_null()).then(pl.lit("contaminated")).otherwise("drop_reason")
     )
@@ -160,10 +158,10 @@ def _prompt_clusters(live: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
     The cluster is named by its best pair's id: a content hash, so the name (and the split it
     decides) does not depend on input order or library versions, and it survives re-running
     curate on its own output, where the best pair is still there and still first."""
-    labels = _group_labels(live["prompt_norm"])
     if config.near_dup and live.height:
-        index, grams = shingles(live["prompt_norm"], config.ngram)
-        labels = clusters(minhash(index, grams, live.height, config.num_perm, config.seed), config.threshold)
+        labels = clusters(signatures(live["prompt_norm"], config.ngram, config.num_perm, config.seed), config.threshold)
+    else:
+        labels = _group_labels(live["prompt_norm"])
     # A cluster from an earlier curate run stays one cluster, even where the pair that linked its
     # members was dropped since (capped, deduplicated): rows sharing a prompt_cluster are joined.
     prior = live["prompt_cluster"]
@@ -172,9 +170,12 @@ def _prompt_clusters(live: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
         rows = np.arange(live.height)
         labels = components(live.height, np.r_[rows, rows], np.r_[labels, linked])
     margin = (pl.col("chosen_score") - pl.col("rejected_score")).fill_null(float("-inf"))
-    ranked = live.with_columns(label=pl.Series(labels), margin=margin).sort(["label", "margin", "row"], descending=[False, True, False])
-    ranked = ranked.with_columns(prompt_cluster=pl.col("id").first().over("label"), rank=pl.int_range(pl.len()).over("label"))
-    return ranked.drop("label", "margin").sort("row")
+    # Rank on a narrow frame: sorting the full records (nested messages) would copy them all.
+    ranked = (live.select("row", "id", margin.alias("margin")).with_columns(label=pl.Series(labels))
+              .sort(["label", "margin", "row"], descending=[False, True, False])
+              .with_columns(prompt_cluster=pl.col("id").first().over("label"), rank=pl.int_range(pl.len()).over("label"))
+              .sort("row"))
+    return live.drop("prompt_cluster").with_columns(ranked["prompt_cluster"], ranked["rank"])
 
 
 def _group_labels(keys: pl.Series) -> np.ndarray:

@@ -73,6 +73,26 @@ def minhash(text_index: np.ndarray, shingle_hashes: np.ndarray, n_texts: int, nu
 FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT = 0.1, 0.9
 
 
+def signatures(texts: pl.Series, ngram: int, num_perm: int, seed: int, chunk_texts: int = 100_000) -> np.ndarray:
+    """MinHash signatures of word n-gram shingles, [len(texts), num_perm] uint32, computed a chunk
+    of texts at a time so the shingle arrays never exist for the whole input at once."""
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start in range(0, len(texts), chunk_texts):
+        chunk = texts.slice(start, chunk_texts)
+        index, grams = shingles(chunk, ngram)
+        out[start:start + len(chunk)] = minhash(index, grams, len(chunk), num_perm, seed)
+    return out
+
+
+def shares_shingle(texts: pl.Series, ngram: int, reference: np.ndarray, chunk_texts: int = 100_000) -> np.ndarray:
+    """Boolean per text: does any of its word n-grams occur in `reference` (sorted unique hashes)?"""
+    hit = np.zeros(len(texts), dtype=bool)
+    for start in range(0, len(texts), chunk_texts):
+        index, grams = shingles(texts.slice(start, chunk_texts), ngram)
+        hit[start + np.unique(index[np.isin(grams, reference, assume_unique=False)])] = True
+    return hit
+
+
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) minimising the weighted false-positive and false-negative areas of
     the LSH S-curve around `threshold` (datasketch's criterion, with recall-leaning weights)."""

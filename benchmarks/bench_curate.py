@@ -1,0 +1,95 @@
+"""Curate 1,000,000 records (exact + near dedupe + split) and report records/s and peak RSS.
+
+    python benchmarks/bench_curate.py [--rows 1000000] [--workdir DIR]
+
+The record set is generated straight into Arrow (not through pydantic): this measures curate, not
+the generator. 5% of pairs are exact duplicates and 10% of prompts are near-duplicates (one word
+changed), so every step has work to do. Target on a 2-core machine: < 120 s and < 4 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.manifest import Counts, Manifest  # noqa: E402
+from schemas.records import RECORD_SCHEMA  # noqa: E402
+
+
+def _messages(role: str, texts: list[str]) -> pa.Array:
+    return pa.array([[{"role": role, "content": t}] for t in texts], RECORD_SCHEMA.field("prompt").type)
+
+
+def generate(out: Path, rows: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(20_000)])
+    out.mkdir(parents=True, exist_ok=True)
+    writer = pq.ParquetWriter(out / "records.parquet", RECORD_SCHEMA)
+    chunk = 100_000
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        words = vocab[rng.integers(0, len(vocab), size=(n, 40))]
+        near = rng.random(n) < 0.10  # copy the previous prompt with one word changed
+        words[1:][near[1:]] = words[:-1][near[1:]]
+        words[near, -1] = vocab[rng.integers(0, len(vocab), size=near.sum())]
+        prompts = [" ".join(w) for w in words]
+        chosen = [f"good answer {i} " + " ".join(w[:10]) for i, w in zip(range(start, start + n), words)]
+        rejected = [f"bad answer {i}" for i in range(start, start + n)]
+        dup = rng.random(n) < 0.05  # exact duplicates of the previous pair
+        for i in np.flatnonzero(dup[1:]) + 1:
+            prompts[i], chosen[i], rejected[i] = prompts[i - 1], chosen[i - 1], rejected[i - 1]
+        ids = [f"{start + i:032x}" for i in range(n)]  # curate never recomputes ids
+        table = pa.table({
+            "id": ids, "prompt": _messages("user", prompts), "chosen": _messages("assistant", chosen),
+            "rejected": _messages("assistant", rejected), "source": ["bench.jsonl"] * n, "source_format": ["bench"] * n,
+            "source_row": np.arange(start, start + n) + 1, "chosen_score": pa.nulls(n, pa.float64()),
+            "rejected_score": pa.nulls(n, pa.float64()), "meta": ["{}"] * n,
+        }, schema=RECORD_SCHEMA)
+        writer.write_table(table)
+    writer.close()
+    Manifest(stage="ingest", package_version="bench", config={}, counts=Counts(read=rows, kept=rows)).write(out)
+
+
+def run_curate(src: Path, out: Path) -> dict:
+    from prefdata.curate import CurateConfig, curate
+
+    start = time.perf_counter()
+    manifest = curate(CurateConfig(inputs=[str(src)], out=str(out)))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "records_per_s": manifest.counts.read / seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "read": manifest.counts.read, "dropped": manifest.counts.dropped, "stats": manifest.stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # measured in a fresh process so peak RSS is curate's own
+        print(json.dumps(run_curate(args.child, args.child.parent / "curated")))
+        return
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-curate-"))
+    generate(work / "records", args.rows)
+    result = subprocess.run([sys.executable, __file__, "--child", str(work / "records")], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps(report, indent=2))
+    print(f"curate: {args.rows:,} records in {report['seconds']:.1f} s = {report['records_per_s']:,.0f} records/s, "
+          f"peak RSS {report['peak_rss_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
