@@ -39,12 +39,15 @@ def ingest_command(
         "chosen_score, rejected_score); implies --format tabular."),
     limit: int = typer.Option(None, "--limit", help="Read at most N rows in total."),
     split: str = typer.Option(None, "--split", help="Split of a Hub dataset (default train) or of a save_to_disk dict."),
+    workers: int = typer.Option(None, "--workers", help="Processes that validate rows (default: one per CPU core)."),
 ) -> None:
     """Turn raw comparison dumps into validated records; every rejected row is quarantined with its reason."""
     from prefdata.ingest import IngestConfig, ingest, parse_column_map, summary_lines
 
+    chosen = {"limit": limit, "split": split, "workers": workers}
     config = _config(IngestConfig, inputs=raw, out=out, format=format,
-                     options={"column_map": parse_column_map(column_map)}, limit=limit, split=split)
+                     options={"column_map": parse_column_map(column_map)},
+                     **{k: v for k, v in chosen.items() if v is not None})
     print("\n".join(summary_lines(ingest(config))))
 
 

@@ -1,0 +1,357 @@
+"""Stage 1: raw comparison dumps → validated records (DESIGN.md, "Data flow and files").
+
+Two passes over the inputs. The first opens each source and reads its first rows only, to find
+its format (or check the forced one): an input that cannot be used (missing, empty, unknown shape)
+stops the run before anything is written. The second streams every source row by row: parse
+(readers), convert (formats), validate (`PreferenceRecord`), and write kept records in parquet row
+groups and every rejected row to quarantine.jsonl with its reason. All files are written into a
+temporary directory that replaces `--out` only when the run completes (schemas.io.atomic_dir).
+
+Counts are in input rows: read = kept + quarantined (by reason). A row is kept when it gave
+records; a format that pairs several answers of one row gives several records for one kept row,
+so the manifest's stats also hold the number of records.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import Counter
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prefdata import __version__
+from prefdata.formats import FORMATS, build_format, detect_format
+from prefdata.formats.base import Format, FormatError, FormatOptions
+from prefdata.formats.tabular import MAPPABLE_FIELDS
+from prefdata.readers import RawRow, Source, resolve_sources
+from schemas.errors import UserError
+from schemas.io import atomic_dir
+from schemas.manifest import Counts, Manifest
+from schemas.progress import progress
+from schemas.records import MESSAGE_TYPE, MESSAGES_TYPE, RECORD_SCHEMA, PreferenceRecord
+
+RECORDS_FILE = "records.parquet"
+QUARANTINE_FILE = "quarantine.jsonl"
+NO_PAIRS = "no_pairs"
+
+SAMPLE_ROWS = 10  # parsed rows whose columns decide the format
+PEEK_ROWS = 1000  # rows read at most to find them
+CHUNK_ROWS = 1000  # rows per unit of work for a worker process
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1)
+    out: str
+    format: str = "auto"  # "auto" or a name in prefdata.formats.FORMATS
+    options: FormatOptions = FormatOptions()
+    limit: int | None = Field(None, gt=0)  # read at most this many rows in total
+    split: str | None = None  # for Hub datasets (default "train") and save_to_disk dataset dicts
+    row_group_rows: int = Field(20_000, gt=0)
+    # Processes that convert and validate rows (pydantic validation is the CPU-bound part).
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+
+    @model_validator(mode="after")
+    def _format_and_map(self) -> IngestConfig:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise UserError(f"--format {self.format}: unknown; use auto or one of {', '.join(FORMATS)}")
+        column_map = self.options.column_map
+        if column_map and self.format not in ("auto", "tabular"):
+            raise UserError(f"--map is for the tabular format; drop it or --format {self.format}")
+        if column_map:
+            self.format = "tabular"
+        return self
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """`system=system,prompt=question` → {"system": "system", "prompt": "question"}."""
+    if not text:
+        return {}
+    column_map = {}
+    for item in text.split(","):
+        record_field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not record_field or not column:
+            raise UserError(f"--map: '{item}' is not field=column (e.g. --map system=system,prompt=question)")
+        if record_field not in MAPPABLE_FIELDS:
+            raise UserError(f"--map: unknown field '{record_field}'; fields are {', '.join(MAPPABLE_FIELDS)}")
+        column_map[record_field] = column
+    return column_map
+
+
+# ---------------------------------------------------------------- pass 1: formats
+
+
+def _format_for(source: Source, config: IngestConfig) -> Format:
+    """Read the source's first rows; detect its format (or check the forced one's columns)."""
+    rows = source.rows()
+    try:
+        peeked = list(islice(rows, PEEK_ROWS))
+    finally:
+        rows.close()
+    if not peeked:
+        raise UserError(f"{source.location}: no rows (empty input); remove it from the inputs")
+    sample = [raw.value for raw in peeked if raw.value is not None][:SAMPLE_ROWS]
+    if config.format == "auto" and not sample:
+        reason, message = peeked[0].error  # type: ignore[misc]  # no value means an error
+        raise UserError(
+            f"{source.location}: none of the first {len(peeked)} rows parses (row {peeked[0].number}: "
+            f"{reason}, {message}); fix the file, or pass --format to quarantine them all"
+        )
+    name = config.format if config.format != "auto" else detect_format(source.location, sample)
+    columns = frozenset().union(*(row.keys() for row in sample))
+    fmt = build_format(name, config.options, columns)
+    missing = fmt.required_columns() - columns
+    if sample and missing:
+        raise UserError(
+            f"{source.location}: format {name} needs column(s) {', '.join(sorted(missing))}; "
+            f"the rows have [{', '.join(sorted(columns))}] (see --format / --map)"
+        )
+    return fmt
+
+
+# ---------------------------------------------------------------- pass 2: rows
+
+
+def _records(raw: RawRow, source: Source, fmt: Format) -> list[PreferenceRecord] | tuple[str, str]:
+    """The row's validated records, or (reason, message) for the quarantine."""
+    if raw.error:
+        return raw.error
+    try:
+        candidates = fmt.convert(raw.value)  # type: ignore[arg-type]  # no error means a value
+    except FormatError as exc:
+        return exc.reason, exc.message
+    if not candidates:
+        return NO_PAIRS, f"format {fmt.name} found no pair in this row"
+    provenance = {"source": source.name, "source_format": fmt.name, "source_row": raw.number}
+    records = []
+    for candidate in candidates:
+        try:
+            records.append(PreferenceRecord.model_validate({**candidate, **provenance}))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return first["type"], f"{where}: {first['msg']}" if where else first["msg"]
+    return records
+
+
+def _messages_array(conversations: list[list[dict[str, str]]]) -> pa.Array:
+    """list<struct<role, content>> from flat role/content columns and offsets: several times
+    cheaper than letting Arrow walk nested Python dicts."""
+    offsets, roles, contents = [0], [], []
+    for conversation in conversations:
+        for m in conversation:
+            roles.append(m["role"])
+            contents.append(m["content"])
+        offsets.append(len(roles))
+    structs = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
+                                         fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs)
+
+
+def _records_table(records: list[PreferenceRecord]) -> pa.Table:
+    rows = [r.to_row() for r in records]
+    columns = {
+        f.name: _messages_array([row[f.name] for row in rows]) if f.type == MESSAGES_TYPE
+        else pa.array([row[f.name] for row in rows], f.type)
+        for f in RECORD_SCHEMA
+    }
+    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+
+
+def _quarantine_line(source: Source, raw: RawRow, reason: str, message: str) -> str:
+    entry = {"source": source.name, "source_row": raw.number, "reason": reason, "message": message, "raw": raw.raw()}
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+@dataclass
+class _Chunk:
+    """What converting a chunk of rows gives (in a worker process, or here)."""
+
+    table: pa.Table
+    quarantine: list[str]
+    read: int
+    kept: int
+    dropped: Counter[str]
+
+
+def _convert_chunk(job: tuple[Source, Format, list[RawRow]]) -> _Chunk:
+    source, fmt, rows = job
+    records: list[PreferenceRecord] = []
+    quarantine, dropped, kept = [], Counter[str](), 0
+    for raw in rows:
+        result = _records(raw, source, fmt)
+        if isinstance(result, list):
+            records.extend(result)
+            kept += 1
+        else:
+            dropped[result[0]] += 1
+            quarantine.append(_quarantine_line(source, raw, *result))
+    return _Chunk(_records_table(records), quarantine, len(rows), kept, dropped)
+
+
+def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+class _Converter:
+    """Runs `_convert_chunk` over a stream of jobs and yields results in input order.
+
+    With workers > 1, a pool of processes, forked at the start of the run: before this process
+    has Arrow or writer threads that a fork could copy in a locked state. At most `2 * workers`
+    chunks are in flight, so memory stays bounded however large the input."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+
+    def __enter__(self) -> _Converter:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def map(self, jobs: Iterable[tuple[Source, Format, list[RawRow]]]) -> Iterator[_Chunk]:
+        if self._pool is None:
+            yield from map(_convert_chunk, jobs)
+            return
+        in_flight: deque[Any] = deque()
+        for job in jobs:
+            in_flight.append(self._pool.apply_async(_convert_chunk, (job,)))
+            if len(in_flight) >= 2 * self.workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+class _RecordWriter:
+    """Record tables → parquet, one row group per `row_group_rows`, so memory stays flat."""
+
+    def __init__(self, path: Path, row_group_rows: int) -> None:
+        self._path, self._row_group_rows = path, row_group_rows
+        self._tables: list[pa.Table] = []
+        self._pending = 0
+        self.written = 0
+
+    def __enter__(self) -> _RecordWriter:
+        self._writer = pq.ParquetWriter(self._path, RECORD_SCHEMA, compression="zstd")
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self._flush()
+        self._writer.close()
+
+    def add(self, table: pa.Table) -> None:
+        self._tables.append(table)
+        self._pending += table.num_rows
+        if self._pending >= self._row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._tables), row_group_size=self._pending)
+            self.written += self._pending
+            self._tables, self._pending = [], 0
+
+
+@dataclass
+class _SourceTally:
+    format: str
+    read: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def add(self, chunk: _Chunk) -> None:
+        self.read += chunk.read
+        self.kept += chunk.kept
+        self.dropped.update(chunk.dropped)
+
+    def stats(self) -> dict[str, Any]:
+        return {"format": self.format, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped)}
+
+
+def _counts(tallies: list[_SourceTally]) -> Counts:
+    dropped: Counter[str] = Counter()
+    for t in tallies:
+        dropped.update(t.dropped)
+    return Counts(read=sum(t.read for t in tallies), kept=sum(t.kept for t in tallies),
+                  dropped=dict(dropped.most_common()))
+
+
+def _per_format(tallies: list[_SourceTally]) -> dict[str, dict[str, int]]:
+    formats: dict[str, Counter[str]] = {}
+    for t in tallies:
+        formats.setdefault(t.format, Counter()).update(read=t.read, kept=t.kept)
+    return {name: dict(c) for name, c in formats.items()}
+
+
+def _ingest_source(
+    source: Source, fmt: Format, rows: Iterable[RawRow], converter: _Converter, records: _RecordWriter,
+    quarantine: IO[str], bar: Any,
+) -> _SourceTally:
+    tally = _SourceTally(fmt.name)
+    for chunk in converter.map((source, fmt, rows) for rows in _chunks(rows, CHUNK_ROWS)):
+        records.add(chunk.table)
+        quarantine.writelines(chunk.quarantine)
+        tally.add(chunk)
+        bar.advance(chunk.read, kept=tally.kept, source=source.name)
+    return tally
+
+
+def ingest(config: IngestConfig) -> Manifest:
+    with _Converter(config.workers) as converter:  # first: see _Converter
+        sources = resolve_sources(config.inputs, config.split)
+        formats = [_format_for(source, config) for source in sources]
+        tallies: list[_SourceTally] = []
+        left = config.limit  # rows still to read under --limit
+        with atomic_dir(config.out) as tmp:
+            with (
+                _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows) as records,
+                open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
+                progress("ingest") as bar,
+            ):
+                for source, fmt in zip(sources, formats):
+                    rows = source.rows() if left is None else islice(source.rows(), left)
+                    tallies.append(_ingest_source(source, fmt, rows, converter, records, quarantine, bar))
+                    left = None if left is None else left - tallies[-1].read
+            manifest = Manifest(
+                stage="ingest",
+                package_version=__version__,
+                config=config.model_dump(mode="json"),
+                inputs=[s.describe(t.read) for s, t in zip(sources, tallies)],
+                counts=_counts(tallies),
+                outputs=[RECORDS_FILE, QUARANTINE_FILE],
+                stats={
+                    "records": records.written,
+                    "sources": {s.name: t.stats() for s, t in zip(sources, tallies)},
+                    "formats": _per_format(tallies),
+                },
+                versions={"python": platform.python_version(), "pyarrow": pa.__version__, "pydantic": pydantic.VERSION},
+            )
+            manifest.write(tmp)
+    return manifest
+
+
+def summary_lines(manifest: Manifest) -> list[str]:
+    c = manifest.counts
+    lines = [f"ingest: read {c.read}, kept {c.kept}, quarantined {sum(c.dropped.values())} {json.dumps(c.dropped)}"]
+    for name, entry in manifest.stats["sources"].items():
+        lines.append(f"  {name} ({entry['format']}): read {entry['read']}, kept {entry['kept']}")
+    return lines
