@@ -95,7 +95,7 @@ def parse_column_map(text: str | None) -> dict[str, str]:
 
 
 def _format_for(source: Source, config: IngestConfig) -> Format:
-    """Read the source's first rows; detect its format (or check the forced one's columns)."""
+    """Read the source's first rows; detect its format (or check the columns --map names)."""
     rows = source.rows()
     try:
         peeked = list(islice(rows, PEEK_ROWS))
@@ -117,7 +117,7 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
     if sample and missing:
         raise UserError(
             f"{source.location}: format {name} needs column(s) {', '.join(sorted(missing))}; "
-            f"the rows have [{', '.join(sorted(columns))}] (see --format / --map)"
+            f"the rows have [{', '.join(sorted(columns))}] (see --map)"
         )
     return fmt
 

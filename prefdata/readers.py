@@ -46,6 +46,7 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 BATCH_ROWS = 4096
 CHUNK_CHARS = 1 << 20
+FIRST_LINE_BYTES = 1 << 16  # how much of the first line format sniffing reads at most
 MAX_RAW_CHARS = 1 << 20  # the quarantined tail of a JSON array that breaks off is cut to this
 # A JSON string escape that can decode to a lone surrogate (\ud800-\udfff): valid JSON, invalid
 # Unicode, and Arrow would refuse it later. Only rows with such an escape get the full check.
@@ -263,21 +264,27 @@ def _lone_surrogate(value: Any) -> bool:
 
 
 def _json_rows(source: Source) -> Iterator[RawRow]:
-    array = _opens_with_bracket(source)
+    array = _is_json_array(source)
     with _open_binary(source) as fh:
         yield from _json_array_rows(_open_text(fh)) if array else _json_line_rows(fh)
 
 
-def _opens_with_bracket(source: Source) -> bool:
-    """Whether the first non-blank character (after a BOM) is '[': then the file is one array."""
+def _is_json_array(source: Source) -> bool:
+    """Whether the file is one JSON array: its first non-blank character is '[', unless its first
+    line is a whole JSON value with more lines after it (JSON lines whose first row is an array)."""
     with _open_binary(source) as fh:
-        first = True
-        while chunk := fh.read(1 << 16):
-            if first:
-                chunk, first = chunk.removeprefix(UTF8_BOM), False
-            if chunk.strip():
-                return chunk.lstrip()[:1] == b"["
-    return False
+        line = fh.readline(FIRST_LINE_BYTES).removeprefix(UTF8_BOM)
+        while line and line.isspace():
+            line = fh.readline(FIRST_LINE_BYTES)
+        if line.lstrip()[:1] != b"[":
+            return False
+        if not line.endswith(b"\n"):
+            return True  # the only line, or a long one: an array on one line
+        try:
+            json.loads(line)
+        except ValueError:
+            return True  # the array goes on over the next lines
+        return not any(chunk.strip() for chunk in iter(lambda: fh.read(1 << 16), b""))
 
 
 def _json_line_rows(fh: IO[bytes]) -> Iterator[RawRow]:
@@ -426,7 +433,7 @@ def _csv_rows(source: Source) -> Iterator[RawRow]:
                 problem = f"{len(fields)} fields, the header has {len(header)}"
                 yield RawRow(number, None, json.dumps(fields, ensure_ascii=False), (WRONG_FIELD_COUNT, problem))
             elif any(_bad_unicode(f) for f in fields):
-                raw = json.dumps(fields, ensure_ascii=False)  # raw() shows the bad bytes as \xNN
+                raw = json.dumps([printable(f) for f in fields], ensure_ascii=False)
                 yield RawRow(number, None, raw, (INVALID_UTF8, "row is not valid UTF-8 text"))
             else:
                 yield RawRow(number, dict(zip(header, fields)))

@@ -68,8 +68,10 @@ class Format:
         return cls.columns <= columns
 
     def required_columns(self) -> frozenset[str]:
-        """Columns a source must have for this format (checked when the format is forced)."""
-        return self.columns
+        """Columns the user named (`--map`): a source whose first rows lack one stops the run, as
+        a typo in the map would otherwise quarantine every row. A forced `--format` names no
+        columns: rows without its columns are quarantined (missing_field) like any bad row."""
+        return frozenset()
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         raise NotImplementedError

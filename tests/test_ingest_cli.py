@@ -1,0 +1,71 @@
+"""`prefdata ingest` on the command line: exit code 0 and a summary, or exit code 2 and one line
+on stderr (no traceback) with nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ingest_support import FIXTURES
+from prefdata import cli
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefdata", "ingest", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_map_applies_to_every_input(tmp_path):
+    done = run_cli(str(FIXTURES / "tabular.csv"), str(FIXTURES / "hh.jsonl"), "--out", str(tmp_path / "out"),
+                   "--map", "system=sys,prompt=question,chosen=good,rejected=bad")
+    assert done.returncode == 2  # the HH file has none of the mapped columns
+    assert done.stderr.splitlines() == [
+        f"prefdata: error: {FIXTURES / 'hh.jsonl'}: format tabular needs column(s) bad, good, question, sys; "
+        "the rows have [chosen, rejected] (see --map)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ingests_and_prints_a_summary(tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(str(FIXTURES / "hh.jsonl"), str(FIXTURES / "trl_explicit.jsonl"), "--out", str(out),
+                   "--limit", "9", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        'ingest: read 9, kept 5, quarantined 4 {"hh_not_alternating": 2, "hh_prefix_mismatch": 1, "empty_content": 1}',
+        "  hh.jsonl (hh): read 7, kept 3",
+        "  trl_explicit.jsonl (trl): read 2, kept 2",
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["config"]["limit"], manifest["config"]["workers"], manifest["config"]["format"]) == (9, 2, "auto")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.jsonl"], "prefdata: error: missing.jsonl: no such file or directory"),
+        ([str(FIXTURES / "hh.jsonl"), "--map", "prompt"], "prefdata: error: --map: 'prompt' is not field=column (e.g. --map system=system,prompt=question)"),
+        ([str(FIXTURES / "hh.jsonl"), "--limit", "0"], "prefdata: error: --limit: Input should be greater than 0"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    done = run_cli(*args, "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [message]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_format_of_a_real_file(tmp_path, realdata, monkeypatch, capsys):
+    """In-process through cli.main(), the same path the console script takes."""
+    path = realdata / "openai_chat_jsonl" / "toy_chat_fine_tuning.jsonl"
+    monkeypatch.setattr(sys, "argv", ["prefdata", "ingest", str(path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prefdata: error: {path}: no known preference format has columns [messages]")
+    assert not (tmp_path / "out").exists()
