@@ -35,7 +35,7 @@ from prefdata import __version__
 from prefdata.formats import FORMATS, build_format, detect_format
 from prefdata.formats.base import Format, FormatError, FormatOptions
 from prefdata.formats.tabular import MAPPABLE_FIELDS
-from prefdata.readers import RawRow, Source, resolve_sources
+from prefdata.readers import RawRow, Row, Source, resolve_sources
 from schemas.errors import UserError
 from schemas.io import atomic_dir
 from schemas.manifest import Counts, Manifest
@@ -98,7 +98,7 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
     """Read the source's first rows; detect its format (or check the columns --map names)."""
     rows = source.rows()
     try:
-        peeked = list(islice(rows, PEEK_ROWS))
+        peeked = [row.parse() for row in islice(rows, PEEK_ROWS)]
     finally:
         rows.close()
     if not peeked:
@@ -106,9 +106,10 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
     sample = [raw.value for raw in peeked if raw.value is not None][:SAMPLE_ROWS]
     if config.format == "auto" and not sample:
         reason, message = peeked[0].error  # type: ignore[misc]  # no value means an error
+        hint = "; a JSON array belongs in a .json file" if peeked[0].raw().lstrip().startswith("[") else ""
         raise UserError(
             f"{source.location}: none of the first {len(peeked)} rows parses (row {peeked[0].number}: "
-            f"{reason}, {message}); fix the file, or pass --format to quarantine them all"
+            f"{reason}, {message}){hint}; fix the file, or pass --format to quarantine them all"
         )
     name = config.format if config.format != "auto" else detect_format(source.location, sample)
     columns = frozenset().union(*(row.keys() for row in sample))
@@ -187,11 +188,12 @@ class _Chunk:
     dropped: Counter[str]
 
 
-def _convert_chunk(job: tuple[Source, Format, list[RawRow]]) -> _Chunk:
+def _convert_chunk(job: tuple[Source, Format, list[Row]]) -> _Chunk:
     source, fmt, rows = job
     records: list[PreferenceRecord] = []
     quarantine, dropped, kept = [], Counter[str](), 0
-    for raw in rows:
+    for row in rows:
+        raw = row.parse()
         result = _records(raw, source, fmt)
         if isinstance(result, list):
             records.extend(result)
@@ -202,7 +204,7 @@ def _convert_chunk(job: tuple[Source, Format, list[RawRow]]) -> _Chunk:
     return _Chunk(_records_table(records), quarantine, len(rows), kept, dropped)
 
 
-def _chunks(rows: Iterable[RawRow], size: int) -> Iterator[list[RawRow]]:
+def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
     rows = iter(rows)
     while chunk := list(islice(rows, size)):
         yield chunk
@@ -227,7 +229,7 @@ class _Converter:
             self._pool.terminate()
             self._pool.join()
 
-    def map(self, jobs: Iterable[tuple[Source, Format, list[RawRow]]]) -> Iterator[_Chunk]:
+    def map(self, jobs: Iterable[tuple[Source, Format, list[Row]]]) -> Iterator[_Chunk]:
         if self._pool is None:
             yield from map(_convert_chunk, jobs)
             return
@@ -303,7 +305,7 @@ def _per_format(tallies: list[_SourceTally]) -> dict[str, dict[str, int]]:
 
 
 def _ingest_source(
-    source: Source, fmt: Format, rows: Iterable[RawRow], converter: _Converter, records: _RecordWriter,
+    source: Source, fmt: Format, rows: Iterable[Row], converter: _Converter, records: _RecordWriter,
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)

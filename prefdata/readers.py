@@ -4,8 +4,9 @@ Inputs (`prefdata ingest RAW...`): `.jsonl` / `.json` / `.csv` / `.parquet` file
 `.gz` / `.zst` / `.bz2`; directories (every such file inside, recursively) and globs; a directory
 written by `datasets.save_to_disk`; a Hub dataset name (`datasets.load_dataset`, streamed).
 
-JSON files are read by what they hold, not by their suffix: a file whose first non-blank character
-is `[` is one JSON array (streamed element by element), anything else is one object per line.
+`.jsonl` / `.ndjson` files are one JSON object per line, always: an array there is a bad row like
+any other. A `.json` file is read by what it holds: one JSON array (streamed element by element)
+when its first non-blank character is '[', else one object per line.
 Rows that cannot be parsed come out as `RawRow`s with an error reason (invalid_json, invalid_utf8,
 truncated_line, …) so the stage quarantines them and goes on. An input that cannot be used at all
 (missing, unreadable, no rows, a Hub dataset that cannot be fetched) is a UserError.
@@ -40,7 +41,7 @@ NOT_AN_OBJECT = "wrong_type"
 WRONG_FIELD_COUNT = "wrong_field_count"
 INVALID_CSV = "invalid_csv"
 
-FILE_KINDS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".zst", ".bz2")
 GLOB_CHARS = re.compile(r"[*?\[]")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -67,12 +68,42 @@ class RawRow:
     text: str | bytes | None = None
     error: tuple[str, str] | None = None
 
+    def parse(self) -> RawRow:
+        return self
+
     def raw(self) -> str:
         if isinstance(self.text, bytes):
             return self.text.decode("utf-8", "backslashreplace").rstrip("\r\n")
         if self.text is not None:
             return printable(self.text)
         return json.dumps(self.value, ensure_ascii=False, default=str)
+
+
+@dataclass(frozen=True, slots=True)
+class JsonLine:
+    """A JSONL line, not parsed yet: parsing is CPU work, so it is done by `parse()` where the row
+    is converted (a worker process), not where the file is read."""
+
+    number: int
+    line: bytes
+
+    def parse(self) -> RawRow:
+        number, line = self.number, self.line
+        try:
+            value = json.loads(line)
+        except UnicodeDecodeError as exc:
+            return RawRow(number, None, line, (INVALID_UTF8, f"line is not UTF-8: {exc.reason} at byte {exc.start}"))
+        except json.JSONDecodeError as exc:
+            cut = not line.endswith(b"\n") and _cut_short(exc)
+            return RawRow(number, None, line, (TRUNCATED_LINE if cut else INVALID_JSON, f"{exc.msg} at column {exc.colno}"))
+        if not isinstance(value, dict):
+            return RawRow(number, None, line, (NOT_AN_OBJECT, f"expected a JSON object per line, got {_json_kind(value)}"))
+        if SURROGATE_ESCAPE_BYTES.search(line) and _lone_surrogate(value):
+            return RawRow(number, None, line, (INVALID_UTF8, "a \\u escape decodes to a lone surrogate, not a character"))
+        return RawRow(number, value, line)
+
+
+Row = RawRow | JsonLine  # what readers yield; `row.parse()` gives the RawRow
 
 
 @dataclass(frozen=True)
@@ -82,11 +113,11 @@ class Source:
 
     name: str
     location: str
-    kind: str  # json | csv | parquet | saved | hub
+    kind: str  # jsonl | json | csv | parquet | saved | hub
     compression: str | None = None
     split: str | None = None
 
-    def rows(self) -> Iterator[RawRow]:
+    def rows(self) -> Iterator[Row]:
         return READERS[self.kind](self)
 
     def describe(self, rows: int) -> InputFile:
@@ -263,10 +294,15 @@ def _lone_surrogate(value: Any) -> bool:
 # ---------------------------------------------------------------- JSON
 
 
-def _json_rows(source: Source) -> Iterator[RawRow]:
+def _json_rows(source: Source) -> Iterator[Row]:
     array = _is_json_array(source)
     with _open_binary(source) as fh:
         yield from _json_array_rows(_open_text(fh)) if array else _json_line_rows(fh)
+
+
+def _jsonl_rows(source: Source) -> Iterator[Row]:
+    with _open_binary(source) as fh:
+        yield from _json_line_rows(fh)
 
 
 def _is_json_array(source: Source) -> bool:
@@ -287,29 +323,13 @@ def _is_json_array(source: Source) -> bool:
         return not any(chunk.strip() for chunk in iter(lambda: fh.read(1 << 16), b""))
 
 
-def _json_line_rows(fh: IO[bytes]) -> Iterator[RawRow]:
+def _json_line_rows(fh: IO[bytes]) -> Iterator[JsonLine]:
     """One JSON object per line; blank lines are not rows (but keep the line numbers right)."""
     for number, line in enumerate(fh, 1):
         if number == 1 and line.startswith(UTF8_BOM):
             line = line[len(UTF8_BOM):]
-        if line.isspace():
-            continue
-        try:
-            value = json.loads(line)
-        except UnicodeDecodeError as exc:
-            yield RawRow(number, None, line, (INVALID_UTF8, f"line is not UTF-8: {exc.reason} at byte {exc.start}"))
-            continue
-        except json.JSONDecodeError as exc:
-            cut = not line.endswith(b"\n") and _cut_short(exc)
-            reason = TRUNCATED_LINE if cut else INVALID_JSON
-            yield RawRow(number, None, line, (reason, f"{exc.msg} at column {exc.colno}"))
-            continue
-        if not isinstance(value, dict):
-            yield RawRow(number, None, line, (NOT_AN_OBJECT, f"expected a JSON object per line, got {_json_kind(value)}"))
-        elif SURROGATE_ESCAPE_BYTES.search(line) and _lone_surrogate(value):
-            yield RawRow(number, None, line, (INVALID_UTF8, "a \\u escape decodes to a lone surrogate, not a character"))
-        else:
-            yield RawRow(number, value, line)
+        if not line.isspace():
+            yield JsonLine(number, line)
 
 
 def _cut_short(exc: json.JSONDecodeError) -> bool:
@@ -376,8 +396,9 @@ def _json_array_rows(stream: IO[str]) -> Iterator[RawRow]:
             if buf.next_char() is not None:
                 yield RawRow(number + 1, None, buf.rest(), (INVALID_JSON, "text after the closing ']' of the array"))
             return
-        if char is None:
-            return  # an array left open after its last whole element: nothing lost
+        if char is None:  # rows after the last whole element may be missing: say so
+            yield RawRow(number + 1, None, "", (TRUNCATED_LINE, "the file ends before the array's closing ']'"))
+            return
         if number:
             if char != ",":
                 yield RawRow(number + 1, None, buf.rest(), (INVALID_JSON, f"expected ',' between array elements, got {char!r}; rest of the file skipped"))
@@ -505,4 +526,4 @@ def _hub_rows(source: Source) -> Iterator[RawRow]:
         yield RawRow(number, value)
 
 
-READERS = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "saved": _saved_rows, "hub": _hub_rows}
+READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "saved": _saved_rows, "hub": _hub_rows}

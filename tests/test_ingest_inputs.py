@@ -136,13 +136,25 @@ def test_hub_name_offline_is_a_one_line_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_json_array_in_a_jsonl_file_and_lines_in_a_json_file(tmp_path):
-    as_array = tmp_path / "array.jsonl"
+def test_json_file_holds_an_array_or_lines(tmp_path):
+    as_array = tmp_path / "array.json"
     as_array.write_text("\ufeff\n  [" + ",\n".join(GOOD) + "]\n", encoding="utf-8")
     as_lines = write_lines(tmp_path / "lines.json", GOOD)
     for path in (as_array, as_lines):
         records, quarantine, _ = run_ingest(tmp_path / "out", path)
         assert pairs(records) == GOOD_PAIRS and quarantine == []
+
+
+def test_json_array_where_lines_were_expected(tmp_path):
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps([json.loads(line) for line in GOOD], indent=1) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"row 1: invalid_json, .*; a JSON array belongs in a .json file"):
+        run_ingest(tmp_path / "out", path)
+    # forced: every line of the array is a bad row, counted
+    _, quarantine, manifest = run_ingest(tmp_path / "out", path, format="hh")
+    lines = path.read_text().splitlines()
+    assert manifest.counts.read == len(lines) == len(quarantine)
+    assert quarantine[0]["raw"] == "[" and quarantine[0]["reason"] == "invalid_json"
 
 
 def test_json_array_read_in_small_chunks(tmp_path, monkeypatch):
@@ -166,6 +178,7 @@ def test_json_array_read_in_small_chunks(tmp_path, monkeypatch):
         ("[" + GOOD[0] + ", " + GOOD[1][:30], {2: "truncated_line"}),
         ("[" + GOOD[0] + "] trailing", {2: "invalid_json"}),
         ("[" + GOOD[0] + ", [1, 2]]", {2: "wrong_type"}),
+        ("[" + GOOD[0] + ",\n", {2: "truncated_line"}),  # the array never closes
         ("[" + GOOD[0] + " " + GOOD[1] + "]", {2: "invalid_json"}),
     ],
 )
