@@ -297,3 +297,16 @@ def test_guards_refuse_bad_input_without_touching_shards(shards, tiny_model_dir,
     truncated.write_bytes(truncated.read_bytes()[:-100])
     with pytest.raises(UserError, match="train-00003.arrow: sha256 differs"):
         _run(shards, tiny_model_dir)
+
+
+def test_device_and_dtype_selection_on_this_machine(shards, tiny_model_dir):
+    from train.device import select_device, select_dtype
+
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32
+    assert select_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if torch.cuda.is_available():
+        assert select_device("auto").type == "cuda"
+        return
+    assert select_device("auto").type in ("cpu", "mps")
+    with pytest.raises(UserError, match="--device cuda: torch sees no CUDA device"):
+        _run(shards, tiny_model_dir, device="cuda")

@@ -39,7 +39,7 @@ from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import atomic_path, sha256_file, write_text_atomic
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
 from schemas.progress import progress
-from schemas.shard import REF_COLUMNS, SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
+from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.device import dtype_name, select_device, select_dtype
 from train.logprobs import sequence_logps
