@@ -14,15 +14,15 @@ so the manifest's stats also hold the number of records.
 
 from __future__ import annotations
 
+import gc
 import json
-import platform
-from collections import Counter
 import multiprocessing as mp
 import os
-from collections import deque
+import platform
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -211,15 +211,16 @@ def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
 
 
 class _Converter:
-    """Runs `_convert_chunk` over a stream of jobs and yields results in input order.
+    """Runs `_convert_chunk` over a stream of jobs and yields the results in input order.
 
-    With workers > 1, a pool of processes, forked at the start of the run: before this process
-    has Arrow or writer threads that a fork could copy in a locked state. At most `2 * workers`
-    chunks are in flight, so memory stays bounded however large the input."""
+    A source of one chunk is converted here. Larger ones go to a pool of `workers` processes,
+    started on first need from a forkserver, so the workers never inherit this process's threads
+    (Arrow's, or polars' when curate calls ingest) in a locked state. At most `2 * workers` chunks
+    are in flight, so memory stays bounded however large the input."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        self._pool: Any = None
 
     def __enter__(self) -> _Converter:
         return self
@@ -229,13 +230,27 @@ class _Converter:
             self._pool.terminate()
             self._pool.join()
 
-    def map(self, jobs: Iterable[tuple[Source, Format, list[Row]]]) -> Iterator[_Chunk]:
+    def _started(self) -> Any:
         if self._pool is None:
-            yield from map(_convert_chunk, jobs)
+            methods = mp.get_all_start_methods()
+            context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            if "forkserver" in methods:
+                context.set_forkserver_preload([__name__])  # workers fork with the imports done
+            # gc.freeze: the imported modules' objects live as long as the worker; keeping them out of
+            # every full collection saves ~20% of the per-row time (measured on HH rows).
+            self._pool = context.Pool(self.workers, initializer=gc.freeze)
+        return self._pool
+
+    def map(self, jobs: Iterable[tuple[Source, Format, list[Row]]]) -> Iterator[_Chunk]:
+        jobs = iter(jobs)
+        head = list(islice(jobs, 2))
+        if self.workers == 1 or len(head) < 2:
+            yield from map(_convert_chunk, chain(head, jobs))
             return
+        pool = self._started()
         in_flight: deque[Any] = deque()
-        for job in jobs:
-            in_flight.append(self._pool.apply_async(_convert_chunk, (job,)))
+        for job in chain(head, jobs):
+            in_flight.append(pool.apply_async(_convert_chunk, (job,)))
             if len(in_flight) >= 2 * self.workers:
                 yield in_flight.popleft().get()
         while in_flight:
@@ -318,36 +333,36 @@ def _ingest_source(
 
 
 def ingest(config: IngestConfig) -> Manifest:
-    with _Converter(config.workers) as converter:  # first: see _Converter
-        sources = resolve_sources(config.inputs, config.split)
-        formats = [_format_for(source, config) for source in sources]
-        tallies: list[_SourceTally] = []
-        left = config.limit  # rows still to read under --limit
-        with atomic_dir(config.out) as tmp:
-            with (
-                _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows) as records,
-                open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
-                progress("ingest") as bar,
-            ):
-                for source, fmt in zip(sources, formats):
-                    rows = source.rows() if left is None else islice(source.rows(), left)
-                    tallies.append(_ingest_source(source, fmt, rows, converter, records, quarantine, bar))
-                    left = None if left is None else left - tallies[-1].read
-            manifest = Manifest(
-                stage="ingest",
-                package_version=__version__,
-                config=config.model_dump(mode="json"),
-                inputs=[s.describe(t.read) for s, t in zip(sources, tallies)],
-                counts=_counts(tallies),
-                outputs=[RECORDS_FILE, QUARANTINE_FILE],
-                stats={
-                    "records": records.written,
-                    "sources": {s.name: t.stats() for s, t in zip(sources, tallies)},
-                    "formats": _per_format(tallies),
-                },
-                versions={"python": platform.python_version(), "pyarrow": pa.__version__, "pydantic": pydantic.VERSION},
-            )
-            manifest.write(tmp)
+    sources = resolve_sources(config.inputs, config.split)
+    formats = [_format_for(source, config) for source in sources]
+    tallies: list[_SourceTally] = []
+    left = config.limit  # rows still to read under --limit
+    with atomic_dir(config.out) as tmp:
+        with (
+            _Converter(config.workers) as converter,
+            _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows) as records,
+            open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
+            progress("ingest") as bar,
+        ):
+            for source, fmt in zip(sources, formats):
+                rows = source.rows() if left is None else islice(source.rows(), left)
+                tallies.append(_ingest_source(source, fmt, rows, converter, records, quarantine, bar))
+                left = None if left is None else left - tallies[-1].read
+        manifest = Manifest(
+            stage="ingest",
+            package_version=__version__,
+            config=config.model_dump(mode="json"),
+            inputs=[s.describe(t.read) for s, t in zip(sources, tallies)],
+            counts=_counts(tallies),
+            outputs=[RECORDS_FILE, QUARANTINE_FILE],
+            stats={
+                "records": records.written,
+                "sources": {s.name: t.stats() for s, t in zip(sources, tallies)},
+                "formats": _per_format(tallies),
+            },
+            versions={"python": platform.python_version(), "pyarrow": pa.__version__, "pydantic": pydantic.VERSION},
+        )
+        manifest.write(tmp)
     return manifest
 
 
