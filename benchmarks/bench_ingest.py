@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the a of to and in is it you that for on with as are be this was have not can what how "
-         "why when would could please explain tell me about write story code python garden river "
-         "winter recipe history music science answer question help thanks sure here").split()
+WORDS = """the a of to and in is it you that for on with as are be this was have not can what how
+why when would could please explain tell me about write story code python garden river
+winter recipe history music science answer question help thanks sure here""".split()
 
 
 def _sentence(rng: random.Random, low: int, high: int) -> str:
@@ -47,6 +47,11 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(rows):
             fh.write(hh_row(rng, broken=i % 100 == 99) + "\n")
+
+
+def _line_count(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
 
 
 def run_measured(command: list[str]) -> tuple[float, int, float]:
@@ -84,7 +89,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     raw = work / "hh.jsonl"
-    if not raw.exists() or sum(1 for _ in open(raw, "rb")) != args.rows:
+    if not raw.exists() or _line_count(raw) != args.rows:  # --keep: reuse the rows of an earlier run
         write_rows(raw, args.rows)
     print(f"input: {args.rows:,} HH rows, {raw.stat().st_size / 2**20:,.0f} MiB; "
           f"load average before the run: {os.getloadavg()[0]:.2f} (other work on the machine slows it)")

@@ -106,11 +106,13 @@ class JsonLine:
             return RawRow(number, None, line, (INVALID_UTF8, f"line is not UTF-8: {exc.reason} at byte {exc.start}"))
         except json.JSONDecodeError as exc:
             cut = not line.endswith(b"\n") and _cut_short(exc)
-            return RawRow(number, None, line, (TRUNCATED_LINE if cut else INVALID_JSON, f"{exc.msg} at column {exc.colno}"))
+            reason = TRUNCATED_LINE if cut else INVALID_JSON
+            return RawRow(number, None, line, (reason, f"{exc.msg} at column {exc.colno}"))
         if not isinstance(value, dict):
-            return RawRow(number, None, line, (NOT_AN_OBJECT, f"expected a JSON object per line, got {_json_kind(value)}"))
+            problem = f"expected a JSON object per line, got {_json_kind(value)}"
+            return RawRow(number, None, line, (NOT_AN_OBJECT, problem))
         if SURROGATE_ESCAPE_BYTES.search(line) and _lone_surrogate(value):
-            return RawRow(number, None, line, (INVALID_UTF8, "a \\u escape decodes to a lone surrogate, not a character"))
+            return RawRow(number, None, line, (INVALID_UTF8, "a \\u escape decodes to a lone surrogate"))
         return RawRow(number, value, line)
 
 
@@ -260,7 +262,8 @@ def _open_binary(source: Source) -> Iterator[IO[bytes]]:
         else:
             fh = open(source.location, "rb")
     except OSError as exc:
-        raise UserError(f"{source.location}: cannot open ({exc.strerror or exc}); check the path and permissions") from None
+        problem = exc.strerror or exc
+        raise UserError(f"{source.location}: cannot open ({problem}); check the path and permissions") from None
     try:
         with fh:
             yield fh
@@ -412,7 +415,8 @@ def _json_array_rows(stream: IO[str]) -> Iterator[RawRow]:
             return
         if number:
             if char != ",":
-                yield RawRow(number + 1, None, buf.rest(), (INVALID_JSON, f"expected ',' between array elements, got {char!r}; rest of the file skipped"))
+                problem = f"expected ',' between array elements, got {char!r}; rest of the file skipped"
+                yield RawRow(number + 1, None, buf.rest(), (INVALID_JSON, problem))
                 return
             buf.pos += 1
             buf.next_char()
@@ -425,12 +429,14 @@ def _json_array_rows(stream: IO[str]) -> Iterator[RawRow]:
                 if _may_continue(exc) and buf.more():
                     continue
                 reason = TRUNCATED_LINE if buf.eof and _cut_short(exc) else INVALID_JSON
-                yield RawRow(number, None, buf.rest(), (reason, f"array element {number}: {exc.msg}; rest of the file skipped"))
+                problem = f"array element {number}: {exc.msg}; rest of the file skipped"
+                yield RawRow(number, None, buf.rest(), (reason, problem))
                 return
         raw = buf.text[buf.pos:end]
         buf.pos = end
         if not isinstance(value, dict):
-            yield RawRow(number, None, raw, (NOT_AN_OBJECT, f"expected an object per array element, got {_json_kind(value)}"))
+            problem = f"expected an object per array element, got {_json_kind(value)}"
+            yield RawRow(number, None, raw, (NOT_AN_OBJECT, problem))
         elif _bad_unicode(raw) or (SURROGATE_ESCAPE.search(raw) and _lone_surrogate(value)):
             yield RawRow(number, None, raw, (INVALID_UTF8, "element is not valid UTF-8 text"))
         else:
@@ -537,4 +543,7 @@ def _hub_rows(source: Source) -> Iterator[RawRow]:
         yield RawRow(number, value)
 
 
-READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "saved": _saved_rows, "hub": _hub_rows}
+READERS = {
+    "jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows,
+    "saved": _saved_rows, "hub": _hub_rows,
+}

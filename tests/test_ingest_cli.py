@@ -48,7 +48,8 @@ def test_cli_ingests_and_prints_a_summary(tmp_path):
     ("args", "message"),
     [
         (["missing.jsonl"], "prefdata: error: missing.jsonl: no such file or directory"),
-        ([str(FIXTURES / "hh.jsonl"), "--map", "prompt"], "prefdata: error: --map: 'prompt' is not field=column (e.g. --map system=system,prompt=question)"),
+        ([str(FIXTURES / "hh.jsonl"), "--map", "prompt"],
+         "prefdata: error: --map: 'prompt' is not field=column (e.g. --map system=system,prompt=question)"),
         ([str(FIXTURES / "hh.jsonl"), "--limit", "0"], "prefdata: error: --limit: Input should be greater than 0"),
     ],
 )
@@ -67,5 +68,6 @@ def test_cli_unknown_format_of_a_real_file(tmp_path, realdata, monkeypatch, caps
         cli.main()
     assert info.value.code == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"prefdata: error: {path}: no known preference format has columns [messages]")
+    assert len(err) == 1
+    assert err[0].startswith(f"prefdata: error: {path}: no known preference format has columns [messages]")
     assert not (tmp_path / "out").exists()

@@ -84,7 +84,9 @@ def test_llamafactory_v1_typed_parts(tmp_path):
 
 def test_openai_preference(tmp_path):
     records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "openai_preference.jsonl")
-    assert pairs(records)[1] == (2, [(S, "Reply in French."), (U, "Good morning")], [(A, "Bonjour")], [(A, "Good morning")])
+    assert pairs(records)[1] == (
+        2, [(S, "Reply in French."), (U, "Good morning")], [(A, "Bonjour")], [(A, "Good morning")]
+    )
     first = pairs(records)[0]
     assert first[1] == [(U, "Hello, can you tell me how cold San Francisco is today?")]
     assert first[3] == [(A, "It is not particularly cold in San Francisco today.")]
@@ -110,13 +112,15 @@ def test_tabular_with_column_map_and_scores(tmp_path):
 
 def test_tabular_unmapped_fields_read_their_own_columns(tmp_path):
     raw = tmp_path / "pairs.jsonl"
-    raw.write_text(json.dumps({"system": "Be nice.", "question": "Why?", "chosen": "Because.", "rejected": "No."}) + "\n")
+    row = {"system": "Be nice.", "question": "Why?", "chosen": "Because.", "rejected": "No."}
+    raw.write_text(json.dumps(row) + "\n")
     records, _, _ = run_ingest(tmp_path / "out", raw, options={"column_map": {"prompt": "question"}})
     assert pairs(records) == [(1, [(S, "Be nice."), (U, "Why?")], [(A, "Because.")], [(A, "No.")])]
 
 
 def test_tabular_map_naming_a_missing_column_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match=r"tabular.csv: format tabular needs column\(s\) asked; the rows have \[bad, bad_score, good"):
+    message = r"tabular.csv: format tabular needs column\(s\) asked; the rows have \[bad, bad_score, good"
+    with pytest.raises(UserError, match=message):
         run_ingest(tmp_path / "out", FIXTURES / "tabular.csv",
                    options={"column_map": {"prompt": "asked", "chosen": "good", "rejected": "bad"}})
     assert not (tmp_path / "out").exists()

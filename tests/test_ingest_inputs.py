@@ -116,7 +116,9 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert pairs(records) == GOOD_PAIRS
     assert manifest.inputs[0].path == str(tmp_path / "single") and manifest.inputs[0].rows == 2
 
-    split = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])})
+    split = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+    )
     split.save_to_disk(str(tmp_path / "dict"))
     records, _, _ = run_ingest(tmp_path / "out", tmp_path / "dict")
     assert [(r["source"], r["source_row"]) for r in records] == [("dict/train", 1), ("dict/train", 2), ("dict/test", 1)]
@@ -131,7 +133,9 @@ def test_hub_name_offline_is_a_one_line_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         run_ingest(tmp_path / "out", "Anthropic/hh-rlhf")
     message = str(info.value)
-    assert message.startswith("Anthropic/hh-rlhf: not a local file or directory, and the Hub dataset could not be loaded")
+    assert message.startswith(
+        "Anthropic/hh-rlhf: not a local file or directory, and the Hub dataset could not be loaded"
+    )
     assert "\n" not in message
     assert not (tmp_path / "out").exists()
 
@@ -209,7 +213,8 @@ def test_normalisation_bom_crlf_nfc_and_trimming(tmp_path):
 
 def test_same_input_gives_the_same_ids_in_parallel(tmp_path):
     """Order and ids do not depend on the number of worker processes."""
-    path = write_lines(tmp_path / "many.jsonl", [hh_line(f"Question {i}?", f"Answer {i}.", f"No {i}.") for i in range(2500)])
+    lines = [hh_line(f"Question {i}?", f"Answer {i}.", f"No {i}.") for i in range(2500)]  # three chunks
+    path = write_lines(tmp_path / "many.jsonl", lines)
     one, _, _ = run_ingest(tmp_path / "one", path, workers=1)
     two, _, manifest = run_ingest(tmp_path / "two", path, workers=2)
     assert one == two and len(two) == 2500 and manifest.stats["records"] == 2500
@@ -260,7 +265,9 @@ def test_bad_csv_rows(tmp_path):
 
 GOOD_LINE = st.sampled_from(GOOD + [hh_line("Why?", "Because.", "No."), json.dumps({"chosen": "a", "rejected": "b"})])
 BROKEN_LINE = st.one_of(
-    st.sampled_from(["{", "[1]", '"text"', "null", '{"chosen": null}', "{'single': 1}", '{"chosen": 1, "rejected": 2}']),
+    st.sampled_from(
+        ["{", "[1]", '"text"', "null", '{"chosen": null}', "{'single': 1}", '{"chosen": 1, "rejected": 2}']
+    ),
     GOOD_LINE.map(lambda line: line[: len(line) // 2]),
     st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), min_size=1, max_size=30),
 )
@@ -292,14 +299,16 @@ def test_every_row_is_kept_or_quarantined(tmp_path_factory, lines, newline_at_en
     ("make", "message"),
     [
         (lambda d: d / "missing.jsonl", "missing.jsonl: no such file or directory"),
-        (lambda d: write_lines(d / "empty.jsonl", []), r"empty.jsonl: no rows \(empty input\); remove it from the inputs"),
+        (lambda d: write_lines(d / "empty.jsonl", []),
+         r"empty.jsonl: no rows \(empty input\); remove it from the inputs"),
         (lambda d: write_lines(d / "blank.json", ["", "  "]), "blank.json: no rows"),
         (lambda d: write_lines(d / "header.csv", ["a,b,c"]), "header.csv: no rows"),
         (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "notes.txt: unsupported file type"),
         (lambda d: (d / "void").mkdir() or d / "void", "void: directory holds no .jsonl/.json/.csv/.parquet file"),
         (lambda d: d / "*.parquet", r"\*.parquet: no .jsonl/.json/.csv/.parquet file matches this pattern"),
         (lambda d: write_lines(d / "junk.jsonl", ["{", "nope"]), "junk.jsonl: none of the first 2 rows parses"),
-        (lambda d: write_lines(d / "sft.jsonl", ['{"messages": []}']), r"no known preference format has columns \[messages\]"),
+        (lambda d: write_lines(d / "sft.jsonl", ['{"messages": []}']),
+         r"no known preference format has columns \[messages\]"),
     ],
 )
 def test_unusable_input_is_a_user_error_and_nothing_is_written(tmp_path, make, message):
@@ -361,7 +370,8 @@ def test_bad_options_are_user_errors(tmp_path, options, message):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("prompt", "'prompt' is not field=column"), ("answer=a", "unknown field 'answer'"), ("prompt=", "not field=column")],
+    [("prompt", "'prompt' is not field=column"), ("answer=a", "unknown field 'answer'"),
+     ("prompt=", "not field=column")],
 )
 def test_bad_map_is_a_user_error(text, message):
     with pytest.raises(UserError, match=message):
@@ -376,4 +386,5 @@ def test_forced_format_quarantines_rows_without_its_columns(tmp_path):
 
 def test_ingest_writes_exactly_its_three_files(tmp_path):
     ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=str(tmp_path / "out"), workers=1))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "quarantine.jsonl", "records.parquet"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["manifest.json", "quarantine.jsonl", "records.parquet"]

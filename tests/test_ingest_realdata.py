@@ -10,7 +10,8 @@ from schemas.errors import UserError
 
 
 def test_llamafactory_dpo_en_demo(tmp_path, realdata):
-    records, quarantine, manifest = run_ingest(tmp_path / "out", realdata / "llamafactory_dpo_en_demo" / "dpo_en_demo.json")
+    path = realdata / "llamafactory_dpo_en_demo" / "dpo_en_demo.json"
+    records, quarantine, manifest = run_ingest(tmp_path / "out", path)
     assert manifest.counts.model_dump() == {"read": 300, "kept": 300, "dropped": {}}
     assert quarantine == []
     assert manifest.stats["sources"]["dpo_en_demo.json"]["format"] == "llamafactory"
@@ -29,7 +30,8 @@ def test_llamafactory_dpo_en_demo(tmp_path, realdata):
 
 
 def test_llamafactory_v1_dpo_demo(tmp_path, realdata):
-    records, quarantine, manifest = run_ingest(tmp_path / "out", realdata / "llamafactory_v1_dpo_demo" / "v1_dpo_demo.jsonl")
+    path = realdata / "llamafactory_v1_dpo_demo" / "v1_dpo_demo.jsonl"
+    records, quarantine, manifest = run_ingest(tmp_path / "out", path)
     assert manifest.counts.model_dump() == {"read": 10, "kept": 10, "dropped": {}}
     # implicit prompt: the shared system + user messages; only the last assistant turn differs
     assert all([m["role"] for m in r["prompt"]] == ["system", "user"] for r in records)
