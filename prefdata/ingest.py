@@ -32,8 +32,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefdata import __version__
-from prefdata.formats import FORMATS, build_format, detect_format
-from prefdata.formats.base import Format, FormatError, FormatOptions
+from prefdata.formats.registry import FORMATS, build_format, detect_format
+from prefdata.formats.base import Format, FormatError, FormatOptions, Skipped
 from prefdata.formats.tabular import MAPPABLE_FIELDS
 from prefdata.readers import RawRow, Row, Source, resolve_sources
 from schemas.errors import UserError
@@ -126,25 +126,32 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
 # ---------------------------------------------------------------- pass 2: rows
 
 
-def _records(raw: RawRow, source: Source, fmt: Format) -> list[PreferenceRecord] | tuple[str, str]:
-    """The row's validated records, or (reason, message) for the quarantine."""
+def _convert_row(
+    raw: RawRow, source: Source, fmt: Format, skipped: Counter[str]
+) -> list[PreferenceRecord] | tuple[str, str]:
+    """The row's validated records, or the (reason, message) it is quarantined with. Parts of the
+    row left out are added to `skipped`: the format's notes, and pairs that failed validation in
+    a row that kept others."""
     if raw.error:
         return raw.error
+    records, failures = [], []
+    provenance = {"source": source.name, "source_format": fmt.name, "source_row": raw.number}
     try:
-        candidates = fmt.convert(raw.value)  # type: ignore[arg-type]  # no error means a value
+        for item in fmt.convert(raw.value):  # type: ignore[arg-type]  # no error means a value
+            if isinstance(item, Skipped):
+                skipped[item.reason] += item.count
+                continue
+            try:
+                records.append(PreferenceRecord.model_validate({**item, **provenance}))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                failures.append((first["type"], f"{where}: {first['msg']}" if where else first["msg"]))
     except FormatError as exc:
         return exc.reason, exc.message
-    if not candidates:
-        return NO_PAIRS, f"format {fmt.name} found no pair in this row"
-    provenance = {"source": source.name, "source_format": fmt.name, "source_row": raw.number}
-    records = []
-    for candidate in candidates:
-        try:
-            records.append(PreferenceRecord.model_validate({**candidate, **provenance}))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            return first["type"], f"{where}: {first['msg']}" if where else first["msg"]
+    if not records:
+        return failures[0] if failures else (NO_PAIRS, f"format {fmt.name} found no pair in this row")
+    skipped.update(f"pair_{reason}" for reason, _ in failures)
     return records
 
 
@@ -185,23 +192,26 @@ class _Chunk:
     quarantine: list[str]
     read: int
     kept: int
+    prompts: int  # distinct prompts among each kept row's records, summed over rows
     dropped: Counter[str]
+    skipped: Counter[str]
 
 
 def _convert_chunk(job: tuple[Source, Format, list[Row]]) -> _Chunk:
     source, fmt, rows = job
     records: list[PreferenceRecord] = []
-    quarantine, dropped, kept = [], Counter[str](), 0
+    quarantine, dropped, skipped, kept, prompts = [], Counter[str](), Counter[str](), 0, 0
     for row in rows:
         raw = row.parse()
-        result = _records(raw, source, fmt)
-        if isinstance(result, list):
-            records.extend(result)
-            kept += 1
-        else:
+        result = _convert_row(raw, source, fmt, skipped)
+        if isinstance(result, tuple):
             dropped[result[0]] += 1
             quarantine.append(_quarantine_line(source, raw, *result))
-    return _Chunk(_records_table(records), quarantine, len(rows), kept, dropped)
+        else:
+            records.extend(result)
+            kept += 1
+            prompts += 1 if len(result) == 1 else len({tuple(r.prompt) for r in result})
+    return _Chunk(_records_table(records), quarantine, len(rows), kept, prompts, dropped, skipped)
 
 
 def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -293,15 +303,22 @@ class _SourceTally:
     format: str
     read: int = 0
     kept: int = 0
+    records: int = 0
+    prompts: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
 
     def add(self, chunk: _Chunk) -> None:
         self.read += chunk.read
         self.kept += chunk.kept
+        self.records += chunk.table.num_rows
+        self.prompts += chunk.prompts
         self.dropped.update(chunk.dropped)
+        self.skipped.update(chunk.skipped)
 
     def stats(self) -> dict[str, Any]:
-        return {"format": self.format, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped)}
+        return {"format": self.format, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                "records": self.records, "prompts": self.prompts, "skipped": dict(self.skipped)}
 
 
 def _counts(tallies: list[_SourceTally]) -> Counts:
@@ -357,6 +374,8 @@ def ingest(config: IngestConfig) -> Manifest:
             outputs=[RECORDS_FILE, QUARANTINE_FILE],
             stats={
                 "records": records.written,
+                "prompts": sum(t.prompts for t in tallies),
+                "skipped": dict(sum((t.skipped for t in tallies), Counter()).most_common()),
                 "sources": {s.name: t.stats() for s, t in zip(sources, tallies)},
                 "formats": _per_format(tallies),
             },
@@ -367,8 +386,11 @@ def ingest(config: IngestConfig) -> Manifest:
 
 
 def summary_lines(manifest: Manifest) -> list[str]:
-    c = manifest.counts
+    c, stats = manifest.counts, manifest.stats
     lines = [f"ingest: read {c.read}, kept {c.kept}, quarantined {sum(c.dropped.values())} {json.dumps(c.dropped)}"]
+    if stats["records"] != c.kept or stats["skipped"]:
+        lines.append(f"  {stats['records']} pairs from {stats['prompts']} prompts; "
+                     f"parts of rows left out: {json.dumps(stats['skipped'])}")
     for name, entry in manifest.stats["sources"].items():
         lines.append(f"  {name} ({entry['format']}): read {entry['read']}, kept {entry['kept']}")
     return lines

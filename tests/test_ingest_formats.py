@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
-from prefdata.formats import detect_format
+from prefdata.formats.registry import detect_format
 from prefdata.formats.base import split_common_prefix, split_common_text
 from schemas.errors import UserError
 

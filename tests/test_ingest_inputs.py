@@ -73,7 +73,9 @@ def test_directory_and_glob_keep_provenance_per_file(tmp_path):
         (str(data / "a.jsonl"), 1, sha256_file(data / "a.jsonl")),
         (str(data / "sub" / "b.jsonl"), 1, sha256_file(data / "sub" / "b.jsonl")),
     ]
-    assert manifest.stats["sources"]["b.jsonl"] == {"format": "hh", "read": 1, "kept": 1, "dropped": {}}
+    assert manifest.stats["sources"]["b.jsonl"] == {
+        "format": "hh", "read": 1, "kept": 1, "dropped": {}, "records": 1, "prompts": 1, "skipped": {}
+    }
     records, _, _ = run_ingest(tmp_path / "out2", str(data / "**" / "*.jsonl"))
     assert [r["source"] for r in records] == ["a.jsonl", "b.jsonl"]
 

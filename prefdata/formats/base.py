@@ -1,20 +1,24 @@
 """What every raw format shares: the converter interface, format-level reason codes, and the
 helpers that turn raw values into `{"role", "content"}` messages with precise reasons.
 
-A format turns ONE raw row (a dict) into zero or more *candidates*: dicts with `prompt`, `chosen`,
-`rejected` (lists of messages) and optionally `chosen_score`, `rejected_score`, `meta`. The stage
-adds provenance and validates each candidate as a `PreferenceRecord`; a row that cannot be
-converted raises `FormatError` with a reason code and is quarantined. Formats that pair several
-answers of one row (UltraFeedback, Nectar, …) return several candidates; formats whose pairs span
-several rows (OASST flat rows, HelpSteer2) will need a grouping step in front of `convert` that
-hands it one group of rows as one row.
+A format turns ONE raw row (a dict) into *candidates*: dicts with `prompt`, `chosen`, `rejected`
+(lists of messages) and optionally `chosen_score`, `rejected_score`, `meta`. The stage adds
+provenance and validates each candidate as a `PreferenceRecord`; a row that cannot be converted
+raises `FormatError` with a reason code and is quarantined. Formats that pair several answers of
+one row (UltraFeedback, Nectar, OASST trees, …) give several candidates, and may also give
+`Skipped` notes for parts of the row they leave out on purpose (a deleted message, an unrated
+answer), which the manifest counts by reason. Formats whose pairs span several rows (OASST flat
+rows, HelpSteer2 ratings) will need a grouping step in front of `convert` that hands it one group
+of rows as one row.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 # Reason codes for rows that are not even candidate records. Together with the record validators'
 # codes (schemas.records) and the readers' (invalid_json, …) they are what quarantine.jsonl holds.
@@ -27,7 +31,17 @@ UNSUPPORTED_CONTENT = "unsupported_content"
 Candidate = dict[str, Any]
 Messages = list[dict[str, str]]
 
+
+@dataclass(frozen=True)
+class Skipped:
+    """Part of a row left out on purpose; counted in the manifest's stats under `reason`."""
+
+    reason: str
+    count: int = 1
+
 STANDARD_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+
+PairingRule = Literal["best-vs-worst", "best-vs-rest", "all", "adjacent"]
 
 
 class FormatError(Exception):
@@ -46,6 +60,14 @@ class FormatOptions(BaseModel):
 
     # record field → input column, for the generic tabular format (`--map prompt=question,…`)
     column_map: dict[str, str] = {}
+    # Sources with several scored / ranked answers per prompt (prefdata.pairing)
+    pairs: PairingRule = "best-vs-worst"
+    min_margin: float = Field(0.0, ge=0)
+    # Format-specific: UltraFeedback mean-aspects|overall|aspect:NAME, HelpSteer2 helpfulness|weighted
+    score: str | None = None
+    min_score_ratio: float | None = Field(None, ge=1)  # SHP: keep pairs whose score ratio is at least this
+    lang: str | None = None  # OASST: only messages in this language
+    label: Literal["better", "safer"] = "better"  # PKU-SafeRLHF: which preference is the label
 
 
 class Format:
@@ -54,7 +76,6 @@ class Format:
 
     name: ClassVar[str]
     columns: ClassVar[frozenset[str]]
-    summary: ClassVar[str]
     auto_detect: ClassVar[bool] = True
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
@@ -73,7 +94,7 @@ class Format:
         columns: rows without its columns are quarantined (missing_field) like any bad row."""
         return frozenset()
 
-    def convert(self, row: dict[str, Any]) -> list[Candidate]:
+    def convert(self, row: dict[str, Any]) -> Iterable[Candidate | Skipped]:
         raise NotImplementedError
 
 

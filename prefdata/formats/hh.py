@@ -59,7 +59,6 @@ def _normalised(turns: Messages) -> list[tuple[str, str]]:
 class HHFormat(Format):
     name = "hh"
     columns = frozenset({"chosen", "rejected"})
-    summary = "Anthropic HH-RLHF: chosen/rejected transcripts '\\n\\nHuman: …\\n\\nAssistant: …'"
 
     @classmethod
     def looks_like(cls, columns: frozenset[str], first: dict[str, Any]) -> bool:

@@ -42,7 +42,6 @@ def _sharegpt_messages(value: Any, where: str) -> Messages:
 class LlamaFactorySharegptFormat(Format):
     name = "llamafactory"
     columns = frozenset({"conversations", "chosen", "rejected"})
-    summary = "LLaMA-Factory sharegpt ranking: conversations (from/value) + system + chosen/rejected dicts"
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         prompt = _sharegpt_messages(field(row, "conversations"), "conversations")
@@ -63,7 +62,6 @@ def _v1_messages(value: Any, where: str) -> Messages:
 class LlamaFactoryV1Format(Format):
     name = "llamafactory_v1"
     columns = frozenset({"chosen_messages", "rejected_messages"})
-    summary = "LLaMA-Factory v1: chosen_messages/rejected_messages with typed content parts (implicit prompt)"
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         prompt, chosen, rejected = split_common_prefix(

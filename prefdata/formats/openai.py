@@ -24,7 +24,6 @@ def _messages(value: Any, where: str) -> Messages:
 class OpenAIPreferenceFormat(Format):
     name = "openai"
     columns = frozenset({"input", "preferred_output", "non_preferred_output"})
-    summary = "OpenAI preference fine-tuning: input.messages + preferred_output/non_preferred_output"
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         request = as_dict(field(row, "input"), "input")

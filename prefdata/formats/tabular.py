@@ -52,7 +52,6 @@ def _score(value: Any, where: str) -> float | None:
 class TabularFormat(Format):
     name = "tabular"
     columns = frozenset()
-    summary = "any table with --map prompt=COL,chosen=COL,rejected=COL[,system=COL,chosen_score=COL,…]"
     auto_detect = False
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:

@@ -52,7 +52,6 @@ def _conversation_or_text(value: Any, where: str) -> Messages | str:
 class TRLFormat(Format):
     name = "trl"
     columns = frozenset({"chosen", "rejected"})
-    summary = "TRL preference: prompt/chosen/rejected or chosen/rejected only, strings or message lists"
 
     @classmethod
     def looks_like(cls, columns: frozenset[str], first: dict[str, Any]) -> bool:

@@ -1,0 +1,55 @@
+"""Pairs from several scored answers to one prompt, by one documented rule.
+
+Every rule looks at the answers ordered best first (higher score first; equal scores keep their
+input order) and never pairs two answers with equal scores:
+
+    best-vs-worst  the first best answer against the first worst one          (default; 1 pair)
+    best-vs-rest   the first best answer against every answer scored lower    (n - 1 pairs at most)
+    all            every answer against every answer scored lower             (n(n-1)/2 at most)
+    adjacent       each answer against the next one in the order, if lower    (n - 1 at most)
+
+`--min-margin X` then keeps pairs whose scores differ by at least X. Sources that rank answers
+(rank 1 = best) are paired on the negated rank. When no pair is left the row is quarantined: with
+`too_few_answers`, `tie` (all scores equal) or `low_margin`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Generic, NamedTuple, TypeVar
+
+from prefdata.formats.base import FormatError, PairingRule
+
+TOO_FEW_ANSWERS = "too_few_answers"
+TIE = "tie"
+LOW_MARGIN = "low_margin"
+
+T = TypeVar("T")
+
+
+class Scored(NamedTuple, Generic[T]):
+    score: float
+    answer: T
+
+
+def pair_up(answers: Sequence[Scored[T]], rule: PairingRule, min_margin: float = 0.0) -> list[tuple[Scored[T], Scored[T]]]:
+    """(chosen, rejected) pairs by `rule`; FormatError when none is left."""
+    if len(answers) < 2:
+        raise FormatError(TOO_FEW_ANSWERS, f"{len(answers)} scored answer(s); a pair needs two")
+    ranked = sorted(answers, key=lambda a: -a.score)  # stable: equal scores keep their input order
+    if ranked[0].score == ranked[-1].score:
+        raise FormatError(TIE, f"all {len(ranked)} answers have the same score ({ranked[0].score:g})")
+    if rule == "best-vs-worst":
+        worst = next(a for a in ranked if a.score == ranked[-1].score)
+        pairs = [(ranked[0], worst)]
+    elif rule == "best-vs-rest":
+        pairs = [(ranked[0], a) for a in ranked[1:] if a.score < ranked[0].score]
+    elif rule == "all":
+        pairs = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:] if a.score > b.score]
+    else:  # adjacent
+        pairs = [(a, b) for a, b in zip(ranked, ranked[1:]) if a.score > b.score]
+    kept = [(a, b) for a, b in pairs if a.score - b.score >= min_margin]
+    if not kept:
+        best = max(a.score - b.score for a, b in pairs)
+        raise FormatError(LOW_MARGIN, f"no pair differs by --min-margin {min_margin:g} (largest margin {best:g})")
+    return kept
