@@ -38,15 +38,29 @@ def ingest_command(
         "", "--map", help="field=column,... for a generic table (fields: system, prompt, chosen, rejected, "
         "chosen_score, rejected_score); implies --format tabular."),
     limit: int = typer.Option(None, "--limit", help="Read at most N rows in total."),
-    split: str = typer.Option(None, "--split", help="Split of a Hub dataset (default train) or of a save_to_disk dict."),
+    split: str = typer.Option(
+        None, "--split", help="Split of a Hub dataset (default train) or of a save_to_disk dict."),
     workers: int = typer.Option(None, "--workers", help="Processes that validate rows (default: one per CPU core)."),
+    pairs: str = typer.Option(
+        "best-vs-worst", "--pairs",
+        help="Several scored answers per prompt: best-vs-worst, best-vs-rest, all, adjacent."),
+    min_margin: float = typer.Option(0.0, "--min-margin", help="Keep pairs whose scores differ by at least this."),
+    score: str = typer.Option(
+        None, "--score", help="UltraFeedback: mean-aspects (default), overall, aspect:NAME. "
+        "HelpSteer2: helpfulness (default), weighted."),
+    min_score_ratio: float = typer.Option(
+        None, "--min-score-ratio", help="SHP: keep pairs with this score ratio or more."),
+    lang: str = typer.Option(None, "--lang", help="OASST: only messages in this language (e.g. en)."),
+    label: str = typer.Option("better", "--label", help="PKU-SafeRLHF: better or safer."),
 ) -> None:
     """Turn raw comparison dumps into validated records; every rejected row is quarantined with its reason."""
+    from prefdata.formats.base import FormatOptions
     from prefdata.ingest import IngestConfig, ingest, parse_column_map, summary_lines
 
+    options = _config(FormatOptions, column_map=parse_column_map(column_map), pairs=pairs, min_margin=min_margin,
+                      score=score, min_score_ratio=min_score_ratio, lang=lang, label=label)
     chosen = {"limit": limit, "split": split, "workers": workers}
-    config = _config(IngestConfig, inputs=raw, out=out, format=format,
-                     options={"column_map": parse_column_map(column_map)},
+    config = _config(IngestConfig, inputs=raw, out=out, format=format, options=options,
                      **{k: v for k, v in chosen.items() if v is not None})
     print("\n".join(summary_lines(ingest(config))))
 

@@ -32,7 +32,9 @@ class Scored(NamedTuple, Generic[T]):
     answer: T
 
 
-def pair_up(answers: Sequence[Scored[T]], rule: PairingRule, min_margin: float = 0.0) -> list[tuple[Scored[T], Scored[T]]]:
+def pair_up(
+    answers: Sequence[Scored[T]], rule: PairingRule, min_margin: float = 0.0
+) -> list[tuple[Scored[T], Scored[T]]]:
     """(chosen, rejected) pairs by `rule`; FormatError when none is left."""
     if len(answers) < 2:
         raise FormatError(TOO_FEW_ANSWERS, f"{len(answers)} scored answer(s); a pair needs two")

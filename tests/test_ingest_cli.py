@@ -51,6 +51,10 @@ def test_cli_ingests_and_prints_a_summary(tmp_path):
         ([str(FIXTURES / "hh.jsonl"), "--map", "prompt"],
          "prefdata: error: --map: 'prompt' is not field=column (e.g. --map system=system,prompt=question)"),
         ([str(FIXTURES / "hh.jsonl"), "--limit", "0"], "prefdata: error: --limit: Input should be greater than 0"),
+        ([str(FIXTURES / "shp.jsonl"), "--pairs", "best"],
+         "prefdata: error: --pairs: Input should be 'best-vs-worst', 'best-vs-rest', 'all' or 'adjacent'"),
+        ([str(FIXTURES / "shp.jsonl"), "--min-score-ratio", "0.5"],
+         "prefdata: error: --min-score-ratio: Input should be greater than or equal to 1"),
     ],
 )
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, args, message):

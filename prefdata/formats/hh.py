@@ -10,6 +10,7 @@ hh_not_alternating.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from prefdata.formats.base import Candidate, Format, FormatError, Messages, answer, field, message, text
@@ -19,9 +20,6 @@ HH_PREFIX_MISMATCH = "hh_prefix_mismatch"
 HH_NOT_ALTERNATING = "hh_not_alternating"
 
 LAST_ANSWER_MARKER = "\n\nAssistant:"
-# A turn marker opens the transcript or follows a blank line; the split keeps the role names.
-TURN_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def is_transcript(value: Any) -> bool:
@@ -39,17 +37,24 @@ def _last_turn(transcript: str, name: str) -> tuple[str, str]:
     return transcript[:cut], reply
 
 
-def _turns(prefix: str) -> Messages:
-    """The turns before the last answer: Human, Assistant, …, Human."""
-    parts = TURN_MARKER.split(prefix)
+@lru_cache
+def _turn_marker(user: str, assistant: str) -> re.Pattern[str]:
+    """A turn marker opens the transcript or follows a blank line; the split keeps the names."""
+    return re.compile(rf"(?:^|\n\n)({re.escape(user)}|{re.escape(assistant)}):")
+
+
+def prompt_turns(prefix: str, user: str = "Human", assistant: str = "Assistant") -> Messages:
+    """The turns of a transcript up to the answer: user, assistant, …, user (HH's "Human:" /
+    "Assistant:" by default; SHP's converted HH data writes "HUMAN:" / "ASSISTANT:")."""
+    parts = _turn_marker(user, assistant).split(prefix)
     if parts[0].strip():
-        raise FormatError(HH_NOT_ALTERNATING, "text before the first 'Human:' turn")
+        raise FormatError(HH_NOT_ALTERNATING, f"text before the first '{user}:' turn")
     names, contents = parts[1::2], parts[2::2]
-    if len(names) % 2 == 0 or names != ["Human", "Assistant"] * (len(names) // 2) + ["Human"]:
-        raise FormatError(
-            HH_NOT_ALTERNATING, f"turns do not alternate Human/Assistant ending with Human: {' '.join(names) or 'none'}"
-        )
-    return [message(ROLES[n], c) for n, c in zip(names, contents)]
+    if len(names) % 2 == 0 or names != [user, assistant] * (len(names) // 2) + [user]:
+        order = " ".join(names) or "none"
+        raise FormatError(HH_NOT_ALTERNATING, f"turns do not alternate {user}/{assistant} ending with {user}: {order}")
+    roles = {user: "user", assistant: "assistant"}
+    return [message(roles[n], c) for n, c in zip(names, contents)]
 
 
 def _normalised(turns: Messages) -> list[tuple[str, str]]:
@@ -67,8 +72,8 @@ class HHFormat(Format):
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         chosen_prefix, chosen = _last_turn(text(field(row, "chosen"), "chosen"), "chosen")
         rejected_prefix, rejected = _last_turn(text(field(row, "rejected"), "rejected"), "rejected")
-        prompt = _turns(chosen_prefix)
+        prompt = prompt_turns(chosen_prefix)
         # Byte-equal prefixes are the norm; otherwise tolerate differences in surrounding whitespace only.
-        if rejected_prefix != chosen_prefix and _normalised(_turns(rejected_prefix)) != _normalised(prompt):
+        if rejected_prefix != chosen_prefix and _normalised(prompt_turns(rejected_prefix)) != _normalised(prompt):
             raise FormatError(HH_PREFIX_MISMATCH, "chosen and rejected differ before the last Assistant turn")
         return [{"prompt": prompt, "chosen": answer(chosen), "rejected": answer(rejected)}]

@@ -15,6 +15,7 @@ from prefdata.formats.base import Format, FormatOptions
 from prefdata.formats.hh import HHFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
 from prefdata.formats.openai import OpenAIPreferenceFormat
+from prefdata.formats.shp import SHPFormat
 from prefdata.formats.tabular import TabularFormat
 from prefdata.formats.trl import TRLFormat
 from schemas.errors import UserError
@@ -22,7 +23,7 @@ from schemas.errors import UserError
 FORMATS: dict[str, type[Format]] = {
     f.name: f
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
-              TabularFormat)
+              TabularFormat, SHPFormat)
 }
 
 

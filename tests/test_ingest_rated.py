@@ -1,0 +1,62 @@
+"""Issue 3 formats: rated, ranked and voted sources → pairs, each on a hand-written fixture with the
+exact pairs it must give, and on the real dumps in ../shared/realdata."""
+
+from __future__ import annotations
+
+import json
+
+from ingest_support import FIXTURES, pairs, reasons, run_ingest
+from schemas.records import normalize_text
+
+U, A, S = "user", "assistant", "system"
+
+
+def scores(records):
+    return [(r["chosen_score"], r["rejected_score"]) for r in records]
+
+
+def test_shp_labels_scores_and_converted_hh_history(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "shp.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "Why is the sky blue?")], [(A, "Rayleigh scattering.")], [(A, "Because it reflects the ocean.")]),
+        (2, [(U, "Is water wet?")], [(A, "It makes things wet; water itself is not.")], [(A, "Yes.")]),
+        (3, [(U, "Cats or dogs?")], [(A, "Cats.")], [(A, "Dogs.")]),
+        (4, [(U, "Hi"), (A, "Hello!"), (U, "Name a fruit.")], [(A, "Apple.")], [(A, "Carrot.")]),
+        (6, [(U, "Best editor?")], [(A, "emacs")], [(A, "vim")]),
+    ]
+    assert scores(records) == [(52.0, 10.0), (9.0, 3.0), (4.0, 3.0), (None, None), (8.0, 2.0)]
+    assert records[0]["meta"] == '{"domain": "askscience", "post_id": "p1"}'
+    assert reasons(quarantine) == {5: "invalid_label"}
+    assert manifest.stats["formats"] == {"shp": {"read": 6, "kept": 5}}
+
+
+def test_shp_min_score_ratio(tmp_path):
+    records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "shp.jsonl", options={"min_score_ratio": 2})
+    assert [r["source_row"] for r in records] == [1, 2, 6]  # row 6: no score_ratio, 8 / 2 = 4 from the scores
+    assert reasons(quarantine) == {3: "low_score_ratio", 4: "no_score_ratio", 5: "invalid_label"}
+
+
+def test_steamshp_real_file(tmp_path, realdata):
+    path = realdata / "steamshp_format_hh_helpful_test" / "anthropic_helpful_test_head.jsonl"
+    records, quarantine, manifest = run_ingest(tmp_path / "out", path)
+    assert manifest.stats["sources"]["anthropic_helpful_test_head.jsonl"]["format"] == "shp"
+    assert manifest.counts.model_dump() == {
+        "read": 1331, "kept": 1324, "dropped": {"empty_content": 3, "hh_not_alternating": 3, "identical_answers": 1}
+    }
+    first = next(r for r in records if r["source_row"] == 1)
+    assert turns_of(first["prompt"]) == [(U, "Do you know why turkeys became the official food of thanksgiving?")]
+    assert first["chosen"][0]["content"].startswith("To be honest, I don’t know")  # labels 1: A preferred
+    assert first["rejected"][0]["content"].startswith("I know that the American Indians")
+    # every kept pair follows its label (SOURCE.txt: 692 zeros / 639 ones in this slice)
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sum(r["labels"] for r in raw) == 639
+    for record in records:
+        row = raw[record["source_row"] - 1]
+        preferred = row["human_ref_A"] if row["labels"] == 1 else row["human_ref_B"]
+        assert record["chosen"][0]["content"] == normalize_text(preferred)
+    assert max(len(r["prompt"]) for r in records) > 3  # multi-turn histories keep every earlier turn
+    assert {q["source_row"] for q in quarantine if q["reason"] == "hh_not_alternating"} == {354, 986, 1126}
+
+
+def turns_of(messages):
+    return [(m["role"], m["content"]) for m in messages]
