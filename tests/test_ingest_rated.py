@@ -60,3 +60,38 @@ def test_steamshp_real_file(tmp_path, realdata):
 
 def turns_of(messages):
     return [(m["role"], m["content"]) for m in messages]
+
+
+def test_oasst_trees_pairs_ranked_replies_along_the_path(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "oasst_trees.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "What is 2+2?")], [(A, "4")], [(A, "5")]),  # rank 0 over rank 1.0; deleted / failed replies out
+        (1, [(U, "What is 2+2?"), (A, "5"), (U, "Warum 5?")], [(A, "Ist es nicht.")], [(A, "Weil 2+3=5.")]),
+    ]
+    assert [json.loads(r["meta"]) for r in records][0] == {
+        "message_tree_id": "t1", "chosen_id": "a1", "rejected_id": "a2", "chosen_rank": 0.0, "rejected_rank": 1.0
+    }
+    assert scores(records) == [(None, None), (None, None)]
+    assert reasons(quarantine) == {2: "deleted", 3: "no_pairs", 4: "wrong_type"}
+    # a3 and the message under it, a4; the tie of b1 and b2 under p2
+    assert manifest.stats["skipped"] == {"deleted": 2, "review_failed": 1, "tie": 1}
+    assert (manifest.stats["records"], manifest.stats["prompts"]) == (2, 2)
+
+
+def test_oasst_lang_filter_and_all_pairs(tmp_path):
+    records, _, manifest = run_ingest(tmp_path / "out", FIXTURES / "oasst_trees.jsonl",
+                                      options={"lang": "en", "pairs": "all"})
+    assert pairs(records) == [(1, [(U, "What is 2+2?")], [(A, "4")], [(A, "5")])]
+    assert manifest.stats["skipped"] == {"other_lang": 3, "deleted": 2, "review_failed": 1, "tie": 1}
+
+
+def test_oasst_real_tree_export(tmp_path, realdata):
+    path = realdata / "oasst_export_trees" / "en_100_tree.jsonl"
+    records, quarantine, manifest = run_ingest(tmp_path / "out", path)
+    assert manifest.counts.model_dump() == {"read": 100, "kept": 100, "dropped": {}}
+    # 212 prompter messages have two or more ranked replies (none deleted or failed in this file)
+    assert (manifest.stats["records"], manifest.stats["prompts"]) == (212, 212)
+    assert all(json.loads(r["meta"])["chosen_rank"] < json.loads(r["meta"])["rejected_rank"] for r in records)
+    assert all(r["prompt"][-1]["role"] == "user" for r in records)
+    _, _, every = run_ingest(tmp_path / "all", path, options={"pairs": "all"})
+    assert (every.stats["records"], every.stats["prompts"]) == (754, 212)  # n(n-1)/2 per prompt, no tied ranks

@@ -14,6 +14,7 @@ from typing import Any
 from prefdata.formats.base import Format, FormatOptions
 from prefdata.formats.hh import HHFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
+from prefdata.formats.oasst import OasstTreeFormat
 from prefdata.formats.openai import OpenAIPreferenceFormat
 from prefdata.formats.shp import SHPFormat
 from prefdata.formats.tabular import TabularFormat
@@ -23,7 +24,7 @@ from schemas.errors import UserError
 FORMATS: dict[str, type[Format]] = {
     f.name: f
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
-              TabularFormat, SHPFormat)
+              TabularFormat, SHPFormat, OasstTreeFormat)
 }
 
 
