@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
+from schemas.errors import UserError
 from schemas.records import normalize_text
 
 U, A, S = "user", "assistant", "system"
@@ -95,3 +98,44 @@ def test_oasst_real_tree_export(tmp_path, realdata):
     assert all(r["prompt"][-1]["role"] == "user" for r in records)
     _, _, every = run_ingest(tmp_path / "all", path, options={"pairs": "all"})
     assert (every.stats["records"], every.stats["prompts"]) == (754, 212)  # n(n-1)/2 per prompt, no tied ranks
+
+
+UF_PROMPT = [(U, "Name a prime number.")]
+
+
+def test_ultrafeedback_mean_of_aspects_skips_na_and_reads_list_aspects(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "ultrafeedback.jsonl")
+    # means: m1 4.75, m2 3.0 (N/A left out, one aspect a one-element list), m3 unrated, m4 2.0
+    assert pairs(records) == [(1, UF_PROMPT, [(A, "2 is prime.")], [(A, "1 is prime.")])]
+    assert scores(records) == [(4.75, 2.0)]
+    assert json.loads(records[0]["meta"]) == {"chosen_model": "m1", "rejected_model": "m4"}
+    assert reasons(quarantine) == {2: "tie", 3: "too_few_answers", 4: "wrong_type"}
+    assert manifest.stats["skipped"] == {"unrated": 1}
+
+
+def test_ultrafeedback_score_rules_and_pairing_rules(tmp_path):
+    records, _, _ = run_ingest(tmp_path / "a", FIXTURES / "ultrafeedback.jsonl", options={"score": "overall"})
+    assert [(p[2], p[3]) for p in pairs(records)] == [([(A, "9 is prime.")], [(A, "1 is prime.")])]
+    assert scores(records) == [(9.0, 3.0)]
+    records, _, manifest = run_ingest(tmp_path / "b", FIXTURES / "ultrafeedback.jsonl",
+                                      options={"score": "aspect:helpfulness", "pairs": "all"})
+    assert scores(records) == [(5.0, 2.0)]  # m2 and m3 have no helpfulness rating
+    assert manifest.stats["skipped"] == {"unrated": 2}
+    records, _, _ = run_ingest(tmp_path / "c", FIXTURES / "ultrafeedback.jsonl", options={"pairs": "all"})
+    assert scores(records) == [(4.75, 3.0), (4.75, 2.0), (3.0, 2.0)]
+    records, _, _ = run_ingest(tmp_path / "d", FIXTURES / "ultrafeedback.jsonl",
+                               options={"pairs": "all", "min_margin": 1.5})
+    assert scores(records) == [(4.75, 3.0), (4.75, 2.0)]
+
+
+def test_ultrafeedback_rejects_an_unknown_score_rule(tmp_path):
+    with pytest.raises(UserError, match="--score best: UltraFeedback takes mean-aspects, overall, aspect:NAME"):
+        run_ingest(tmp_path / "out", FIXTURES / "ultrafeedback.jsonl", options={"score": "best"})
+
+
+def test_ultrafeedback_binarized_keeps_scores_and_wins_detection_over_trl(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "ultrafeedback_binarized.jsonl")
+    assert manifest.stats["formats"] == {"ultrafeedback_binarized": {"read": 2, "kept": 1}}
+    assert pairs(records) == [(1, [(U, "Capital of Peru?")], [(A, "Lima.")], [(A, "Cusco.")])]
+    assert scores(records) == [(9.0, 4.5)]
+    assert reasons(quarantine) == {2: "tie"}

@@ -19,12 +19,13 @@ from prefdata.formats.openai import OpenAIPreferenceFormat
 from prefdata.formats.shp import SHPFormat
 from prefdata.formats.tabular import TabularFormat
 from prefdata.formats.trl import TRLFormat
+from prefdata.formats.ultrafeedback import UltraFeedbackBinarizedFormat, UltraFeedbackFormat
 from schemas.errors import UserError
 
 FORMATS: dict[str, type[Format]] = {
     f.name: f
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
-              TabularFormat, SHPFormat, OasstTreeFormat)
+              TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat)
 }
 
 
