@@ -139,3 +139,27 @@ def test_ultrafeedback_binarized_keeps_scores_and_wins_detection_over_trl(tmp_pa
     assert pairs(records) == [(1, [(U, "Capital of Peru?")], [(A, "Lima.")], [(A, "Cusco.")])]
     assert scores(records) == [(9.0, 4.5)]
     assert reasons(quarantine) == {2: "tie"}
+
+
+def test_arena_human_preference_csv(tmp_path):
+    records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "arena.csv")
+    assert pairs(records) == [
+        (1, [(U, "What is 1+1?")], [(A, "2")], [(A, "3")]),
+        # multi-turn: the shared first user turn is the prompt, later turns stay with their answers
+        (2, [(U, "Hi")], [(A, "Hey!"), (U, "Tell a joke"), (A, "Why did the cow moo? Because.")],
+         [(A, "Hello"), (U, "Tell a joke"), (A, "No.")]),
+    ]
+    assert [json.loads(r["meta"]) for r in records] == [
+        {"chosen_model": "m-a", "rejected_model": "m-b"}, {"chosen_model": "m-b", "rejected_model": "m-a"}
+    ]
+    assert reasons(quarantine) == {3: "tie", 4: "null_value", 5: "invalid_json"}
+
+
+def test_arena_conversations(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "arena_conversations.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "Sky colour?")], [(A, "Blue.")], [(A, "Green.")]),
+        (3, [(U, "Hi"), (A, "Hello"), (U, "Bye")], [(A, "Goodbye!")], [(A, "Ok.")]),
+    ]
+    assert reasons(quarantine) == {2: "tie"}
+    assert manifest.counts.dropped == {"tie": 1}

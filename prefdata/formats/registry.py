@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefdata.formats.arena import ArenaConversationsFormat, ArenaHumanPreferenceFormat
 from prefdata.formats.base import Format, FormatOptions
 from prefdata.formats.hh import HHFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
@@ -25,7 +26,8 @@ from schemas.errors import UserError
 FORMATS: dict[str, type[Format]] = {
     f.name: f
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
-              TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat)
+              TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat,
+              ArenaHumanPreferenceFormat, ArenaConversationsFormat)
 }
 
 

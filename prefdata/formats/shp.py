@@ -61,7 +61,10 @@ class SHPFormat(Format):
                 raise FormatError(NO_SCORE_RATIO, "--min-score-ratio is set but the row has no score_ratio or scores")
             if ratio < minimum:
                 raise FormatError(LOW_SCORE_RATIO, f"score ratio {ratio:g} is below --min-score-ratio {minimum:g}")
-        (chosen, chosen_score), (rejected, rejected_score) = ((a, score_a), (b, score_b))[:: 1 if label else -1]
+        if label == 1:
+            (chosen, chosen_score), (rejected, rejected_score) = (a, score_a), (b, score_b)
+        else:
+            (chosen, chosen_score), (rejected, rejected_score) = (b, score_b), (a, score_a)
         meta = {k: row[k] for k in ("post_id", "domain") if isinstance(row.get(k), str)}
         return [{
             "prompt": _history(text(field(row, "history"), "history")),
