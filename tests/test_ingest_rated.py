@@ -163,3 +163,41 @@ def test_arena_conversations(tmp_path):
     ]
     assert reasons(quarantine) == {2: "tie"}
     assert manifest.counts.dropped == {"tie": 1}
+
+
+def test_nectar_ranks_and_hh_prompts(tmp_path):
+    records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "nectar.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "Name a colour.")], [(A, "Red, a warm colour.")], [(A, "Table.")]),
+        (2, [(U, "Hi"), (A, "Hello!"), (U, "Thanks")], [(A, "You're welcome.")], [(A, "Whatever.")]),
+    ]
+    assert json.loads(records[0]["meta"]) == {
+        "chosen_model": "claude", "rejected_model": "llama", "chosen_rank": 1.0, "rejected_rank": 3.0
+    }
+    assert reasons(quarantine) == {3: "tie", 4: "hh_not_alternating"}
+    records, _, _ = run_ingest(tmp_path / "adj", FIXTURES / "nectar.jsonl", options={"pairs": "adjacent"})
+    assert [(p[2][0][1], p[3][0][1]) for p in pairs(records)][:2] == [("Red, a warm colour.", "Blue."), ("Blue.", "Table.")]
+
+
+def test_pku_saferlhf_better_or_safer(tmp_path):
+    records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "pku_saferlhf.jsonl")
+    assert [(p[2][0][1], p[3][0][1]) for p in pairs(records)] == [
+        ("Here is how: insert a tension wrench...", "I can't help with that, but a locksmith can."), ("Hi!", "Go away.")
+    ]
+    assert reasons(quarantine) == {3: "invalid_label"}
+    records, _, _ = run_ingest(tmp_path / "safer", FIXTURES / "pku_saferlhf.jsonl", options={"label": "safer"})
+    assert records[0]["chosen"][0]["content"] == "I can't help with that, but a locksmith can."
+    assert json.loads(records[0]["meta"]) == {"label": "safer"}
+
+
+def test_helpsteer2_preference_strength(tmp_path):
+    records, quarantine, _ = run_ingest(tmp_path / "out", FIXTURES / "helpsteer2_preference.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "Write a haiku.")], [(A, "Leaves fall slow / ...")], [(A, "A haiku is a poem.")]),
+        (2, [(U, "Hi"), (A, "Hello!"), (U, "Tell me a fact.")], [(A, "Honey never spoils.")], [(A, "Fact.")]),
+    ]
+    assert reasons(quarantine) == {3: "tie"}
+    records, quarantine, _ = run_ingest(tmp_path / "m", FIXTURES / "helpsteer2_preference.jsonl",
+                                        options={"min_margin": 2})
+    assert [r["source_row"] for r in records] == [1]
+    assert reasons(quarantine) == {2: "low_margin", 3: "tie"}

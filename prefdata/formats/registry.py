@@ -13,10 +13,13 @@ from typing import Any
 
 from prefdata.formats.arena import ArenaConversationsFormat, ArenaHumanPreferenceFormat
 from prefdata.formats.base import Format, FormatOptions
+from prefdata.formats.helpsteer import HelpSteer2PreferenceFormat
 from prefdata.formats.hh import HHFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
+from prefdata.formats.nectar import NectarFormat
 from prefdata.formats.oasst import OasstTreeFormat
 from prefdata.formats.openai import OpenAIPreferenceFormat
+from prefdata.formats.pku import PKUSafeRLHFFormat
 from prefdata.formats.shp import SHPFormat
 from prefdata.formats.tabular import TabularFormat
 from prefdata.formats.trl import TRLFormat
@@ -27,7 +30,8 @@ FORMATS: dict[str, type[Format]] = {
     f.name: f
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
               TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat,
-              ArenaHumanPreferenceFormat, ArenaConversationsFormat)
+              ArenaHumanPreferenceFormat, ArenaConversationsFormat, NectarFormat, PKUSafeRLHFFormat,
+              HelpSteer2PreferenceFormat)
 }
 
 
