@@ -22,9 +22,9 @@ import platform
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from itertools import chain, groupby, islice
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -197,26 +197,47 @@ class _Chunk:
     skipped: Counter[str]
 
 
-def _convert_chunk(job: tuple[Source, Format, list[Row]]) -> _Chunk:
-    source, fmt, rows = job
+class _Group(NamedTuple):
+    """Consecutive rows of one group (formats with `group_by`): converted together, counted as
+    their number of rows, and kept or quarantined together."""
+
+    rows: list[RawRow]
+
+    def value(self) -> RawRow:
+        """The group as one row, `{"rows": [...]}`, numbered by its first row."""
+        first = self.rows[0]
+        return first if first.error else RawRow(first.number, {"rows": [r.value for r in self.rows]})
+
+
+def _grouped(rows: Iterable[Row], key: str) -> Iterator[_Group]:
+    """Rows parsed here and grouped by equal consecutive `key` values; a row that did not parse
+    is a group of its own (and is quarantined with its reason)."""
+    parsed = (row.parse() for row in rows)
+    for _, members in groupby(parsed, key=lambda raw: raw.value.get(key) if raw.value else object()):
+        yield _Group(list(members))
+
+
+def _convert_chunk(job: tuple[Source, Format, list[Row | _Group]]) -> _Chunk:
+    source, fmt, items = job
     records: list[PreferenceRecord] = []
-    quarantine, dropped, skipped, kept, prompts = [], Counter[str](), Counter[str](), 0, 0
-    for row in rows:
-        raw = row.parse()
-        result = _convert_row(raw, source, fmt, skipped)
+    quarantine, dropped, skipped, read, kept, prompts = [], Counter[str](), Counter[str](), 0, 0, 0
+    for item in items:
+        members = item.rows if isinstance(item, _Group) else [item.parse()]
+        result = _convert_row(item.value() if isinstance(item, _Group) else members[0], source, fmt, skipped)
+        read += len(members)
         if isinstance(result, tuple):
-            dropped[result[0]] += 1
-            quarantine.append(_quarantine_line(source, raw, *result))
+            dropped[result[0]] += len(members)
+            quarantine.extend(_quarantine_line(source, raw, *result) for raw in members)
         else:
             records.extend(result)
-            kept += 1
+            kept += len(members)
             prompts += 1 if len(result) == 1 else len({tuple(r.prompt) for r in result})
-    return _Chunk(_records_table(records), quarantine, len(rows), kept, prompts, dropped, skipped)
+    return _Chunk(_records_table(records), quarantine, read, kept, prompts, dropped, skipped)
 
 
-def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
-    rows = iter(rows)
-    while chunk := list(islice(rows, size)):
+def _chunks(items: Iterable[Row | _Group], size: int) -> Iterator[list[Row | _Group]]:
+    items = iter(items)
+    while chunk := list(islice(items, size)):
         yield chunk
 
 
@@ -251,7 +272,7 @@ class _Converter:
             self._pool = context.Pool(self.workers, initializer=gc.freeze)
         return self._pool
 
-    def map(self, jobs: Iterable[tuple[Source, Format, list[Row]]]) -> Iterator[_Chunk]:
+    def map(self, jobs: Iterable[tuple[Source, Format, list[Row | _Group]]]) -> Iterator[_Chunk]:
         jobs = iter(jobs)
         head = list(islice(jobs, 2))
         if self.workers == 1 or len(head) < 2:
@@ -341,7 +362,8 @@ def _ingest_source(
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
-    for chunk in converter.map((source, fmt, rows) for rows in _chunks(rows, CHUNK_ROWS)):
+    items = rows if fmt.group_by is None else _grouped(rows, fmt.group_by)
+    for chunk in converter.map((source, fmt, chunk) for chunk in _chunks(items, CHUNK_ROWS)):
         records.add(chunk.table)
         quarantine.writelines(chunk.quarantine)
         tally.add(chunk)

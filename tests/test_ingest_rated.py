@@ -176,7 +176,8 @@ def test_nectar_ranks_and_hh_prompts(tmp_path):
     }
     assert reasons(quarantine) == {3: "tie", 4: "hh_not_alternating"}
     records, _, _ = run_ingest(tmp_path / "adj", FIXTURES / "nectar.jsonl", options={"pairs": "adjacent"})
-    assert [(p[2][0][1], p[3][0][1]) for p in pairs(records)][:2] == [("Red, a warm colour.", "Blue."), ("Blue.", "Table.")]
+    chosen_rejected = [(p[2][0][1], p[3][0][1]) for p in pairs(records)]
+    assert chosen_rejected[:2] == [("Red, a warm colour.", "Blue."), ("Blue.", "Table.")]
 
 
 def test_pku_saferlhf_better_or_safer(tmp_path):
@@ -201,3 +202,33 @@ def test_helpsteer2_preference_strength(tmp_path):
                                         options={"min_margin": 2})
     assert [r["source_row"] for r in records] == [1]
     assert reasons(quarantine) == {2: "low_margin", 3: "tie"}
+
+
+def test_oasst_flat_rows_are_put_back_into_trees(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "oasst_flat.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "What is 2+2?")], [(A, "4")], [(A, "5")]),
+        (1, [(U, "What is 2+2?"), (A, "5"), (U, "Warum 5?")], [(A, "Ist es nicht.")], [(A, "Weil 2+3=5.")]),
+        (14, [(U, "Pick a number.")], [(A, "Seven.")], [(A, "Banana.")]),  # a group is numbered by its first row
+    ]
+    # rows are counted one by one: tree t1 has 13 messages, t2 4 (one an orphan), t3 2 with no root
+    assert manifest.counts.model_dump() == {"read": 19, "kept": 17, "dropped": {"no_root": 2}}
+    assert [q["source_row"] for q in quarantine] == [18, 19]
+    assert manifest.stats["skipped"] == {"deleted": 2, "review_failed": 1, "tie": 1, "orphan": 1}
+    assert manifest.stats["formats"] == {"oasst": {"read": 19, "kept": 17}}
+
+
+def test_helpsteer2_ratings_grouped_by_prompt(tmp_path):
+    records, quarantine, manifest = run_ingest(tmp_path / "out", FIXTURES / "helpsteer2.jsonl")
+    assert pairs(records) == [
+        (1, [(U, "Explain DNS.")], [(A, "DNS maps names to addresses.")], [(A, "It is a network thing.")])
+    ]
+    assert scores(records) == [(4.0, 2.0)]
+    assert reasons(quarantine) == {3: "tie", 4: "tie", 5: "too_few_answers"}
+    assert manifest.counts.model_dump() == {"read": 5, "kept": 2, "dropped": {"tie": 2, "too_few_answers": 1}}
+    records, quarantine, _ = run_ingest(tmp_path / "w", FIXTURES / "helpsteer2.jsonl", options={"score": "weighted"})
+    assert [r["chosen"][0]["content"] for r in records] == [
+        "DNS maps names to addresses.", "Hi! Lovely to meet you, how are you today?"
+    ]
+    assert scores(records) == [(pytest.approx(6.28), pytest.approx(4.8)), (pytest.approx(4.72), pytest.approx(4.64))]
+    assert reasons(quarantine) == {5: "too_few_answers"}

@@ -8,8 +8,8 @@ raises `FormatError` with a reason code and is quarantined. Formats that pair se
 one row (UltraFeedback, Nectar, OASST trees, …) give several candidates, and may also give
 `Skipped` notes for parts of the row they leave out on purpose (a deleted message, an unrated
 answer), which the manifest counts by reason. Formats whose pairs span several rows (OASST flat
-rows, HelpSteer2 ratings) will need a grouping step in front of `convert` that hands it one group
-of rows as one row.
+message rows, HelpSteer2 ratings) set `group_by`: the stage hands them one group of consecutive
+rows at a time.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ class Format:
     name: ClassVar[str]
     columns: ClassVar[frozenset[str]]
     auto_detect: ClassVar[bool] = True
+    # For pairs that span rows: consecutive rows with equal values in this column are one group,
+    # given to `convert` as {"rows": [row, …]} (the input must keep a group's rows together).
+    group_by: ClassVar[str | None] = None
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
         """`columns`: the columns seen in the source's first rows (optional ones decide the layout)."""

@@ -1,7 +1,15 @@
-"""HelpSteer2 preferences (nvidia/HelpSteer2 `preference/preference.jsonl`): `{"prompt",
-"response_1", "response_2", "preference_strength"}`, strength -3..3: negative prefers response_1,
-positive response_2, 0 is a tie (quarantined as `tie`); |strength| below `--min-margin` is
-`low_margin`. The strength is kept in meta.
+"""HelpSteer2 (nvidia/HelpSteer2), its ratings and its preferences.
+
+helpsteer2: one row per response with 0-4 ratings of helpfulness, correctness, coherence,
+complexity, verbosity; the rows of one prompt follow each other and are paired (`--pairs`,
+`--min-margin`) by `--score helpfulness` (default) or `--score weighted`: the attribute weights
+the Nemotron-4-340B-Reward model card recommends for a single reward, 0.3, 0.74, 0.46, 0.47, -0.33.
+Scores go into chosen_score / rejected_score.
+
+helpsteer2_preference (`preference/preference.jsonl`): `{"prompt", "response_1", "response_2",
+"preference_strength"}`, strength -3..3: negative prefers response_1, positive response_2, 0 is a
+tie (quarantined as `tie`); |strength| below `--min-margin` is `low_margin`. The strength is kept
+in meta.
 
 Multi-turn prompts carry NeMo turn markers ("…\\n<extra_id_1>Assistant\\n…\\n<extra_id_1>User\\n…");
 they become messages.
@@ -12,11 +20,25 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prefdata.formats.base import WRONG_TYPE, Candidate, Format, FormatError, Messages, answer, field, message, text
-from prefdata.pairing import LOW_MARGIN, TIE
+from prefdata.formats.base import (
+    WRONG_TYPE,
+    Candidate,
+    Format,
+    FormatError,
+    FormatOptions,
+    Messages,
+    answer,
+    as_dict,
+    field,
+    message,
+    text,
+)
+from prefdata.pairing import LOW_MARGIN, TIE, Scored, pair_up
+from schemas.errors import UserError
 
 TURN_MARKER = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
 ROLES = {"User": "user", "Assistant": "assistant"}
+WEIGHTS = {"helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46, "complexity": 0.47, "verbosity": -0.33}
 
 
 def _prompt(value: str) -> Messages:
@@ -42,3 +64,38 @@ class HelpSteer2PreferenceFormat(Format):
         chosen, rejected = (first, second) if strength < 0 else (second, first)
         return [{"prompt": _prompt(text(field(row, "prompt"), "prompt")), "chosen": answer(chosen),
                  "rejected": answer(rejected), "meta": {"preference_strength": strength}}]
+
+
+def _rating(row: dict[str, Any], name: str, where: str) -> float:
+    value = field(row, name, f"{where}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(WRONG_TYPE, f"'{where}.{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+class HelpSteer2Format(Format):
+    name = "helpsteer2"
+    columns = frozenset({"prompt", "response", *WEIGHTS})
+    group_by = "prompt"
+
+    def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
+        super().__init__(options, columns)
+        self.rule = options.score or "helpfulness"
+        if self.rule not in ("helpfulness", "weighted"):
+            raise UserError(f"--score {self.rule}: HelpSteer2 takes helpfulness or weighted")
+
+    def _score(self, row: dict[str, Any], where: str) -> float:
+        if self.rule == "helpfulness":
+            return _rating(row, "helpfulness", where)
+        return sum(weight * _rating(row, name, where) for name, weight in WEIGHTS.items())
+
+    def convert(self, row: dict[str, Any]) -> list[Candidate]:
+        rows = [as_dict(r, f"rows[{i}]") for i, r in enumerate(row["rows"])]
+        scored = [Scored(self._score(r, f"rows[{i}]"), r) for i, r in enumerate(rows)]
+        prompt = _prompt(text(field(rows[0], "prompt"), "prompt"))
+        return [{
+            "prompt": prompt,
+            "chosen": answer(text(field(chosen.answer, "response"), "response")),
+            "rejected": answer(text(field(rejected.answer, "response"), "response")),
+            "chosen_score": chosen.score, "rejected_score": rejected.score,
+        } for chosen, rejected in pair_up(scored, self.options.pairs, self.options.min_margin)]

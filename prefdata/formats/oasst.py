@@ -1,6 +1,11 @@
-"""OpenAssistant conversation trees (the oasst1/oasst2 `*.trees.jsonl` export): one tree per row,
-`{"message_tree_id", "prompt": {message_id, role: prompter|assistant, text, lang, rank, deleted,
-review_result, replies: [...]}}`.
+"""OpenAssistant conversations, as trees or as flat message rows.
+
+oasst_tree: the `*.trees.jsonl` export, one tree per row, `{"message_tree_id", "prompt":
+{message_id, role: prompter|assistant, text, lang, rank, deleted, review_result, replies: [...]}}`.
+oasst: the flat message table of oasst1/oasst2 (one message per row with `message_id`,
+`parent_id`, `message_tree_id`): the rows of one tree (consecutive, as in the release) are put
+back into a tree and read like the export. A message whose parent is not among its tree's rows
+is left out with its replies and counted as `orphan`.
 
 Every prompter message with two or more ranked assistant replies gives pairs (rank 0 = best; the
 lower rank is chosen; `--pairs` / `--min-margin` as for any ranked source, on rank differences).
@@ -111,3 +116,28 @@ class OasstTreeFormat(Format):
                          "rejected_id": rejected_node.get("message_id"),
                          "chosen_rank": -chosen.score, "rejected_rank": -rejected.score},
             }
+
+
+ORPHAN = "orphan"
+NO_ROOT = "no_root"
+
+
+class OasstFlatFormat(OasstTreeFormat):
+    name = "oasst"
+    columns = frozenset({"message_id", "parent_id", "message_tree_id", "role", "text"})
+    group_by = "message_tree_id"
+
+    def convert(self, row: dict[str, Any]) -> Iterator[Candidate | Skipped]:
+        messages = [as_dict(m, f"rows[{i}]") for i, m in enumerate(row["rows"])]
+        nodes = {m.get("message_id"): {**m, "replies": []} for m in messages}
+        roots = [nodes[m.get("message_id")] for m in messages if m.get("parent_id") is None]
+        if len(roots) != 1:
+            raise FormatError(NO_ROOT, f"a tree needs one message without parent_id, found {len(roots)}")
+        for m in messages:
+            parent = m.get("parent_id")
+            if parent is not None and parent in nodes:
+                nodes[parent]["replies"].append(nodes[m.get("message_id")])
+        reachable = _size(roots[0])
+        if reachable < len(messages):
+            yield Skipped(ORPHAN, len(messages) - reachable)
+        yield from super().convert({"message_tree_id": messages[0].get("message_tree_id"), "prompt": roots[0]})

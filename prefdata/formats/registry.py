@@ -13,11 +13,11 @@ from typing import Any
 
 from prefdata.formats.arena import ArenaConversationsFormat, ArenaHumanPreferenceFormat
 from prefdata.formats.base import Format, FormatOptions
-from prefdata.formats.helpsteer import HelpSteer2PreferenceFormat
+from prefdata.formats.helpsteer import HelpSteer2Format, HelpSteer2PreferenceFormat
 from prefdata.formats.hh import HHFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
 from prefdata.formats.nectar import NectarFormat
-from prefdata.formats.oasst import OasstTreeFormat
+from prefdata.formats.oasst import OasstFlatFormat, OasstTreeFormat
 from prefdata.formats.openai import OpenAIPreferenceFormat
 from prefdata.formats.pku import PKUSafeRLHFFormat
 from prefdata.formats.shp import SHPFormat
@@ -31,7 +31,7 @@ FORMATS: dict[str, type[Format]] = {
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
               TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat,
               ArenaHumanPreferenceFormat, ArenaConversationsFormat, NectarFormat, PKUSafeRLHFFormat,
-              HelpSteer2PreferenceFormat)
+              HelpSteer2PreferenceFormat, HelpSteer2Format, OasstFlatFormat)
 }
 
 
