@@ -33,7 +33,10 @@ def ingest_command(
         "save_to_disk directories or Hub dataset names."),
     out: str = typer.Option(..., "--out", help="Directory for records.parquet, quarantine.jsonl, manifest.json."),
     format: str = typer.Option(
-        "auto", "--format", help="auto (from the columns), trl, hh, llamafactory, llamafactory_v1, openai, tabular."),
+        "auto", "--format",
+        help="auto (from the columns), trl, hh, llamafactory, llamafactory_v1, openai, tabular, shp, ultrafeedback, "
+        "ultrafeedback_binarized, oasst, oasst_tree, arena, arena_conversations, nectar, pku_saferlhf, helpsteer2, "
+        "helpsteer2_preference."),
     column_map: str = typer.Option(
         "", "--map", help="field=column,... for a generic table (fields: system, prompt, chosen, rejected, "
         "chosen_score, rejected_score); implies --format tabular."),
