@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
+from prefdata.ingest import summary_lines
 from schemas.errors import UserError
 from schemas.records import normalize_text
 
@@ -232,3 +233,23 @@ def test_helpsteer2_ratings_grouped_by_prompt(tmp_path):
     ]
     assert scores(records) == [(pytest.approx(6.28), pytest.approx(4.8)), (pytest.approx(4.72), pytest.approx(4.64))]
     assert reasons(quarantine) == {5: "too_few_answers"}
+
+
+def test_groups_and_multi_pair_rows_through_worker_processes(tmp_path, monkeypatch):
+    """Chunks of two rows / groups, so even these small files go through the process pool."""
+    import prefdata.ingest
+
+    monkeypatch.setattr(prefdata.ingest, "CHUNK_ROWS", 2)
+    for name in ("oasst_flat.jsonl", "ultrafeedback.jsonl"):
+        alone = run_ingest(tmp_path / f"{name}-1", FIXTURES / name, workers=1, options={"pairs": "all"})
+        pooled = run_ingest(tmp_path / f"{name}-2", FIXTURES / name, workers=2, options={"pairs": "all"})
+        assert pooled[:2] == alone[:2]
+        assert pooled[2].counts == alone[2].counts and pooled[2].stats == alone[2].stats
+
+
+def test_summary_says_how_many_pairs_from_how_many_prompts(tmp_path):
+    _, _, manifest = run_ingest(tmp_path / "out", FIXTURES / "oasst_trees.jsonl", options={"pairs": "all"})
+    assert summary_lines(manifest)[:2] == [
+        'ingest: read 4, kept 1, quarantined 3 {"deleted": 1, "no_pairs": 1, "wrong_type": 1}',
+        '  2 pairs from 2 prompts; parts of rows left out: {"deleted": 2, "review_failed": 1, "tie": 1}',
+    ]
