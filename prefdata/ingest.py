@@ -32,8 +32,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefdata import __version__
-from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.base import Format, FormatError, FormatOptions, Skipped
+from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
 from prefdata.readers import RawRow, Row, Source, resolve_sources
 from schemas.errors import UserError
@@ -56,7 +56,7 @@ class IngestConfig(BaseModel):
 
     inputs: list[str] = Field(min_length=1)
     out: str
-    format: str = "auto"  # "auto" or a name in prefdata.formats.FORMATS
+    format: str = "auto"  # "auto" or a name in prefdata.formats.registry.FORMATS
     options: FormatOptions = FormatOptions()
     limit: int | None = Field(None, gt=0)  # read at most this many rows in total
     split: str | None = None  # for Hub datasets (default "train") and save_to_disk dataset dicts
@@ -156,8 +156,8 @@ def _convert_row(
 
 
 def _messages_array(conversations: list[list[dict[str, str]]]) -> pa.Array:
-    """list<struct<role, content>> from flat role/content columns and offsets: several times
-    cheaper than letting Arrow walk nested Python dicts."""
+    """list<struct<role, content>> from flat role/content columns and offsets: about half the
+    cost of letting Arrow walk nested Python dicts (measured on HH records)."""
     offsets, roles, contents = [0], [], []
     for conversation in conversations:
         for m in conversation:

@@ -155,9 +155,9 @@ def resolve_sources(specs: list[str], split: str | None = None) -> list[Source]:
     names = _display_names([loc for loc, kind, _, _ in unique if kind not in ("saved", "hub")])
     sources = []
     for location, kind, compression, part in unique:
-        name = names.get(location, location)
-        if kind == "saved" and part is not None:
-            name = f"{Path(location).name}/{part}"
+        name = names.get(location, location)  # a Hub dataset is named by its Hub name
+        if kind == "saved":
+            name = Path(location).name + (f"/{part}" if part else "")
         sources.append(Source(name, location, kind, compression, part))
     return sources
 

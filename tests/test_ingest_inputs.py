@@ -117,6 +117,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     records, _, manifest = run_ingest(tmp_path / "out", tmp_path / "single")
     assert pairs(records) == GOOD_PAIRS
     assert manifest.inputs[0].path == str(tmp_path / "single") and manifest.inputs[0].rows == 2
+    assert {r["source"] for r in records} == {"single"}
 
     split = datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
