@@ -17,6 +17,16 @@ from schemas.errors import UserError
 from schemas.io import write_text_atomic
 
 SCHEMA_VERSION = 1
+
+
+def package_version() -> str:
+    """The installed prefdata version, recorded in every manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefdata")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0+source"
 MANIFEST_NAME = "manifest.json"
 
 Stage = Literal["ingest", "curate", "tokenize", "precompute-ref", "train", "eval"]

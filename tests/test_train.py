@@ -1,0 +1,164 @@
+"""The trainer end to end on a tiny model: learning, resume, refusals, divergence, DDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefdata.tokenize import TokenizeConfig, tokenize
+from schemas.errors import UserError
+from tests.records_factory import make_record, write_records_dir
+from train.config import TrainConfig, parse_args
+from train.loop import train
+from train.reference import PrecomputeRefConfig, precompute_ref
+
+GOOD = ["a delight", "warm and funny", "what a movie", "the capital is Paris"]
+BAD = ["a waste of two hours", "dull and wooden", "I do not know", "no"]
+
+
+def _learnable(n: int, offset: int = 0):
+    """Chosen answers are always from GOOD, rejected from BAD: a preference a tiny model can learn."""
+    return [make_record(f"Tell me about movie {i}.", f"It was {GOOD[i % 4]}.", f"It was {BAD[(i * 3) % 4]}.", row=i + offset)
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def shards(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    write_records_dir(root / "records", {"train": _learnable(64), "eval": _learnable(16, offset=1000)})
+    tokenize(TokenizeConfig(input_dir=str(root / "records"), tokenizer=str(tiny_model_dir), out=str(root / "shards"),
+                            rows_per_shard=32))
+    unscored = root / "unscored"
+    shutil.copytree(root / "shards", unscored)
+    precompute_ref(PrecomputeRefConfig(shards=str(root / "shards"), model=str(tiny_model_dir)))
+    return root / "shards"
+
+
+def _config(shards, model, out, **over) -> TrainConfig:
+    base = dict(shards=str(shards), model=str(model), out=str(out), batch_size=8, learning_rate=5e-3, beta=0.5,
+                max_steps=12, log_every=2, warmup_steps=2, seed=0)
+    return TrainConfig(**{**base, **over})
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_learns_the_preference(shards, tiny_model_dir, tmp_path):
+    result = train(_config(shards, tiny_model_dir, tmp_path / "run", max_steps=24, eval_every=12, log_every=1))
+    logged = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+    evals = [m for m in _metrics(tmp_path / "run") if "eval/loss" in m]
+    assert logged[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # policy == reference at the start
+    assert logged[-1]["loss"] < 0.35 and logged[-1]["rewards/accuracies"] > 0.9
+    assert evals[-1]["eval/rewards/accuracies"] > 0.9 and evals[-1]["eval/rewards/margins"] > 0
+    assert result["eval/pairs"] == 16
+    assert {"grad_norm", "learning_rate", "tokens_per_s", "padding_efficiency", "logps/chosen", "rewards/margins"} <= set(logged[-1])
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["config"]["max_steps"] == 24
+
+
+def test_resume_reproduces_the_uninterrupted_run(shards, tiny_model_dir, tmp_path):
+    full = tmp_path / "full"
+    train(_config(shards, tiny_model_dir, full, save_every=6, gradient_accumulation_steps=2, batch_size=4))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for later in ("checkpoint-0000012", "final"):
+        shutil.rmtree(resumed / later)
+    train(_config(shards, tiny_model_dir, resumed, save_every=6, gradient_accumulation_steps=2, batch_size=4, resume=True))
+    assert [m for m in _metrics(full)] == [m for m in _metrics(resumed)] or \
+        [(m["step"], m["loss"]) for m in _metrics(full) if "loss" in m] == [(m["step"], m["loss"]) for m in _metrics(resumed) if "loss" in m]
+    losses = lambda out: [(m["step"], m["loss"], m["rewards/margins"]) for m in _metrics(out) if "loss" in m]  # noqa: E731
+    assert losses(full) == losses(resumed)
+
+
+def test_refuses_shards_without_reference(shards, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="prefdata precompute-ref"):
+        train(_config(shards.parent / "unscored", tiny_model_dir, tmp_path / "r"))
+    # reference-free objective and a live reference both run on them
+    train(_config(shards.parent / "unscored", tiny_model_dir, tmp_path / "sft", objective="sft", max_steps=2))
+    train(_config(shards.parent / "unscored", tiny_model_dir, tmp_path / "live", reference="live", max_steps=2))
+
+
+def test_live_reference_equals_precomputed(shards, tiny_model_dir, tmp_path):
+    train(_config(shards, tiny_model_dir, tmp_path / "pre", max_steps=4, log_every=1))
+    train(_config(shards, tiny_model_dir, tmp_path / "live", max_steps=4, log_every=1, reference="live"))
+    pre, live = _metrics(tmp_path / "pre"), _metrics(tmp_path / "live")
+    for a, b in zip(pre, live):
+        assert a.get("loss") == pytest.approx(b.get("loss"), abs=1e-5)
+
+
+def _edit_ref(source: Path, target: Path, row: slice, change) -> Path:
+    """A copy of `source` whose first train shard has `change` applied to ref_chosen_logps[row],
+    with the manifest's sha256 updated (so only the values are wrong, not the file)."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    from schemas.io import atomic_path, sha256_file
+    from schemas.manifest import Manifest
+
+    shutil.copytree(source, target)
+    path = target / "train-00000.arrow"
+    with pa.memory_map(str(path)) as source_map:
+        table = ipc.open_file(source_map).read_all()
+        values = table.column("ref_chosen_logps").to_numpy().copy()
+    values[row] = change(values[row])
+    index = table.schema.get_field_index("ref_chosen_logps")
+    table = table.set_column(index, table.schema.field(index), pa.array(values, pa.float32()))
+    with atomic_path(path) as tmp, ipc.new_file(tmp, table.schema) as writer:
+        writer.write_table(table)
+    manifest = Manifest.read(target)
+    manifest.shards[0] = manifest.shards[0].model_copy(update={"sha256": sha256_file(path)})
+    manifest.write(target)
+    return target
+
+
+def test_stale_reference_is_refused(shards, tiny_model_dir, tmp_path):
+    stale = _edit_ref(shards, tmp_path / "stale", slice(None), lambda v: v - 1.0)
+    with pytest.raises(UserError, match="stale"):
+        train(_config(stale, tiny_model_dir, tmp_path / "r"))
+
+
+def test_divergence_stops_with_step_and_rows(shards, tiny_model_dir, tmp_path):
+    # A corrupted value past the rows the step-0 check reads: the loss becomes inf where it is used.
+    broken = _edit_ref(shards, tmp_path / "broken", slice(20, 21), lambda v: v + np.inf)
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+, rows \['"):
+        train(_config(broken, tiny_model_dir, tmp_path / "r", max_steps=8))
+
+
+def test_cli_yaml_and_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("shards: s\nmodel: m\nout: o\nbeta: 0.3\nloss: {sigmoid: 1.0, hinge: 0.5}\nmax_steps: 5\n")
+    parsed = parse_args(["--config", str(config), "--max-steps", "7", "--no-gradient-checkpointing"])
+    assert parsed.beta == 0.3 and parsed.max_steps == 7 and parsed.loss == {"sigmoid": 1.0, "hinge": 0.5}
+    assert parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "ipo:1,sigmoid:0.5"]).loss == {"ipo": 1.0, "sigmoid": 0.5}
+    with pytest.raises(UserError, match="unknown loss"):
+        parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "nope"])
+    bad = subprocess.run([sys.executable, "-m", "train", "--shards", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_ddp_two_processes_equal_one_process(shards, tiny_model_dir, tmp_path):
+    common = ["--shards", str(shards), "--model", str(tiny_model_dir), "--learning-rate", "5e-3", "--beta", "0.5",
+              "--max-steps", "4", "--log-every", "1", "--seed", "0"]
+    one = subprocess.run([sys.executable, "-m", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "train", *common, "--batch-size", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
+        assert a["step"] == b["step"]
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)

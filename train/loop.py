@@ -1,0 +1,361 @@
+"""The training loop, top to bottom: set-up, then step after step, then the final model.
+
+Each optimizer step: `gradient_accumulation_steps` micro-batches of `batch_size` pairs per process;
+chosen and rejected of a micro-batch go through one forward (`train.logprobs.sequence_logps`); the
+reference terms are read from the shards (`ref_chosen_logps` / `ref_rejected_logps`) — the
+reference model is never run, unless `--reference live` asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.errors import UserError
+from schemas.io import atomic_dir
+from schemas.manifest import Counts, InputFile, Manifest, package_version
+from schemas.progress import progress
+from train.batching import LengthGroupedSampler, PairBatch, collate_pairs, token_budget_batches
+from train.config import TrainConfig
+from train.data import SplitData, open_shards
+from train.device import select_device
+from train.logprobs import SequenceScorer, sequence_logps
+from train.losses import preference_loss, sft_loss
+from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainingDiverged(UserError):
+    """NaN or inf loss: the run stops with the step and the rows that caused it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+
+    @classmethod
+    def start(cls, device: torch.device) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, timeout=timedelta(minutes=30))
+        return cls(int(os.environ.get("RANK", "0")), world)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        return values
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def _autocast(device: torch.device, dtype_name: str) -> Any:
+    """bf16 autocast over float32 master weights on a GPU that has it (`auto`), float32 elsewhere."""
+    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use_bf16:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule, checkpoints, metrics
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_fraction = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress_fraction, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress_fraction)
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # where the next batch comes from
+    batch_index: int = 0
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, position: Position, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any) -> Path:
+    final = out / f"checkpoint-{position.step:07d}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({
+            "position": position.__dict__,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, tmp / STATE_FILE)
+    return final
+
+
+def restore_state(checkpoint: Path, optimizer: Any, scheduler: Any) -> Position:
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return Position(**state["position"])
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per logged step or eval; on resume, lines past the checkpoint go."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif enabled:
+            path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch: loss and metrics
+
+
+def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitData, ref_model: Any,
+               autocast: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with autocast():
+        logps = sequence_logps(scorer, batch)
+    if config.objective == "sft":
+        loss = sft_loss(logps.chosen, logps.chosen_tokens)
+        return loss, {"logps/chosen": logps.chosen.detach().mean()}
+    if ref_model is not None:
+        with torch.inference_mode(), autocast():
+            ref = sequence_logps(ref_model, batch)
+        ref_chosen, ref_rejected = ref.chosen.clone(), ref.rejected.clone()
+    else:
+        ref_chosen, ref_rejected = (torch.from_numpy(x).to(logps.chosen.device) for x in data.ref_logps(batch.rows))
+    return preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
+                           logps.rejected_tokens, config.loss, config.loss_params, config.sft_weight)
+
+
+@torch.no_grad()
+def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, pad_id: int, device: torch.device,
+             dist: Dist, autocast: Any) -> dict[str, float]:
+    """Held-out loss, implicit-reward accuracy and margin over the whole eval split (each process
+    scores its share of the batches; sums are all-reduced)."""
+    scorer.eval()
+    batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)[dist.rank::dist.world]
+    totals = torch.zeros(4, dtype=torch.float64)  # loss·n, accuracy·n, margin·n, n
+    for rows in batches:
+        batch = collate_pairs(data.columns, rows, pad_id).to(device)
+        loss, metrics = batch_loss(config, scorer, batch, data, ref_model, autocast)
+        n = len(rows)
+        totals += torch.tensor([loss.item() * n, metrics.get("rewards/accuracies", torch.tensor(0.0)).item() * n,
+                                metrics.get("rewards/margins", torch.tensor(0.0)).item() * n, n], dtype=torch.float64)
+    scorer.train()
+    totals = dist.sum(totals)
+    n = max(totals[3].item(), 1)
+    return {"eval/loss": totals[0].item() / n, "eval/rewards/accuracies": totals[1].item() / n,
+            "eval/rewards/margins": totals[2].item() / n, "eval/pairs": int(totals[3].item())}
+
+
+def check_stored_reference(config: TrainConfig, model: Any, data: SplitData, pad_id: int, device: torch.device) -> None:
+    """The policy starts from the reference model: its log-probs on a few rows must be the stored
+    ones. If not, the shards were scored with another model (or an older copy of this one)."""
+    from train.reference import VERIFY_TOLERANCE
+
+    rows = np.arange(min(config.check_reference_rows, len(data)))
+    if not len(rows):
+        return
+    with torch.inference_mode():
+        logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
+    stored_chosen, stored_rejected = data.ref_logps(rows)
+    atol, rtol = VERIFY_TOLERANCE[torch.float32]
+    ok = np.allclose(logps.chosen.float().cpu().numpy(), stored_chosen, atol=atol, rtol=rtol) and \
+        np.allclose(logps.rejected.float().cpu().numpy(), stored_rejected, atol=atol, rtol=rtol)
+    if not ok:
+        raise UserError(f"{config.shards}: stored reference log-probs do not match {config.model} on rows "
+                        f"{list(data.ids[rows])}; the shards are stale: re-run prefdata precompute-ref --force")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    # --- set-up ------------------------------------------------------------------------------
+    device = select_device(config.device)
+    dist = Dist.start(device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    autocast = _autocast(device, config.dtype)
+
+    needs_stored_ref = config.needs_reference and config.reference == "precomputed"
+    manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
+    policy_dir = model_dir(config.model)
+    check_tokenizer(policy_dir, config.model, manifest.tokenizer)
+    resume_from = latest_checkpoint(out) if config.resume else None
+    if config.resume and resume_from is None:
+        raise UserError(f"--resume: no checkpoint-*/{STATE_FILE} in {out}; start without --resume")
+    model, tokenizer = load_causal_lm(resume_from or policy_dir, config.model, torch.float32, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    ref_model = None
+    if config.needs_reference and config.reference == "live":
+        ref_dir = model_dir(config.reference_model or config.model)
+        ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device)
+    elif needs_stored_ref and resume_from is None and same_weights(manifest.reference, model_fingerprint(
+            policy_dir, config.model, torch.float32, device)):
+        check_stored_reference(config, model, train_data, pad_id, device)
+
+    scorer: Any = SequenceScorer(model)
+    if config.compile:
+        scorer = torch.compile(scorer)
+    if dist.world > 1:
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # The sampler yields global batches (all processes); each process takes every world-th pair,
+    # so a run on W processes sees the same pairs per step as one process with W× the batch.
+    sampler = LengthGroupedSampler(train_data.columns.pair_lengths, config.batch_size * dist.world,
+                                   seed=config.seed, window_batches=config.window_batches)
+    steps_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(config.adam_beta1, config.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
+    position = restore_state(resume_from, optimizer, scheduler) if resume_from else Position()
+    batches = sampler.iter_from(position.epoch, position.batch_index)
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None)
+    if dist.is_main:
+        config.save(out)
+
+    # --- steps -------------------------------------------------------------------------------
+    window: list[dict[str, float]] = []
+    tokens = padded = 0
+    window_start = time.perf_counter()
+    with progress("train", total=total_steps) as bar:
+        bar.advance(position.step)
+        while position.step < total_steps:
+            for micro in range(config.gradient_accumulation_steps):
+                epoch, index, global_rows = next(batches)
+                rows = global_rows[dist.rank::dist.world]
+                batch = collate_pairs(train_data.columns, rows, pad_id).to(device)
+                last = micro == config.gradient_accumulation_steps - 1
+                with (scorer.no_sync() if dist.world > 1 and not last else nullcontext()):
+                    loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"loss is {loss.item()} at step {position.step + 1}, rows {list(train_data.ids[rows])}; "
+                                               "lower --learning-rate or --beta, or check these rows")
+                    (loss / config.gradient_accumulation_steps).backward()
+                window.append({"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
+                tokens += batch.real_tokens
+                padded += batch.padded_tokens
+                position.epoch, position.batch_index = (epoch, index + 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+
+            if position.step % config.log_every == 0 or position.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                means = dict(zip(means, dist.mean(torch.tensor(list(means.values()), dtype=torch.float64)).tolist()))
+                record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": float(grad_norm),
+                          "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": dist.world * tokens / elapsed,
+                          "padding_efficiency": tokens / max(padded, 1)}
+                log.write(record)
+                bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
+                            tok_s=f"{record['tokens_per_s']:,.0f}")
+                window, tokens, padded, window_start = [], 0, 0, time.perf_counter()
+            bar.advance(1)
+            if eval_data is not None and config.eval_every and position.step % config.eval_every == 0:
+                log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast)})
+            if config.save_every and position.step % config.save_every == 0:
+                if dist.is_main:
+                    save_checkpoint(out, position, model, tokenizer, optimizer, scheduler)
+                dist.barrier()
+
+    # --- the end -----------------------------------------------------------------------------
+    final_eval = evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast) if eval_data is not None else {}
+    if dist.is_main:
+        if final_eval:
+            log.write({"step": position.step, **final_eval})
+        with atomic_dir(out / "final") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        from train.plots import plot_curves
+
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        _write_manifest(config, manifest, train_data, position, final_eval, out)
+    dist.barrier()
+    return {"steps": position.step, **final_eval}
+
+
+def _write_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position,
+                    final_eval: dict[str, Any], out: Path) -> None:
+    import transformers
+
+    from schemas.manifest import MANIFEST_NAME
+
+    Manifest(
+        stage="train",
+        package_version=package_version(),
+        config=config.model_dump(),
+        inputs=[InputFile(path=str(Path(config.shards) / MANIFEST_NAME), rows=len(train_data))],
+        counts=Counts(read=len(train_data), kept=len(train_data)),
+        outputs=["final", "metrics.jsonl", "curves.png", "config.yaml"],
+        tokenizer=shards.tokenizer,
+        reference=shards.reference,
+        stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval},
+        versions={"torch": torch.__version__, "transformers": transformers.__version__},
+    ).write(out)
+

@@ -1,0 +1,93 @@
+"""Finding, fingerprinting and loading a causal LM and its tokenizer: one way for the reference
+pass and the trainer, with one-line errors for every way a model directory can be unusable."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas.errors import UserError
+from schemas.fingerprint import tokenizer_fingerprint
+from schemas.io import sha256_file
+from schemas.manifest import ModelFingerprint, TokenizerFingerprint
+from train.device import dtype_name
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def model_dir(name_or_path: str) -> Path:
+    """A local directory as is; a Hub name through the Hub cache (offline: the cache only)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name_or_path.startswith(".") or path.exists() or name_or_path.count("/") > 1:
+        raise UserError(f"--model {name_or_path}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except Exception as exc:  # any reason the Hub cannot give us the model is the user's to fix
+        raise UserError(f"--model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device) -> ModelFingerprint:
+    config = directory / "config.json"
+    weights = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
+    if not config.is_file() or not weights:
+        raise UserError(f"--model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {directory}")
+    return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),
+                            weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
+
+
+def same_weights(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
+    """Same config and weight files (the path may differ: a copied model is the same model)."""
+    return a is not None and (a.config_sha256, a.weights_sha256) == (b.config_sha256, b.weights_sha256)
+
+
+def load_tokenizer(directory: Path, name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({_first_line(exc)}); "
+                        "save the tokenizer the shards were made with beside the model") from None
+
+
+def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFingerprint | None) -> Any:
+    """The model's tokenizer must be the one the shards were made with; returns it."""
+    tokenizer = load_tokenizer(directory, name_or_path)
+    if expected is not None and tokenizer_fingerprint(tokenizer, name_or_path).files_sha256 != expected.files_sha256:
+        raise UserError(f"--model {name_or_path}: its tokenizer differs from the one the shards were made with "
+                        f"({expected.name_or_path}); re-run prefdata tokenize with --tokenizer {name_or_path}")
+    return tokenizer
+
+
+def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
+                   attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """(model on `device` in `dtype`, tokenizer). Any load failure is a one-line UserError."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
+        raise UserError(f"--model {name_or_path}: cannot load it: {_first_line(exc)}") from None
+    return model.to(device), load_tokenizer(directory, name_or_path)
