@@ -26,5 +26,12 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# make train SHARDS=runs/shards MODEL=path/to/model [OUT=runs/train] [CONFIG=run.yaml] [ARGS="--max-steps 100"]
+# Under torchrun: $(BIN)/torchrun --nproc_per_node N -m train ... (same flags).
+OUT ?= runs/train
+train: $(STAMP)
+	@test -n "$(SHARDS)" -a -n "$(MODEL)" || { echo "usage: make train SHARDS=DIR MODEL=PATH [OUT=DIR] [CONFIG=file.yaml] [ARGS=...]" >&2; exit 2; }
+	$(PY) -m train --shards "$(SHARDS)" --model "$(MODEL)" --out "$(OUT)" $(if $(CONFIG),--config "$(CONFIG)") $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
