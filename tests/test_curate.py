@@ -8,7 +8,6 @@ import pytest
 
 from prefdata.curate import CurateConfig, curate
 from schemas.errors import UserError
-from schemas.manifest import Manifest
 from tests.records_factory import make_record, write_records_dir
 
 VOCAB = [f"w{i}" for i in range(3000)]
@@ -100,6 +99,7 @@ def test_split_keeps_clusters_whole_and_is_order_independent(tmp_path):
         assert (tmp_path / "out_a" / name).read_bytes() == (tmp_path / "out_b" / name).read_bytes()
     train = pl.read_parquet(tmp_path / "out_a" / "train.parquet")
     evals = pl.read_parquet(tmp_path / "out_a" / "eval.parquet")
+    assert a.counts == b.counts and a.stats == b.stats
     assert a.counts.read == 750 and train.height + evals.height == 750
     assert 0.12 < evals.height / 750 < 0.28
     # every near-duplicate cluster is on one side: no eval prompt shares its first 60 words with a train prompt

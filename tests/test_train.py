@@ -76,8 +76,6 @@ def test_resume_reproduces_the_uninterrupted_run(shards, tiny_model_dir, tmp_pat
     for later in ("checkpoint-0000012", "final"):
         shutil.rmtree(resumed / later)
     train(_config(shards, tiny_model_dir, resumed, save_every=6, gradient_accumulation_steps=2, batch_size=4, resume=True))
-    assert [m for m in _metrics(full)] == [m for m in _metrics(resumed)] or \
-        [(m["step"], m["loss"]) for m in _metrics(full) if "loss" in m] == [(m["step"], m["loss"]) for m in _metrics(resumed) if "loss" in m]
     losses = lambda out: [(m["step"], m["loss"], m["rewards/margins"]) for m in _metrics(out) if "loss" in m]  # noqa: E731
     assert losses(full) == losses(resumed)
 

@@ -19,7 +19,6 @@ barrier, after which rank 0 writes the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -35,7 +34,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import UserError
-from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import atomic_path, sha256_file, write_text_atomic
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
 from schemas.progress import progress
@@ -43,9 +41,10 @@ from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.device import dtype_name, select_device, select_dtype
 from train.logprobs import sequence_logps
+from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
+from train.models import model_dir as resolve_model_dir
 
 MARKERS_DIR = ".precompute-ref"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 # --verify: how far a row scored alone may differ from its batched value (atol, rtol). Batching
 # changes only padding, so any gap is rounding: tiny in float32, a few hundredths per token in
@@ -94,69 +93,13 @@ class PrecomputeResult:
 # The reference model: where it is, what it is, loading it
 
 
-def _model_dir(name_or_path: str) -> Path:
-    """A local directory as is; a Hub name through the Hub cache (offline: the cache only)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.is_absolute() or name_or_path.startswith(".") or path.exists() or name_or_path.count("/") > 1:
-        raise UserError(f"--model {name_or_path}: no such directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
-    except Exception as exc:  # any reason the Hub cannot give us the model is the user's to fix
-        raise UserError(f"--model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
-
-
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def model_fingerprint(model_dir: Path, name_or_path: str, dtype: torch.dtype, device: torch.device) -> ModelFingerprint:
-    config = model_dir / "config.json"
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
-    if not config.is_file() or not weights:
-        raise UserError(f"--model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {model_dir}")
-    return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),
-                            weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
+def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> Any:
+    return load_causal_lm(model_dir, config.model, dtype, device, config.attn_implementation)[0].eval()
 
 
 def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
-    """Same weights, same config, same dtype: the same numbers (up to the device's rounding). The
-    path may differ (a copied model is the same model)."""
-    return a is not None and (a.config_sha256, a.weights_sha256, a.dtype) == (b.config_sha256, b.weights_sha256, b.dtype)
-
-
-def _check_tokenizer(model_dir: Path, name_or_path: str, expected: Any) -> None:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({str(exc).splitlines()[0]}); "
-                        "save the tokenizer the shards were made with beside the model") from None
-    found = tokenizer_fingerprint(tokenizer, name_or_path)
-    if found.files_sha256 != expected.files_sha256:
-        raise UserError(f"--model {name_or_path}: its tokenizer differs from the one the shards were made with "
-                        f"({expected.name_or_path}); re-run prefdata tokenize with --tokenizer {name_or_path}")
-
-
-def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": dtype}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--model {config.model}: cannot load it: {first}") from None
-    return model.to(device).eval()
+    """Same weights and the same dtype: the same numbers (up to the device's rounding)."""
+    return same_weights(a, b) and a.dtype == b.dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +275,12 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
     ranks = _Ranks.start()
     device = select_device(config.device)
     dtype = select_dtype(config.dtype, device)
-    model_dir = _model_dir(config.model)
+    model_dir = resolve_model_dir(config.model)
     reference = model_fingerprint(model_dir, config.model, dtype, device)
     if upstream.stage == "precompute-ref" and not same_reference(upstream.reference, reference) and not config.force:
         raise UserError(f"{shards_dir}: already holds reference log-probs of {upstream.reference.name_or_path} "
                         f"({upstream.reference.dtype}); pass --force to replace them with {config.model}")
-    _check_tokenizer(model_dir, config.model, upstream.tokenizer)
+    check_tokenizer(model_dir, config.model, upstream.tokenizer)
 
     mine = upstream.shards[ranks.rank :: ranks.world]
     todo = [s for s in mine if _needs_work(shards_dir, s, upstream, reference, config.force)]
