@@ -152,7 +152,7 @@ def test_a_ddp_style_wrapper_around_the_scorer_is_called_not_bypassed():
     torch.testing.assert_close(wrapped.chosen, direct.chosen)
 
 
-def trl_precomputed_dataset(model_dir, out_dir):
+def trl_precomputed_trainer(model_dir, out_dir):
     """TRL 1.x `DPOTrainer(precompute_ref_log_probs=True)`, float32 on CPU, over a small
     conversational dataset: its train_dataset holds TRL's own token ids (prompt_ids, chosen_ids,
     rejected_ids) and the reference log-probs TRL computed for them."""
@@ -170,9 +170,13 @@ def trl_precomputed_dataset(model_dir, out_dir):
                      bf16=False, use_cpu=True, report_to="none")
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
                          train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir))
-    data = trainer.train_dataset
-    assert len(set(np.round(data["ref_rejected_logps"], 2))) == len(rows)  # distinct rows, not one value
-    return data
+    assert len(set(np.round(trainer.train_dataset["ref_rejected_logps"], 2))) == len(rows)  # distinct rows, not one value
+    return trainer
+
+
+def trl_precomputed_dataset(model_dir, out_dir):
+    """The train_dataset of `trl_precomputed_trainer`: TRL's token ids and reference log-probs."""
+    return trl_precomputed_trainer(model_dir, out_dir).train_dataset
 
 
 def test_equals_trl_dpo_trainer_precomputed_reference_logps(tiny_model_dir, tmp_path):
