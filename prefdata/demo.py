@@ -1,0 +1,171 @@
+"""`make demo` (`python -m prefdata.demo --out runs/demo [--quick]`): the whole pipeline on the
+built-in sentiment task (prefdata.demo_data), ending with the DPO paper's Figure 2 (left) in
+miniature: mean reward against KL(π‖π_ref) for DPO at several β and the Preferred-FT baseline.
+
+Stages, each printing its own summary:
+  1. write the raw HH dumps (preference pairs with dirt; the reference corpus);
+  2. ingest → curate the preference dump;
+  3. tokenizer trained on the corpus (ChatML template, so completions end with `<|im_end|>`),
+     tiny Llama from a config;
+  4. π_ref = that Llama after SFT (`objective: sft`) on the reference corpus, ingested and tokenized
+     on its own: its answers are paired at random, so "chosen" is any continuation, not a preferred one;
+  5. tokenize the curated splits with π_ref's tokenizer → precompute-ref;
+  6. DPO from π_ref at each β, and Preferred-FT (SFT on the chosen answers) from π_ref;
+  7. eval each (and π_ref itself) → results.md, results.json, reward_vs_kl.png.
+Modules that import torch are imported inside the functions: `prefdata` stays torch-free at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefdata.demo_data import DemoDataConfig, sft_lines, write_preference_dump, write_sft_dump
+from schemas.errors import UserError
+from schemas.io import write_text_atomic
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = "runs/demo"
+    pairs: int = Field(2000, gt=0)
+    sft_reviews: int = Field(3000, gt=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    vocab_size: int = Field(400, gt=0)
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    sft_epochs: float = Field(3.0, gt=0)
+    sft_learning_rate: float = Field(3e-3, gt=0)
+    betas: list[float] = [0.05, 0.1, 0.5]
+    dpo_steps: int = Field(150, gt=0)
+    dpo_learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    eval_samples: int = Field(4, gt=0)
+    eval_prompts: int = Field(100, gt=0)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, out: str) -> DemoConfig:
+        """The test's size: fewer pairs, steps and samples, same pipeline."""
+        return cls(out=out, pairs=800, sft_reviews=1500, sft_epochs=2.0, betas=[0.1], dpo_steps=60, eval_prompts=40)
+
+
+def _corpus(config: DemoConfig) -> list[str]:
+    """Tokenizer training text: every transcript of the reference corpus."""
+    rows = (json.loads(line) for line in sft_lines(DemoDataConfig(sft_reviews=config.sft_reviews, seed=config.seed)))
+    return [text for row in rows for text in (row["chosen"], row["rejected"])]
+
+
+def _ingest(raw: Path, out: Path) -> Path:
+    from prefdata.ingest import IngestConfig, ingest, summary_lines
+
+    print("\n".join(summary_lines(ingest(IngestConfig(inputs=[str(raw)], out=str(out))))))
+    return out
+
+
+def _tokenize(records: Path, tokenizer: Path, out: Path) -> Path:
+    from prefdata.tokenize import TokenizeConfig, summary_lines, tokenize
+
+    print("\n".join(summary_lines(tokenize(TokenizeConfig(input_dir=str(records), tokenizer=str(tokenizer), out=str(out),
+                                                           max_length=128, max_prompt_length=64)))))
+    return out
+
+
+def _train(config: DemoConfig, shards: Path, model: Path, out: Path, **overrides: Any) -> Path:
+    from train.config import TrainConfig
+    from train.loop import train
+
+    result = train(TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=config.batch_size,
+                               device="cpu", seed=config.seed, log_every=20, check_reference_rows=0, **overrides))
+    print(f"train {out.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return out / "final"
+
+
+def build_reference(config: DemoConfig, out: Path, sft_raw: Path) -> tuple[Path, Path]:
+    """(tokenizer dir, π_ref dir): tokenizer and tiny Llama made here, then SFT on the reference corpus."""
+    from train.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus(config), out / "tokenizer", vocab_size=config.vocab_size)
+    initial = build_model(tokenizer, out / "initial", hidden_size=config.hidden_size, num_layers=config.num_layers,
+                          intermediate_size=4 * config.hidden_size, max_positions=256, seed=config.seed)
+    sft_shards = _tokenize(_ingest(sft_raw, out / "sft-ingest"), tokenizer, out / "sft-shards")
+    reference = _train(config, sft_shards, initial, out / "reference", objective="sft", epochs=config.sft_epochs,
+                       learning_rate=config.sft_learning_rate, warmup_steps=10)
+    return tokenizer, reference
+
+
+def _evaluate(config: DemoConfig, shards: Path, policy: Path, reference: Path, out: Path, beta: float) -> dict[str, Any]:
+    from train.eval import EvalConfig, evaluate_policy, summary_line
+
+    result = evaluate_policy(EvalConfig(shards=str(shards), policy=str(policy), reference=str(reference), out=str(out),
+                                        beta=beta, samples=config.eval_samples, max_prompts=config.eval_prompts,
+                                        seed=config.seed))
+    print(summary_line(result))
+    return result
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| policy | β | held-out accuracy | margin | mean reward | KL(π‖π_ref) |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        beta = f"{row['beta']:g}" if row["beta"] is not None else "–"
+        lines.append(f"| {row['label']} | {beta} | {row['accuracy']:.3f} | {row['margin']:.3f} | "
+                     f"{row['reward']:.3f} | {row['kl']:.3f} |")
+    return "\n".join(lines)
+
+
+def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
+    """Every stage in order; returns the results rows (also in results.json / results.md)."""
+    from prefdata.curate import CurateConfig, curate, summary_table
+    from rich.console import Console
+    from train.eval import plot_reward_vs_kl
+    from train.reference import PrecomputeRefConfig, precompute_ref, summary_lines
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = DemoDataConfig(pairs=config.pairs, sft_reviews=config.sft_reviews, seed=config.seed)
+    raw = write_preference_dump(out / "raw" / "sentiment_prefs.jsonl", data)
+    sft_raw = write_sft_dump(out / "raw" / "reference_corpus.jsonl", data)
+    records = _ingest(raw, out / "ingest")
+    Console().print(summary_table(curate(CurateConfig(inputs=[str(records)], out=str(out / "curate"),
+                                                      eval_fraction=config.eval_fraction, seed=config.seed))))
+    tokenizer, reference = build_reference(config, out, sft_raw)
+    shards = _tokenize(out / "curate", tokenizer, out / "shards")
+    print("\n".join(summary_lines(precompute_ref(PrecomputeRefConfig(shards=str(shards), model=str(reference),
+                                                                     device="cpu")))))
+    # Preferred-FT: the paper's baseline, SFT on the chosen answers (same steps and rate as DPO).
+    runs = [(f"DPO β={beta:g}", beta, {"beta": beta}) for beta in config.betas] + \
+        [("Preferred-FT", None, {"objective": "sft"})]
+    rows = [{"label": "π_ref (SFT)", "beta": None, **_evaluate(config, shards, reference, reference, out / "eval-reference", 0.1)}]
+    for label, beta, overrides in runs:
+        name = label.replace(" ", "-").replace("β=", "beta")
+        policy = _train(config, shards, reference, out / name, max_steps=config.dpo_steps,
+                        learning_rate=config.dpo_learning_rate, **overrides)
+        rows.append({"label": label, "beta": beta, **_evaluate(config, shards, policy, reference, out / f"eval-{name}", beta or 0.1)})
+    plot_reward_vs_kl(rows, out / "reward_vs_kl.png")
+    table = results_table(rows)
+    write_text_atomic(out / "results.md", table + "\n")
+    write_text_atomic(out / "results.json", json.dumps({"config": config.model_dump(), "results": rows}, indent=2))
+    print(table)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prefdata.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--quick", action="store_true", help="the reduced size the test runs")
+    args = parser.parse_args(argv)
+    try:
+        run_demo(DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out))
+    except UserError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
