@@ -160,6 +160,29 @@ def precompute_ref_command(
         print("\n".join(lines))
 
 
+@app.command("eval")
+def eval_command(
+    shards: str = typer.Argument(..., help="Output of `prefdata precompute-ref`; its eval split is used."),
+    policy: str = typer.Option(..., "--policy", help="The trained model directory (e.g. OUT/final)."),
+    reference: str = typer.Option(..., "--reference", help="The reference model the shards were scored with."),
+    out: str = typer.Option(..., "--out", help="Directory for eval.json and reward_vs_kl.png."),
+    reward: str = typer.Option("prefdata.demo_data:lexicon_reward", help="Reward function, module:function (text → float)."),
+    beta: float = typer.Option(0.1, help="β of the implicit reward margin."),
+    samples: int = typer.Option(4, help="Completions sampled per prompt, from each model."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    max_new_tokens: int = typer.Option(32, help="Longest completion sampled."),
+    max_prompts: Optional[int] = typer.Option(None, help="Use the first N distinct eval prompts."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Implicit-reward accuracy and margin on the eval shards; reward and KL(policy‖reference) of samples."""
+    from train.eval import EvalConfig, evaluate_policy, summary_line
+
+    config = _config(EvalConfig, shards=shards, policy=policy, reference=reference, out=out, reward=reward, beta=beta,
+                     samples=samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                     max_prompts=max_prompts, seed=seed)
+    print(summary_line(evaluate_policy(config)))
+
+
 def _config(config_cls, **options):
     """Build a stage config; option values it rejects become one-line UserErrors."""
     from pydantic import ValidationError

@@ -1,0 +1,99 @@
+"""The demo end to end at its reduced size, and the pieces of `prefdata eval` with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefdata.demo import DemoConfig, run_demo
+from prefdata.demo_data import DemoDataConfig, lexicon_reward, preference_lines
+from schemas.errors import UserError
+
+STAGES = ["ingest", "curate", "sft-ingest", "sft-shards", "shards"]
+
+
+def test_lexicon_reward_sums_word_values():
+    assert lexicon_reward("The story was wonderful but the ending was dull.") == 1.0  # 2 − 1
+    assert lexicon_reward("AWFUL, awful, Good!") == -3.0  # case and punctuation do not matter: −2 −2 +1
+    assert lexicon_reward("the camera work felt long") == 0.0  # no lexicon word
+
+
+def _parsed(lines: list[str]) -> list[dict]:
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def test_dump_carries_each_kind_of_dirt():
+    lines = preference_lines(DemoDataConfig(pairs=100, seed=3))
+    assert len(lines) == 100 + 4 * 2 + 2  # clean pairs, 2 of each of 4 dirt kinds, bad JSON, truncated line
+    assert lines[-2].startswith(lines[-1]) and lines[-1] != lines[-2]  # the last line is cut short
+    rows = _parsed(lines)
+    assert len(rows) == len(lines) - 2
+    assert sum(row["chosen"] == row["rejected"] for row in rows) == 4  # 2 ties + 2 not-alternating rows
+    assert len(lines) - len(set(lines)) == 2  # exact duplicates
+    assert all(lexicon_reward(r["chosen"]) > lexicon_reward(r["rejected"]) for r in rows if r["chosen"] != r["rejected"])
+
+
+def test_kl_of_a_model_against_itself_is_exactly_zero(tiny_model_dir):
+    import torch
+
+    from train.eval import completion_logps, sequence_kl
+    from train.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    prompts = [np.array(tokenizer("The movie was").input_ids), np.array(tokenizer("What is the capital").input_ids)]
+    completions = [np.array(tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+                   for text in (" a delight", " dull", " of France?", " Paris")]
+    with torch.inference_mode():
+        assert sequence_kl(model, model, prompts, completions, tokenizer.pad_token_id, 4096) == 0.0
+        batched = completion_logps(model, prompts, completions, tokenizer.pad_token_id, 4096)
+        # The batched, padded scoring equals a by-hand sum over one unpadded row's token log-probs.
+        ids = torch.from_numpy(np.concatenate([prompts[0], completions[1]])).unsqueeze(0)
+        token_logps = model(ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        assert batched[1] == pytest.approx(token_logps[len(prompts[0]) - 1:].sum().item(), abs=1e-4)
+    assert batched[1] < 0
+
+
+def test_unknown_reward_is_a_user_error():
+    from train.eval import load_reward
+
+    with pytest.raises(UserError, match="--reward nope:f"):
+        load_reward("nope:f")
+    assert load_reward("prefdata.demo_data:lexicon_reward")("great") == 1.0
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    out = tmp_path_factory.mktemp("demo")
+    rows = run_demo(DemoConfig.quick(str(out)))
+    return out, {row["label"]: row for row in rows}
+
+
+def test_demo_counts_add_up_at_every_stage(demo):
+    out, _ = demo
+    counts = {stage: json.loads((out / stage / "manifest.json").read_text())["counts"] for stage in STAGES}
+    for stage, c in counts.items():
+        assert c["read"] == c["kept"] + sum(c["dropped"].values()), stage
+    assert counts["curate"]["read"] == counts["ingest"]["kept"]
+    assert counts["shards"]["read"] == counts["curate"]["kept"]
+    assert {"invalid_json", "truncated_line", "hh_not_alternating", "identical_answers"} <= set(counts["ingest"]["dropped"])
+    assert counts["curate"]["dropped"]["duplicate"] > 0
+
+
+def test_dpo_beats_the_reference_and_ranks_held_out_pairs(demo):
+    out, rows = demo
+    dpo, reference = rows["DPO β=0.1"], rows["π_ref (SFT)"]
+    assert dpo["accuracy"] > 0.8
+    assert dpo["reward"] > dpo["reference_reward"]
+    assert dpo["reward"] > reference["reward"]
+    assert reference["kl"] == 0.0 and dpo["kl"] > 0
+    assert (out / "reward_vs_kl.png").stat().st_size > 0
+    assert "| DPO β=0.1 |" in (out / "results.md").read_text()
