@@ -62,23 +62,38 @@ def run_ours(model: Path, shards: Path, batch_tokens: int) -> dict:
             "padding_efficiency": stats["padding_efficiency"]}
 
 
-def run_trl(model: Path, shards: Path, work: Path) -> dict:
+def trl_token_ids(shards: Path) -> dict[str, list]:
+    """Our shards' token ids under TRL's column names (a `datasets.Dataset.from_dict` input)."""
     import polars as pl
+
+    frame = pl.read_ipc(str(shards / "train-00000.arrow"))
+    return {"prompt_ids": frame["prompt_input_ids"].to_list(), "chosen_ids": frame["chosen_input_ids"].to_list(),
+            "rejected_ids": frame["rejected_input_ids"].to_list()}
+
+
+def trl_trainer(model: Path, args):
+    """A float32 TRL `DPOTrainer` built on a one-row placeholder dataset: TRL always tokenizes its
+    train_dataset from text, so callers hand it our token ids afterwards (same ids on both sides)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
-    frame = pl.read_ipc(str(shards / "train-00000.arrow"))
-    ids = {"prompt_ids": frame["prompt_input_ids"].to_list(), "chosen_ids": frame["chosen_input_ids"].to_list(),
-           "rejected_ids": frame["rejected_input_ids"].to_list()}
-    dataset = Dataset.from_dict(ids)
     one_row = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
                 "rejected": [{"role": "assistant", "content": "b"}]}]
+    return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
+                      train_dataset=Dataset.from_list(one_row), processing_class=AutoTokenizer.from_pretrained(model))
+
+
+def run_trl(model: Path, shards: Path, work: Path) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    ids = trl_token_ids(shards)
+    dataset = Dataset.from_dict(ids)
     args = DPOConfig(output_dir=str(work / "trl"), precompute_ref_log_probs=True, bf16=False, use_cpu=True,
                      report_to="none", disable_tqdm=True)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
-                         train_dataset=Dataset.from_list(one_row), processing_class=AutoTokenizer.from_pretrained(model))
+    trainer = trl_trainer(model, args)
     batch = args.precompute_ref_batch_size or args.per_device_train_batch_size
     start = time.perf_counter()
     scored = trainer._precompute_ref_logps(dataset, "bench", batch)

@@ -1,0 +1,149 @@
+"""DPO training throughput and memory: our trainer against TRL 1.x `DPOTrainer` (issue 7).
+
+    .venv/bin/python benchmarks/bench_train.py [--rows 200] [--max-length 768] [--steps 8] [--repeats 3]
+
+Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, N optimizer steps, sigmoid loss:
+    ours            python -m train's `train()` with the reference log-probs precomputed in the shards
+    ours-live       the same with `--reference live` (the reference model runs every step)
+    trl-live        TRL DPOTrainer with a live reference model (its default)
+    trl-precompute  TRL DPOTrainer(precompute_ref_log_probs=True)
+Rows and model come from `bench_precompute.prepare` (LLaMA-Factory's dpo_en_demo); TRL trains on
+exactly our shards' token ids. Each run is its own subprocess (peak RSS is that process's
+`ru_maxrss`: model loads, data and TRL's precompute pass included); the four alternate, and each
+figure is the median over --repeats. Tokens/s = real tokens (prompt twice + both answers) of the
+batches trained on ÷ the time of the N training steps only: model loading, our step-0 reference
+check, TRL's precompute pass and the final save are outside the timed window for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_precompute import prepare, run_ours as precompute_ours, trl_token_ids, trl_trainer  # noqa: E402
+
+VARIANTS = ("ours", "ours-live", "trl-live", "trl-precompute")
+BATCH_SIZE = 8
+LEARNING_RATE = 1e-6
+
+
+def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool) -> dict:
+    """Our trainer; its metrics line over all N steps (log_every = N) is the timed window."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    config = TrainConfig(shards=str(shards), model=str(model), out=str(out), reference="live" if live else "precomputed",
+                         batch_size=BATCH_SIZE, max_steps=steps, log_every=steps, learning_rate=LEARNING_RATE,
+                         device="cpu", dtype="float32")
+    train(config)
+    record = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("step") == steps and "tokens_per_s" in json.loads(line))
+    return {"tokens_per_s": record["tokens_per_s"], "padding_efficiency": record["padding_efficiency"]}
+
+
+def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool) -> dict:
+    """TRL's `train()`, timed by a callback from the start of the training loop to the end of step N."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig
+
+    class StepWindow(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == steps:
+                self.seconds = time.perf_counter() - self.start
+
+    args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=precompute, per_device_train_batch_size=BATCH_SIZE,
+                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
+                     disable_tqdm=True, save_strategy="no", logging_steps=steps)
+    trainer = trl_trainer(model, args)
+    dataset = Dataset.from_dict(trl_token_ids(shards))
+    # What TRL's __init__ does to its train_dataset when precompute_ref_log_probs=True (untimed).
+    trainer.train_dataset = trainer._precompute_ref_logps(dataset, "train", BATCH_SIZE) if precompute else dataset
+    window = StepWindow()
+    trainer.add_callback(window)
+    trainer.train()
+    return {"tokens_per_s": trainer._total_train_tokens / window.seconds}
+
+
+def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
+    """One variant in this process; adds this process's peak RSS."""
+    if variant.startswith("ours"):
+        result = train_ours(model, shards, steps, out, live=variant == "ours-live")
+    else:
+        result = train_trl(model, shards, steps, out, precompute=variant == "trl-precompute")
+    return {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
+    command = [sys.executable, __file__, "--child", variant, "--model", str(model), "--shards", str(shards),
+               "--steps", str(steps), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> dict[str, dict]:
+    """Every variant `repeats` times, alternating; per variant the median of each figure and the runs."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for repeat in range(repeats):
+        for variant in VARIANTS:
+            runs[variant].append(run_in_subprocess(variant, model, shards, steps, work))
+            print(f"repeat {repeat + 1}: {variant} {runs[variant][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    return {variant: {key: statistics.median(run[key] for run in results) for key in results[0]} | {"runs": results}
+            for variant, results in runs.items()}
+
+
+def prepare_with_reference(work: Path, rows: int, max_length: int) -> tuple[Path, Path]:
+    """bench_precompute's model and shards, with the reference log-probs added by precompute-ref."""
+    model, shards = prepare(work, rows, max_length)
+    precompute_ours(model, shards, batch_tokens=4096)
+    return model, shards
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """The issue's targets: ours vs TRL-precompute ≥ 1.5×, vs TRL-live ≥ 2× tokens/s; RSS ≤ TRL-precompute's."""
+    tps = {variant: results[variant]["tokens_per_s"] for variant in VARIANTS}
+    return {"vs_trl_precompute": tps["ours"] / tps["trl-precompute"], "vs_trl_live": tps["ours"] / tps["trl-live"],
+            "rss_vs_trl_precompute": results["ours"]["peak_rss_mib"] / results["trl-precompute"]["peak_rss_mib"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        model, shards = prepare_with_reference(Path(tmp), args.rows, args.max_length)
+        results = compare(model, shards, args.steps, args.repeats, Path(tmp))
+    print(f"{args.steps} steps of {BATCH_SIZE} pairs, float32 CPU, medians of {args.repeats} alternating runs")
+    for variant in VARIANTS:
+        print(f"{variant:15s} {results[variant]['tokens_per_s']:9,.0f} tokens/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
+    print(" ".join(f"{name} {value:.2f}x" for name, value in ratios(results).items()))
+
+
+if __name__ == "__main__":
+    main()
