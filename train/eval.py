@@ -196,9 +196,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     for name, field in EvalConfig.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, required=field.is_required(),
-                            type=str if name in ("shards", "policy", "reference", "out", "reward") else float
-                            if field.annotation is float else int)
+        kind = field.annotation if field.annotation in (str, float) else int  # int | None → int
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, required=field.is_required(), type=kind)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         print(summary_line(evaluate_policy(EvalConfig(**args))))
