@@ -82,7 +82,7 @@ def _train(config: DemoConfig, shards: Path, model: Path, out: Path, **overrides
     from train.loop import train
 
     result = train(TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=config.batch_size,
-                               device="cpu", seed=config.seed, log_every=20, check_reference_rows=0, **overrides))
+                               device="cpu", seed=config.seed, log_every=20, **overrides))
     print(f"train {out.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return out / "final"
 

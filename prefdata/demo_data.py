@@ -91,7 +91,7 @@ def _preference_row(rng: random.Random, prompt: str) -> str:
 
 
 def _near_duplicate(prompt: str, rng: random.Random) -> str:
-    """The prompt with one opener word's neighbour doubled: a re-posted review, not an exact copy."""
+    """The prompt with one word doubled: a re-posted review, not an exact copy."""
     words = prompt.split()
     i = rng.randrange(len(words))
     return " ".join(words[: i + 1] + [words[i]] + words[i + 1:])

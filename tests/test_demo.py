@@ -70,6 +70,16 @@ def test_unknown_reward_is_a_user_error():
     assert load_reward("prefdata.demo_data:lexicon_reward")("great") == 1.0
 
 
+def test_eval_command_on_missing_shards_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "prefdata", "eval", str(tmp_path / "none"), "--policy", str(tmp_path),
+                           "--reference", str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("prefdata: error: ") and done.stderr.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     out = tmp_path_factory.mktemp("demo")
