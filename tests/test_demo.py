@@ -107,3 +107,12 @@ def test_dpo_beats_the_reference_and_ranks_held_out_pairs(demo):
     assert reference["kl"] == 0.0 and dpo["kl"] > 0
     assert (out / "reward_vs_kl.png").stat().st_size > 0
     assert "| DPO β=0.1 |" in (out / "results.md").read_text()
+
+
+def test_eval_refuses_a_reference_other_than_the_shards_one(demo):
+    from train.eval import EvalConfig, evaluate_policy
+
+    out, _ = demo
+    policy = out / "DPO-beta0.1" / "final"
+    with pytest.raises(UserError, match="--reference .*not the model the shards' reference log-probs"):
+        evaluate_policy(EvalConfig(shards=str(out / "shards"), policy=str(policy), reference=str(policy), out=str(out / "x")))

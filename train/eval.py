@@ -30,7 +30,7 @@ from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
-from train.models import check_tokenizer, load_causal_lm, model_dir
+from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 
 # A string, not an import: `train` never imports `prefdata`; the function is loaded only when used.
 DEFAULT_REWARD = "prefdata.demo_data:lexicon_reward"
@@ -161,7 +161,12 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
     device = torch.device("cpu")
     policy, tokenizer = load_causal_lm(model_dir(config.policy), config.policy, torch.float32, device)
-    reference, _ = load_causal_lm(model_dir(config.reference), config.reference, torch.float32, device)
+    reference_dir = model_dir(config.reference)
+    # Accuracy uses the stored reference log-probs, KL the --reference model: they must be one model.
+    if not same_weights(manifest.reference, model_fingerprint(reference_dir, config.reference, torch.float32, device)):
+        raise UserError(f"--reference {config.reference}: not the model the shards' reference log-probs were computed "
+                        f"with ({manifest.reference.name_or_path if manifest.reference else 'none'}); pass that one")
+    reference, _ = load_causal_lm(reference_dir, config.reference, torch.float32, device)
     check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
     policy.eval()
     reference.eval()
