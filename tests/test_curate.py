@@ -1,3 +1,4 @@
+import json
 import random
 import subprocess
 import sys
@@ -158,3 +159,15 @@ def test_bad_inputs(tmp_path):
                          capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_decontaminate_against_an_ingestible_eval_set(tmp_path):
+    leaked = "describe the plot of the film in exactly three short sentences without any spoilers at all please"
+    recs = [make_record("unrelated question here", "yes", "no", row=1),
+            make_record("fine", f"Sure: {leaked}.", "no", row=2)]  # the leak sits in an answer
+    src = write_records_dir(tmp_path / "in", {"records": recs}, stage="ingest")
+    eval_file = tmp_path / "evalset.jsonl"
+    eval_file.write_text(json.dumps({"prompt": leaked, "chosen": "a", "rejected": "b"}) + "\n")
+    manifest = _run(tmp_path, [src], decontaminate=[str(eval_file)], eval_fraction=0.0)
+    assert manifest.counts.dropped == {"contaminated": 1}
+    assert _read(tmp_path, "dropped.parquet")["source_row"].to_list() == [2]

@@ -187,18 +187,17 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     scores its share of the batches; sums are all-reduced)."""
     scorer.eval()
     batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)[dist.rank::dist.world]
-    totals = torch.zeros(4, dtype=torch.float64)  # loss·n, accuracy·n, margin·n, n
+    names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
     for rows in batches:
         batch = collate_pairs(data.columns, rows, pad_id).to(device)
         loss, metrics = batch_loss(config, scorer, batch, data, ref_model, autocast)
-        n = len(rows)
-        totals += torch.tensor([loss.item() * n, metrics.get("rewards/accuracies", torch.tensor(0.0)).item() * n,
-                                metrics.get("rewards/margins", torch.tensor(0.0)).item() * n, n], dtype=torch.float64)
+        values = [loss.item()] + [metrics[name].item() for name in names[1:]]
+        totals += torch.tensor([v * len(rows) for v in values] + [len(rows)], dtype=torch.float64)
     scorer.train()
     totals = dist.sum(totals)
-    n = max(totals[3].item(), 1)
-    return {"eval/loss": totals[0].item() / n, "eval/rewards/accuracies": totals[1].item() / n,
-            "eval/rewards/margins": totals[2].item() / n, "eval/pairs": int(totals[3].item())}
+    pairs = totals[-1].item()
+    return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, "eval/pairs": int(pairs)}
 
 
 def check_stored_reference(config: TrainConfig, model: Any, data: SplitData, pad_id: int, device: torch.device) -> None:
