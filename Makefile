@@ -38,5 +38,12 @@ DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	$(PY) -m prefdata.demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
 
+# Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → bench.json, bench.md.
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

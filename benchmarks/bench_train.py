@@ -11,8 +11,9 @@ Rows and model come from `bench_precompute.prepare` (LLaMA-Factory's dpo_en_demo
 exactly our shards' token ids. Each run is its own subprocess (peak RSS is that process's
 `ru_maxrss`: model loads, data and TRL's precompute pass included); the four alternate, and each
 figure is the median over --repeats. Tokens/s = real tokens (prompt twice + both answers) of the
-batches trained on ÷ the time of the N training steps only: model loading, our step-0 reference
-check, TRL's precompute pass and the final save are outside the timed window for every variant.
+batches trained on ÷ the time of training steps 2..N: step 1 (first-call warm-up: optimizer state,
+lazy imports) is left out, and so are model loading, our step-0 reference check, TRL's precompute
+pass and the final save, for every variant.
 """
 
 from __future__ import annotations
@@ -38,32 +39,33 @@ LEARNING_RATE = 1e-6
 
 
 def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool) -> dict:
-    """Our trainer; its metrics line over all N steps (log_every = N) is the timed window."""
+    """Our trainer, logging every step; steps 2..N of its metrics lines are the timed window."""
     from train.config import TrainConfig
     from train.loop import train
 
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), reference="live" if live else "precomputed",
-                         batch_size=BATCH_SIZE, max_steps=steps, log_every=steps, learning_rate=LEARNING_RATE,
+                         batch_size=BATCH_SIZE, max_steps=steps, log_every=1, learning_rate=LEARNING_RATE,
                          device="cpu", dtype="float32")
     train(config)
-    record = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line).get("step") == steps and "tokens_per_s" in json.loads(line))
-    return {"tokens_per_s": record["tokens_per_s"], "padding_efficiency": record["padding_efficiency"]}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
+    tokens = sum(r["tokens"] for r in timed)
+    return {"tokens_per_s": tokens / sum(r["tokens"] / r["tokens_per_s"] for r in timed)}
 
 
 def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool) -> dict:
-    """TRL's `train()`, timed by a callback from the start of the training loop to the end of step N."""
+    """TRL's `train()`, timed by a callback from the end of step 1 to the end of step N, counting
+    the real tokens TRL itself counts (attention-mask sums) over those steps."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig
 
     class StepWindow(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
         def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == 1:
+                self.start, self.tokens = time.perf_counter(), trainer._total_train_tokens
             if state.global_step == steps:
-                self.seconds = time.perf_counter() - self.start
+                self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=precompute, per_device_train_batch_size=BATCH_SIZE,
                      max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
@@ -75,7 +77,7 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
     window = StepWindow()
     trainer.add_callback(window)
     trainer.train()
-    return {"tokens_per_s": trainer._total_train_tokens / window.seconds}
+    return {"tokens_per_s": window.tokens_per_s}
 
 
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
@@ -126,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)

@@ -1,0 +1,295 @@
+"""Every stage's benchmark beside its peer, one run, one table (issue 9): `make bench` / `make bench-quick`.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--out DIR]
+
+Rows (ours | peer):
+    ingest          prefdata ingest | datasets load_dataset("json") + map doing the same HH prompt split
+    curate          prefdata curate (exact + near dedupe + split); no peer does the same work
+    tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template
+    precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
+    train           our trainer, precomputed and live reference | TRL DPOTrainer, live and precompute
+    MFU             achieved FLOP/s (2·params·tokens inference, 6·params·tokens training) ÷ this
+                    machine's dense float32 matmul FLOP/s, measured in this run
+Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
+peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out.
+TRL and psutil come from the optional `.[bench]` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_curate, bench_ingest, bench_precompute, bench_train  # noqa: E402
+
+SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
+    "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
+                 max_length=768, train_steps=8, repeats=3, train_repeats=3),
+    "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=5_000, model_rows=80,
+                  max_length=384, train_steps=3, repeats=2, train_repeats=1),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs inside a child process (`--child NAME`): each returns a dict of figures.
+
+
+def hh_split(example: dict) -> dict:
+    """The peer's prompt split of an HH row: prompt = the transcript up to its last Assistant turn."""
+    cut = example["chosen"].rfind("\n\nAssistant:")
+    other = example["rejected"].rfind("\n\nAssistant:")
+    return {"prompt": example["chosen"][:cut], "chosen": example["chosen"][cut + 12 :].strip(),
+            "rejected": example["rejected"][other + 12 :].strip(), "ok": example["chosen"][:cut] == example["rejected"][:other]}
+
+
+def peer_ingest(raw: str, cache: str) -> dict:
+    from datasets import load_dataset
+
+    # A fresh cache each run: a warm one would skip the JSON → Arrow conversion being measured.
+    data = load_dataset("json", data_files=raw, split="train", cache_dir=tempfile.mkdtemp(dir=cache))
+    data = data.map(hh_split, num_proc=os.cpu_count(), remove_columns=["chosen", "rejected"])
+    return {"rows": len(data)}
+
+
+def peer_tokenize(records: str, tokenizer: str, cache: str) -> dict:
+    """datasets.map(batched=True): chat-template the prompt and each conversation, encode the prompt
+    and the two completions (the text after the prompt), as tokenize does."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    start = time.perf_counter()
+
+    def encode(batch: dict) -> dict:
+        prompts = tok.apply_chat_template(batch["prompt"], add_generation_prompt=True, tokenize=False)
+        out = {"prompt_input_ids": tok(prompts, add_special_tokens=False)["input_ids"]}
+        for side in ("chosen", "rejected"):
+            full = tok.apply_chat_template([p + a for p, a in zip(batch["prompt"], batch[side])], tokenize=False)
+            out[f"{side}_input_ids"] = tok([f[len(p):] for f, p in zip(full, prompts)], add_special_tokens=False)["input_ids"]
+        return out
+
+    data = Dataset.from_parquet(records, cache_dir=tempfile.mkdtemp(dir=cache), columns=["prompt", "chosen", "rejected"])
+    data = data.map(encode, batched=True, remove_columns=["prompt", "chosen", "rejected"])
+    seconds = time.perf_counter() - start
+    return {"tokens": sum(len(x) for column in data.column_names for x in data[column]), "seconds": seconds}
+
+
+def ours_tokenize(records: str, tokenizer: str, out: str) -> dict:
+    from prefdata.tokenize import TokenizeConfig, tokenize
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    stats = tokenize(TokenizeConfig(input_dir=records, tokenizer=tokenizer, out=out, max_length=4096,
+                                    max_prompt_length=2048)).stats
+    return {"tokens": stats["prompt_tokens"] + stats["completion_tokens"], "seconds": time.perf_counter() - start}
+
+
+def ours_precompute(model: str, pristine: str, shards: str) -> dict:
+    shutil.rmtree(shards, ignore_errors=True)
+    shutil.copytree(pristine, shards)
+    return bench_precompute.run_ours(Path(model), Path(shards), batch_tokens=4096)
+
+
+def trl_precompute(model: str, pristine: str, work: str) -> dict:
+    result = bench_precompute.run_trl(Path(model), Path(pristine), Path(work))
+    return {k: v for k, v in result.items() if k != "ref_chosen_logps"}
+
+
+CHILDREN = {"peer_ingest": peer_ingest, "peer_tokenize": peer_tokenize, "ours_tokenize": ours_tokenize,
+            "ours_precompute": ours_precompute, "trl_precompute": trl_precompute}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: subprocesses, alternation, medians.
+
+
+def measure(command: list[str]) -> dict:
+    """Wall seconds and peak RSS (MiB, whole process tree) of a command; its JSON result if it wrote one."""
+    seconds, peak, _ = bench_ingest.run_measured(command)
+    result = json.loads(Path(command[-1]).read_text()) if "--result" in command else {}
+    return {"seconds": seconds, "peak_rss_mib": peak / 2**20, **result}
+
+
+def child(name: str, results: Path, **kwargs: str) -> list[str]:
+    """The command that runs CHILDREN[name](**kwargs) in a fresh process; its figures go to a file in
+    `results` (a `seconds` among them replaces the process's wall time: the work, not the start-up)."""
+    result = results / f"{name}.result.json"
+    return [sys.executable, __file__, "--child", name, "--kwargs", json.dumps(kwargs), "--result", str(result)]
+
+
+def alternate(commands: dict[str, list[str]], repeats: int) -> dict[str, dict]:
+    """Run each command `repeats` times, in turn; the median of every numeric figure per command."""
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            runs[name].append(measure(command))
+    return {name: {key: statistics.median(r[key] for r in results) for key in results[0] if isinstance(results[0][key], (int, float))}
+            for name, results in runs.items()}
+
+
+def matmul_flops(size: int = 1024, repeats: int = 10) -> float:
+    """This machine's dense float32 matmul FLOP/s with torch's threads: best of `repeats` n×n products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def row(stage: str, metric: str, ours: float, peer: float | None, peer_name: str, target: str, higher_is_better: bool = True) -> dict:
+    ratio = None if not peer else (ours / peer if higher_is_better else peer / ours)
+    return {"stage": stage, "metric": metric, "ours": ours, "peer": peer, "peer_name": peer_name, "ratio": ratio, "target": target}
+
+
+def run(size: str, work: Path) -> dict:
+    sizes = SIZES[size]
+    repeats = sizes["repeats"]
+    rows: list[dict] = []
+
+    raw = work / "hh.jsonl"
+    bench_ingest.write_rows(raw, sizes["ingest_rows"])
+    (work / "hf-cache").mkdir()
+    ingest = alternate({
+        "ours": [sys.executable, "-m", "prefdata", "ingest", str(raw), "--out", str(work / "ingest")],
+        "peer": child("peer_ingest", work, raw=str(raw), cache=str(work / "hf-cache")),
+    }, repeats)
+    n = sizes["ingest_rows"]
+    rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], "datasets json+map", "≥ 30,000 rows/s"),
+             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], "datasets json+map", "< 2 GiB", False)]
+
+    bench_curate.generate(work / "records", sizes["curate_rows"])
+    curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(work / "records")]}, repeats)["ours"]
+    n = sizes["curate_rows"]
+    rows += [row("curate", "records/s", n / curate["seconds"], None, "—", "1M records < 120 s"),
+             row("curate", "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 4 GiB", False)]
+
+    model, shards = bench_precompute.prepare(work / "model-work", sizes["model_rows"], sizes["max_length"])
+    tokenize_input = _tokenize_input(work, sizes["tokenize_rows"])
+    tokenize = alternate({
+        "ours": child("ours_tokenize", work, records=str(tokenize_input), tokenizer=str(model), out=str(work / "tok-out")),
+        "peer": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
+                      cache=str(work / "hf-cache")),
+    }, repeats)
+    rows.append(row("tokenize", "tokens/s", tokenize["ours"]["tokens"] / tokenize["ours"]["seconds"],
+                    tokenize["peer"]["tokens"] / tokenize["peer"]["seconds"], "datasets map(batched)", "faster than the peer"))
+
+    pristine = work / "shards-tokenized"
+    shutil.copytree(shards, pristine)
+    precompute = alternate({
+        "ours": child("ours_precompute", work, model=str(model), pristine=str(pristine), shards=str(shards)),
+        "peer": child("trl_precompute", work, model=str(model), pristine=str(pristine), work=str(work)),
+    }, repeats)
+    ours_tps = precompute["ours"]["tokens"] / precompute["ours"]["seconds"]
+    rows += [row("precompute-ref", "tokens/s (whole process)", ours_tps, precompute["peer"]["tokens"] / precompute["peer"]["seconds"],
+                 "TRL precompute_ref_log_probs", "≥ 2×"),
+             row("precompute-ref", "padding efficiency", precompute["ours"]["padding_efficiency"],
+                 precompute["peer"]["padding_efficiency"], "TRL precompute_ref_log_probs", "—")]
+
+    train = bench_train.compare(model, shards, sizes["train_steps"], sizes["train_repeats"], work)
+    for peer, target in (("trl-precompute", "≥ 1.5×"), ("trl-live", "≥ 2×")):
+        rows.append(row("train", "tokens/s", train["ours"]["tokens_per_s"], train[peer]["tokens_per_s"], f"TRL {peer[4:]}", target))
+    rows.append(row("train --reference live", "tokens/s", train["ours-live"]["tokens_per_s"], train["trl-live"]["tokens_per_s"],
+                    "TRL live", "—"))
+    rows.append(row("train", "peak RSS MiB", train["ours"]["peak_rss_mib"], train["trl-precompute"]["peak_rss_mib"],
+                    "TRL precompute", "≤ TRL precompute", False))
+
+    flops = matmul_flops()
+    params = _parameters(model)
+    # Compute-only precompute rate (scoring loop), so the MFU is the model's, not the I/O's.
+    rows += [row("precompute-ref", "MFU", 2 * params * precompute["ours"]["compute_tokens_per_s"] / flops, None, "—", "—"),
+             row("train", "MFU", 6 * params * train["ours"]["tokens_per_s"] / flops,
+                 6 * params * train["trl-precompute"]["tokens_per_s"] / flops, "TRL precompute", "—")]
+    return {"size": size, "machine": machine(), "matmul_gflops": flops / 1e9, "model_parameters": params,
+            "sizes": sizes, "rows": rows, "train_runs": {k: v for k, v in train.items()}}
+
+
+def _tokenize_input(work: Path, rows: int) -> Path:
+    """The first `rows` HH records that ingest wrote (a record set tokenize reads)."""
+    import pyarrow.parquet as pq
+
+    from schemas.manifest import Counts, Manifest
+
+    out = work / "tokenize-input"
+    out.mkdir()
+    table = pq.read_table(work / "ingest" / "records.parquet").slice(0, rows)
+    pq.write_table(table, out / "records.parquet")
+    Manifest(stage="ingest", package_version="bench", config={}, counts=Counts(read=len(table), kept=len(table))).write(out)
+    return out
+
+
+def _parameters(model: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "load_average_at_start": os.getloadavg()[0]}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+             f"load average {m['load_average_at_start']:.1f} at start; torch {m['torch']}, transformers "
+             f"{m['transformers']}, TRL {m['trl']}. Dense float32 matmul: {report['matmul_gflops']:.1f} GFLOP/s. "
+             f"`{report['size']}` sizes: {report['sizes']}; model {report['model_parameters'] / 1e6:.2f}M parameters.", "",
+             "| stage | metric | ours | peer | peer value | ours/peer | target |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        peer = "—" if r["peer"] is None else _fmt(r["peer"])
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        lines.append(f"| {r['stage']} | {r['metric']} | {_fmt(r['ours'])} | {r['peer_name']} | {peer} | {ratio} | {r['target']} |")
+    lines += ["", "Ratios are ours ÷ peer for rates and peer ÷ ours for memory (above 1 is better for us)."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.1%}" if value < 1 else f"{value:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
+    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.result.write_text(json.dumps(CHILDREN[args.child](**json.loads(args.kwargs))))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
+        report = run("quick" if args.quick else "full", Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / "bench.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
