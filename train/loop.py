@@ -309,7 +309,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 means = dict(zip(means, dist.mean(torch.tensor(list(means.values()), dtype=torch.float64)).tolist()))
                 record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": float(grad_norm),
-                          "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": dist.world * tokens / elapsed,
+                          "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
+                          "tokens_per_s": dist.world * tokens / elapsed,
                           "padding_efficiency": tokens / max(padded, 1)}
                 log.write(record)
                 bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
