@@ -198,7 +198,7 @@ def run(size: str, work: Path) -> dict:
         "peer": child("trl_precompute", work, model=str(model), pristine=str(pristine), work=str(work)),
     }, repeats)
     ours_tps = precompute["ours"]["tokens"] / precompute["ours"]["seconds"]
-    rows += [row("precompute-ref", "tokens/s (whole process)", ours_tps, precompute["peer"]["tokens"] / precompute["peer"]["seconds"],
+    rows += [row("precompute-ref", "tokens/s (ours: whole stage, TRL: its precompute call)", ours_tps, precompute["peer"]["tokens"] / precompute["peer"]["seconds"],
                  "TRL precompute_ref_log_probs", "≥ 2×"),
              row("precompute-ref", "padding efficiency", precompute["ours"]["padding_efficiency"],
                  precompute["peer"]["padding_efficiency"], "TRL precompute_ref_log_probs", "—")]
