@@ -24,7 +24,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
                 ax.plot(*zip(*points), style, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend()
+        if ax.lines:  # an SFT run has no reward curves
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
