@@ -149,7 +149,7 @@ def test_cli_yaml_and_overrides(tmp_path):
 
 def test_ddp_two_processes_equal_one_process(shards, tiny_model_dir, tmp_path):
     common = ["--shards", str(shards), "--model", str(tiny_model_dir), "--learning-rate", "5e-3", "--beta", "0.5",
-              "--max-steps", "4", "--log-every", "1", "--seed", "0"]
+              "--max-steps", "4", "--log-every", "1", "--seed", "0", "--eval-every", "2", "--eval-batch-tokens", "300"]
     one = subprocess.run([sys.executable, "-m", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
@@ -160,3 +160,6 @@ def test_ddp_two_processes_equal_one_process(shards, tiny_model_dir, tmp_path):
         assert a["step"] == b["step"]
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+        if "eval/loss" in a:  # eval batches split unevenly over the processes, summed back
+            assert a["eval/pairs"] == b["eval/pairs"] == 16 and a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-5)
+    assert sum("eval/loss" in m for m in _metrics(tmp_path / "two")) == 3  # steps 2, 4 and the final eval

@@ -185,6 +185,9 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
              dist: Dist, autocast: Any) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margin over the whole eval split (each process
     scores its share of the batches; sums are all-reduced)."""
+    # The unwrapped scorer: DDP's forward is a collective, and processes score different numbers
+    # of eval batches (one may have none), so going through it would deadlock.
+    scorer = getattr(scorer, "module", scorer)
     scorer.eval()
     batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)[dist.rank::dist.world]
     names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
