@@ -163,3 +163,10 @@ def test_ddp_two_processes_equal_one_process(shards, tiny_model_dir, tmp_path):
         if "eval/loss" in a:  # eval batches split unevenly over the processes, summed back
             assert a["eval/pairs"] == b["eval/pairs"] == 16 and a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-5)
     assert sum("eval/loss" in m for m in _metrics(tmp_path / "two")) == 3  # steps 2, 4 and the final eval
+
+
+def test_gradient_checkpointing_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
+    train(_config(shards, tiny_model_dir, tmp_path / "plain", max_steps=3, log_every=1))
+    train(_config(shards, tiny_model_dir, tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True))
+    losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
