@@ -170,3 +170,10 @@ def test_gradient_checkpointing_gives_the_same_losses(shards, tiny_model_dir, tm
     train(_config(shards, tiny_model_dir, tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True))
     losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
+
+
+def test_compile_option_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
+    train(_config(shards, tiny_model_dir, tmp_path / "eager", max_steps=2, log_every=1))
+    train(_config(shards, tiny_model_dir, tmp_path / "compiled", max_steps=2, log_every=1, compile=True))
+    losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
+    assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)

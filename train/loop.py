@@ -260,7 +260,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     scorer: Any = SequenceScorer(model)
     if config.compile:
-        scorer = torch.compile(scorer)
+        scorer.compile()  # in place: the module stays a SequenceScorer, which sequence_logps and DDP expect
     if dist.world > 1:
         scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
 
