@@ -30,9 +30,8 @@ from prefdata.neardup import clusters, components, shares_shingle, shingles, sig
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
-from schemas.records import RECORD_SCHEMA
+from schemas.records import RECORD_FILES, RECORD_SCHEMA
 
-RECORD_FILES = {"ingest": ("records.parquet",), "curate": ("train.parquet", "eval.parquet")}
 # train/eval.parquet are records plus the prompt cluster they were split by; a later curate run
 # over them keeps those clusters whole.
 CURATED_SCHEMA = RECORD_SCHEMA.append(pa.field("prompt_cluster", pa.string()))
@@ -84,11 +83,15 @@ def _load_inputs(paths: list[str]) -> tuple[pl.DataFrame, list[InputFile]]:
     return records, inputs
 
 
-def _normalised(messages: str) -> pl.Expr:
-    """One comparable string per message list: roles kept, NFKC, case-folded, whitespace collapsed."""
-    element = pl.element().struct
-    text = pl.col(messages).list.eval(element.field("role") + ": " + element.field("content")).list.join("\n")
+def _fold(text: pl.Expr) -> pl.Expr:
+    """The form texts are compared in: NFKC, case-folded, whitespace collapsed."""
     return text.str.normalize("NFKC").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def _normalised(messages: str) -> pl.Expr:
+    """One comparable string per message list, roles kept."""
+    element = pl.element().struct
+    return _fold(pl.col(messages).list.eval(element.field("role") + ": " + element.field("content")).list.join("\n"))
 
 
 def _answer_chars(messages: str) -> pl.Expr:
@@ -135,8 +138,7 @@ def _decontaminate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
         return frame
     from prefdata.evalsets import load_eval_texts
 
-    eval_texts = pl.Series(load_eval_texts(config.decontaminate)).str.normalize("NFKC").str.to_lowercase() \
-        .str.replace_all(r"\s+", " ").str.strip_chars()
+    eval_texts = pl.select(_fold(pl.lit(pl.Series(load_eval_texts(config.decontaminate), dtype=pl.String)))).to_series()
     eval_grams = np.unique(shingles(eval_texts, config.decontaminate_ngram)[1])
     hit = np.zeros(frame.height, dtype=bool)
     for column in ("prompt_norm", "chosen_norm", "rejected_norm"):

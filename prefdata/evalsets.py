@@ -13,13 +13,15 @@ from pathlib import Path
 import polars as pl
 
 from schemas.errors import UserError
-from schemas.manifest import MANIFEST_NAME
+from schemas.manifest import MANIFEST_NAME, Manifest
+from schemas.records import RECORD_FILES
 
 _CONTENTS = pl.element().struct.field("content")
 
 
 def _record_texts(directory: Path) -> list[str]:
-    frame = pl.concat([pl.read_parquet(p) for p in sorted(directory.glob("*.parquet")) if p.name != "dropped.parquet"])
+    stage = Manifest.read(directory, stages=tuple(RECORD_FILES)).stage
+    frame = pl.concat([pl.read_parquet(directory / name) for name in RECORD_FILES[stage]])
     parts = [frame.select(pl.col(c).list.eval(_CONTENTS).list.join("\n"))[c] for c in ("prompt", "chosen", "rejected")]
     return pl.concat(parts).to_list()
 

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from schemas.errors import UserError
 from schemas.manifest import Manifest
+from schemas.records import RECORD_FILES
 
-RECORD_FILES = ("records.parquet", "train.parquet", "eval.parquet")
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 PARTS = ("prompt", "chosen", "rejected")
 
@@ -25,7 +25,7 @@ PARTS = ("prompt", "chosen", "rejected")
 def _data_files(directory: Path, manifest: Manifest) -> list[Path]:
     if manifest.shards:
         return [directory / s.name for s in manifest.shards]
-    return [directory / name for name in RECORD_FILES if (directory / name).is_file()]
+    return [directory / name for name in RECORD_FILES.get(manifest.stage, {})]
 
 
 def _scan(path: Path) -> pl.LazyFrame:

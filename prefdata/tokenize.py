@@ -30,7 +30,7 @@ from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
-from schemas.records import prompt_hash
+from schemas.records import RECORD_FILES, prompt_hash
 from schemas.shard import SHARD_SCHEMA, shard_name
 
 TOO_LONG = "too_long"
@@ -38,8 +38,6 @@ TEMPLATE_MISMATCH = "template_mismatch"
 EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 
-# Which files each upstream stage leaves, and the split each becomes.
-STAGE_INPUTS = {"ingest": {"records.parquet": "train"}, "curate": {"train.parquet": "train", "eval.parquet": "eval"}}
 
 # The plain template for base models (no chat template): the Anthropic HH layout, which base
 # models have seen and which the DPO paper's HH experiments used. The completion starts with a
@@ -291,8 +289,8 @@ DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("drop_
 
 
 def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]]]:
-    upstream = Manifest.read(input_dir, stages=tuple(STAGE_INPUTS))
-    files = [(split, input_dir / name) for name, split in STAGE_INPUTS[upstream.stage].items()]
+    upstream = Manifest.read(input_dir, stages=tuple(RECORD_FILES))
+    files = [(split, input_dir / name) for name, split in RECORD_FILES[upstream.stage].items()]
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise UserError(f"{input_dir}: {', '.join(missing)} missing; re-run prefdata {upstream.stage}")

@@ -138,6 +138,13 @@ class PreferenceRecord(BaseModel):
         return cls.model_validate(row)
 
 
+# The record files each record-set stage writes, and the split each holds (an ingest output is not
+# split yet: all of it trains). Every stage that reads record sets finds them here.
+RECORD_FILES: dict[str, dict[str, str]] = {
+    "ingest": {"records.parquet": "train"},
+    "curate": {"train.parquet": "train", "eval.parquet": "eval"},
+}
+
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
 
