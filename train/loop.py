@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from train.batching import LengthGroupedSampler, PairBatch, collate_pairs, token
 from train.config import TrainConfig
 from train.data import SplitData, open_shards
 from train.device import select_device
+from train.distributed import Dist
 from train.logprobs import SequenceScorer, sequence_logps
 from train.losses import preference_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
@@ -43,41 +43,6 @@ class TrainingDiverged(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Processes and devices
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-
-    @classmethod
-    def start(cls, device: torch.device) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend, timeout=timedelta(minutes=30))
-        return cls(int(os.environ.get("RANK", "0")), world)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            values = values.clone()
-            torch.distributed.all_reduce(values)
-            values /= self.world
-        return values
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            values = values.clone()
-            torch.distributed.all_reduce(values)
-        return values
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
 
 
 def _autocast(device: torch.device, dtype_name: str) -> Any:
@@ -229,7 +194,7 @@ def check_stored_reference(config: TrainConfig, model: Any, data: SplitData, pad
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
     device = select_device(config.device)
-    dist = Dist.start(device)
+    dist = Dist.start("nccl" if device.type == "cuda" else "gloo", timedelta(minutes=30))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

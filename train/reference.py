@@ -19,7 +19,6 @@ barrier, after which rank 0 writes the manifest.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from schemas.progress import progress
 from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.device import dtype_name, select_device, select_dtype
+from train.distributed import Dist
 from train.logprobs import sequence_logps
 from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
 from train.models import model_dir as resolve_model_dir
@@ -104,26 +104,6 @@ def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Ranks
-
-
-@dataclass(frozen=True)
-class _Ranks:
-    rank: int
-    world: int
-
-    @classmethod
-    def start(cls) -> _Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            # gloo even on GPUs: the only collective is a barrier. The timeout is long because a
-            # rank with shorter shards waits there for the others; a crashed rank does not leave
-            # the rest hanging, since torchrun stops every worker when one fails.
-            torch.distributed.init_process_group("gloo", timeout=timedelta(days=1))
-        return cls(int(os.environ.get("RANK", "0")), world)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +252,10 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
     upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
     if not upstream.shards or upstream.tokenizer is None:
         raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
-    ranks = _Ranks.start()
+    # gloo even on GPUs: the only collective is a barrier. The timeout is long because a rank with
+    # shorter shards waits there for the others; a crashed rank does not leave the rest hanging,
+    # since torchrun stops every worker when one fails.
+    ranks = Dist.start("gloo", timedelta(days=1))
     device = select_device(config.device)
     dtype = select_dtype(config.dtype, device)
     model_dir = resolve_model_dir(config.model)
