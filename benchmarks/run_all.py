@@ -36,7 +36,7 @@ from benchmarks import bench_curate, bench_ingest, bench_precompute, bench_train
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
                  max_length=768, train_steps=8, repeats=3, train_repeats=3),
-    "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=5_000, model_rows=80,
+    "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=20_000, model_rows=80,
                   max_length=384, train_steps=3, repeats=2, train_repeats=1),
 }
 
@@ -62,13 +62,14 @@ def peer_ingest(raw: str, cache: str) -> dict:
     return {"rows": len(data)}
 
 
-def peer_tokenize(records: str, tokenizer: str, cache: str) -> dict:
+def peer_tokenize(records: str, tokenizer: str, cache: str, num_proc: int | None = None) -> dict:
     """datasets.map(batched=True): chat-template the prompt and each conversation, encode the prompt
-    and the two completions (the text after the prompt), as tokenize does."""
+    and the two completions (the text after the prompt), as tokenize does. Timed as a whole process,
+    like `prefdata tokenize` beside it: imports and the tokenizer load count for both."""
+    import pyarrow.compute as pc
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    start = time.perf_counter()  # loading the tokenizer counts, as it does in ours
     tok = AutoTokenizer.from_pretrained(tokenizer)
 
     def encode(batch: dict) -> dict:
@@ -80,20 +81,8 @@ def peer_tokenize(records: str, tokenizer: str, cache: str) -> dict:
         return out
 
     data = Dataset.from_parquet(records, cache_dir=tempfile.mkdtemp(dir=cache), columns=["prompt", "chosen", "rejected"])
-    data = data.map(encode, batched=True, remove_columns=["prompt", "chosen", "rejected"])
-    seconds = time.perf_counter() - start
-    return {"tokens": sum(len(x) for column in data.column_names for x in data[column]), "seconds": seconds}
-
-
-def ours_tokenize(records: str, tokenizer: str, out: str) -> dict:
-    import transformers  # noqa: F401  imported before the clock starts, as in the peer
-    from prefdata.tokenize import TokenizeConfig, tokenize
-
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    stats = tokenize(TokenizeConfig(input_dir=records, tokenizer=tokenizer, out=out, max_length=4096,
-                                    max_prompt_length=2048)).stats
-    return {"tokens": stats["prompt_tokens"] + stats["completion_tokens"], "seconds": time.perf_counter() - start}
+    data = data.map(encode, batched=True, num_proc=num_proc, remove_columns=["prompt", "chosen", "rejected"])
+    return {"tokens": sum(pc.sum(pc.list_value_length(data.data.column(c))).as_py() for c in data.column_names)}
 
 
 def ours_precompute(model: str, pristine: str, shards: str) -> dict:
@@ -107,7 +96,7 @@ def trl_precompute(model: str, pristine: str, work: str) -> dict:
     return {k: v for k, v in result.items() if k != "ref_chosen_logps"}
 
 
-CHILDREN = {"peer_ingest": peer_ingest, "peer_tokenize": peer_tokenize, "ours_tokenize": ours_tokenize,
+CHILDREN = {"peer_ingest": peer_ingest, "peer_tokenize": peer_tokenize,
             "ours_precompute": ours_precompute, "trl_precompute": trl_precompute}
 
 
@@ -122,7 +111,7 @@ def measure(command: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_mib": peak / 2**20, **result}
 
 
-def child(name: str, results: Path, **kwargs: str) -> list[str]:
+def child(name: str, results: Path, **kwargs: object) -> list[str]:
     """The command that runs CHILDREN[name](**kwargs) in a fresh process; its figures go to a file in
     `results` (a `seconds` among them replaces the process's wall time: the work, not the start-up)."""
     result = results / f"{name}.result.json"
@@ -185,12 +174,19 @@ def run(size: str, work: Path) -> dict:
     model, shards = bench_precompute.prepare(work / "model-work", sizes["model_rows"], sizes["max_length"])
     tokenize_input = _tokenize_input(work, sizes["tokenize_rows"])
     tokenize = alternate({
-        "ours": child("ours_tokenize", work, records=str(tokenize_input), tokenizer=str(model), out=str(work / "tok-out")),
+        "ours": [sys.executable, "-m", "prefdata", "tokenize", str(tokenize_input), "--tokenizer", str(model),
+                 "--out", str(work / "tok-out"), "--max-length", "4096", "--max-prompt-length", "2048"],
         "peer": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
                       cache=str(work / "hf-cache")),
+        # Ours uses one process per core by default; the peer given the same cores.
+        "peer-procs": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
+                            cache=str(work / "hf-cache"), num_proc=os.cpu_count()),
     }, repeats)
-    rows.append(row("tokenize", "tokens/s", tokenize["ours"]["tokens"] / tokenize["ours"]["seconds"],
-                    tokenize["peer"]["tokens"] / tokenize["peer"]["seconds"], "datasets map(batched)", "faster than the peer"))
+    stats = json.loads((work / "tok-out" / "manifest.json").read_text())["stats"]
+    ours_tps = (stats["prompt_tokens"] + stats["completion_tokens"]) / tokenize["ours"]["seconds"]
+    for peer, name in (("peer", "datasets map(batched)"), ("peer-procs", f"datasets map(batched, num_proc={os.cpu_count()})")):
+        rows.append(row("tokenize", "tokens/s", ours_tps, tokenize[peer]["tokens"] / tokenize[peer]["seconds"], name,
+                        "faster than the peer"))
 
     pristine = work / "shards-tokenized"
     shutil.copytree(shards, pristine)

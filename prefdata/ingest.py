@@ -14,15 +14,13 @@ so the manifest's stats also hold the number of records.
 
 from __future__ import annotations
 
-import gc
 import json
-import multiprocessing as mp
 import os
 import platform
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain, groupby, islice
+from itertools import groupby, islice
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -35,6 +33,7 @@ from prefdata import __version__
 from prefdata.formats.base import Format, FormatError, FormatOptions, Skipped
 from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
+from prefdata.pool import OrderedPool
 from prefdata.readers import RawRow, Row, Source, resolve_sources
 from schemas.errors import UserError
 from schemas.io import atomic_dir
@@ -241,53 +240,6 @@ def _chunks(items: Iterable[Row | _Group], size: int) -> Iterator[list[Row | _Gr
         yield chunk
 
 
-class _Converter:
-    """Runs `_convert_chunk` over a stream of jobs and yields the results in input order.
-
-    A source of one chunk is converted here. Larger ones go to a pool of `workers` processes,
-    started on first need from a forkserver, so the workers never inherit this process's threads
-    (Arrow's, or polars' when curate calls ingest) in a locked state. At most `2 * workers` chunks
-    are in flight, so memory stays bounded however large the input."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: Any = None
-
-    def __enter__(self) -> _Converter:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-
-    def _started(self) -> Any:
-        if self._pool is None:
-            methods = mp.get_all_start_methods()
-            context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-            if "forkserver" in methods:
-                context.set_forkserver_preload([__name__])  # workers fork with the imports done
-            # gc.freeze: the imported modules' objects live as long as the worker; keeping them out of
-            # every full collection saves ~20% of the per-row time (measured on HH rows).
-            self._pool = context.Pool(self.workers, initializer=gc.freeze)
-        return self._pool
-
-    def map(self, jobs: Iterable[tuple[Source, Format, list[Row | _Group]]]) -> Iterator[_Chunk]:
-        jobs = iter(jobs)
-        head = list(islice(jobs, 2))
-        if self.workers == 1 or len(head) < 2:
-            yield from map(_convert_chunk, chain(head, jobs))
-            return
-        pool = self._started()
-        in_flight: deque[Any] = deque()
-        for job in chain(head, jobs):
-            in_flight.append(pool.apply_async(_convert_chunk, (job,)))
-            if len(in_flight) >= 2 * self.workers:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
-
-
 class _RecordWriter:
     """Record tables → parquet, one row group per `row_group_rows`, so memory stays flat."""
 
@@ -358,7 +310,7 @@ def _per_format(tallies: list[_SourceTally]) -> dict[str, dict[str, int]]:
 
 
 def _ingest_source(
-    source: Source, fmt: Format, rows: Iterable[Row], converter: _Converter, records: _RecordWriter,
+    source: Source, fmt: Format, rows: Iterable[Row], converter: OrderedPool, records: _RecordWriter,
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
@@ -378,7 +330,7 @@ def ingest(config: IngestConfig) -> Manifest:
     left = config.limit  # rows still to read under --limit
     with atomic_dir(config.out) as tmp:
         with (
-            _Converter(config.workers) as converter,
+            OrderedPool(_convert_chunk, config.workers) as converter,
             _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows) as records,
             open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
             progress("ingest") as bar,

@@ -6,10 +6,11 @@ import pyarrow.ipc as ipc
 import pytest
 from transformers import AutoTokenizer
 
-from prefdata.tokenize import TokenizeConfig, tokenize
+from prefdata.tokenize import TokenizeConfig, batch_encoder, load_tokenizer, tokenize
 from schemas.errors import UserError
 from schemas.io import sha256_file
 from schemas.manifest import Manifest
+from schemas.records import prompt_hash
 from schemas.shard import SHARD_SCHEMA
 from tests.records_factory import make_record, write_records_dir
 
@@ -104,10 +105,48 @@ def test_shards_read_by_polars_pyarrow_and_datasets(records_dir, chat_tokenizer_
     assert _read_shard(out / "train-00001.arrow").num_rows == 1
 
 
-def test_deterministic_output(records_dir, chat_tokenizer_dir, tmp_path):
-    a = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "a")))
-    b = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "b")))
-    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+def test_same_output_with_one_or_two_workers(chat_tokenizer_dir, tmp_path):
+    """The pool changes where batches are encoded, never what is written or in which order."""
+    records = [make_record(f"question {i}", f"answer {i}", f"other {i}", row=i) for i in range(9)]
+    src = write_records_dir(tmp_path / "in", {"train": [MULTI_TURN, *records], "eval": [SINGLE]})
+    options = dict(input_dir=str(src), tokenizer=str(chat_tokenizer_dir), max_length=40, max_prompt_length=30,
+                   batch_rows=2, rows_per_shard=4)
+    one = tokenize(TokenizeConfig(out=str(tmp_path / "one"), workers=1, **options))
+    two = tokenize(TokenizeConfig(out=str(tmp_path / "two"), workers=2, **options))
+    assert [(s.name, s.rows, s.sha256) for s in one.shards] == [(s.name, s.rows, s.sha256) for s in two.shards]
+    assert len(one.shards) == 4 and one.counts == two.counts and one.counts.dropped == {"too_long": 1}
+    assert sha256_file(tmp_path / "one" / "dropped.parquet") == sha256_file(tmp_path / "two" / "dropped.parquet")
+    assert one.stats == two.stats
+    ids = pl.read_ipc(tmp_path / "two" / "train-00000.arrow")["id"].to_list()
+    assert ids == [r.id for r in records[:4]]  # input order, MULTI_TURN (too long) left out
+
+
+def test_pairs_sharing_a_prompt_get_its_ids_and_hash(chat_tokenizer_dir, tmp_path):
+    """Each distinct prompt of a batch is encoded once; interleaved rows must still get their own."""
+    turns = [("system", "Be brief."), ("user", "Name a colour.")]
+    records = [make_record(turns, "Red.", "Blue, I think.", row=1), make_record("Name a fruit.", "Apple.", "Pear?", row=2),
+               make_record(turns, "Green.", "Red.", row=3), make_record(turns, "Blue.", "Green!", row=4)]
+    src = write_records_dir(tmp_path / "in", {"train": records, "eval": []})
+    tokenize(TokenizeConfig(input_dir=str(src), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s"), workers=1))
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    rows = _read_shard(tmp_path / "s" / "train-00000.arrow").to_pylist()
+    for record, row in zip(records, rows):
+        messages = [m.model_dump() for m in record.prompt]
+        assert row["prompt_input_ids"] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert row["prompt_id"] == prompt_hash(record.prompt)
+        assert tok.decode(row["chosen_input_ids"], skip_special_tokens=True) == record.chosen[0].content
+    assert rows[0]["prompt_id"] == rows[2]["prompt_id"] == rows[3]["prompt_id"] != rows[1]["prompt_id"]
+
+
+def test_batch_encoder_ignores_stored_truncation_and_keeps_special_tokens(chat_tokenizer_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    tok.backend_tokenizer.enable_truncation(4)  # a tokenizer.json saved with truncation switched on
+    tok.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    texts = ["a fairly long sentence about the weather<|im_end|>", "", "short"]
+    ids = batch_encoder(tok)(texts)
+    assert ids == tok(texts, add_special_tokens=False)["input_ids"]
+    assert len(ids[0]) > 4 and ids[0][-1] == tok.eos_token_id and ids[1] == []
 
 
 @pytest.mark.parametrize(
