@@ -107,13 +107,14 @@ def tokenize_command(
     max_prompt_length: int = typer.Option(512, help="Prompt tokens."),
     overflow: str = typer.Option("drop", help="drop: pairs that do not fit are dropped (too_long); truncate: cut them."),
     rows_per_shard: int = typer.Option(50_000, help="Rows per Arrow file."),
+    workers: int = typer.Option(None, "--workers", help="Processes that render and encode (default: one per CPU core)."),
 ) -> None:
     """Tokenize records into Arrow IPC shards (TRL column names, int32 ids)."""
     from prefdata.tokenize import TokenizeConfig, summary_lines, tokenize
 
     config = _config(TokenizeConfig, input_dir=input_dir, tokenizer=tokenizer, out=out, template=template,
                      max_length=max_length, max_prompt_length=max_prompt_length, overflow=overflow,
-                     rows_per_shard=rows_per_shard)
+                     rows_per_shard=rows_per_shard, **({} if workers is None else {"workers": workers}))
     print("\n".join(summary_lines(tokenize(config))))
 
 

@@ -182,7 +182,8 @@ def test_cli_one_line_error_and_success(records_dir, chat_tokenizer_dir, tmp_pat
     bad = subprocess.run(base + ["--tokenizer", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    ok = subprocess.run(base + ["--tokenizer", str(chat_tokenizer_dir)], capture_output=True, text=True)
+    ok = subprocess.run(base + ["--tokenizer", str(chat_tokenizer_dir), "--workers", "2"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "read 3, kept 3" in ok.stdout
-    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["stage"] == "tokenize"
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["stage"] == "tokenize" and manifest["config"]["workers"] == 2
