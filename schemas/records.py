@@ -12,8 +12,9 @@ import json
 import unicodedata
 from typing import Any, Literal
 
+import orjson
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "user", "assistant"]
@@ -41,8 +42,9 @@ def normalize_text(text: str) -> str:
 
 
 def _stable_hash(payload: Any) -> str:
-    blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+    # orjson writes the bytes of json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    # (tested), which the ids were first defined with, at a tenth of the cost.
+    return hashlib.blake2b(orjson.dumps(payload), digest_size=16).hexdigest()
 
 
 def _pairs(messages: list[Message] | list[dict[str, str]]) -> list[list[str]]:
@@ -93,7 +95,7 @@ class PreferenceRecord(BaseModel):
     source_row: int
     chosen_score: float | None = None
     rejected_score: float | None = None
-    meta: dict[str, MetaValue] = {}
+    meta: dict[str, MetaValue] = Field(default_factory=dict)  # a {} default would be deep-copied per record
 
     @model_validator(mode="after")
     def _check_shape(self) -> PreferenceRecord:
@@ -116,9 +118,10 @@ class PreferenceRecord(BaseModel):
                     "{name} must start with an assistant turn, got {role}",
                     {"name": name, "role": answer[0].role},
                 )
-        if self.chosen == self.rejected:
+        prompt, chosen, rejected = _pairs(self.prompt), _pairs(self.chosen), _pairs(self.rejected)
+        if chosen == rejected:
             raise PydanticCustomError(IDENTICAL_ANSWERS, "chosen and rejected are identical")
-        expected = record_id(self.prompt, self.chosen, self.rejected)
+        expected = _stable_hash([prompt, chosen, rejected])
         if not self.id:
             object.__setattr__(self, "id", expected)
         elif self.id != expected:
@@ -128,7 +131,7 @@ class PreferenceRecord(BaseModel):
     def to_row(self) -> dict[str, Any]:
         """The record as a row of RECORD_SCHEMA (meta as a JSON string: polars has no map type)."""
         row = self.model_dump()
-        row["meta"] = json.dumps(self.meta, ensure_ascii=False, sort_keys=True)
+        row["meta"] = _meta_json(self.meta)
         return row
 
     @classmethod
@@ -166,4 +169,33 @@ RECORD_SCHEMA = pa.schema(
 
 
 def records_to_table(records: list[PreferenceRecord]) -> pa.Table:
-    return pa.Table.from_pylist([r.to_row() for r in records], schema=RECORD_SCHEMA)
+    """Records → a RECORD_SCHEMA table, column by column from the attributes (no per-record dict)."""
+    columns = {
+        "id": pa.array([r.id for r in records], pa.string()),
+        **{name: _messages_array([getattr(r, name) for r in records]) for name in ("prompt", "chosen", "rejected")},
+        "source": pa.array([r.source for r in records], pa.string()),
+        "source_format": pa.array([r.source_format for r in records], pa.string()),
+        "source_row": pa.array([r.source_row for r in records], pa.int64()),
+        "chosen_score": pa.array([r.chosen_score for r in records], pa.float64()),
+        "rejected_score": pa.array([r.rejected_score for r in records], pa.float64()),
+        "meta": pa.array([_meta_json(r.meta) for r in records], pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+
+
+def _meta_json(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else "{}"
+
+
+def _messages_array(conversations: list[list[Message]]) -> pa.Array:
+    """list<struct<role, content>> from flat role/content columns and offsets: about half the
+    cost of letting Arrow walk nested Python dicts (measured on HH records)."""
+    offsets, roles, contents = [0], [], []
+    for conversation in conversations:
+        for m in conversation:
+            roles.append(m.role)
+            contents.append(m.content)
+        offsets.append(len(roles))
+    structs = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
+                                         fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs)

@@ -263,7 +263,7 @@ def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
 def test_cli_missing_model_exits_2_with_one_line(shards, monkeypatch, capsys, tmp_path):
     code, err = _cli(monkeypatch, capsys, shards, "--model", tmp_path / "nope")
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("prefdata: error: --model") and "no such directory" in err
+    assert err.count("\n") == 1 and err.startswith("prefdata: error: model ") and "no such directory" in err
 
 
 def test_guards_refuse_bad_input_without_touching_shards(shards, tiny_model_dir, base_tokenizer_dir, tmp_path):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from pydantic import ValidationError
 
 from schemas.errors import UserError
 from schemas.manifest import Counts, Manifest
-from schemas.records import PreferenceRecord, normalize_text, record_id
+from schemas.records import RECORD_SCHEMA, Message, PreferenceRecord, normalize_text, record_id, records_to_table
 
 
 def _rec(**over):
@@ -39,6 +40,32 @@ def test_id_is_stable_content_hash_and_ignores_provenance():
     # Normalisation happens before hashing: stray whitespace does not change the id.
     assert _rec(chosen=[{"role": "assistant", "content": "  Hello!\r\n"}]).id == a.id
     assert _rec(chosen=[{"role": "assistant", "content": "Hello"}]).id != a.id
+
+
+def test_id_pinned_value_so_ids_never_change_between_versions():
+    assert _rec().id == "28d6f1ecc05ff6d55795af4f2a7f18ff"
+
+
+NO_SURROGATES = st.text(st.characters(blacklist_categories=("Cs",)))  # readers quarantine those (invalid_utf8)
+
+
+@given(NO_SURROGATES, NO_SURROGATES)
+def test_id_hashes_the_compact_json_it_was_defined_with(prompt, answer):
+    """The id is blake2b-128 of json.dumps(..., ensure_ascii=False, separators=(",", ":")); the
+    faster encoder must write those bytes for any text (control characters, quotes, non-ASCII)."""
+    pairs = [[["user", prompt]], [["assistant", answer]], [["assistant", answer + "x"]]]
+    blob = json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    messages = [[Message.model_construct(role=role, content=content) for role, content in turns] for turns in pairs]
+    assert record_id(*messages) == hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def test_records_to_table_equals_the_rows_it_stands_for():
+    records = [_rec(), _rec(meta={"model": "x", "n": 2}, chosen_score=4.5, rejected_score=None,
+                            prompt=[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}])]
+    table = records_to_table(records)
+    assert table.schema == RECORD_SCHEMA
+    assert table.to_pylist() == [r.to_row() for r in records]
+    assert [PreferenceRecord.from_row(row) for row in table.to_pylist()] == records
 
 
 def test_id_given_must_match():

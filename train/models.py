@@ -29,13 +29,13 @@ def model_dir(name_or_path: str) -> Path:
     if path.is_dir():
         return path
     if path.is_absolute() or name_or_path.startswith(".") or path.exists() or name_or_path.count("/") > 1:
-        raise UserError(f"--model {name_or_path}: no such directory")
+        raise UserError(f"model {name_or_path}: no such directory")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
     except Exception as exc:  # any reason the Hub cannot give us the model is the user's to fix
-        raise UserError(f"--model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
+        raise UserError(f"model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -49,7 +49,7 @@ def model_fingerprint(directory: Path, name_or_path: str, dtype: torch.dtype, de
     config = directory / "config.json"
     weights = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
     if not config.is_file() or not weights:
-        raise UserError(f"--model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {directory}")
+        raise UserError(f"model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {directory}")
     return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),
                             weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
 
@@ -65,7 +65,7 @@ def load_tokenizer(directory: Path, name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        raise UserError(f"--model {name_or_path}: cannot load its tokenizer ({_first_line(exc)}); "
+        raise UserError(f"model {name_or_path}: cannot load its tokenizer ({_first_line(exc)}); "
                         "save the tokenizer the shards were made with beside the model") from None
 
 
@@ -73,7 +73,7 @@ def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFinge
     """The model's tokenizer must be the one the shards were made with; returns it."""
     tokenizer = load_tokenizer(directory, name_or_path)
     if expected is not None and tokenizer_fingerprint(tokenizer, name_or_path).files_sha256 != expected.files_sha256:
-        raise UserError(f"--model {name_or_path}: its tokenizer differs from the one the shards were made with "
+        raise UserError(f"model {name_or_path}: its tokenizer differs from the one the shards were made with "
                         f"({expected.name_or_path}); re-run prefdata tokenize with --tokenizer {name_or_path}")
     return tokenizer
 
@@ -89,5 +89,5 @@ def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, devic
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
-        raise UserError(f"--model {name_or_path}: cannot load it: {_first_line(exc)}") from None
+        raise UserError(f"model {name_or_path}: cannot load it: {_first_line(exc)}") from None
     return model.to(device), load_tokenizer(directory, name_or_path)
