@@ -50,11 +50,18 @@ def prepare(work: Path, rows: int, max_length: int) -> tuple[Path, Path]:
     return model, work / "shards"
 
 
+def bench_device() -> str:
+    """Where the model stages run: the GPU when the machine has one (README keeps that table apart)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_ours(model: Path, shards: Path, batch_tokens: int) -> dict:
     from train.reference import PrecomputeRefConfig, precompute_ref
 
     start = time.perf_counter()
-    config = PrecomputeRefConfig(shards=str(shards), model=str(model), device="cpu", batch_tokens=batch_tokens)
+    config = PrecomputeRefConfig(shards=str(shards), model=str(model), device=bench_device(), batch_tokens=batch_tokens)
     manifest = precompute_ref(config).manifest
     seconds = time.perf_counter() - start
     stats = manifest.stats
@@ -91,7 +98,7 @@ def run_trl(model: Path, shards: Path, work: Path) -> dict:
 
     ids = trl_token_ids(shards)
     dataset = Dataset.from_dict(ids)
-    args = DPOConfig(output_dir=str(work / "trl"), precompute_ref_log_probs=True, bf16=False, use_cpu=True,
+    args = DPOConfig(output_dir=str(work / "trl"), precompute_ref_log_probs=True, bf16=False, use_cpu=bench_device() == "cpu",
                      report_to="none", disable_tqdm=True)
     trainer = trl_trainer(model, args)
     batch = args.precompute_ref_batch_size or args.per_device_train_batch_size

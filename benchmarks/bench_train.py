@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import prepare, run_ours as precompute_ours, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import bench_device, prepare, run_ours as precompute_ours, trl_token_ids, trl_trainer  # noqa: E402
 
 VARIANTS = ("ours", "ours-live", "trl-live", "trl-precompute")
 BATCH_SIZE = 8
@@ -45,7 +45,7 @@ def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool) -> 
 
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), reference="live" if live else "precomputed",
                          batch_size=BATCH_SIZE, max_steps=steps, log_every=1, learning_rate=LEARNING_RATE,
-                         device="cpu", dtype="float32")
+                         device=bench_device(), dtype="float32")
     train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
@@ -68,7 +68,7 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
                 self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=precompute, per_device_train_batch_size=BATCH_SIZE,
-                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
+                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=bench_device() == "cpu", report_to="none",
                      disable_tqdm=True, save_strategy="no", logging_steps=steps)
     trainer = trl_trainer(model, args)
     dataset = Dataset.from_dict(trl_token_ids(shards))

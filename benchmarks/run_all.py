@@ -128,13 +128,22 @@ def alternate(commands: dict[str, list[str]], repeats: int) -> dict[str, dict]:
             for name, results in runs.items()}
 
 
-def matmul_flops(size: int = 1024, repeats: int = 10) -> float:
-    """This machine's dense float32 matmul FLOP/s with torch's threads: best of `repeats` n×n products."""
+def matmul_flops(repeats: int = 10) -> float:
+    """Dense float32 matmul FLOP/s where the model stages run (torch's CPU threads, or the GPU):
+    best of `repeats` n×n products, n large enough to fill the device."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    device = bench_precompute.bench_device()
+    size = 1024 if device == "cpu" else 8192
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+
+    def product() -> None:
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    product()  # warm-up
+    best = min(_timed(product) for _ in range(repeats))
     return 2 * size**3 / best
 
 
@@ -251,14 +260,16 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "load_average_at_start": os.getloadavg()[0]}
+            "load_average_at_start": os.getloadavg()[0],
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
              f"load average {m['load_average_at_start']:.1f} at start; torch {m['torch']}, transformers "
-             f"{m['transformers']}, TRL {m['trl']}. Dense float32 matmul: {report['matmul_gflops']:.1f} GFLOP/s. "
+             f"{m['transformers']}, TRL {m['trl']}; model stages on device: {m['device']}. "
+             f"Dense float32 matmul there: {report['matmul_gflops']:.1f} GFLOP/s. "
              f"`{report['size']}` sizes: {report['sizes']}; model {report['model_parameters'] / 1e6:.2f}M parameters.", "",
              "| stage | metric | ours | peer | peer value | ours/peer | target |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -287,8 +298,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
         report = run("quick" if args.quick else "full", Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2))
-    (args.out / "bench.md").write_text(markdown(report))
+    # A GPU run writes its own files, so the README's CPU and GPU tables never overwrite each other.
+    stem = "bench" if report["machine"]["device"] == "cpu" else "bench-cuda"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -1,0 +1,24 @@
+"""The benchmark table's arithmetic (the measurements themselves live in `make bench`, never in tests)."""
+
+from benchmarks.run_all import SIZES, markdown, row
+
+
+def test_ratio_above_one_means_better_for_us_for_rates_and_for_memory():
+    faster = row("tokenize", "tokens/s", 300.0, 100.0, "peer", "faster than the peer")
+    leaner = row("train", "peak RSS MiB", 500.0, 1000.0, "peer", "≤ peer", higher_is_better=False)
+    assert faster["ratio"] == 3.0 and leaner["ratio"] == 2.0
+    assert row("curate", "records/s", 10.0, None, "—", "—")["ratio"] is None
+
+
+def test_markdown_names_the_machine_and_device_and_lists_every_row():
+    report = {
+        "size": "quick", "sizes": SIZES["quick"], "matmul_gflops": 200.0, "model_parameters": 3_670_000,
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "load_average_at_start": 0.5, "torch": "2.13.0",
+                    "transformers": "5.23.0", "trl": "1.16.0", "device": "cpu"},
+        "rows": [row("ingest", "rows/s", 30_000.0, 20_000.0, "datasets json+map", "≥ 30,000 rows/s"),
+                 row("precompute-ref", "padding efficiency", 0.8, 0.5, "TRL", "—")],
+    }
+    text = markdown(report)
+    assert "Test CPU, 2 cores" in text and "device: cpu" in text and "200.0 GFLOP/s" in text
+    assert "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |" in text
+    assert "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |" in text
