@@ -5,9 +5,11 @@
 Rows (ours | peer):
     ingest          prefdata ingest | datasets load_dataset("json") + map doing the same HH prompt split
     curate          prefdata curate (exact + near dedupe + split); no peer does the same work
-    tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template
+    tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template, one
+                    process and num_proc = cores; both timed as whole processes
     precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
-    train           our trainer, precomputed and live reference | TRL DPOTrainer, live and precompute
+    train           our trainer, precomputed and live reference, and with gradient checkpointing (TRL's
+                    default) | TRL DPOTrainer, live and precompute
     MFU             achieved FLOP/s (2·params·tokens inference, 6·params·tokens training) ÷ this
                     machine's dense float32 matmul FLOP/s, measured in this run
 Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
@@ -218,8 +220,14 @@ def run(size: str, work: Path) -> dict:
         rows.append(row("train", "tokens/s", train["ours"]["tokens_per_s"], train[peer]["tokens_per_s"], f"TRL {peer[4:]}", target))
     rows.append(row("train --reference live", "tokens/s", train["ours-live"]["tokens_per_s"], train["trl-live"]["tokens_per_s"],
                     "TRL live", "—"))
-    rows.append(row("train", "peak RSS MiB", train["ours"]["peak_rss_mib"], train["trl-precompute"]["peak_rss_mib"],
-                    "TRL precompute", "≤ TRL precompute", False))
+    # TRL's DPOConfig checkpoints activations by default and ours does not: memory is compared like
+    # for like (ours --gradient-checkpointing); the defaults are shown beside it.
+    rows += [row("train --gradient-checkpointing", "tokens/s", train["ours-ckpt"]["tokens_per_s"],
+                 train["trl-precompute"]["tokens_per_s"], "TRL precompute", "—"),
+             row("train --gradient-checkpointing", "peak RSS MiB", train["ours-ckpt"]["peak_rss_mib"],
+                 train["trl-precompute"]["peak_rss_mib"], "TRL precompute", "≤ TRL precompute", False),
+             row("train, defaults", "peak RSS MiB", train["ours"]["peak_rss_mib"], train["trl-precompute"]["peak_rss_mib"],
+                 "TRL precompute", "—", False)]
 
     flops = matmul_flops()
     params = _parameters(model)
