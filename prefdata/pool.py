@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
-from multiprocessing import forkserver
 import os
+from multiprocessing import forkserver
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
@@ -75,20 +75,7 @@ class OrderedPool:
         if not self._initialized_here and self.initializer is not None:
             self.initializer(*self.initargs)
             self._initialized_here = True
-        return map(self._without_gc, jobs)
-
-    def _without_gc(self, job: Any) -> Any:
-        # What gc.freeze does for a worker: a job allocates a great many small containers, and
-        # the cycle collector would otherwise walk this process's whole heap (torch's and
-        # transformers' modules included) again and again. A job's garbage is freed by reference
-        # counting either way; the collector runs again when the job is done.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return self.fn(job)
-        finally:
-            if enabled:
-                gc.enable()
+        return map(self.fn, jobs)
 
     def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
         jobs = iter(jobs)

@@ -165,8 +165,8 @@ def batch_encoder(tokenizer: Any) -> Any:
     """texts → token ids, no special tokens added, with the Rust tokenizer's batch encoder.
 
     For a fast tokenizer this calls the backend's `encode_batch_fast` (no character offsets): the
-    same ids as `tokenizer(texts, add_special_tokens=False)` at about twice the speed, because the
-    Python wrapper's per-row dicts and attention masks are skipped. Padding and truncation stored in
+    same ids as `tokenizer(texts, add_special_tokens=False)` in ~40% less time on short texts
+    (measured on HH completions), because the Python wrapper's per-row dicts and masks are skipped. Padding and truncation stored in
     tokenizer.json are switched off first, as transformers does; slow tokenizers take the wrapper."""
     if not getattr(tokenizer, "is_fast", False):
         return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
