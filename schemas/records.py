@@ -59,7 +59,11 @@ def prompt_hash(prompt: list[Message] | list[dict[str, str]]) -> str:
 def record_id(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
     """Content hash of the pair. Scores and provenance are left out: the same comparison from two
     dumps is the same record."""
-    return _stable_hash([_pairs(prompt), _pairs(chosen), _pairs(rejected)])
+    return _pair_id(_pairs(prompt), _pairs(chosen), _pairs(rejected))
+
+
+def _pair_id(prompt: list[list[str]], chosen: list[list[str]], rejected: list[list[str]]) -> str:
+    return _stable_hash([prompt, chosen, rejected])
 
 
 class Message(BaseModel):
@@ -121,7 +125,7 @@ class PreferenceRecord(BaseModel):
         prompt, chosen, rejected = _pairs(self.prompt), _pairs(self.chosen), _pairs(self.rejected)
         if chosen == rejected:
             raise PydanticCustomError(IDENTICAL_ANSWERS, "chosen and rejected are identical")
-        expected = _stable_hash([prompt, chosen, rejected])
+        expected = _pair_id(prompt, chosen, rejected)
         if not self.id:
             object.__setattr__(self, "id", expected)
         elif self.id != expected:
