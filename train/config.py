@@ -48,7 +48,13 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 = autocast over float32 master weights
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 = autocast (DDP) or FSDP mixed precision over float32 master weights
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, weights/gradients/optimizer sharded over the processes
+    cpu_offload: bool = False  # fsdp: keep the shards (and the optimizer step) in host memory
+    lora_r: int = Field(0, ge=0)  # LoRA rank; 0 = full fine-tuning
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | None = None  # default: every Linear of the decoder (not the LM head)
     gradient_checkpointing: bool = False
     compile: bool = False
     window_batches: int = Field(64, gt=0)  # length grouping: sort within windows of this many batches
@@ -58,6 +64,12 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0)  # 0: only the final model
     resume: bool = False
     check_reference_rows: int = Field(4, ge=0)  # step-0 stale-shard check when policy == reference
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _parse_modules(cls, value: Any) -> Any:
+        """`q_proj,v_proj` on the command line; a list in YAML."""
+        return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -79,6 +91,13 @@ class TrainConfig(BaseModel):
             raise ValueError("objective dpo needs at least one loss")
         if "exo_pair" in self.loss and self.label_smoothing == 0:
             raise ValueError("loss exo_pair needs --label-smoothing > 0")
+        if self.cpu_offload and self.parallelism != "fsdp":
+            raise ValueError("--cpu-offload needs --parallelism fsdp")
+        if self.parallelism == "fsdp" and self.reference == "live" and self.needs_reference:
+            raise ValueError("--parallelism fsdp reads the stored reference; run prefdata precompute-ref "
+                             "--parallelism fsdp instead of --reference live")
+        if self.lora_r and self.reference == "live":
+            raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
         return self
 
     @property

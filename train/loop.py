@@ -25,6 +25,7 @@ from schemas.errors import UserError
 from schemas.io import atomic_dir
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
+from train import parallel
 from train.batching import LengthGroupedSampler, PairBatch, collate_pairs, token_budget_batches
 from train.config import TrainConfig
 from train.data import SplitData, open_shards
@@ -34,9 +35,6 @@ from train.logprobs import SequenceScorer, sequence_logps
 from train.losses import preference_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 
-STATE_FILE = "trainer_state.pt"
-
-
 class TrainingDiverged(UserError):
     """NaN or inf loss: the run stops with the step and the rows that caused it."""
 
@@ -45,12 +43,16 @@ class TrainingDiverged(UserError):
 # Processes and devices
 
 
-def _autocast(device: torch.device, dtype_name: str) -> Any:
-    """bf16 autocast over float32 master weights on a GPU that has it (`auto`), float32 elsewhere."""
+def _compute_dtype(device: torch.device, dtype_name: str) -> torch.dtype:
+    """bf16 compute over float32 master weights when asked, or on a GPU that has it (`auto`)."""
     use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not use_bf16:
+    return torch.bfloat16 if use_bf16 else torch.float32
+
+
+def _autocast(device: torch.device, compute_dtype: torch.dtype) -> Any:
+    if compute_dtype == torch.float32:
         return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,32 +80,14 @@ class Position:
     batch_index: int = 0
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
+def save_checkpoint(out: Path, position: Position, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> None:
+    parallel.save_checkpoint(out / f"checkpoint-{position.step:07d}", scorer, optimizer,
+                             {"position": position.__dict__, "scheduler": scheduler.state_dict()}, dist)
 
 
-def save_checkpoint(out: Path, position: Position, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any) -> Path:
-    final = out / f"checkpoint-{position.step:07d}"
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({
-            "position": position.__dict__,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }, tmp / STATE_FILE)
-    return final
-
-
-def restore_state(checkpoint: Path, optimizer: Any, scheduler: Any) -> Position:
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+def restore_state(checkpoint: Path, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> Position:
+    state = parallel.load_checkpoint(checkpoint, scorer, optimizer, dist)
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
     return Position(**state["position"])
 
 
@@ -145,46 +129,120 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
                            logps.rejected_tokens, config.loss, config.loss_params, config.sft_weight)
 
 
+def _inference_view(scorer: Any) -> Any:
+    """The module to score held-out or check rows with. DDP's forward is a collective that the
+    processes would call different numbers of times, so its inner module; an FSDP module itself,
+    since its layers' weights exist only when gathered (`_equal_shares` keeps the calls in step)."""
+    return scorer if _is_sharded(scorer) else parallel.unwrap(scorer)
+
+
+def _is_sharded(scorer: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(scorer, FSDPModule)
+
+
+def _equal_shares(batches: list[np.ndarray], dist: Dist, sharded: bool) -> list[tuple[np.ndarray, bool]]:
+    """This process's batches, each with whether it counts. Under FSDP every process must run the
+    same number of forwards (each gathers weights with the others), so the short shares are
+    topped up with a repeat of a batch that is not counted."""
+    mine = [(rows, True) for rows in batches[dist.rank::dist.world]]
+    if sharded and batches:
+        mine += [(batches[0], False)] * (-(-len(batches) // dist.world) - len(mine))
+    return mine
+
+
 @torch.no_grad()
 def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, pad_id: int, device: torch.device,
              dist: Dist, autocast: Any) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margin over the whole eval split (each process
     scores its share of the batches; sums are all-reduced)."""
-    # The unwrapped scorer: DDP's forward is a collective, and processes score different numbers
-    # of eval batches (one may have none), so going through it would deadlock.
-    scorer = getattr(scorer, "module", scorer)
-    scorer.eval()
-    batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)[dist.rank::dist.world]
+    model = _inference_view(scorer)
+    model.eval()
+    batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)
     names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
-    for rows in batches:
+    for rows, counts in _equal_shares(batches, dist, _is_sharded(scorer)):
         batch = collate_pairs(data.columns, rows, pad_id).to(device)
-        loss, metrics = batch_loss(config, scorer, batch, data, ref_model, autocast)
+        loss, metrics = batch_loss(config, model, batch, data, ref_model, autocast)
         values = [loss.item()] + [metrics[name].item() for name in names[1:]]
-        totals += torch.tensor([v * len(rows) for v in values] + [len(rows)], dtype=torch.float64)
-    scorer.train()
+        if counts:
+            totals += torch.tensor([v * len(rows) for v in values] + [len(rows)], dtype=torch.float64)
+    model.train()
     totals = dist.sum(totals)
     pairs = totals[-1].item()
     return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, "eval/pairs": int(pairs)}
 
 
-def check_stored_reference(config: TrainConfig, model: Any, data: SplitData, pad_id: int, device: torch.device) -> None:
+def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, pad_id: int, device: torch.device,
+                           autocast: Any, compute_dtype: torch.dtype, stored_dtype: str) -> None:
     """The policy starts from the reference model: its log-probs on a few rows must be the stored
-    ones. If not, the shards were scored with another model (or an older copy of this one)."""
+    ones. If not, the shards were scored with another model (or an older copy of this one).
+
+    The two sides may come from different numerics (reference stored in bf16, policy in fp32, or
+    the reverse): the looser of the two dtypes' tolerances applies. A different model is off by
+    far more than bf16 rounding."""
+    from train.device import DTYPES
     from train.reference import VERIFY_TOLERANCE
 
     rows = np.arange(min(config.check_reference_rows, len(data)))
     if not len(rows):
         return
-    with torch.inference_mode():
+    model = _inference_view(scorer)
+    with torch.inference_mode(), autocast():
         logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
     stored_chosen, stored_rejected = data.ref_logps(rows)
-    atol, rtol = VERIFY_TOLERANCE[torch.float32]
+    atol, rtol = max(VERIFY_TOLERANCE[DTYPES[stored_dtype]], VERIFY_TOLERANCE[compute_dtype])
     ok = np.allclose(logps.chosen.float().cpu().numpy(), stored_chosen, atol=atol, rtol=rtol) and \
         np.allclose(logps.rejected.float().cpu().numpy(), stored_rejected, atol=atol, rtol=rtol)
     if not ok:
         raise UserError(f"{config.shards}: stored reference log-probs do not match {config.model} on rows "
                         f"{list(data.ids[rows])}; the shards are stale: re-run prefdata precompute-ref --force")
+
+
+def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest) -> tuple[Any, Any, Any]:
+    """(causal LM, its peft wrapper or None, tokenizer). Full fp32 master weights; under FSDP
+    loaded on the CPU, since `fully_shard` moves only this process's shard to the device."""
+    load_device = torch.device("cpu") if config.parallelism == "fsdp" else device
+    model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device)
+    peft_model = None
+    if config.lora_r:
+        base = model_fingerprint(policy_dir, config.model, torch.float32, device)
+        if config.needs_reference and not same_weights(manifest.reference, base):
+            name = manifest.reference.name_or_path if manifest.reference else "no model"
+            raise UserError(f"--lora-r: the shards' reference is {name}, not the base model {config.model}; run "
+                            f"prefdata precompute-ref {config.shards} --model {config.model} --force")
+        from train.lora import add_adapter
+
+        peft_model = add_adapter(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                 config.lora_target_modules, config.seed)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, peft_model, tokenizer
+
+
+def _save_final(config: TrainConfig, scorer: Any, peft_model: Any, model: Any, tokenizer: Any, policy_dir: Path,
+                out: Path, dist: Dist) -> None:
+    """final/ (the model, or the adapter under LoRA) and final-merged/ (LoRA), from the weights
+    gathered on rank 0; every process takes part in the gathering."""
+    state = parallel.full_state_dict(scorer, trainable_only=peft_model is not None)
+    if not dist.is_main:
+        return
+    with atomic_dir(out / "final") as tmp:
+        if peft_model is not None:
+            from train.lora import save_adapter
+
+            save_adapter(peft_model, state, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+    if peft_model is not None:
+        from train.lora import save_merged
+
+        with atomic_dir(out / "final-merged") as tmp:
+            save_merged(policy_dir, out / "final", tmp)
+            tokenizer.save_pretrained(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,34 +258,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    autocast = _autocast(device, config.dtype)
+    compute_dtype = _compute_dtype(device, config.dtype)
+    autocast = _autocast(device, compute_dtype)
 
     needs_stored_ref = config.needs_reference and config.reference == "precomputed"
     manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
     policy_dir = model_dir(config.model)
     check_tokenizer(policy_dir, config.model, manifest.tokenizer)
-    resume_from = latest_checkpoint(out) if config.resume else None
+    resume_from = parallel.latest_checkpoint(out) if config.resume else None
     if config.resume and resume_from is None:
-        raise UserError(f"--resume: no checkpoint-*/{STATE_FILE} in {out}; start without --resume")
-    model, tokenizer = load_causal_lm(resume_from or policy_dir, config.model, torch.float32, device)
+        raise UserError(f"--resume: no checkpoint-*/{parallel.STATE_FILE} in {out}; start without --resume")
+    model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
         ref_dir = model_dir(config.reference_model or config.model)
         ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device)
-    elif needs_stored_ref and resume_from is None and same_weights(manifest.reference, model_fingerprint(
-            policy_dir, config.model, torch.float32, device)):
-        check_stored_reference(config, model, train_data, pad_id, device)
 
     scorer: Any = SequenceScorer(model)
     if config.compile:
         scorer.compile()  # in place: the module stays a SequenceScorer, which sequence_logps and DDP expect
-    if dist.world > 1:
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
+    if needs_stored_ref and resume_from is None and same_weights(manifest.reference, model_fingerprint(
+            policy_dir, config.model, torch.float32, device)):
+        check_stored_reference(config, scorer, train_data, pad_id, device, autocast, compute_dtype, manifest.reference.dtype)
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,
     # so a run on W processes sees the same pairs per step as one process with W× the batch.
@@ -235,10 +290,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                    seed=config.seed, window_batches=config.window_batches)
     steps_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+    trainable = [p for p in scorer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
-    position = restore_state(resume_from, optimizer, scheduler) if resume_from else Position()
+    position = restore_state(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     batches = sampler.iter_from(position.epoch, position.batch_index)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None)
     if dist.is_main:
@@ -255,8 +311,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 epoch, index, global_rows = next(batches)
                 rows = global_rows[dist.rank::dist.world]
                 batch = collate_pairs(train_data.columns, rows, pad_id).to(device)
-                last = micro == config.gradient_accumulation_steps - 1
-                with (scorer.no_sync() if dist.world > 1 and not last else nullcontext()):
+                with parallel.gradient_sync(scorer, enabled=micro == config.gradient_accumulation_steps - 1):
                     loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"loss is {loss.item()} at step {position.step + 1}, rows {list(train_data.ids[rows])}; "
@@ -266,7 +321,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 tokens += batch.real_tokens
                 padded += batch.padded_tokens
                 position.epoch, position.batch_index = (epoch, index + 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            grad_norm = parallel.clip_gradients(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -276,7 +331,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 elapsed = time.perf_counter() - window_start
                 means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 means = dict(zip(means, dist.mean(torch.tensor(list(means.values()), dtype=torch.float64)).tolist()))
-                record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": float(grad_norm),
+                record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
                           "tokens_per_s": dist.world * tokens / elapsed,
                           "padding_efficiency": tokens / max(padded, 1)}
@@ -288,18 +343,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if eval_data is not None and config.eval_every and position.step % config.eval_every == 0:
                 log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast)})
             if config.save_every and position.step % config.save_every == 0:
-                if dist.is_main:
-                    save_checkpoint(out, position, model, tokenizer, optimizer, scheduler)
-                dist.barrier()
+                save_checkpoint(out, position, scorer, optimizer, scheduler, dist)
 
     # --- the end -----------------------------------------------------------------------------
     final_eval = evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast) if eval_data is not None else {}
+    _save_final(config, scorer, peft_model, model, tokenizer, policy_dir, out, dist)
     if dist.is_main:
         if final_eval:
             log.write({"step": position.step, **final_eval})
-        with atomic_dir(out / "final") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
         from train.plots import plot_curves
 
         plot_curves(out / "metrics.jsonl", out / "curves.png")
@@ -320,7 +371,7 @@ def _write_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData
         config=config.model_dump(),
         inputs=[InputFile(path=str(Path(config.shards) / MANIFEST_NAME), rows=len(train_data))],
         counts=Counts(read=len(train_data), kept=len(train_data)),
-        outputs=["final", "metrics.jsonl", "curves.png", "config.yaml"],
+        outputs=["final", *(["final-merged"] if config.lora_r else []), "metrics.jsonl", "curves.png", "config.yaml"],
         tokenizer=shards.tokenizer,
         reference=shards.reference,
         stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval},

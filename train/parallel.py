@@ -1,0 +1,179 @@
+"""How the scorer is spread over the processes of a `torchrun` job, and how its state is saved.
+
+- `ddp` (the default): every process holds the whole model; `DistributedDataParallel` averages
+  gradients. ~16 bytes per trained parameter per process (fp32 weights, gradients, AdamW m and v).
+- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) on each decoder layer, then on the scorer
+  as root (embeddings, final norm, LM head). Each process keeps 1/W of the weights, gradients and
+  optimizer state; a layer's weights are all-gathered just before it runs and freed after. On a
+  GPU with bf16, `MixedPrecisionPolicy` computes in bf16 and reduces gradients in fp32 over fp32
+  master weights; on CPU everything stays fp32. `cpu_offload` keeps the shards in host memory.
+
+Checkpoints go through `torch.distributed.checkpoint` for both: each process writes its own
+shard of the model and optimizer state into one directory (a single process writes it whole),
+renamed into place by rank 0 once every process has written, so a checkpoint is whole or absent.
+The final model is gathered to rank 0 as one full state dict and saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.distributed import Dist
+
+STATE_FILE = "trainer_state.pt"
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: the modules transformers names in
+    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, …), which is what it keeps whole
+    when it splits a model over devices."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        from schemas.errors import UserError
+
+        raise UserError(f"--parallelism fsdp: cannot find the decoder layers of {type(model).__name__} "
+                        "(its _no_split_modules is empty); use --parallelism ddp")
+    return layers
+
+
+def mixed_precision(device: torch.device, dtype_name: str) -> Any:
+    """bf16 compute with fp32 gradient reduction where bf16 runs fast (a CUDA GPU that has it);
+    None (plain fp32) elsewhere."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and dtype_name in ("auto", "bfloat16")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+
+
+def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device, dtype_name: str,
+          cpu_offload: bool, dist: Dist) -> torch.nn.Module:
+    """FSDP2 in place: each decoder layer, then the scorer as root. Returns the scorer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world,))
+    options: dict[str, Any] = {"mesh": mesh}
+    policy = mixed_precision(device, dtype_name)
+    if policy is not None:
+        options["mp_policy"] = policy
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(scorer, **options)
+    return scorer
+
+
+def wrap(scorer: torch.nn.Module, model: torch.nn.Module, parallelism: str, device: torch.device, dtype_name: str,
+         cpu_offload: bool, dist: Dist) -> torch.nn.Module:
+    if parallelism == "fsdp":
+        return shard(scorer, model, device, dtype_name, cpu_offload, dist)
+    if dist.world > 1:
+        return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    return scorer
+
+
+def unwrap(scorer: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameters the optimizer holds: DDP's inner module; an FSDP2 module is
+    itself (fully_shard works in place)."""
+    return getattr(scorer, "module", scorer)
+
+
+@contextmanager
+def gradient_sync(scorer: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
+    micro-batch of an accumulated step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(scorer, FSDPModule):
+        scorer.set_requires_gradient_sync(enabled)
+        yield
+        scorer.set_requires_gradient_sync(True)
+    elif isinstance(scorer, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        with scorer.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip by the global norm (over every process's shard under FSDP) and return it."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _state_options(**extra: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen parameters (the base model under LoRA) are the model directory's weights: not saved.
+    return StateDictOptions(ignore_frozen_params=True, **extra)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(final: Path, scorer: torch.nn.Module, optimizer: Any, trainer_state: dict[str, Any], dist: Dist) -> None:
+    """Every process writes its shard and its RNG state; rank 0 writes the trainer state last and
+    renames the directory into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = final.parent / f".tmp-{final.name}"
+    if dist.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(unwrap(scorer), optimizer, options=_state_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=dist.world == 1)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+               tmp / f"rng-{dist.rank}.pt")
+    dist.barrier()
+    if dist.is_main:
+        torch.save(trainer_state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+
+
+def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, dist: Dist) -> dict[str, Any]:
+    """Model and optimizer state into the (already wrapped) scorer and optimizer, this process's
+    RNG state; returns the trainer state rank 0 saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(unwrap(scorer), optimizer, options=_state_options())
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=dist.world == 1)
+    set_state_dict(unwrap(scorer), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_state_options())
+    rng = torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+
+
+def full_state_dict(scorer: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The model's weights gathered whole on rank 0's CPU (an empty dict on the other ranks), keyed
+    as the causal LM names them. Every process must call it: under FSDP it is a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(unwrap(scorer), options=options)
+    return {key.removeprefix("model."): value for key, value in state.items()}
