@@ -2,8 +2,9 @@
 
 Used by the reference pass and by the trainer, so both build batches the same way:
 
-- `TokenColumns`: a shard's three token-id columns as flat int32 values + offsets, read without
-  copying from a memory-mapped Arrow table; lengths are numpy arithmetic on the offsets.
+- `TokenColumns`: a shard's three token-id columns as per-chunk int32 values + offsets, numpy views
+  of the memory-mapped Arrow buffers (never copied, never concatenated across chunks or files);
+  lengths are numpy arithmetic on the offsets.
 - `collate_pairs`: rows → one `PairBatch` holding [prompt + chosen] rows then [prompt + rejected]
   rows, right-padded to one length, so both answers go through ONE forward pass.
 - `token_budget_batches`: inference order — rows sorted by length, packed up to a budget of
@@ -14,8 +15,10 @@ Used by the reference pass and by the trainer, so both build batches the same wa
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -24,26 +27,79 @@ import torch
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
-@dataclass(frozen=True)
+class ChunkIndex:
+    """Global row → (chunk, row within the chunk) for a column split over chunks (one or more per
+    shard file). The chunks stay where Arrow mapped them; only this [chunks + 1] array is ours."""
+
+    def __init__(self, chunk_rows: list[int]) -> None:
+        self.starts = np.concatenate([[0], np.cumsum(chunk_rows, dtype=np.int64)]).astype(np.int64)
+        self._starts = self.starts.tolist()  # bisect on a list: ~10x faster than numpy for one row
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self._starts[-1]:
+            raise IndexError(f"row {i} out of range for {self._starts[-1]} rows")
+        chunk = bisect.bisect_right(self._starts, i) - 1
+        return chunk, int(i) - self._starts[chunk]
+
+    def locate_many(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} rows")
+        chunks = np.searchsorted(self.starts, rows, side="right") - 1
+        return chunks, rows - self.starts[chunks]
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """Cached arrays are shared by every caller: one that wrote into them would change the rest."""
+    array.flags.writeable = False
+    return array
+
+
+def _chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
+    return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
+
+
+@dataclass(frozen=True, eq=False)
 class _ListColumn:
-    values: np.ndarray  # int32, every row's ids back to back
-    offsets: np.ndarray  # row i is values[offsets[i]:offsets[i + 1]]
+    """A list<int32> column as per-chunk numpy views of Arrow's own buffers: on a memory-mapped
+    shard the token ids are never copied into the process (every torchrun rank shares the page
+    cache), and a multi-file split is not concatenated."""
+
+    values: tuple[np.ndarray, ...]  # per chunk: int32 ids, rows back to back
+    offsets: tuple[np.ndarray, ...]  # per chunk: local row j is values[c][offsets[c][j]:offsets[c][j + 1]]
+    index: ChunkIndex
 
     @classmethod
     def from_arrow(cls, column: pa.ChunkedArray | pa.ListArray) -> _ListColumn:
-        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        arrays = _chunks(column)
         # `offsets` index into `values` even for a sliced array, so the pair stays consistent.
-        return cls(values=array.values.to_numpy(zero_copy_only=False), offsets=array.offsets.to_numpy())
+        # zero_copy_only: a column that cannot be viewed (nulls, another type) fails loudly
+        # instead of being copied in silence.
+        values = tuple(a.values.to_numpy(zero_copy_only=True) for a in arrays)
+        offsets = tuple(a.offsets.to_numpy(zero_copy_only=True) for a in arrays)
+        return cls(values, offsets, ChunkIndex([len(a) for a in arrays]))
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets).astype(np.int64)
+        """Tokens per row, int64 [N]: 8 bytes a row, the only per-row array we build."""
+        parts = [np.diff(o).astype(np.int64) for o in self.offsets]
+        return _frozen(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
     def row(self, i: int) -> np.ndarray:
-        return self.values[self.offsets[i] : self.offsets[i + 1]]
+        chunk, j = self.index.locate(i)
+        offsets = self.offsets[chunk]
+        return self.values[chunk][offsets[j] : offsets[j + 1]]
+
+    def max_id(self) -> int:
+        # Only the ids the rows reach: a sliced array's buffer also holds ids outside the slice.
+        used = [v[o[0] : o[-1]] for v, o in zip(self.values, self.offsets) if o[-1] > o[0]]
+        return max((int(u.max()) for u in used), default=-1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenColumns:
     prompt: _ListColumn
     chosen: _ListColumn
@@ -54,21 +110,20 @@ class TokenColumns:
         return cls(*(_ListColumn.from_arrow(table.column(name)) for name in TOKEN_COLUMNS))
 
     def __len__(self) -> int:
-        return len(self.prompt.offsets) - 1
+        return len(self.prompt.index)
 
-    @property
+    @cached_property  # collate_pairs reads it every batch: O(rows) once, not per batch
     def pair_lengths(self) -> np.ndarray:
         """Padded length a pair needs: prompt + the longer answer (both answers share one pad length)."""
-        return self.prompt.lengths + np.maximum(self.chosen.lengths, self.rejected.lengths)
+        return _frozen(self.prompt.lengths + np.maximum(self.chosen.lengths, self.rejected.lengths))
 
-    @property
+    @cached_property
     def real_tokens(self) -> np.ndarray:
         """Tokens a pair puts through the model: the prompt twice (once per answer) and both answers."""
-        return 2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths
+        return _frozen(2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths)
 
     def max_token_id(self) -> int:
-        parts = [c.values for c in (self.prompt, self.chosen, self.rejected) if len(c.values)]
-        return max(int(v.max()) for v in parts) if parts else -1
+        return max(c.max_id() for c in (self.prompt, self.chosen, self.rejected))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 Shards are checked against their manifest (present, same sha256) before anything trains on them,
 and a run that needs the reference terms refuses shards that do not carry them, with the command
 that adds them.
+
+Nothing here copies a column: the shard files are memory-mapped, the tables of a split's files
+are chained (not concatenated), token ids and reference log-probs are numpy views of the mapped
+buffers, and record ids are decoded only for the rows an error message names. A process's memory
+therefore grows with the rows it touches per step, not with the shard set, and every torchrun
+rank on a machine shares one page-cache copy of the files.
 """
 
 from __future__ import annotations
@@ -18,25 +24,72 @@ from schemas.errors import UserError
 from schemas.io import sha256_file
 from schemas.manifest import Manifest
 from schemas.shard import REF_COLUMNS
-from train.batching import TokenColumns
+from train.batching import ChunkIndex, TokenColumns
 
 
-@dataclass(frozen=True)
+class RecordIds:
+    """The split's record ids, left in Arrow: a numpy array of Python strings would cost ~80 bytes
+    a row in every process. `ids[rows]` decodes just those rows (error messages, eval outputs)."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, rows: int | np.integer | np.ndarray | list[int]) -> str | list[str]:
+        if isinstance(rows, (int, np.integer)):
+            return self._column[int(rows)].as_py()
+        return self._column.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+    def __iter__(self):
+        for chunk in self._column.chunks:
+            yield from chunk.to_pylist()
+
+
+class FloatColumn:
+    """A float32 column as per-chunk views of the mapped buffers; `take` gathers rows over chunks."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        chunks = column.chunks
+        # A float32 column without nulls is a view; anything else is a shard we did not write.
+        self._chunks = [c.to_numpy(zero_copy_only=True) for c in chunks]
+        if any(c.dtype != np.float32 for c in self._chunks):
+            raise ValueError(f"expected float32 reference log-probs, got {column.type}")
+        self._index = ChunkIndex([len(c) for c in chunks])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        chunk, local = self._index.locate_many(rows)
+        out = np.empty(len(local), dtype=np.float32)
+        for c in np.unique(chunk):
+            hit = chunk == c
+            out[hit] = self._chunks[c][local[hit]]
+        return out
+
+
+@dataclass(frozen=True, eq=False)
 class SplitData:
-    ids: np.ndarray  # record ids (str), for error messages and eval outputs
+    ids: RecordIds  # record ids, for error messages and eval outputs
     columns: TokenColumns
-    ref_chosen_logps: np.ndarray | None  # float32 [N]
-    ref_rejected_logps: np.ndarray | None
+    ref_chosen_logps: FloatColumn | None
+    ref_rejected_logps: FloatColumn | None
 
     def __len__(self) -> int:
         return len(self.columns)
 
     def ref_logps(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.ref_chosen_logps[rows], self.ref_rejected_logps[rows]
+        """Stored (chosen, rejected) reference log-probs of `rows`, float32 copies of just those rows."""
+        if self.ref_chosen_logps is None or self.ref_rejected_logps is None:
+            raise ValueError("these shards carry no reference log-probs")
+        return self.ref_chosen_logps.take(rows), self.ref_rejected_logps.take(rows)
 
 
 def _read(path: Path) -> pa.Table:
-    # Memory-mapped: the OS pages the file in as batches touch it instead of reading it up front.
+    # Memory-mapped: the OS pages the file in as batches touch it instead of reading it up front,
+    # and the table's buffers point into the mapping (they keep it alive after this returns).
     return ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
@@ -53,6 +106,7 @@ def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool)
             raise UserError(f"{path}: sha256 differs from the manifest (changed, truncated or half-written); "
                             f"re-run prefdata {manifest.stage}")
         tables.append(_read(path))
+    # Without promotion, concat_tables only chains the files' chunks: no buffer is copied.
     table = pa.concat_tables(tables, promote_options="none") if len(tables) > 1 else tables[0]
     has_ref = all(name in table.column_names for name in REF_COLUMNS)
     if need_ref and not has_ref:
@@ -60,8 +114,8 @@ def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool)
             f"{shards_dir}: no reference log-probs in the shards; run `prefdata precompute-ref {shards_dir} --model MODEL` "
             "first (or train with --reference live, or --objective sft)"
         )
-    ref = [table.column(name).to_numpy().astype(np.float32) for name in REF_COLUMNS] if has_ref else [None, None]
-    return SplitData(np.asarray(table.column("id").to_pylist(), dtype=object), TokenColumns.from_table(table), *ref)
+    ref = [FloatColumn(table.column(name)) for name in REF_COLUMNS] if has_ref else [None, None]
+    return SplitData(RecordIds(table.column("id")), TokenColumns.from_table(table), *ref)
 
 
 def open_shards(shards_dir: str | Path, need_ref: bool) -> tuple[Manifest, SplitData, SplitData | None]:
