@@ -6,7 +6,8 @@ Order of the steps (each reported in the manifest):
      below --min-margin, answers outside --min-chars / --max-chars;
   3. exact duplicates of the whole normalised pair: the first by (source, source_row) is kept;
   4. decontamination against evaluation sets (shared word n-grams);
-  5. near-duplicate prompt clusters (MinHash LSH, prefdata.neardup) and --max-pairs-per-prompt;
+  5. near-duplicate prompt clusters (prefdata.neardup: word 1+2-grams with a length-adapted
+     threshold for short prompts, word n-grams for long ones; MinHash LSH) and --max-pairs-per-prompt;
   6. split by a hash of the prompt cluster, so a cluster never straddles train and eval.
 Normalisation for comparisons is NFKC, case-folded, whitespace collapsed; the records themselves
 are written unchanged.
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefdata import __version__
-from prefdata.neardup import clusters, components, shares_shingle, shingles, signatures
+from prefdata.neardup import components, prompt_clusters, shares_shingle, shingles
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
@@ -161,7 +162,7 @@ def _prompt_clusters(live: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
     decides) does not depend on input order or library versions, and it survives re-running
     curate on its own output, where the best pair is still there and still first."""
     if config.near_dup and live.height:
-        labels = clusters(signatures(live["prompt_norm"], config.ngram, config.num_perm, config.seed), config.threshold)
+        labels = prompt_clusters(live["prompt_norm"], config.ngram, config.threshold, config.num_perm, config.seed)
     else:
         labels = _group_labels(live["prompt_norm"])
     # A cluster from an earlier curate run stays one cluster, even where the pair that linked its

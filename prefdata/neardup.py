@@ -1,9 +1,25 @@
-"""Word n-gram shingles, MinHash signatures and LSH clustering, vectorised with numpy.
+"""Near-duplicate prompt clusters: comparison text, stable shingle hashes, MinHash (rensa), LSH.
 
-No per-row Python: texts are split and hashed by polars, shingles are rolled in numpy, MinHash is
-a multiply-shift hash family applied to blocks of shingles with `np.minimum.reduceat` per text,
-LSH bands are grouped with `np.unique`, and clusters are the connected components
-(`scipy.sparse.csgraph`) of candidate pairs whose estimated Jaccard passes the threshold.
+How two prompts are compared (README "Near-duplicate prompts"):
+  * comparison text: the folded prompt (curate's NFKC + case fold + collapsed whitespace) with
+    contractions expanded ("what's" → "what is", "don't" → "do not") and punctuation removed;
+    used for the comparison only, records are written unchanged;
+  * short prompts (≤ SHORT_MAX_WORDS words) are sets of word 1- and 2-grams, compared against a
+    threshold that follows their length: the Jaccard one changed word (under 12 words) or two
+    changed words leave. A fixed threshold cannot work
+    there: one changed word of five removes 3 of 9 shingles (Jaccard 0.5), of fifty 3 of 99;
+  * long prompts (≥ LONG_MIN_WORDS words) are sets of word `ngram`-grams against the configured
+    threshold, as before. Prompts in between are in both; their edges are unioned, so a pair
+    whose lengths differ by a few words is always compared in one scheme.
+
+Every hash that decides a cluster is fixed here, independent of library versions: words are
+xxh64(UTF-8, seed WORD_HASH_SEED), n-grams roll word hashes with _MIX in uint64, and MinHash is
+rensa's R-MinHash over those integers (rensa hashes only the integers we give it; its sketch is
+pinned by RENSA_ALGORITHM, checked at import, and by the exact version in pyproject.toml).
+LSH bands are grouped with `np.unique`, candidates pass a loose filter on the estimated Jaccard
+and are then verified on their exact shingle sets (a fixed threshold needs no room for the
+estimate's noise, which at 128 permutations is as wide as the gap between a two-word edit and a
+template's variable part), and clusters are the connected components (`scipy.sparse.csgraph`).
 """
 
 from __future__ import annotations
@@ -12,18 +28,59 @@ import math
 
 import numpy as np
 import polars as pl
+import rensa
+import xxhash
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio constant: rolls word hashes into an n-gram hash
-_SHINGLES_PER_BLOCK = 1 << 18  # bounds the [shingles, permutations] block to ~256 MiB at 128 perms
+WORD_HASH_SEED = 0
+# rensa 0.5 changed its sketch (algorithm version 2) and says old digests must not be compared
+# with new ones; a different algorithm would silently move clusters and the split, so refuse it.
+RENSA_ALGORITHM = 2
+if rensa.RMinHash.ALGORITHM_VERSION != RENSA_ALGORITHM:
+    raise ImportError(f"prefdata needs rensa's R-MinHash algorithm version {RENSA_ALGORITHM} (rensa==0.5.0), "
+                      f"found {rensa.RMinHash.ALGORITHM_VERSION}; reinstall prefdata's pinned dependencies")
+
+# Word 5-grams need ~150 words before two changed words leave a Jaccard clear of 0.8 and of the
+# estimate's noise (one changed word removes 5 shingles); below that the 1+2-gram scheme decides.
+SHORT_MAX_WORDS = 150
+LONG_MIN_WORDS = 120  # overlap: prompts of 120–150 words are compared in both schemes
+TWO_EDITS_FROM_WORDS = 12  # below this, two changed words are as much as a template's variable part
+PREFILTER_SIGMAS = 3.0  # MinHash only preselects: a true pair at the threshold passes with 99.9%
 
 
-def shingles(texts: pl.Series, ngram: int) -> tuple[np.ndarray, np.ndarray]:
-    """(text index, shingle hash) for every word `ngram`-gram of every text, grouped by text in
-    order. A text shorter than `ngram` words gives one shingle (all its words), so every text has
-    at least one. Texts must already be normalised with single spaces."""
-    words = texts.str.split(" ")
-    lengths = words.list.len().to_numpy().astype(np.int64)
-    word_hashes = words.explode().hash(seed=0).to_numpy()
+# ---------------------------------------------------------------------------------------------
+# Comparison text and stable hashes
+
+_CONTRACTIONS = [  # applied in order: irregular forms before the generic suffixes
+    (r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bshan't\b", "shall not"),
+    (r"\bain't\b", "is not"), (r"\blet's\b", "let us"), (r"(\w)n't\b", "${1} not"), (r"(\w)'re\b", "${1} are"),
+    (r"(\w)'ve\b", "${1} have"), (r"(\w)'ll\b", "${1} will"), (r"(\w)'m\b", "${1} am"), (r"(\w)'d\b", "${1} would"),
+    (r"(\w)'s\b", "${1} is"),  # possessives too: both sides of a comparison get the same rewrite
+]
+
+
+def comparison_text(folded: pl.Series) -> pl.Series:
+    """The text near-duplicates are judged on: contractions expanded, punctuation (Unicode class
+    P) removed, single spaces. Symbols stay ("2+2" is not "2-2"). Input is already case-folded."""
+    text = folded.fill_null("").str.replace_all(r"[’‘ʼ`]", "'")
+    for pattern, replacement in _CONTRACTIONS:
+        text = text.str.replace_all(pattern, replacement)
+    return text.str.replace_all(r"\p{P}+", " ").str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def word_hashes(words: pl.Series) -> np.ndarray:
+    """xxh64 of each word's UTF-8 bytes with seed WORD_HASH_SEED, as uint64. Each distinct word is
+    hashed once (in Python; a batch has far fewer distinct words than words) and joined back."""
+    distinct = words.unique()
+    hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode(), WORD_HASH_SEED) for w in distinct.to_list()),
+                         dtype=np.uint64, count=len(distinct))
+    table = pl.DataFrame({"w": distinct, "h": pl.Series(hashes, dtype=pl.UInt64)})
+    return words.to_frame("w").join(table, on="w", how="left", maintain_order="left")["h"].to_numpy()
+
+
+def _ngram_hashes(lengths: np.ndarray, hashes: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """(text index, n-gram hash) for every word `ngram`-gram; a text shorter than `ngram` words
+    gives one shingle of all its words, so every text has at least one."""
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     per_text = np.maximum(lengths - ngram + 1, 1)
     text_index = np.repeat(np.arange(len(lengths)), per_text)
@@ -33,55 +90,29 @@ def shingles(texts: pl.Series, ngram: int) -> tuple[np.ndarray, np.ndarray]:
     acc = np.zeros(len(text_index), dtype=np.uint64)
     for k in range(ngram):
         valid = k < width
-        acc = np.where(valid, acc * _MIX + word_hashes[np.where(valid, starts + k, 0)], acc)
+        acc = np.where(valid, acc * _MIX + hashes[np.where(valid, starts + k, 0)], acc)
     return text_index, acc
 
 
-def minhash(text_index: np.ndarray, shingle_hashes: np.ndarray, n_texts: int, num_perm: int, seed: int) -> np.ndarray:
-    """[n_texts, num_perm] uint32 MinHash signatures. Permutation k is the multiply-shift hash
-    ((a_k·x + b_k) mod 2^64) >> 32 with odd a_k: a universal family, cheap in uint64 numpy.
-
-    Shingles are hashed in blocks that end on a text boundary, in place (no temporaries), on two
-    threads: numpy releases the GIL in ufuncs, and this is the stage's hot loop."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
-    text_starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])
-    signatures = np.empty((n_texts, num_perm), dtype=np.uint32)
-    block_ends = np.searchsorted(text_starts, np.arange(_SHINGLES_PER_BLOCK, len(text_index), _SHINGLES_PER_BLOCK), side="right")
-    blocks = [(first, last) for first, last in zip(np.r_[0, block_ends], np.r_[block_ends, len(text_starts)]) if first < last]
-
-    def sign_block(block: tuple[int, int]) -> None:
-        first, last = block
-        lo = text_starts[first]
-        hi = text_starts[last] if last < len(text_starts) else len(text_index)
-        hashed = np.empty((hi - lo, num_perm), dtype=np.uint64)
-        np.multiply(shingle_hashes[lo:hi, None], a[None, :], out=hashed)
-        hashed += b
-        hashed >>= np.uint64(32)
-        signatures[first:last] = np.minimum.reduceat(hashed, text_starts[first:last] - lo, axis=0)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(sign_block, blocks))
-    return signatures
+def _words(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    words = texts.fill_null("").str.split(" ")
+    return words.list.len().to_numpy().astype(np.int64), word_hashes(words.explode())
 
 
-# Every LSH candidate is verified against its estimated Jaccard, so a false positive costs only a
-# comparison while a false negative loses a duplicate: the band layout is tuned for recall.
-FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT = 0.1, 0.9
+def shingles(texts: pl.Series, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """(text index, shingle hash) for every word `ngram`-gram of every text, grouped by text in
+    order. Texts must already be normalised with single spaces."""
+    return _ngram_hashes(*_words(texts), ngram)
 
 
-def signatures(texts: pl.Series, ngram: int, num_perm: int, seed: int, chunk_texts: int = 100_000) -> np.ndarray:
-    """MinHash signatures of word n-gram shingles, [len(texts), num_perm] uint32, computed a chunk
-    of texts at a time so the shingle arrays never exist for the whole input at once."""
-    out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    for start in range(0, len(texts), chunk_texts):
-        chunk = texts.slice(start, chunk_texts)
-        index, grams = shingles(chunk, ngram)
-        out[start:start + len(chunk)] = minhash(index, grams, len(chunk), num_perm, seed)
-    return out
+def short_shingles(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(text index, shingle hash) for the word 1- and 2-grams of every text, grouped by text: one
+    changed word touches 3 shingles instead of 5, and word order still counts through the 2-grams."""
+    lengths, hashes = _words(texts)
+    uni, bi = _ngram_hashes(lengths, hashes, 1), _ngram_hashes(lengths, hashes, 2)
+    text_index = np.concatenate([uni[0], bi[0]])
+    order = np.argsort(text_index, kind="stable")
+    return text_index[order], np.concatenate([uni[1], bi[1]])[order]
 
 
 def shares_shingle(texts: pl.Series, ngram: int, reference: np.ndarray, chunk_texts: int = 100_000) -> np.ndarray:
@@ -91,6 +122,38 @@ def shares_shingle(texts: pl.Series, ngram: int, reference: np.ndarray, chunk_te
         index, grams = shingles(texts.slice(start, chunk_texts), ngram)
         hit[start + np.unique(index[np.isin(grams, reference, assume_unique=False)])] = True
     return hit
+
+
+# ---------------------------------------------------------------------------------------------
+# MinHash and LSH
+
+
+def minhash(text_index: np.ndarray, shingle_hashes: np.ndarray, n_texts: int, num_perm: int, seed: int) -> np.ndarray:
+    """[n_texts, num_perm] uint32 signatures: rensa's R-MinHash of each text's shingle hashes.
+    Measured 5–30× faster than the numpy multiply-shift MinHash this replaced (benchmarks/bench_neardup.py);
+    most of its time is copying the digest matrix out as Python lists, which rensa 0.5 requires."""
+    if n_texts == 0:
+        return np.empty((0, num_perm), dtype=np.uint32)
+    offsets = np.searchsorted(text_index, np.arange(n_texts + 1)).astype(np.uint64)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(np.ascontiguousarray(shingle_hashes, dtype=np.uint64),
+                                                                 offsets, num_perm, seed)
+    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(n_texts, num_perm)
+
+
+def signatures(texts: pl.Series, shingler, num_perm: int, seed: int, chunk_texts: int = 50_000) -> np.ndarray:
+    """[len(texts), num_perm] signatures of `shingler(texts)` (a (text index, hash) function),
+    a chunk of texts at a time so the shingle arrays never exist for the whole input at once."""
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    for start in range(0, len(texts), chunk_texts):
+        chunk = texts.slice(start, chunk_texts)
+        index, grams = shingler(chunk)
+        out[start:start + len(chunk)] = minhash(index, grams, len(chunk), num_perm, seed)
+    return out
+
+
+# Every LSH candidate is verified against its estimated Jaccard, so a false positive costs only a
+# comparison while a false negative loses a duplicate: the band layout is tuned for recall.
+FALSE_POSITIVE_WEIGHT, FALSE_NEGATIVE_WEIGHT = 0.1, 0.9
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -113,29 +176,101 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-def clusters(signatures: np.ndarray, threshold: float) -> np.ndarray:
-    """Cluster label per text (the smallest member index). Texts sharing an LSH band become a
-    candidate pair with their band group's first member; a pair is kept only if the signatures
-    agree on at least `threshold` of the permutations (estimated Jaccard), which removes most LSH
-    false positives before the connected components are taken."""
+def short_thresholds(n_words: np.ndarray, set_size: np.ndarray, threshold: float) -> np.ndarray:
+    """Jaccard threshold for word 1+2-gram sets of `set_size` distinct shingles: the Jaccard left
+    by e scattered changed words, each swapping 3 shingles ((s−3e)/(s+3e)), e = 1 under
+    TWO_EDITS_FROM_WORDS words and 2 from there, never above the configured `threshold`.
+    Inserted, deleted or adjacent changed words swap fewer shingles and stay above it."""
+    size = np.maximum(set_size, 1).astype(np.float64)
+    edits = np.where(n_words < TWO_EDITS_FROM_WORDS, 1, 2)
+    return np.minimum(threshold, np.clip((size - 3 * edits) / (size + 3 * edits), 0.0, 1.0))
+
+
+def candidate_pairs(signatures: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (source, target) row pairs worth an exact comparison. Texts sharing an LSH band
+    become a candidate pair with their band group's first member; a pair stays if the signatures
+    agree on at least the pair's threshold (the larger of the two texts') less PREFILTER_SIGMAS
+    standard errors of the estimate, so the estimate's noise drops almost no true pair. Bands are
+    laid out for the smallest threshold present."""
     n, num_perm = signatures.shape
-    bands, rows = lsh_bands(threshold, num_perm)
-    sources, targets = [], []
+    bands, rows = lsh_bands(float(thresholds.min()), num_perm)
+    sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for band in range(bands):
         block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
         _, first_index, group = np.unique(block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel(),
                                           return_index=True, return_inverse=True)
-        representative = first_index[group]
+        representative = first_index[group.ravel()]
         candidate = np.flatnonzero(representative != np.arange(n))
         if not len(candidate):
             continue
-        agreement = (signatures[candidate] == signatures[representative[candidate]]).mean(axis=1)
-        keep = candidate[agreement >= threshold]
-        sources.append(keep)
-        targets.append(representative[keep])
-    if not sources:
-        return np.arange(n)
-    return components(n, np.concatenate(sources), np.concatenate(targets))
+        target = representative[candidate]
+        needed = np.maximum(thresholds[candidate], thresholds[target])
+        needed -= PREFILTER_SIGMAS * np.sqrt(needed * (1 - needed) / num_perm)
+        keep = (signatures[candidate] == signatures[target]).mean(axis=1) >= needed
+        sources.append(candidate[keep])
+        targets.append(target[keep])
+    pairs = np.unique(np.stack([np.concatenate(sources), np.concatenate(targets)], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def exact_jaccard(texts: pl.Series, shingler, sources: np.ndarray, targets: np.ndarray,
+                  chunk_pairs: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Jaccard, source set size, target set size) of the exact shingle sets of each pair of
+    `texts`. Only texts in some pair are shingled again: after the prefilter, about the duplicates."""
+    involved, local = np.unique(np.r_[sources, targets], return_inverse=True)
+    index, grams = shingler(texts.gather(involved))
+    order = np.lexsort((grams, index))
+    index, grams = index[order], grams[order]
+    distinct = np.r_[True, (index[1:] != index[:-1]) | (grams[1:] != grams[:-1])]
+    index, grams = index[distinct], grams[distinct]
+    sizes = np.bincount(index, minlength=len(involved))
+    starts = np.cumsum(sizes) - sizes
+    a_all, b_all = local[:len(sources)], local[len(sources):]
+    jaccard = np.empty(len(sources))
+    for lo in range(0, len(sources), chunk_pairs):
+        a, b = a_all[lo:lo + chunk_pairs], b_all[lo:lo + chunk_pairs]
+        pair = np.r_[np.repeat(np.arange(len(a)), sizes[a]), np.repeat(np.arange(len(b)), sizes[b])]
+        gram = grams[np.r_[_ranges(starts[a], sizes[a]), _ranges(starts[b], sizes[b])]]
+        order = np.lexsort((gram, pair))
+        pair, gram = pair[order], gram[order]
+        shared = np.bincount(pair[1:][(pair[1:] == pair[:-1]) & (gram[1:] == gram[:-1])], minlength=len(a))
+        jaccard[lo:lo + len(a)] = shared / (sizes[a] + sizes[b] - shared)
+    return jaccard, sizes[a_all], sizes[b_all]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(start, start + length) for each pair, vectorised."""
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return offsets + np.arange(lengths.sum())
+
+
+def prompt_clusters(folded: pl.Series, ngram: int, threshold: float, num_perm: int, seed: int) -> np.ndarray:
+    """Cluster label per text (its cluster's smallest index) for curate-folded prompt texts."""
+    text = comparison_text(folded)
+    words = text.str.split(" ")
+    n_words = words.list.len().to_numpy().astype(np.int64)
+    # Set size before shingling, for the prefilter only: distinct words + (n−1) 2-grams (nearly
+    # always distinct). Exact sizes decide the final threshold.
+    size_estimate = words.list.n_unique().to_numpy().astype(np.int64) + n_words - 1
+
+    def short_threshold(rows, sizes):
+        return short_thresholds(n_words[rows], sizes, threshold)
+
+    schemes = [(np.flatnonzero(n_words <= SHORT_MAX_WORDS), short_shingles, short_threshold),
+               (np.flatnonzero(n_words >= LONG_MIN_WORDS), lambda t: shingles(t, ngram), lambda rows, sizes: np.full(len(rows), threshold))]
+    sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for members, shingler, threshold_of in schemes:
+        if len(members) < 2:
+            continue
+        subset = text.gather(members)
+        s, t = candidate_pairs(signatures(subset, shingler, num_perm, seed), threshold_of(members, size_estimate[members]))
+        jaccard, size_s, size_t = exact_jaccard(subset, shingler, s, t)
+        # The pair's threshold: the longer text's edit allowance on the larger set (stricter of the two).
+        longer = np.where(n_words[members[s]] >= n_words[members[t]], members[s], members[t])
+        keep = jaccard >= threshold_of(longer, np.maximum(size_s, size_t)) - 1e-9
+        sources.append(members[s[keep]])
+        targets.append(members[t[keep]])
+    return components(len(folded), np.concatenate(sources), np.concatenate(targets))
 
 
 def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:

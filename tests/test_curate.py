@@ -73,13 +73,12 @@ def _near_dup_set(rng, n_clusters=60, members=3, singletons=120):
 
 def test_near_duplicate_precision_and_recall(tmp_path):
     from prefdata.curate import _normalised
-    from prefdata.neardup import clusters, minhash, shingles
+    from prefdata.neardup import prompt_clusters
 
     records, truth = _near_dup_set(random.Random(0))
     src = write_records_dir(tmp_path / "in", {"records": records}, stage="ingest")
     texts = pl.read_parquet(src / "records.parquet").select(_normalised("prompt"))["prompt"]
-    index, grams = shingles(texts, 5)
-    labels = clusters(minhash(index, grams, len(records), 128, 0), 0.8)
+    labels = prompt_clusters(texts, ngram=5, threshold=0.8, num_perm=128, seed=0)
     pairs = np.triu_indices(len(records), 1)
     predicted, actual = (labels[:, None] == labels[None, :])[pairs], (truth[:, None] == truth[None, :])[pairs]
     precision = (predicted & actual).sum() / predicted.sum()
