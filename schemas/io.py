@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +45,74 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
         while chunk := fh.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# sha256 of large files, cached: a 70B model's weights take ~100 s to hash, every run.
+
+CACHE_DIR_ENV = "PREFDATA_CACHE_DIR"
+_CACHE_VERSION = 1
+# A file changed within this window of being hashed is not cached: file timestamps are coarse
+# (a kernel tick), so a second write in the same tick leaves size, mtime and ctime as they were
+# (git's "racy clean" problem). Such a file is simply hashed again next time.
+RACY_WINDOW_NS = 2_000_000_000
+
+
+def cache_dir() -> Path:
+    """$PREFDATA_CACHE_DIR, else $XDG_CACHE_HOME/prefdata, else ~/.cache/prefdata."""
+    if override := os.environ.get(CACHE_DIR_ENV):
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefdata"
+
+
+def _stat_key(st: os.stat_result) -> dict[str, int]:
+    # ctime too: unlike mtime it cannot be set back by a tool (`cp -p`, `touch -d`, rsync -t).
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """The cached entries; an unreadable, corrupt or foreign cache file counts as empty."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != _CACHE_VERSION or not isinstance(raw.get("files"), dict):
+        return {}
+    return {k: v for k, v in raw["files"].items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)}
+
+
+def _write_cache(path: Path, new: dict[str, dict]) -> None:
+    # Re-read just before writing so entries another process added meanwhile survive, and drop
+    # files that no longer exist so the cache does not grow without bound.
+    entries = {k: v for k, v in {**_read_cache(path), **new}.items() if os.path.exists(k)}
+    try:
+        write_text_atomic(path, json.dumps({"version": _CACHE_VERSION, "files": entries}, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only cache only costs the time to hash again
+
+
+def sha256_files_cached(paths: list[str | os.PathLike[str]]) -> list[str]:
+    """sha256 of each file, from the user's cache when the file's (resolved path, size, mtime,
+    ctime) is what it was when hashed; otherwise hashed in full and remembered."""
+    cache_path = cache_dir() / "sha256-cache.json"
+    cache = _read_cache(cache_path)
+    digests, new = [], {}
+    for path in paths:
+        resolved = str(Path(path).resolve())  # Hub caches symlink weights into blobs: key the blob
+        key = _stat_key(os.stat(resolved))
+        entry = cache.get(resolved)
+        if entry is not None and {k: entry.get(k) for k in key} == key:
+            digests.append(entry["sha256"])
+            continue
+        digest = sha256_file(resolved)
+        after = os.stat(resolved)
+        changed_since = time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns)
+        if _stat_key(after) == key and changed_since >= RACY_WINDOW_NS:  # not written while we read it
+            new[resolved] = {**key, "sha256": digest}
+        digests.append(digest)
+    if new:
+        _write_cache(cache_path, new)
+    return digests
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 
 from schemas.errors import UserError
 from schemas.fingerprint import tokenizer_fingerprint
-from schemas.io import sha256_file
+from schemas.io import sha256_file, sha256_files_cached
 from schemas.manifest import ModelFingerprint, TokenizerFingerprint
 from train.device import dtype_name
 
@@ -40,17 +40,19 @@ def model_dir(name_or_path: str) -> Path:
 
 def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    for path, file_sha in zip(paths, sha256_files_cached(paths)):
+        digest.update(f"{path.name}\0{file_sha}\n".encode())
     return digest.hexdigest()
 
 
 def model_fingerprint(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device) -> ModelFingerprint:
+    """Hashes of the config and every weight file. Each file is read in full once; later runs take
+    its hash from the user's cache (schemas.io.sha256_files_cached) while it is unchanged."""
     config = directory / "config.json"
     weights = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("."))
     if not config.is_file() or not weights:
         raise UserError(f"model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {directory}")
-    return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),
+    return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),  # small: not cached
                             weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
 
 
