@@ -109,10 +109,16 @@ def short_shingles(texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """(text index, shingle hash) for the word 1- and 2-grams of every text, grouped by text: one
     changed word touches 3 shingles instead of 5, and word order still counts through the 2-grams."""
     lengths, hashes = _words(texts)
-    uni, bi = _ngram_hashes(lengths, hashes, 1), _ngram_hashes(lengths, hashes, 2)
-    text_index = np.concatenate([uni[0], bi[0]])
-    order = np.argsort(text_index, kind="stable")
-    return text_index[order], np.concatenate([uni[1], bi[1]])[order]
+    uni_index, uni = _ngram_hashes(lengths, hashes, 1)
+    bi_index, bi = _ngram_hashes(lengths, hashes, 2)
+    # Each text's 1-grams then its 2-grams, placed directly (a sort would cost more than the rest).
+    per_text = lengths + np.maximum(lengths - 1, 1)
+    text_start = np.cumsum(per_text) - per_text
+    uni_start, bi_start = np.cumsum(lengths) - lengths, np.cumsum(np.maximum(lengths - 1, 1)) - np.maximum(lengths - 1, 1)
+    out = np.empty(per_text.sum(), dtype=np.uint64)
+    out[text_start[uni_index] + np.arange(len(uni)) - uni_start[uni_index]] = uni
+    out[text_start[bi_index] + lengths[bi_index] + np.arange(len(bi)) - bi_start[bi_index]] = bi
+    return np.repeat(np.arange(len(lengths)), per_text), out
 
 
 def shares_shingle(texts: pl.Series, ngram: int, reference: np.ndarray, chunk_texts: int = 100_000) -> np.ndarray:
@@ -217,6 +223,8 @@ def exact_jaccard(texts: pl.Series, shingler, sources: np.ndarray, targets: np.n
                   chunk_pairs: int = 200_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Jaccard, source set size, target set size) of the exact shingle sets of each pair of
     `texts`. Only texts in some pair are shingled again: after the prefilter, about the duplicates."""
+    if not len(sources):
+        return np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)
     involved, local = np.unique(np.r_[sources, targets], return_inverse=True)
     index, grams = shingler(texts.gather(involved))
     order = np.lexsort((grams, index))

@@ -1,0 +1,215 @@
+"""Near-duplicate prompt quality and speed: prefdata vs datasketch vs rensa (issue 15).
+
+    .venv/bin/python benchmarks/bench_neardup.py [--speed-rows 100000] [--json bench_neardup.json]
+
+Quality: the labelled set of tests/test_neardup.py (short, long and templated prompts with known
+duplicate groups), scored as pairwise precision and recall, plus the fraction of same-template
+prompt pairs merged. Every method sees the prompts as curate folds them (NFKC, case-folded,
+whitespace collapsed, "user: " turn prefix).
+  prefdata             prefdata.neardup.prompt_clusters, the curate defaults (ngram 5, threshold 0.8, 128 perms)
+  prefdata (previous)  word 5-grams, numpy multiply-shift MinHash, LSH, estimated Jaccard ≥ 0.8: the code
+                       this replaced
+  datasketch           MinHash(num_perm=128) of the words, MinHashLSH(threshold=0.8): every LSH
+                       candidate is a duplicate (its README's usage)
+  rensa                RMinHash(128, seed=42) of the words, RMinHashLSH(0.8, 128, 8 bands), candidates
+                       kept when the estimated Jaccard ≥ 0.8 (its deduplicator's rule)
+Clusters are the connected components of the duplicate pairs in every case.
+
+Speed: MinHash signatures of the same shingle hashes (synthetic prompts of 10–60 words), numpy
+(the previous code, two threads) vs rensa, 128 permutations; and prompt_clusters end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prefdata.neardup import components, lsh_bands, minhash, prompt_clusters, short_shingles, shingles  # noqa: E402
+from tests.test_neardup import TEMPLATES, fold_as_curate, labelled_set, pair_scores  # noqa: E402
+
+NUM_PERM, THRESHOLD = 128, 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# The previous prefdata code (numpy MinHash), kept here as the measured baseline
+
+
+def numpy_minhash(text_index: np.ndarray, hashes: np.ndarray, n_texts: int, num_perm: int = NUM_PERM, seed: int = 0) -> np.ndarray:
+    """The multiply-shift MinHash prefdata used before rensa: ((a·x + b) mod 2^64) >> 32 per
+    permutation, blocks ending on text boundaries, two threads."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    text_starts = np.flatnonzero(np.r_[True, text_index[1:] != text_index[:-1]])
+    out = np.empty((n_texts, num_perm), dtype=np.uint32)
+    block = 1 << 18
+    ends = np.searchsorted(text_starts, np.arange(block, len(text_index), block), side="right")
+    blocks = [(f, last) for f, last in zip(np.r_[0, ends], np.r_[ends, len(text_starts)]) if f < last]
+
+    def sign(span: tuple[int, int]) -> None:
+        first, last = span
+        lo, hi = text_starts[first], text_starts[last] if last < len(text_starts) else len(text_index)
+        hashed = np.empty((hi - lo, num_perm), dtype=np.uint64)
+        np.multiply(hashes[lo:hi, None], a[None, :], out=hashed)
+        hashed += b
+        hashed >>= np.uint64(32)
+        out[first:last] = np.minimum.reduceat(hashed, text_starts[first:last] - lo, axis=0)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(sign, blocks))
+    return out
+
+
+def previous_labels(folded: pl.Series) -> np.ndarray:
+    """Word 5-grams, numpy MinHash, LSH, each candidate kept if the estimated Jaccard ≥ 0.8."""
+    index, grams = shingles(folded, 5)
+    sig = numpy_minhash(index, grams, len(folded))
+    bands, rows = lsh_bands(THRESHOLD, NUM_PERM)
+    sources, targets = [], []
+    for band in range(bands):
+        block = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+        _, first, group = np.unique(block.view(np.dtype((np.void, 4 * rows))).ravel(), return_index=True, return_inverse=True)
+        rep = first[group.ravel()]
+        cand = np.flatnonzero(rep != np.arange(len(folded)))
+        keep = cand[(sig[cand] == sig[rep[cand]]).mean(axis=1) >= THRESHOLD]
+        sources.append(keep)
+        targets.append(rep[keep])
+    return components(len(folded), np.concatenate(sources), np.concatenate(targets))
+
+
+# ---------------------------------------------------------------------------------------------
+# The libraries at their usual settings
+
+
+def datasketch_labels(folded: pl.Series) -> np.ndarray:
+    from datasketch import MinHash, MinHashLSH
+
+    lsh, sketches = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM), []
+    for i, text in enumerate(folded.to_list()):
+        sketch = MinHash(num_perm=NUM_PERM)
+        sketch.update_batch([w.encode() for w in text.split()])
+        lsh.insert(i, sketch)
+        sketches.append(sketch)
+    pairs = [(i, j) for i, s in enumerate(sketches) for j in lsh.query(s) if j != i]
+    return _components_of(len(folded), pairs)
+
+
+def rensa_labels(folded: pl.Series) -> np.ndarray:
+    from rensa import RMinHash, RMinHashLSH
+
+    lsh, sketches = RMinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, num_bands=8), []
+    for i, text in enumerate(folded.to_list()):
+        sketch = RMinHash(num_perm=NUM_PERM, seed=42)
+        sketch.update(text.split())
+        lsh.insert(i, sketch)
+        sketches.append(sketch)
+    pairs = [(i, j) for i, s in enumerate(sketches) for j in lsh.query(s) if j != i and s.jaccard(sketches[j]) >= THRESHOLD]
+    return _components_of(len(folded), pairs)
+
+
+def _components_of(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    edges = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return components(n, edges[:, 0], edges[:, 1])
+
+
+METHODS = {
+    "prefdata": lambda folded: prompt_clusters(folded, 5, THRESHOLD, NUM_PERM, 0),
+    "prefdata (previous)": previous_labels,
+    "datasketch": datasketch_labels,
+    "rensa": rensa_labels,
+}
+
+
+def template_merge_rate(labels: np.ndarray, kinds: list[str]) -> float:
+    """Fraction of same-template prompt pairs put in one cluster (each should be its own)."""
+    merged = total = 0
+    for t in range(len(TEMPLATES)):
+        members = labels[[i for i, k in enumerate(kinds) if k == f"template:{t}"]]
+        same = members[:, None] == members[None, :]
+        merged += (same.sum() - len(members)) // 2
+        total += len(members) * (len(members) - 1) // 2
+    return merged / total
+
+
+def quality() -> list[dict]:
+    data = labelled_set()
+    folded, truth = fold_as_curate(data.texts), np.array(data.group)
+    rows = []
+    for name, method in METHODS.items():
+        start = time.perf_counter()
+        labels = method(folded)
+        seconds = time.perf_counter() - start
+        precision, recall = pair_scores(labels, truth)
+        rows.append({"method": name, "texts": len(folded), "precision": float(precision), "recall": float(recall),
+                     "template_pairs_merged": template_merge_rate(labels, data.kind), "seconds": seconds})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed on synthetic prompts
+
+
+def synthetic_prompts(n: int, seed: int = 0) -> pl.Series:
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(20_000)])
+    lengths = rng.integers(10, 61, n)
+    words = vocab[rng.integers(0, len(vocab), lengths.sum())]
+    cuts = np.cumsum(lengths)[:-1]
+    return pl.Series([" ".join(w) for w in np.split(words, cuts)])
+
+
+def speed(rows: int) -> list[dict]:
+    texts = fold_as_curate(synthetic_prompts(rows).to_list())
+    out = []
+    for scheme, shingler in (("word 5-grams", lambda t: shingles(t, 5)), ("word 1+2-grams", short_shingles)):
+        index, grams = shingler(texts)
+        for name, sign in (("numpy (previous)", numpy_minhash), ("rensa", lambda i, g, n: minhash(i, g, n, NUM_PERM, 0))):
+            start = time.perf_counter()
+            sign(index, grams, len(texts))
+            out.append({"step": f"MinHash signatures, {scheme}", "method": name, "texts": rows, "shingles": len(grams),
+                        "seconds": time.perf_counter() - start})
+    start = time.perf_counter()
+    prompt_clusters(texts, 5, THRESHOLD, NUM_PERM, 0)
+    out.append({"step": "prompt_clusters end to end", "method": "prefdata", "texts": rows, "shingles": None,
+                "seconds": time.perf_counter() - start})
+    return out
+
+
+def run(speed_rows: int = 100_000) -> dict:
+    """What run_all (or anyone) calls: {"quality": [...], "speed": [...]}."""
+    return {"quality": quality(), "speed": speed(speed_rows)}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| near-dup method | precision | recall | template pairs merged | seconds |", "|---|---:|---:|---:|---:|"]
+    for r in report["quality"]:
+        lines.append(f"| {r['method']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['template_pairs_merged']:.1%} | {r['seconds']:.2f} |")
+    lines += ["", "| step | method | texts | shingles | seconds |", "|---|---|---:|---:|---:|"]
+    for r in report["speed"]:
+        shingle_count = f"{r['shingles']:,}" if r["shingles"] is not None else "—"
+        lines.append(f"| {r['step']} | {r['method']} | {r['texts']:,} | {shingle_count} | {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--speed-rows", type=int, default=100_000)
+    parser.add_argument("--json", type=Path, default=Path("bench_neardup.json"))
+    args = parser.parse_args()
+    report = run(args.speed_rows)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
