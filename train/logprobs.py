@@ -88,13 +88,18 @@ class SequenceScorer(torch.nn.Module):
         token only ever attends to real tokens before it; padding only affects padded positions,
         which are never scored. Without a mask the attention takes its plain causal kernel
         (measured ~15% faster on CPU, bit-identical values)."""
+        per_position = self.position_logps(input_ids, completion_mask)
+        return per_position.sum(dim=1), completion_mask[:, 1:].sum(dim=1)
+
+    def position_logps(self, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """log p(token t+1 | tokens ≤ t) at each scored position, 0 elsewhere: [R, T-1] float32."""
         out = self.model.base_model(input_ids=input_ids, use_cache=False)
         # Position t predicts token t+1: a completion token at t+1 is scored from hidden state t.
         targets = completion_mask[:, 1:]
         token_logps = _token_logps(self.model, out.last_hidden_state[:, :-1][targets], input_ids[:, 1:][targets])
         # A dense [R, T-1] float32 sum (not index_add): deterministic on GPU, so re-runs match bit for bit.
         per_position = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
-        return per_position.masked_scatter(targets, token_logps).sum(dim=1), targets.sum(dim=1)
+        return per_position.masked_scatter(targets, token_logps)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
@@ -109,3 +114,40 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     return SequenceLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The architecture guard: `_final_logits` repeats the transforms we know; this catches the rest.
+
+GUARD_TOKENS = 16
+
+
+def _guard_row(vocab_size: int, device: torch.device) -> torch.Tensor:
+    # Fixed pseudo-random ids: the same row on every run and rank, spread over the vocabulary.
+    generator = torch.Generator().manual_seed(13)
+    return torch.randint(0, vocab_size, (1, GUARD_TOKENS), generator=generator).to(device)
+
+
+def forward_disagreement(model: torch.nn.Module) -> tuple[float, float]:
+    """(largest |Δ| between our per-token log-probs and those of the model's own `forward` +
+    float32 `log_softmax` on one short row, the tolerance the model's dtype allows).
+
+    Both paths run the same backbone on the same row, so they can differ only in what happens
+    after the last hidden state: the head's rounding (same matmul, other shape) and any logit
+    transform. A transform we repeat in `_final_logits` in float32 while the model does it in its
+    own dtype rounds each logit a few times at that dtype's epsilon, hence a tolerance of a few
+    epsilon × the largest logit; a transform we do not repeat at all is far beyond it."""
+    embeddings = model.get_input_embeddings()
+    ids = _guard_row(embeddings.num_embeddings, embeddings.weight.device)
+    was_training = model.training
+    model.eval()  # dropout would make two passes of one row differ
+    try:
+        with torch.no_grad():
+            ours = SequenceScorer(model).position_logps(ids, torch.ones_like(ids, dtype=torch.bool))[0]
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            theirs = logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    finally:
+        model.train(was_training)
+    eps = torch.finfo(embeddings.weight.dtype).eps
+    tolerance = 1e-4 + 4 * eps * float(logits.abs().max())
+    return float((ours - theirs).abs().max()), tolerance

@@ -168,6 +168,7 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
         values = [loss.item()] + [metrics[name].item() for name in names[1:]]
         if counts:
             totals += torch.tensor([v * len(rows) for v in values] + [len(rows)], dtype=torch.float64)
+    parallel.reshard(model)
     model.train()
     totals = dist.sum(totals)
     pairs = totals[-1].item()
@@ -189,8 +190,11 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, pa
     if not len(rows):
         return
     model = _inference_view(scorer)
-    with torch.inference_mode(), autocast():
+    # no_grad, not inference_mode: FSDP would keep the weights it gathers here as inference
+    # tensors and refuse to gather into them again in the first training step.
+    with torch.no_grad(), autocast():
         logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
+    parallel.reshard(model)
     stored_chosen, stored_rejected = data.ref_logps(rows)
     atol, rtol = max(VERIFY_TOLERANCE[DTYPES[stored_dtype]], VERIFY_TOLERANCE[compute_dtype])
     ok = np.allclose(logps.chosen.float().cpu().numpy(), stored_chosen, atol=atol, rtol=rtol) and \

@@ -92,4 +92,25 @@ def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, devic
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
         raise UserError(f"model {name_or_path}: cannot load it: {_first_line(exc)}") from None
-    return model.to(device), load_tokenizer(directory, name_or_path)
+    model = model.to(device)
+    check_scoring_matches_forward(model, name_or_path)
+    return model, load_tokenizer(directory, name_or_path)
+
+
+def check_scoring_matches_forward(model: Any, name_or_path: str) -> None:
+    """train/logprobs.py skips the model's forward (it projects only scored positions), so an
+    architecture that transforms its logits in a way we do not repeat would be scored wrongly,
+    and neither --verify nor the step-0 check could tell (both use the same function). One
+    16-token row through both paths tells: two forwards of 16 tokens, once per load."""
+    from train.logprobs import forward_disagreement
+
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return  # no weights to run yet (deferred init); the caller checks once they exist
+    diff, tolerance = forward_disagreement(model)
+    if not diff <= tolerance:  # `not <=`: a NaN difference fails too
+        config = model.config
+        raise UserError(
+            f"model {name_or_path}: architecture {config.model_type} ({type(model).__name__}) changes its logits in a way "
+            f"train/logprobs.py does not reproduce (log-probs differ from its own forward by {diff:.3g} > {tolerance:.3g} "
+            f"in {dtype_name(next(model.parameters()).dtype)}); use a supported architecture, or add its transform to _final_logits"
+        )

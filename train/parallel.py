@@ -89,6 +89,16 @@ def unwrap(scorer: torch.nn.Module) -> torch.nn.Module:
     return getattr(scorer, "module", scorer)
 
 
+def reshard(scorer: torch.nn.Module) -> None:
+    """Free the gathered weights after a forward with no backward (eval, the step-0 check). FSDP
+    keeps the root's weights gathered after its forward, for the backward that would follow;
+    without one they would stay whole, and an optimizer built then would hold them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(scorer, FSDPModule):
+        scorer.reshard()
+
+
 @contextmanager
 def gradient_sync(scorer: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
@@ -171,9 +181,16 @@ def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, d
 
 def full_state_dict(scorer: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The model's weights gathered whole on rank 0's CPU (an empty dict on the other ranks), keyed
-    as the causal LM names them. Every process must call it: under FSDP it is a collective."""
+    as the causal LM names them, each tied weight once (the gathered copies no longer share
+    memory, so `save_pretrained` would write both). Every process must call it: under FSDP it is
+    a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(unwrap(scorer), options=options)
-    return {key.removeprefix("model."): value for key, value in state.items()}
+    module = unwrap(scorer)
+    state = get_model_state_dict(module, options=options)
+    first_name: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(param), name)
+    tied = {name for name, param in module.named_parameters(remove_duplicate=False) if first_name[id(param)] != name}
+    return {key.removeprefix("model."): value for key, value in state.items() if key not in tied}
