@@ -152,7 +152,7 @@ def test_a_ddp_style_wrapper_around_the_scorer_is_called_not_bypassed():
     torch.testing.assert_close(wrapped.chosen, direct.chosen)
 
 
-def trl_precomputed_trainer(model_dir, out_dir):
+def trl_precomputed_trainer(model_dir, out_dir, peft_config=None):
     """TRL 1.x `DPOTrainer(precompute_ref_log_probs=True)`, float32 on CPU, over a small
     conversational dataset: its train_dataset holds TRL's own token ids (prompt_ids, chosen_ids,
     rejected_ids) and the reference log-probs TRL computed for them."""
@@ -168,7 +168,7 @@ def trl_precomputed_trainer(model_dir, out_dir):
     ]
     args = DPOConfig(output_dir=str(out_dir), precompute_ref_log_probs=True, per_device_train_batch_size=4,
                      bf16=False, use_cpu=True, report_to="none")
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, peft_config=peft_config,
                          train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir))
     assert len(set(np.round(trainer.train_dataset["ref_rejected_logps"], 2))) == len(rows)  # distinct rows, not one value
     return trainer

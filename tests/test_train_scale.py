@@ -137,11 +137,12 @@ def test_lora_refuses_shards_scored_with_another_model(shards, tiny_model_dir, t
         train(_config(shards, other, tmp_path / "r", lora_r=4))
 
 
-def test_lora_under_fsdp_equals_one_process(shards, tiny_model_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(("parallelism", "port"), [("ddp", 29544), ("fsdp", 29543)])
+def test_lora_on_two_processes_equals_one_process(shards, tiny_model_dir, tmp_path, parallelism, port):  # noqa: F811
     one = tmp_path / "one"
     train(_config(shards, tiny_model_dir, one, batch_size=8, max_steps=4, log_every=1, lora_r=4, learning_rate=2e-2))
     two = tmp_path / "two"
-    _torchrun(29543, *_common(shards, tiny_model_dir, "--batch-size", "4", "--parallelism", "fsdp", "--lora-r", "4",
+    _torchrun(port, *_common(shards, tiny_model_dir, "--batch-size", "4", "--parallelism", parallelism, "--lora-r", "4",
                              "--learning-rate", "2e-2", "--out", str(two)))
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     assert abs(_losses(one)[-1] - np.log(2)) > 1e-3  # the adapters moved the policy

@@ -118,3 +118,49 @@ def test_sigmoid_with_label_smoothing_is_cdpo_where_trl_ignores_it(trl):
     ours = _our_loss(logps, refs, {"sigmoid": 1.0}, eps)
     assert ours == pytest.approx(cdpo, abs=1e-4)
     assert abs(ours - trl_loss) > 1e-2
+
+
+def _seeded_adapter_values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-zero values for every LoRA matrix (B too, so the adapter is not the identity), by name."""
+    generator = torch.Generator().manual_seed(0)
+    return {name.replace("base_model.model.", ""): 0.3 * torch.randn(param.shape, generator=generator)
+            for name, param in sorted(model.named_parameters()) if "lora_" in name}
+
+
+def test_lora_loss_and_adapter_gradients_equal_trl_with_peft_config(tiny_model_dir, tmp_path):
+    """TRL 1.16 `DPOTrainer(peft_config=…)` and our adapter (train.lora) on the same rows, with the
+    same adapter values: the same loss, and the same gradient on every adapter matrix."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from train.lora import add_adapter
+
+    lora = dict(r=4, alpha=8.0, dropout=0.0)
+    trainer = trl_precomputed_trainer(tiny_model_dir, tmp_path, peft_config=LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear", task_type="CAUSAL_LM"))
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_ours = add_adapter(ours, lora["r"], lora["alpha"], lora["dropout"], None, seed=0)
+    values = _seeded_adapter_values(trainer.model)
+    assert values and values.keys() == _seeded_adapter_values(peft_ours).keys()
+    for model in (trainer.model, peft_ours):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(values[name.replace("base_model.model.", "")])
+    data = trainer.train_dataset.select_columns(TRL_COLUMNS)
+    batch = trainer.data_collator([data[i] for i in range(len(data))])
+    trainer.loss_types, trainer.loss_weights, trainer.beta = ["sigmoid"], [1.0], BETA
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    columns = _columns(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+    logps = sequence_logps(ours, collate_pairs(columns, np.arange(len(columns)), pad_id=0))
+    refs = (torch.tensor(data["ref_chosen_logps"]), torch.tensor(data["ref_rejected_logps"]))
+    our_loss, _ = preference_loss(logps.chosen, logps.rejected, *refs, logps.chosen_tokens, logps.rejected_tokens,
+                                  {"sigmoid": 1.0}, LossParams(beta=BETA), 0.0)
+    our_loss.backward()
+    assert our_loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert abs(our_loss.item() - np.log(2)) > 1e-2  # the adapter moved the policy off the base
+    trl_grads = {n.replace("base_model.model.", ""): p.grad for n, p in trainer.model.named_parameters() if "lora_" in n}
+    for name, param in peft_ours.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param.grad, trl_grads[name.replace("base_model.model.", "")], atol=1e-5, rtol=1e-3)
