@@ -147,15 +147,19 @@ def precompute_ref_command(
     attn_implementation: str = typer.Option(None, help="Passed to from_pretrained: sdpa, eager, flash_attention_2, …"),
     verify: int = typer.Option(0, help="Re-score N random rows one at a time and compare with the batched values."),
     force: bool = typer.Option(False, "--force", help="Replace log-probs that another model (or dtype) wrote."),
+    parallelism: str = typer.Option("ddp", help="Under torchrun: ddp (each process a whole model, its own shards) or "
+                                    "fsdp (the model sharded over the processes, for a reference too large for one device)."),
 ) -> None:
     """Add the reference model's log-probs (ref_chosen_logps, ref_rejected_logps) to every shard.
-    Resumable shard by shard; under torchrun, rank r takes shards r, r+W, …"""
+    Resumable shard by shard; under torchrun, rank r takes shards r, r+W, … (with --parallelism fsdp,
+    all processes score each shard together)."""
     import os
 
     from train.reference import PrecomputeRefConfig, precompute_ref, summary_lines
 
     config = _config(PrecomputeRefConfig, shards=shards, model=model, device=device, dtype=dtype,
-                     batch_tokens=batch_tokens, attn_implementation=attn_implementation, verify=verify, force=force)
+                     batch_tokens=batch_tokens, attn_implementation=attn_implementation, verify=verify, force=force,
+                     parallelism=parallelism)
     lines = summary_lines(precompute_ref(config))
     if os.environ.get("RANK", "0") == "0":
         print("\n".join(lines))

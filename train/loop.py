@@ -132,24 +132,8 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
 def _inference_view(scorer: Any) -> Any:
     """The module to score held-out or check rows with. DDP's forward is a collective that the
     processes would call different numbers of times, so its inner module; an FSDP module itself,
-    since its layers' weights exist only when gathered (`_equal_shares` keeps the calls in step)."""
-    return scorer if _is_sharded(scorer) else parallel.unwrap(scorer)
-
-
-def _is_sharded(scorer: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(scorer, FSDPModule)
-
-
-def _equal_shares(batches: list[np.ndarray], dist: Dist, sharded: bool) -> list[tuple[np.ndarray, bool]]:
-    """This process's batches, each with whether it counts. Under FSDP every process must run the
-    same number of forwards (each gathers weights with the others), so the short shares are
-    topped up with a repeat of a batch that is not counted."""
-    mine = [(rows, True) for rows in batches[dist.rank::dist.world]]
-    if sharded and batches:
-        mine += [(batches[0], False)] * (-(-len(batches) // dist.world) - len(mine))
-    return mine
+    since its layers' weights exist only when gathered (`equal_shares` keeps the calls in step)."""
+    return scorer if parallel.is_sharded(scorer) else parallel.unwrap(scorer)
 
 
 @torch.no_grad()
@@ -162,7 +146,7 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)
     names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
-    for rows, counts in _equal_shares(batches, dist, _is_sharded(scorer)):
+    for rows, counts in parallel.equal_shares(batches, dist, parallel.is_sharded(scorer)):
         batch = collate_pairs(data.columns, rows, pad_id).to(device)
         loss, metrics = batch_loss(config, model, batch, data, ref_model, autocast)
         values = [loss.item()] + [metrics[name].item() for name in names[1:]]

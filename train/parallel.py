@@ -55,17 +55,17 @@ def mixed_precision(device: torch.device, dtype_name: str) -> Any:
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
 
 
-def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device, dtype_name: str,
+def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device, mp_policy: Any,
           cpu_offload: bool, dist: Dist) -> torch.nn.Module:
-    """FSDP2 in place: each decoder layer, then the scorer as root. Returns the scorer."""
+    """FSDP2 in place: each decoder layer, then the scorer as root. Returns the scorer. `model`
+    may sit on the CPU: each process moves only its shard to `device`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.world,))
     options: dict[str, Any] = {"mesh": mesh}
-    policy = mixed_precision(device, dtype_name)
-    if policy is not None:
-        options["mp_policy"] = policy
+    if mp_policy is not None:
+        options["mp_policy"] = mp_policy
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
@@ -74,10 +74,26 @@ def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     return scorer
 
 
+def equal_shares(batches: list[np.ndarray], dist: Dist, sharded: bool) -> list[tuple[np.ndarray, bool]]:
+    """This process's batches (every world-th), each with whether it counts. Under FSDP every
+    process must run the same number of forwards (each gathers weights with the others), so the
+    short shares are topped up with a repeat of a batch that is not counted."""
+    mine = [(rows, True) for rows in batches[dist.rank::dist.world]]
+    if sharded and batches:
+        mine += [(batches[0], False)] * (-(-len(batches) // dist.world) - len(mine))
+    return mine
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def wrap(scorer: torch.nn.Module, model: torch.nn.Module, parallelism: str, device: torch.device, dtype_name: str,
          cpu_offload: bool, dist: Dist) -> torch.nn.Module:
     if parallelism == "fsdp":
-        return shard(scorer, model, device, dtype_name, cpu_offload, dist)
+        return shard(scorer, model, device, mixed_precision(device, dtype_name), cpu_offload, dist)
     if dist.world > 1:
         return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
     return scorer
@@ -93,9 +109,7 @@ def reshard(scorer: torch.nn.Module) -> None:
     """Free the gathered weights after a forward with no backward (eval, the step-0 check). FSDP
     keeps the root's weights gathered after its forward, for the backward that would follow;
     without one they would stay whole, and an optimizer built then would hold them."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(scorer, FSDPModule):
+    if is_sharded(scorer):
         scorer.reshard()
 
 
@@ -103,9 +117,7 @@ def reshard(scorer: torch.nn.Module) -> None:
 def gradient_sync(scorer: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
     micro-batch of an accumulated step."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(scorer, FSDPModule):
+    if is_sharded(scorer):
         scorer.set_requires_gradient_sync(enabled)
         yield
         scorer.set_requires_gradient_sync(True)

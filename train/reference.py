@@ -37,10 +37,11 @@ from schemas.io import atomic_path, sha256_file, write_text_atomic
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
 from schemas.progress import progress
 from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
+from train import parallel
 from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.device import dtype_name, select_device, select_dtype
 from train.distributed import Dist
-from train.logprobs import sequence_logps
+from train.logprobs import SequenceScorer, sequence_logps
 from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
 from train.models import model_dir as resolve_model_dir
 
@@ -60,6 +61,10 @@ class PrecomputeRefConfig(BaseModel):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_tokens: int = Field(16_384, gt=0)
+    # fsdp: the model sharded over the processes (a reference too large for one device); every
+    # process scores a share of each shard's batches. ddp: each process holds the whole model
+    # and scores whole shards.
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     attn_implementation: str | None = None
     verify: int = Field(0, ge=0)
     seed: int = 0  # which rows --verify picks
@@ -154,17 +159,19 @@ def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
         raise UserError(f"{path}: a row has an empty prompt or answer, which has no log-prob; re-run prefdata tokenize")
 
 
-def _score(model: Any, columns: TokenColumns, batches: list[np.ndarray], pad_id: int, device: torch.device,
-           bar: Any) -> tuple[np.ndarray, np.ndarray]:
+def _score(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], pad_id: int,
+           device: torch.device, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs of the rows of the batches that count; 0 elsewhere (other processes' rows)."""
     chosen = np.zeros(len(columns), dtype=np.float32)
     rejected = np.zeros(len(columns), dtype=np.float32)
     start, tokens = time.perf_counter(), 0
-    for rows in batches:
+    for rows, counts in batches:
         batch = collate_pairs(columns, rows, pad_id).to(device)
         out = sequence_logps(model, batch)
-        chosen[rows], rejected[rows] = out.chosen.cpu().numpy(), out.rejected.cpu().numpy()
-        tokens += batch.real_tokens
-        bar.advance(len(rows), tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
+        if counts:
+            chosen[rows], rejected[rows] = out.chosen.cpu().numpy(), out.rejected.cpu().numpy()
+            tokens += batch.real_tokens
+            bar.advance(len(rows), tok_s=f"{tokens / (time.perf_counter() - start):,.0f}")
     return chosen, rejected
 
 
@@ -211,16 +218,24 @@ def _verify_picks(shards: list[ShardFile], n: int, seed: int) -> dict[str, np.nd
 
 
 class _Scorer:
-    """The model, loaded the first time a shard needs it (a finished re-run never loads it)."""
+    """The model, loaded the first time a shard needs it (a finished re-run never loads it).
+    Under FSDP it is sharded over the processes, which then score each shard together."""
 
-    def __init__(self, model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> None:
-        self.model_dir, self.config, self.dtype, self.device = model_dir, config, dtype, device
+    def __init__(self, model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device,
+                 ranks: Dist) -> None:
+        self.model_dir, self.config, self.dtype, self.device, self.ranks = model_dir, config, dtype, device, ranks
+        self.sharded = config.parallelism == "fsdp"
         self._model: Any = None
+        self._scoring: Any = None
 
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = _load_model(self.model_dir, self.config, self.dtype, self.device)
+            self._model = _load_model(self.model_dir, self.config, self.dtype,
+                                      torch.device("cpu") if self.sharded else self.device)
+            self._scoring = self._model
+            if self.sharded:  # weights already in the reference dtype: no mixed-precision policy
+                self._scoring = parallel.shard(SequenceScorer(self._model), self._model, self.device, None, False, self.ranks)
         return self._model
 
     @property
@@ -229,17 +244,25 @@ class _Scorer:
         return pad if pad is not None else 0  # masked out anyway; only has to be a valid index
 
     def score_shard(self, shards_dir: Path, name: str, verify_rows: np.ndarray, reference: ModelFingerprint,
-                    bar: Any) -> ShardScore:
+                    bar: Any) -> ShardScore | None:
+        """Scores one shard; the process that writes it (each its own, or rank 0 under FSDP)
+        returns its marker."""
         path = shards_dir / name
         table = _read_table(path)
         columns = TokenColumns.from_table(table)
         _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
         batches = token_budget_batches(columns.pair_lengths, self.config.batch_tokens)
+        shares = parallel.equal_shares(batches, self.ranks, True) if self.sharded else [(rows, True) for rows in batches]
         start = time.perf_counter()
-        with torch.inference_mode():
-            chosen, rejected = _score(self.model, columns, batches, self.pad_id, self.device, bar)
+        # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
+        with torch.no_grad():
+            chosen, rejected = _score(self._scoring, columns, shares, self.pad_id, self.device, bar)
+            if self.sharded:  # each row was scored by one process, the others hold 0 there
+                chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
             seconds = time.perf_counter() - start
-            worst = _verify(self.model, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path)
+            worst = _verify(self._scoring, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path)
+        if self.sharded and not self.ranks.is_main:
+            return None
         real = columns.real_tokens
         score = ShardScore(name=name, sha256="", reference=reference, rows=len(columns), real_tokens=int(real.sum()),
                            processed_tokens=processed_tokens(columns.pair_lengths, batches),
@@ -252,11 +275,12 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
     upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
     if not upstream.shards or upstream.tokenizer is None:
         raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
-    # gloo even on GPUs: the only collective is a barrier. The timeout is long because a rank with
-    # shorter shards waits there for the others; a crashed rank does not leave the rest hanging,
-    # since torchrun stops every worker when one fails.
-    ranks = Dist.start("gloo", timedelta(days=1))
+    # gloo even on GPUs unless the model is sharded: then the only collective is a barrier. The
+    # timeout is long because a rank with shorter shards waits there for the others; a crashed
+    # rank does not leave the rest hanging, since torchrun stops every worker when one fails.
     device = select_device(config.device)
+    backend = "cpu:gloo,cuda:nccl" if config.parallelism == "fsdp" and device.type == "cuda" else "gloo"
+    ranks = Dist.start(backend, timedelta(days=1))
     dtype = select_dtype(config.dtype, device)
     model_dir = resolve_model_dir(config.model)
     reference = model_fingerprint(model_dir, config.model, dtype, device)
@@ -265,14 +289,15 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
                         f"({upstream.reference.dtype}); pass --force to replace them with {config.model}")
     check_tokenizer(model_dir, config.model, upstream.tokenizer)
 
-    mine = upstream.shards[ranks.rank :: ranks.world]
+    mine = upstream.shards if config.parallelism == "fsdp" else upstream.shards[ranks.rank :: ranks.world]
     todo = [s for s in mine if _needs_work(shards_dir, s, upstream, reference, config.force)]
+    ranks.barrier()  # every process has read the shards' state before any is rewritten
     result = PrecomputeResult(upstream, skipped=[s.name for s in mine if s not in todo])
     picks = _verify_picks(upstream.shards, config.verify, config.seed)
-    scorer = _Scorer(model_dir, config, dtype, device)
+    scorer = _Scorer(model_dir, config, dtype, device, ranks)
     for shard in todo:  # a kill -9 leaves its atomic_path temp file behind
         for stale in shards_dir.glob(f".tmp-{shard.name}.*"):
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # under FSDP every process clears the same files
     if todo:
         with progress("precompute-ref", total=sum(s.rows for s in todo)) as bar:
             for shard in todo:
