@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo train bench bench-quick clean
+.PHONY: venv test demo train bench bench-quick gpu-check clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, on its own: otherwise a dependency's unpinned "torch" pulls a CUDA build.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,lora]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -44,6 +44,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+
+# On a CUDA machine: precompute-ref, train (DDP, FSDP2, LoRA) on all visible GPUs with a ~100M model in bf16,
+# and the bench-quick table on the GPU (bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

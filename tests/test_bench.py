@@ -22,3 +22,18 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row():
     assert "Test CPU, 2 cores" in text and "device: cpu" in text and "200.0 GFLOP/s" in text
     assert "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |" in text
     assert "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |" in text
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA: make gpu-check runs the real check")
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], capture_output=True, text=True,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.count("\n") == 1 and "no CUDA device" in done.stdout

@@ -362,7 +362,9 @@ def _write_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData
         outputs=["final", *(["final-merged"] if config.lora_r else []), "metrics.jsonl", "curves.png", "config.yaml"],
         tokenizer=shards.tokenizer,
         reference=shards.reference,
-        stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval},
+        stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval,
+               # rank 0's high-water mark of tensors on the GPU (what the memory model predicts)
+               **({"peak_device_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if torch.cuda.is_available() else {})},
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
     ).write(out)
 

@@ -1,0 +1,99 @@
+"""`make gpu-check`: the model stages on the first CUDA machine, in one command, under 10 minutes.
+
+On a machine without CUDA it says so in one line and exits 0. On a CUDA machine, with a Llama of
+~100M parameters built from a config (nothing downloaded) and LLaMA-Factory's dpo_en_demo rows:
+
+    precompute-ref   --dtype auto (bf16), --verify 8
+    train ddp        all visible GPUs (torchrun), bf16 autocast over fp32 master weights
+    train fsdp       all visible GPUs, FSDP2 with bf16 MixedPrecisionPolicy
+    train lora       r=16 on the same shards (the reference is the base model)
+    bench            benchmarks/run_all.py --quick on the GPU → bench-cuda.md / bench-cuda.json
+
+Each training run must start at loss log 2 (within bf16 rounding) and end lower; any failure
+exits non-zero with the stage's error. Results: gpu-check.md and gpu-check.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STEPS = 30
+TRAIN_ARGS = ["--batch-size", "8", "--learning-rate", "1e-5", "--beta", "0.1", "--log-every", "1", "--max-steps", str(STEPS)]
+MODEL = dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560)
+
+
+def _run(name: str, command: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"gpu-check: {name} failed:\n{done.stderr[-4000:]}")
+    return time.perf_counter() - start
+
+
+def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: str) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+               "-m", "train", "--shards", str(shards), "--model", str(model), "--out", str(out), *TRAIN_ARGS, *extra]
+    seconds = _run(name, command)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    stats = json.loads((out / "manifest.json").read_text())["stats"]
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
+    if abs(first - math.log(2)) > 0.05 or not last < first:
+        sys.exit(f"gpu-check: {name}: loss {first:.4f} at step 1 (expected log 2 = 0.6931) and {last:.4f} at the end")
+    timed = [m for m in metrics if m["step"] > 1]
+    tokens_per_s = sum(m["tokens"] for m in timed) / sum(m["tokens"] / m["tokens_per_s"] for m in timed)
+    return {"stage": name, "seconds": seconds, "tokens_per_s": tokens_per_s, "first_loss": first, "last_loss": last,
+            "peak_device_memory_mib": stats.get("peak_device_memory_mib")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--no-bench", action="store_true", help="skip the bench-quick table")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device visible to torch on this machine; nothing to check (exit 0)")
+        return
+    from benchmarks.bench_precompute import prepare
+    from train.tiny import build_model
+
+    gpus = torch.cuda.device_count()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = Path(tmp)
+        small, shards = prepare(work, rows=400, max_length=1024)
+        model = build_model(small, work / "model-100m", max_positions=1024, **MODEL)
+        seconds = _run("precompute-ref", [sys.executable, "-m", "prefdata", "precompute-ref", str(shards), "--model", str(model),
+                                          "--verify", "8"])
+        manifest = json.loads((shards / "manifest.json").read_text())
+        results.append({"stage": "precompute-ref", "seconds": seconds, "tokens_per_s": manifest["stats"]["tokens_per_s"],
+                        "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]})
+        results.append(_train("train ddp", gpus, model, shards, work / "ddp"))
+        results.append(_train("train fsdp", gpus, model, shards, work / "fsdp", "--parallelism", "fsdp"))
+        results.append(_train("train lora", gpus, model, shards, work / "lora", "--lora-r", "16", "--learning-rate", "1e-4"))
+    if not args.no_bench:
+        _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(args.out)])
+    report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}
+    (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
+    lines = [f"{gpus} × {report['device']}, torch {report['torch']}, Llama ~100M from a config, {STEPS} steps", "",
+             "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['stage']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {r.get('first_loss', float('nan')):.4f} | "
+                     f"{r.get('last_loss', float('nan')):.4f} | {r.get('peak_device_memory_mib') or '—'} |")
+    (args.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
