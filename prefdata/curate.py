@@ -1,7 +1,7 @@
 """Stage 2: record sets → train / eval record sets a careful team would trust.
 
 Order of the steps (each reported in the manifest):
-  1. load every input, sort by (source, source_row, id) so nothing depends on input order;
+  1. read every input, order by (source, source_row, id) so nothing depends on input order;
   2. degenerate pairs: identical after normalisation, empty answer, tied scores, score margin
      below --min-margin, answers outside --min-chars / --max-chars;
   3. exact duplicates of the whole normalised pair: the first by (source, source_row) is kept;
@@ -11,23 +11,39 @@ Order of the steps (each reported in the manifest):
   6. split by a hash of the prompt cluster, so a cluster never straddles train and eval.
 Normalisation for comparisons is NFKC, case-folded, whitespace collapsed; the records themselves
 are written unchanged.
+
+Memory is bounded by `chunk_rows`, not by the input (README "Curate at scale"):
+  pass 1 streams the inputs `chunk_rows` records at a time and keeps one narrow row per record
+         (id, sort keys, score margin, per-record drop reason, 128-bit keys of the normalised pair
+         and prompt); prompt comparison texts go to a spill file on disk;
+  decide runs steps 2–6 on the narrow table; near-duplicate signatures live on disk and are read a
+         band of columns at a time (prefdata.neardup.SignatureFile);
+  pass 2 streams the inputs again and writes each record where it was decided, in (source,
+         source_row, id) order: directly when the inputs are already in that order, otherwise
+         through a bucket sort on disk (one bucket of `chunk_rows` records in memory at a time).
+Every step decides exactly what the single-frame version decided (tests/test_curate_chunked.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefdata import __version__
-from prefdata.neardup import components, prompt_clusters, shares_shingle, shingles
+from prefdata.neardup import (SignatureFile, comparison_text, components, scheme_edges, scheme_members, scheme_shingler,
+                              shares_shingle, shingles, signatures, text_sizes)
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
@@ -38,6 +54,17 @@ from schemas.records import RECORD_FILES, RECORD_SCHEMA
 CURATED_SCHEMA = RECORD_SCHEMA.append(pa.field("prompt_cluster", pa.string()))
 DROPPED_SCHEMA = CURATED_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("duplicate_of", pa.string()))
 CURATED_COLUMNS = CURATED_SCHEMA.names
+# Pass 2's spilled rows: the dropped layout plus where each row goes.
+_SPILL_SCHEMA = DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
+
+# Output row groups have a fixed size, so an output file's bytes depend only on its rows, not on
+# chunk_rows or on how the inputs were split into files.
+ROW_GROUP_ROWS = 65_536
+DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "tie", "low_margin", "too_short", "too_long")
+DROP_REASONS = (*DEGENERATE_REASONS, "duplicate", "contaminated", "prompt_cap")
+_REASON = pl.Enum(DROP_REASONS)  # one byte per row in the narrow table instead of a string
+TRAIN, EVAL, DROPPED = 0, 1, 2
+_OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped.parquet"}
 
 
 class CurateConfig(BaseModel):
@@ -57,31 +84,48 @@ class CurateConfig(BaseModel):
     decontaminate_ngram: int = Field(13, gt=0)
     eval_fraction: float = Field(0.02, ge=0, lt=1)
     seed: int = 0
+    # Records held in memory at once (pass 1 and pass 2); results do not depend on it.
+    chunk_rows: int = Field(200_000, gt=0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Inputs
 
 
-def _load_inputs(paths: list[str]) -> tuple[pl.DataFrame, list[InputFile]]:
-    frames, inputs = [], []
+def _inputs(paths: list[str]) -> list[InputFile]:
+    """Every record file of every input set, checked before anything is read or written."""
+    inputs = []
     for directory in map(Path, paths):
         manifest = Manifest.read(directory, stages=tuple(RECORD_FILES))
         for name in RECORD_FILES[manifest.stage]:
             path = directory / name
             if not path.is_file():
                 raise UserError(f"{path} missing; re-run prefdata {manifest.stage} for {directory}")
-            table = pq.read_table(path)
-            if not all(field in table.schema for field in RECORD_SCHEMA):
-                raise UserError(f"{path}: not a prefdata record set (columns {table.schema.names}); re-run prefdata {manifest.stage}")
-            if "prompt_cluster" not in table.schema.names:
-                table = table.append_column("prompt_cluster", pa.nulls(table.num_rows, pa.string()))
-            frames.append(pl.from_arrow(table.select(CURATED_COLUMNS)))
-            inputs.append(InputFile(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size, rows=table.num_rows))
-    if not frames:
+            schema = pq.read_schema(path)
+            if not all(field in schema for field in RECORD_SCHEMA):
+                raise UserError(f"{path}: not a prefdata record set (columns {schema.names}); re-run prefdata {manifest.stage}")
+            rows = pq.ParquetFile(path).metadata.num_rows
+            inputs.append(InputFile(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows))
+    if not inputs:
         raise UserError("no input record sets given")
-    records = pl.concat(frames).sort(["source", "source_row", "id"]).with_row_index("row")
-    return records, inputs
+    return inputs
+
+
+def _chunks(inputs: list[InputFile], chunk_rows: int, columns: list[str]) -> Iterator[pa.Table]:
+    """The inputs' records in file order, at most `chunk_rows` at a time, as `columns` of the
+    curated layout (a record set without prompt clusters gets null ones)."""
+    for item in inputs:
+        parquet = pq.ParquetFile(item.path)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=present):
+            table = pa.Table.from_batches([batch])
+            if "prompt_cluster" in columns and "prompt_cluster" not in present:
+                table = table.append_column("prompt_cluster", pa.nulls(table.num_rows, pa.string()))
+            yield table.select(columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison forms
 
 
 def _fold(text: pl.Expr) -> pl.Expr:
@@ -99,8 +143,23 @@ def _answer_chars(messages: str) -> pl.Expr:
     return pl.col(messages).list.eval(pl.element().struct.field("content").str.len_chars()).list.sum()
 
 
+def _key128(texts: pl.Series) -> np.ndarray:
+    """[n, 2] uint64: xxh3-128 of each text's UTF-8 bytes. Only equality of keys is used (exact
+    duplicates, identical prompts), so a 128-bit key stands in for the text (collision odds at
+    10^7 texts: ~10^-25) and the narrow table never holds the texts themselves."""
+    digests = b"".join(xxhash.xxh3_128_digest(t.encode()) for t in texts.fill_null("").to_list())
+    return np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2) if digests else np.empty((0, 2), np.uint64)
+
+
+def _pair_text() -> pl.Expr:
+    """The normalised (prompt, chosen, rejected) as one string, lengths first so it splits one way only."""
+    lengths = [pl.col(c).str.len_chars().cast(pl.String) for c in ("prompt_norm", "chosen_norm", "rejected_norm")]
+    return pl.concat_str([*lengths, pl.lit(""), pl.col("prompt_norm"), pl.col("chosen_norm"), pl.col("rejected_norm")],
+                         separator=":")
+
+
 # ---------------------------------------------------------------------------------------------
-# Steps: each returns the frame with `drop_reason` (and `duplicate_of`) filled where it drops
+# Pass 1: one narrow row per record
 
 
 def _degenerate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
@@ -115,38 +174,30 @@ def _degenerate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
         ("too_short", shortest < config.min_chars),
         ("too_long", longest > config.max_chars if config.max_chars is not None else pl.lit(False)),
     ]
+    assert [name for name, _ in rules] == list(DEGENERATE_REASONS)
     reason = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
     for name, condition in rules:
         reason = reason.when(condition.fill_null(False)).then(pl.lit(name))
-    return frame.with_columns(drop_reason=pl.coalesce("drop_reason", reason.otherwise(None)))
+    return frame.with_columns(drop_reason=reason.otherwise(None).cast(_REASON))
 
 
-def _exact_duplicates(frame: pl.DataFrame) -> pl.DataFrame:
-    """Among live rows, every pair whose normalised (prompt, chosen, rejected) was seen at an
-    earlier row is dropped and points at that row's id."""
-    key = ["prompt_norm", "chosen_norm", "rejected_norm"]
-    live = pl.col("drop_reason").is_null()
-    first_id = pl.col("id").filter(live).first().over(key)
-    is_later = live & (pl.col("row").filter(live).first().over(key) != pl.col("row"))
-    return frame.with_columns(
-        drop_reason=pl.when(is_later).then(pl.lit("duplicate")).otherwise("drop_reason"),
-        duplicate_of=pl.when(is_later).then(first_id).otherwise("duplicate_of"),
-    )
-
-
-def _decontaminate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
+def _eval_grams(config: CurateConfig) -> np.ndarray | None:
     if not config.decontaminate:
-        return frame
+        return None
     from prefdata.evalsets import load_eval_texts
 
     eval_texts = pl.select(_fold(pl.lit(pl.Series(load_eval_texts(config.decontaminate), dtype=pl.String)))).to_series()
-    eval_grams = np.unique(shingles(eval_texts, config.decontaminate_ngram)[1])
+    return np.unique(shingles(eval_texts, config.decontaminate_ngram)[1])
+
+
+def _contaminated(frame: pl.DataFrame, config: CurateConfig, eval_grams: np.ndarray | None) -> np.ndarray:
+    """Per record: does its prompt or an answer share a word n-gram with an evaluation set?"""
     hit = np.zeros(frame.height, dtype=bool)
+    if eval_grams is None:
+        return hit
     for column in ("prompt_norm", "chosen_norm", "rejected_norm"):
         hit |= shares_shingle(_strip_roles(frame[column]), config.decontaminate_ngram, eval_grams)
-    return frame.with_columns(
-        drop_reason=pl.when(pl.Series(hit) & pl.col("drop_reason").is_null()).then(pl.lit("contaminated")).otherwise("drop_reason")
-    )
+    return hit
 
 
 def _strip_roles(texts: pl.Series) -> pl.Series:
@@ -154,31 +205,190 @@ def _strip_roles(texts: pl.Series) -> pl.Series:
     return texts.str.replace_all(r"(^|\n)(system|user|assistant): ", " ").str.replace_all(r"\s+", " ").str.strip_chars()
 
 
-def _prompt_clusters(live: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
-    """Adds `prompt_cluster` (near-duplicate prompt cluster, or exact normalised prompt when near-dedupe
-    is off) and `rank` (0 = the cluster's best pair: largest score margin, then earliest row).
+def _scatter_keys(n: int, rows: np.ndarray, keys: np.ndarray) -> list[pl.Series]:
+    """Two nullable UInt64 columns: `keys` at `rows`, null elsewhere (records already dropped)."""
+    out = []
+    for half in range(2):
+        full = np.zeros(n, np.uint64)
+        full[rows] = keys[:, half]
+        missing = np.ones(n, bool)
+        missing[rows] = False
+        out.append(pl.Series(full, dtype=pl.UInt64).scatter(np.flatnonzero(missing), None))
+    return out
 
-    The cluster is named by its best pair's id: a content hash, so the name (and the split it
-    decides) does not depend on input order or library versions, and it survives re-running
-    curate on its own output, where the best pair is still there and still first."""
-    if config.near_dup and live.height:
-        labels = prompt_clusters(live["prompt_norm"], config.ngram, config.threshold, config.num_perm, config.seed)
-    else:
-        labels = _group_labels(live["prompt_norm"])
-    # A cluster from an earlier curate run stays one cluster, even where the pair that linked its
-    # members was dropped since (capped, deduplicated): rows sharing a prompt_cluster are joined.
-    prior = live["prompt_cluster"]
-    if prior.null_count() < live.height:
-        linked = _group_labels(prior.fill_null(live["id"]))
-        rows = np.arange(live.height)
-        labels = components(live.height, np.r_[rows, rows], np.r_[labels, linked])
-    margin = (pl.col("chosen_score") - pl.col("rejected_score")).fill_null(float("-inf"))
-    # Rank on a narrow frame: sorting the full records (nested messages) would copy them all.
-    ranked = (live.select("row", "id", margin.alias("margin")).with_columns(label=pl.Series(labels))
-              .sort(["label", "margin", "row"], descending=[False, True, False])
-              .with_columns(prompt_cluster=pl.col("id").first().over("label"), rank=pl.int_range(pl.len()).over("label"))
-              .sort("row"))
-    return live.drop("prompt_cluster").with_columns(ranked["prompt_cluster"], ranked["rank"])
+
+NARROW_INPUT = ["id", "prompt", "chosen", "rejected", "source", "source_row", "chosen_score", "rejected_score", "prompt_cluster"]
+
+
+def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig,
+                  eval_grams: np.ndarray | None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """(narrow rows, prompt comparison texts of the records not dropped here) for one chunk.
+
+    Everything decided per record (degenerate reasons, contamination) is decided here; what
+    needs all records (duplicates, clusters) gets keys: the normalised pair's and the prompt's
+    (its comparison text with near-dedupe on, its normalised text without)."""
+    frame = pl.from_arrow(table).with_columns(
+        prompt_norm=_normalised("prompt"), chosen_norm=_normalised("chosen"), rejected_norm=_normalised("rejected"))
+    frame = _degenerate(frame, config)
+    live = np.flatnonzero(frame["drop_reason"].is_null().to_numpy())
+    pos = pl.Series("pos", np.arange(first_pos, first_pos + frame.height, dtype=np.int64))
+    kept = frame[live]
+    prompt = comparison_text(kept["prompt_norm"]) if config.near_dup else kept["prompt_norm"]
+    pair_hi, pair_lo = _scatter_keys(frame.height, live, _key128(kept.select(_pair_text()).to_series()))
+    prompt_hi, prompt_lo = _scatter_keys(frame.height, live, _key128(prompt))
+    narrow = pl.DataFrame([
+        pos, frame["id"], frame["source"], frame["source_row"],
+        (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).alias("margin"),
+        frame["drop_reason"], pl.Series("contaminated", _contaminated(frame, config, eval_grams)),
+        pair_hi.alias("pair_hi"), pair_lo.alias("pair_lo"), prompt_hi.alias("prompt_hi"), prompt_lo.alias("prompt_lo"),
+        frame["prompt_cluster"].alias("prior"),
+    ])
+    texts = pl.DataFrame([pos.gather(live), prompt.alias("text")]) if config.near_dup else None
+    return narrow, texts
+
+
+class _IpcSpill:
+    """Arrow IPC file of record batches on the spill disk; read back batch by batch, not mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._writer, self._sink = path, None, None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._writer = pa.ipc.new_file(self._sink, table.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        if self._writer is None:
+            return
+        with pa.OSFile(str(self.path), "rb") as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+
+
+def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[pl.DataFrame, _IpcSpill]:
+    eval_grams = _eval_grams(config)
+    texts = _IpcSpill(spill / "prompts.arrow")
+    frames, pos = [], 0
+    for table in _chunks(inputs, config.chunk_rows, NARROW_INPUT):
+        narrow, prompt_texts = _narrow_chunk(table, pos, config, eval_grams)
+        frames.append(narrow)
+        if prompt_texts is not None and prompt_texts.height:
+            texts.write(prompt_texts.to_arrow())
+        pos += table.num_rows
+    if not frames:  # no records at all: one empty chunk gives the narrow table its columns
+        frames.append(_narrow_chunk(RECORD_SCHEMA.empty_table().append_column(
+            "prompt_cluster", pa.array([], pa.string())).select(NARROW_INPUT), 0, config, eval_grams)[0])
+    texts.close()
+    return pl.concat(frames), texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Decide: steps 3–6 on the narrow table (one row per record, in output order)
+
+
+def _exact_duplicates(narrow: pl.DataFrame) -> pl.DataFrame:
+    """Among live rows, every pair whose normalised (prompt, chosen, rejected) was seen at an
+    earlier row is dropped and points at that row (`duplicate_row`)."""
+    key = ["pair_hi", "pair_lo"]
+    live = pl.col("drop_reason").is_null()
+    first = pl.col("row").filter(live).first().over(key)
+    is_later = live & (first != pl.col("row"))
+    return narrow.with_columns(
+        drop_reason=pl.when(is_later).then(pl.lit("duplicate", _REASON)).otherwise("drop_reason"),
+        duplicate_row=pl.when(is_later).then(first),
+    )
+
+
+def _mark_contaminated(narrow: pl.DataFrame) -> pl.DataFrame:
+    hit = pl.col("contaminated") & pl.col("drop_reason").is_null()
+    return narrow.with_columns(drop_reason=pl.when(hit).then(pl.lit("contaminated", _REASON)).otherwise("drop_reason"))
+
+
+def _prompt_labels(live: pl.DataFrame, config: CurateConfig, prompts: _IpcSpill, n_records: int, spill: Path) -> np.ndarray:
+    """Cluster label per live row (a live index of one of its members): identical prompt keys
+    first, then near-duplicate clusters over the distinct prompts.
+
+    Clustering distinct prompts gives the clusters clustering every row would: identical texts
+    have identical signatures and Jaccard 1, and the distinct prompts, ordered by their first
+    row, meet in each LSH band with the same first member as the rows would."""
+    first = live.with_row_index("i").select(pl.col("i").first().over(["prompt_hi", "prompt_lo"]))["i"].to_numpy().astype(np.int64)
+    if not config.near_dup or not live.height:
+        return first
+    nodes = np.unique(first)  # live index of each distinct prompt's first row, ascending
+    node_labels = _near_duplicate_nodes(live["pos"].to_numpy()[nodes], n_records, prompts, config, spill)
+    return nodes[node_labels][np.searchsorted(nodes, first)]
+
+
+def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: _IpcSpill, config: CurateConfig,
+                          spill: Path) -> np.ndarray:
+    """prefdata.neardup.prompt_clusters over the distinct prompts (nodes, in first-row order),
+    read from the spill a chunk at a time: signatures to disk, then LSH a band at a time, then
+    exact verification on the candidate pairs' texts."""
+    n_nodes = len(node_pos)
+    node_of_pos = np.full(n_records, -1, np.int64)
+    node_of_pos[node_pos] = np.arange(n_nodes)
+    n_words, size_estimate = np.zeros(n_nodes, np.int64), np.zeros(n_nodes, np.int64)
+    stores = {kind: SignatureFile(spill / f"signatures-{kind}.bin", config.num_perm) for kind, _ in scheme_members(n_words[:0])}
+    slots: dict[str, list[np.ndarray]] = {kind: [] for kind in stores}  # node of each stored signature, in store order
+    node_texts = _IpcSpill(spill / "node_texts.arrow")
+    try:
+        for batch in prompts.batches():
+            node = node_of_pos[batch.column("pos").to_numpy()]
+            chosen = node >= 0
+            node, text = node[chosen], pl.Series(batch.column("text")).filter(pl.Series(chosen))
+            n_words[node], size_estimate[node] = text_sizes(text)
+            node_texts.write(pa.table({"node": node, "text": text.to_arrow()}))
+            for kind, members in scheme_members(n_words[node]):
+                stores[kind].append(signatures(text.gather(members), scheme_shingler(kind, config.ngram), config.num_perm, config.seed))
+                slots[kind].append(node[members])
+        node_texts.close()
+        sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for kind, store in stores.items():
+            stored = np.concatenate(slots[kind]) if slots[kind] else np.empty(0, np.int64)
+            order = np.argsort(stored, kind="stable")  # store order → ascending node order
+            members = stored[order]
+            s, t = scheme_edges(kind, members, lambda lo, hi, store=store, order=order: store.columns(lo, hi)[order],
+                                lambda positions, members=members: _texts_of(node_texts, members[positions], n_nodes),
+                                n_words, size_estimate, config.ngram, config.threshold, config.num_perm,
+                                chunk_pairs=max(config.chunk_rows // 2, 1))
+            sources.append(s)
+            targets.append(t)
+    finally:
+        for store in stores.values():
+            store.close()
+    return components(n_nodes, np.concatenate(sources), np.concatenate(targets))
+
+
+def _texts_of(node_texts: _IpcSpill, nodes: np.ndarray, n_nodes: int) -> pl.Series:
+    """Comparison texts of `nodes` (ascending), gathered from one scan of the spill."""
+    wanted = np.zeros(n_nodes, bool)
+    wanted[nodes] = True
+    parts = []
+    for batch in node_texts.batches():
+        frame = pl.from_arrow(batch)
+        parts.append(frame.filter(pl.Series(wanted[frame["node"].to_numpy()])))
+    found = pl.concat(parts).sort("node")
+    assert found.height == len(nodes)
+    return found["text"]
+
+
+def _link_prior_clusters(live: pl.DataFrame, labels: np.ndarray) -> np.ndarray:
+    """A cluster from an earlier curate run stays one cluster, even where the pair that linked its
+    members was dropped since (capped, deduplicated): rows sharing a prompt_cluster are joined."""
+    prior = live["prior"]
+    if prior.null_count() == live.height:
+        return labels
+    linked = _group_labels(prior.fill_null(live["id"]))
+    rows = np.arange(live.height)
+    return components(live.height, np.r_[rows, rows], np.r_[labels, linked])
 
 
 def _group_labels(keys: pl.Series) -> np.ndarray:
@@ -186,21 +396,186 @@ def _group_labels(keys: pl.Series) -> np.ndarray:
     return pl.DataFrame({"key": keys}).with_row_index("i").select(pl.col("i").first().over("key"))["i"].to_numpy().astype(np.int64)
 
 
-def _cap_per_cluster(live: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
-    """Keep at most K pairs per prompt cluster, best first (see `_prompt_clusters`)."""
-    if config.max_pairs_per_prompt is None:
-        return live
-    over_cap = pl.col("rank") >= config.max_pairs_per_prompt
-    return live.with_columns(drop_reason=pl.when(over_cap).then(pl.lit("prompt_cap")).otherwise("drop_reason"))
+def _rank_in_clusters(live: pl.DataFrame, labels: np.ndarray) -> pl.DataFrame:
+    """`cluster_row` (the row whose id names the cluster) and `rank` (0 = the cluster's best pair:
+    largest score margin, then earliest row) per live row, in row order.
+
+    The cluster is named by its best pair's id: a content hash, so the name (and the split it
+    decides) does not depend on input order or library versions, and it survives re-running
+    curate on its own output, where the best pair is still there and still first."""
+    return (live.select("row", "margin").with_columns(label=pl.Series(labels))
+            .sort(["label", "margin", "row"], descending=[False, True, False])
+            .with_columns(cluster_row=pl.col("row").first().over("label"), rank=pl.int_range(pl.len()).over("label"))
+            .sort("row").select("cluster_row", "rank"))
 
 
-def _split(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
-    """eval iff hash(seed, cluster) / 2^64 < eval_fraction; blake2b so the split does not change
+def _is_eval(names: list[str], config: CurateConfig) -> np.ndarray:
+    """eval iff blake2b(seed:cluster) / 2^64 < eval_fraction; blake2b so the split does not change
     with the polars version or the machine."""
-    keys = frame["prompt_cluster"].unique().sort().to_list()
-    unit = [int.from_bytes(hashlib.blake2b(f"{config.seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 for k in keys]
-    is_eval = pl.DataFrame({"prompt_cluster": keys, "is_eval": [u < config.eval_fraction for u in unit]})
-    return frame.join(is_eval, on="prompt_cluster", how="left", maintain_order="left")
+    unit = [int.from_bytes(hashlib.blake2b(f"{config.seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 for k in names]
+    return np.array(unit, dtype=np.float64) < config.eval_fraction if names else np.zeros(0, bool)
+
+
+@dataclass
+class _Decisions:
+    """Where every record goes, indexed by row (its place in (source, source_row, id) order)."""
+
+    row_of_pos: np.ndarray  # input position → row
+    dest: np.ndarray  # TRAIN / EVAL / DROPPED
+    reason: np.ndarray  # index into DROP_REASONS, -1 for kept rows
+    duplicate_row: np.ndarray  # row of the kept original, -1 unless a duplicate
+    cluster_row: np.ndarray  # row naming the prompt cluster, -1 for rows dropped before clustering
+    ids: pa.Array
+    stats: dict[str, Any]
+
+    @property
+    def in_order(self) -> bool:
+        return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
+
+
+def _decide(narrow: pl.DataFrame, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
+    order = narrow.select(pl.arg_sort_by(["source", "source_row", "id"], maintain_order=True)).to_series().to_numpy()
+    narrow = narrow.drop("source", "source_row")[order].with_row_index("row")
+    narrow = _mark_contaminated(_exact_duplicates(narrow))
+    live = narrow.filter(pl.col("drop_reason").is_null())
+    labels = _link_prior_clusters(live, _prompt_labels(live, config, prompts, len(order), spill))
+    ranked = _rank_in_clusters(live, labels)
+    live_rows = live["row"].to_numpy().astype(np.int64)
+    n = narrow.height
+    reason = narrow["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
+    cluster_row = np.full(n, -1, np.int64)
+    cluster_row[live_rows] = ranked["cluster_row"].to_numpy()
+    if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
+        reason[live_rows[ranked["rank"].to_numpy() >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
+    ids = narrow["id"].to_arrow()
+    kept = np.flatnonzero(reason < 0)
+    clusters, cluster_of_kept = np.unique(cluster_row[kept], return_inverse=True)
+    eval_cluster = _is_eval(pc.take(ids, pa.array(clusters)).to_pylist(), config)
+    dest = np.full(n, DROPPED, np.int8)
+    dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
+    row_of_pos = np.empty(n, np.int64)
+    row_of_pos[order] = np.arange(n)
+    duplicate_row = narrow["duplicate_row"].fill_null(-1).to_numpy().astype(np.int64)
+    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, ids,
+                      _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)))
+
+
+def _stats(dest: np.ndarray, kept: np.ndarray, cluster_of_kept: np.ndarray, eval_cluster: np.ndarray, n_clusters: int) -> dict[str, Any]:
+    sizes = np.bincount(cluster_of_kept, minlength=n_clusters)
+    return {
+        "train": int((dest == TRAIN).sum()),
+        "eval": int((dest == EVAL).sum()),
+        "prompt_clusters": n_clusters,
+        "largest_cluster": int(sizes.max()) if n_clusters else 0,
+        "rows_in_multi_member_clusters": int(sizes[sizes > 1].sum()),
+        "eval_clusters": int(eval_cluster.sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: records to their files
+
+
+def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Table:
+    """A chunk of input records (curated columns) with its decisions, in _SPILL_SCHEMA."""
+    cluster_row, duplicate_row, reason = decisions.cluster_row[rows], decisions.duplicate_row[rows], decisions.reason[rows]
+    # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
+    cluster = pc.if_else(pa.array(cluster_row >= 0), pc.take(decisions.ids, pa.array(cluster_row, mask=cluster_row < 0)),
+                         table.column("prompt_cluster").cast(pa.string()))
+    columns = {name: table.column(name) for name in CURATED_COLUMNS}
+    columns["prompt_cluster"] = cluster
+    columns["drop_reason"] = pc.take(pa.array(DROP_REASONS), pa.array(reason, mask=reason < 0))
+    columns["duplicate_of"] = pc.take(decisions.ids, pa.array(duplicate_row, mask=duplicate_row < 0))
+    columns["row"] = pa.array(rows)
+    columns["dest"] = pa.array(decisions.dest[rows])
+    return pa.table(columns).cast(_SPILL_SCHEMA)
+
+
+class _ParquetOutput:
+    """Rows appended in output order, written in row groups of exactly ROW_GROUP_ROWS."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self._writer = pq.ParquetWriter(path, schema)
+        self._schema, self._pending, self._rows = schema, [], 0
+        self.written = 0
+
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table.select(self._schema.names).cast(self._schema))
+        self._rows += table.num_rows
+        while self._rows >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._pending)
+        self._writer.write_table(table.slice(0, rows), row_group_size=rows)
+        rest = table.slice(rows)
+        self._pending, self._rows, self.written = [rest] if rest.num_rows else [], rest.num_rows, self.written + rows
+
+    def close(self) -> None:
+        if self._rows:
+            self._flush(self._rows)
+        if not self.written:  # an empty file as pq.write_table writes it: one empty row group
+            self._writer.write_table(self._schema.empty_table())
+        self._writer.close()
+
+
+def _route(table: pa.Table, outputs: dict[int, _ParquetOutput]) -> None:
+    """Rows of `table` (in row order) to train, eval or dropped."""
+    dest = table.column("dest")
+    for code, output in outputs.items():
+        part = table.filter(pc.equal(dest, code))
+        if part.num_rows:
+            output.add(part)
+
+
+def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig, out_dir: Path, spill: Path) -> dict[int, int]:
+    outputs = {code: _ParquetOutput(out_dir / name, DROPPED_SCHEMA if code == DROPPED else CURATED_SCHEMA)
+               for code, name in _OUTPUT_NAMES.items()}
+    annotated = _annotated_chunks(inputs, decisions, config.chunk_rows)
+    if decisions.in_order:  # the inputs are already in output order: stream straight through
+        for table in annotated:
+            _route(table, outputs)
+    else:
+        for table in _bucket_sort(annotated, len(decisions.dest), config.chunk_rows, spill):
+            _route(table, outputs)
+    for output in outputs.values():
+        output.close()
+    return {code: output.written for code, output in outputs.items()}
+
+
+def _annotated_chunks(inputs: list[InputFile], decisions: _Decisions, chunk_rows: int) -> Iterator[pa.Table]:
+    pos = 0
+    for table in _chunks(inputs, chunk_rows, CURATED_COLUMNS):
+        yield _annotate(table, decisions.row_of_pos[pos:pos + table.num_rows], decisions)
+        pos += table.num_rows
+
+
+def _bucket_sort(chunks: Iterator[pa.Table], n_rows: int, bucket_rows: int, spill: Path) -> Iterator[pa.Table]:
+    """Tables in any row order → tables in row order, `bucket_rows` rows at a time. Each chunk is
+    sorted and written to disk as one record batch per bucket of rows it touches; then each
+    bucket's pieces are read back from every chunk file, sorted and yielded."""
+    pieces: list[tuple[_IpcSpill, dict[int, int]]] = []  # per chunk file: bucket → batch number
+    for i, table in enumerate(chunks):
+        table = table.take(pc.sort_indices(table.column("row")))
+        rows = table.column("row").to_numpy()
+        buckets = rows // bucket_rows
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        file, index = _IpcSpill(spill / f"rows-{i:06d}.arrow"), {}
+        for number, (lo, hi) in enumerate(zip(starts, np.r_[starts[1:], len(rows)])):
+            file.write(table.slice(lo, hi - lo))
+            index[int(buckets[lo])] = number
+        file.close()
+        pieces.append((file, index))
+    for bucket in range((n_rows + bucket_rows - 1) // bucket_rows):
+        parts = [_read_batch(file, index[bucket]) for file, index in pieces if bucket in index]
+        if parts:
+            table = pa.Table.from_batches(parts, schema=_SPILL_SCHEMA)
+            yield table.take(pc.sort_indices(table.column("row")))
+
+
+def _read_batch(spill: _IpcSpill, number: int) -> pa.RecordBatch:
+    with pa.OSFile(str(spill.path), "rb") as source:
+        return pa.ipc.open_file(source).get_batch(number)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,49 +583,37 @@ def _split(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
 
 
 def curate(config: CurateConfig) -> Manifest:
-    records, inputs = _load_inputs(config.inputs)
-    frame = records.with_columns(
-        prompt_norm=_normalised("prompt"), chosen_norm=_normalised("chosen"), rejected_norm=_normalised("rejected"),
-        drop_reason=pl.lit(None, pl.String), duplicate_of=pl.lit(None, pl.String),
-    )
-    frame = _degenerate(frame, config)
-    frame = _exact_duplicates(frame)
-    frame = _decontaminate(frame, config)
-    live = frame.filter(pl.col("drop_reason").is_null())
-    live = _cap_per_cluster(_prompt_clusters(live, config), config)
-    frame = pl.concat([frame.filter(pl.col("drop_reason").is_not_null()), live.filter(pl.col("drop_reason").is_not_null())],
-                      how="diagonal_relaxed").sort("row")
-    live = _split(live.filter(pl.col("drop_reason").is_null()), config)
-    outputs = {
-        "train.parquet": live.filter(~pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
-        "eval.parquet": live.filter(pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
-        "dropped.parquet": frame.filter(pl.col("drop_reason").is_not_null()).select(DROPPED_SCHEMA.names).to_arrow().cast(DROPPED_SCHEMA),
-    }
-    dropped = Counter(frame["drop_reason"].drop_nulls().to_list())
-    cluster_sizes = live.group_by("prompt_cluster").len()["len"]
-    stats: dict[str, Any] = {
-        "train": outputs["train.parquet"].num_rows,
-        "eval": outputs["eval.parquet"].num_rows,
-        "prompt_clusters": cluster_sizes.len(),
-        "largest_cluster": int(cluster_sizes.max() or 0),
-        "rows_in_multi_member_clusters": int(cluster_sizes.filter(cluster_sizes > 1).sum()),
-        "eval_clusters": live.filter(pl.col("is_eval"))["prompt_cluster"].n_unique(),
-    }
-    manifest = Manifest(
-        stage="curate",
-        package_version=__version__,
-        config=config.model_dump(),
-        inputs=inputs,
-        counts=Counts(read=records.height, kept=live.height, dropped=dict(sorted(dropped.items()))),
-        outputs=list(outputs),
-        stats=stats,
-        versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
-    )
+    inputs = _inputs(config.inputs)
     with atomic_dir(config.out) as out_dir:
-        for name, table in outputs.items():
-            pq.write_table(table, out_dir / name)
+        # Spill files live inside the output's temporary directory: a failed or killed run leaves
+        # them where atomic_dir leaves its partial output, never beside the finished one.
+        spill = out_dir / ".spill"
+        spill.mkdir()
+        narrow, prompts = _pass1(inputs, config, spill)
+        decisions = _decide(narrow, config, prompts, spill)
+        del narrow
+        written = _pass2(inputs, decisions, config, out_dir, spill)
+        shutil.rmtree(spill)
+        counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
+        if written[DROPPED] != sum(counts.dropped.values()) or counts.read != sum(i.rows for i in inputs):
+            raise RuntimeError(f"curate lost records: read {counts.read}, wrote {written}")  # a bug, never a user error
+        manifest = Manifest(
+            stage="curate",
+            package_version=__version__,
+            config=config.model_dump(),
+            inputs=inputs,
+            counts=counts,
+            outputs=list(_OUTPUT_NAMES.values()),
+            stats=decisions.stats,
+            versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
+        )
         manifest.write(out_dir)
     return manifest
+
+
+def _dropped_counts(reason: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(reason[reason >= 0].astype(np.int64), minlength=len(DROP_REASONS))
+    return dict(sorted((DROP_REASONS[r], int(n)) for r, n in enumerate(counts) if n))
 
 
 def summary_table(manifest: Manifest) -> Any:

@@ -25,6 +25,8 @@ template's variable part), and clusters are the connected components (`scipy.spa
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -193,30 +195,56 @@ def short_thresholds(n_words: np.ndarray, set_size: np.ndarray, threshold: float
 
 
 def candidate_pairs(signatures: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (source, target) row pairs worth an exact comparison, for signatures in memory
+    (see `candidate_pairs_from`)."""
+    return candidate_pairs_from(lambda lo, hi: np.ascontiguousarray(signatures[:, lo:hi]), *signatures.shape, thresholds)
+
+
+ColumnReader = Callable[[int, int], np.ndarray]  # (lo, hi) → [n, hi − lo] uint32 signature columns
+
+
+def candidate_pairs_from(columns: ColumnReader, n: int, num_perm: int, thresholds: np.ndarray,
+                         pair_block: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (source, target) row pairs worth an exact comparison. Texts sharing an LSH band
     become a candidate pair with their band group's first member; a pair stays if the signatures
     agree on at least the pair's threshold (the larger of the two texts') less PREFILTER_SIGMAS
     standard errors of the estimate, so the estimate's noise drops almost no true pair. Bands are
-    laid out for the smallest threshold present."""
-    n, num_perm = signatures.shape
+    laid out for the smallest threshold present.
+
+    Signatures are read through `columns`, a band of columns at a time, so they can stay on disk
+    (curate at ten million prompts: 5 GB of signatures). The prefilter is a property of the pair,
+    not of the band that proposed it, so it runs once on the distinct pairs of all bands."""
     bands, rows = lsh_bands(float(thresholds.min()), num_perm)
-    sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    codes = [np.empty(0, np.int64)]  # pair (s, t) as s·n + t: one int64 sorts and dedupes faster than rows
+    pending = 0
     for band in range(bands):
-        block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
-        _, first_index, group = np.unique(block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel(),
-                                          return_index=True, return_inverse=True)
-        representative = first_index[group.ravel()]
+        representative = _band_representatives(columns(band * rows, (band + 1) * rows))
         candidate = np.flatnonzero(representative != np.arange(n))
-        if not len(candidate):
-            continue
-        target = representative[candidate]
-        needed = np.maximum(thresholds[candidate], thresholds[target])
-        needed -= PREFILTER_SIGMAS * np.sqrt(needed * (1 - needed) / num_perm)
-        keep = (signatures[candidate] == signatures[target]).mean(axis=1) >= needed
-        sources.append(candidate[keep])
-        targets.append(target[keep])
-    pairs = np.unique(np.stack([np.concatenate(sources), np.concatenate(targets)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+        codes.append(candidate.astype(np.int64) * n + representative[candidate])
+        pending += len(candidate)
+        if pending > 4 * n:  # identical prompts repeat the same pair in every band: dedupe as we go
+            codes, pending = [np.unique(np.concatenate(codes))], 0
+    pairs = np.unique(np.concatenate(codes))
+    sources, targets = pairs // n, pairs % n
+    agree = np.zeros(len(pairs), np.int64)
+    for lo in range(0, num_perm, rows):
+        block = columns(lo, min(lo + rows, num_perm))
+        for p in range(0, len(pairs), pair_block):
+            agree[p:p + pair_block] += (block[sources[p:p + pair_block]] == block[targets[p:p + pair_block]]).sum(axis=1)
+    needed = np.maximum(thresholds[sources], thresholds[targets])
+    needed -= PREFILTER_SIGMAS * np.sqrt(needed * (1 - needed) / num_perm)
+    keep = agree / num_perm >= needed
+    return sources[keep], targets[keep]
+
+
+def _band_representatives(block: np.ndarray) -> np.ndarray:
+    """For each row of a [n, rows] band, the first row with the same band values."""
+    block = np.ascontiguousarray(block)
+    if not len(block):
+        return np.empty(0, np.int64)
+    _, first_index, group = np.unique(block.view(np.dtype((np.void, block.dtype.itemsize * block.shape[1]))).ravel(),
+                                      return_index=True, return_inverse=True)
+    return first_index[group.ravel()]
 
 
 def exact_jaccard(texts: pl.Series, shingler, sources: np.ndarray, targets: np.ndarray,
@@ -255,30 +283,105 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def prompt_clusters(folded: pl.Series, ngram: int, threshold: float, num_perm: int, seed: int) -> np.ndarray:
     """Cluster label per text (its cluster's smallest index) for curate-folded prompt texts."""
     text = comparison_text(folded)
-    words = text.str.split(" ")
-    n_words = words.list.len().to_numpy().astype(np.int64)
-    # Set size before shingling, for the prefilter only: distinct words + (n−1) 2-grams (nearly
-    # always distinct). Exact sizes decide the final threshold.
-    size_estimate = words.list.n_unique().to_numpy().astype(np.int64) + n_words - 1
-
-    def short_threshold(rows, sizes):
-        return short_thresholds(n_words[rows], sizes, threshold)
-
-    schemes = [(np.flatnonzero(n_words <= SHORT_MAX_WORDS), short_shingles, short_threshold),
-               (np.flatnonzero(n_words >= LONG_MIN_WORDS), lambda t: shingles(t, ngram), lambda rows, sizes: np.full(len(rows), threshold))]
+    n_words, size_estimate = text_sizes(text)
     sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-    for members, shingler, threshold_of in schemes:
+    for kind, members in scheme_members(n_words):
         if len(members) < 2:
             continue
         subset = text.gather(members)
-        s, t = candidate_pairs(signatures(subset, shingler, num_perm, seed), threshold_of(members, size_estimate[members]))
-        jaccard, size_s, size_t = exact_jaccard(subset, shingler, s, t)
+        sig = signatures(subset, scheme_shingler(kind, ngram), num_perm, seed)
+        s, t = scheme_edges(kind, members, lambda lo, hi: np.ascontiguousarray(sig[:, lo:hi]), subset.gather,
+                            n_words, size_estimate, ngram, threshold, num_perm)
+        sources.append(s)
+        targets.append(t)
+    return components(len(folded), np.concatenate(sources), np.concatenate(targets))
+
+
+def text_sizes(text: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(word count, shingle-set size estimate) of comparison texts. The estimate (distinct words +
+    (n−1) 2-grams, nearly always distinct) only sets the prefilter; exact sizes decide the final threshold."""
+    words = text.str.split(" ")
+    n_words = words.list.len().to_numpy().astype(np.int64)
+    return n_words, words.list.n_unique().to_numpy().astype(np.int64) + n_words - 1
+
+
+SCHEMES = ("short", "long")
+
+
+def scheme_members(n_words: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(scheme, ascending text indices compared in it): short prompts by word 1+2-grams, long ones
+    by word n-grams, the overlap in both."""
+    return [("short", np.flatnonzero(n_words <= SHORT_MAX_WORDS)), ("long", np.flatnonzero(n_words >= LONG_MIN_WORDS))]
+
+
+def scheme_shingler(kind: str, ngram: int) -> Callable[[pl.Series], tuple[np.ndarray, np.ndarray]]:
+    return short_shingles if kind == "short" else lambda t: shingles(t, ngram)
+
+
+def _scheme_thresholds(kind: str, n_words: np.ndarray, sizes: np.ndarray, threshold: float) -> np.ndarray:
+    return short_thresholds(n_words, sizes, threshold) if kind == "short" else np.full(len(n_words), threshold)
+
+
+def scheme_edges(kind: str, members: np.ndarray, columns: ColumnReader, texts: Callable[[np.ndarray], pl.Series],
+                 n_words: np.ndarray, size_estimate: np.ndarray, ngram: int, threshold: float, num_perm: int,
+                 chunk_pairs: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Verified near-duplicate edges (text indices) among `members` under one scheme.
+
+    `columns` reads the members' signatures (member order) a band at a time and `texts(positions)`
+    gives the comparison texts of members at ascending positions: in memory for `prompt_clusters`,
+    from disk for curate. Pairs are verified `chunk_pairs` at a time, so only their texts' exact
+    shingle sets exist at once."""
+    if len(members) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    thresholds = _scheme_thresholds(kind, n_words[members], size_estimate[members], threshold)
+    s_all, t_all = candidate_pairs_from(columns, len(members), num_perm, thresholds)
+    shingler = scheme_shingler(kind, ngram)
+    sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for lo in range(0, len(s_all), chunk_pairs):
+        s, t = s_all[lo:lo + chunk_pairs], t_all[lo:lo + chunk_pairs]
+        involved, local = np.unique(np.r_[s, t], return_inverse=True)
+        jaccard, size_s, size_t = exact_jaccard(texts(involved), shingler, local[:len(s)], local[len(s):])
         # The pair's threshold: the longer text's edit allowance on the larger set (stricter of the two).
         longer = np.where(n_words[members[s]] >= n_words[members[t]], members[s], members[t])
-        keep = jaccard >= threshold_of(longer, np.maximum(size_s, size_t)) - 1e-9
+        keep = jaccard >= _scheme_thresholds(kind, n_words[longer], np.maximum(size_s, size_t), threshold) - 1e-9
         sources.append(members[s[keep]])
         targets.append(members[t[keep]])
-    return components(len(folded), np.concatenate(sources), np.concatenate(targets))
+    return np.concatenate(sources), np.concatenate(targets)
+
+
+class SignatureFile:
+    """[n, num_perm] uint32 signatures on disk, appended a block of texts at a time. Each block is
+    stored column-major, so a band of columns is one contiguous read per block and memory holds
+    one band, never the matrix (10M prompts × 128 permutations = 5 GB)."""
+
+    def __init__(self, path, num_perm: int) -> None:
+        self._file = open(path, "w+b")  # noqa: SIM115 - closed by close()
+        self.num_perm = num_perm
+        self._blocks: list[tuple[int, int]] = []  # (byte offset, rows)
+        self._end = 0
+
+    def __len__(self) -> int:
+        return sum(rows for _, rows in self._blocks)
+
+    def append(self, signatures: np.ndarray) -> None:
+        if not len(signatures):
+            return
+        data = np.ascontiguousarray(signatures.T, dtype=np.uint32).tobytes()
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._blocks.append((self._end, len(signatures)))
+        self._end += len(data)
+
+    def columns(self, lo: int, hi: int) -> np.ndarray:
+        out = np.empty((len(self), hi - lo), np.uint32)
+        start = 0
+        for offset, rows in self._blocks:
+            raw = os.pread(self._file.fileno(), (hi - lo) * rows * 4, offset + lo * rows * 4)
+            out[start:start + rows] = np.frombuffer(raw, np.uint32).reshape(hi - lo, rows).T
+            start += rows
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
