@@ -78,18 +78,24 @@ def trl_token_ids(shards: Path) -> dict[str, list]:
             "rejected_ids": frame["rejected_input_ids"].to_list()}
 
 
-def trl_trainer(model: Path, args):
-    """A float32 TRL `DPOTrainer` built on a one-row placeholder dataset: TRL always tokenizes its
-    train_dataset from text, so callers hand it our token ids afterwards (same ids on both sides)."""
-    import torch
+def trl_placeholder():
     from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+                               "rejected": [{"role": "assistant", "content": "b"}]}])
+
+
+def trl_trainer(model: Path, args, peft_config=None, placeholder=None):
+    """A float32 TRL `DPOTrainer` built on a one-row placeholder dataset (`trl_placeholder()` unless
+    given): TRL always tokenizes its train_dataset from text, so callers hand it our token ids
+    afterwards (same ids on both sides)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
 
-    one_row = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
-                "rejected": [{"role": "assistant", "content": "b"}]}]
-    return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
-                      train_dataset=Dataset.from_list(one_row), processing_class=AutoTokenizer.from_pretrained(model))
+    placeholder = trl_placeholder() if placeholder is None else placeholder
+    return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args, peft_config=peft_config,
+                      train_dataset=placeholder, processing_class=AutoTokenizer.from_pretrained(model))
 
 
 def run_trl(model: Path, shards: Path, work: Path) -> dict:

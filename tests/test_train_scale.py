@@ -83,8 +83,9 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(shards, tiny_mo
     one = tmp_path / "one"
     train(_config(shards, tiny_model_dir, one, batch_size=8, max_steps=4, log_every=1, eval_every=2, eval_batch_tokens=300))
     fsdp = tmp_path / "fsdp"
+    # Activation checkpointing on here: it recomputes, and must change no number.
     _torchrun(29541, *_common(shards, tiny_model_dir, "--batch-size", "4", "--parallelism", "fsdp", "--eval-every", "2",
-                             "--save-every", "2", "--out", str(fsdp)))
+                             "--save-every", "2", "--gradient-checkpointing", "--out", str(fsdp)))
     for a, b in zip(_metrics(one), _metrics(fsdp), strict=True):
         assert a["step"] == b["step"]
         for key in ("loss", "rewards/margins", "grad_norm", "eval/loss"):
@@ -102,7 +103,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(shards, tiny_mo
     for later in ("checkpoint-0000004", "final"):
         shutil.rmtree(resumed / later, ignore_errors=True)
     _torchrun(29542, *_common(shards, tiny_model_dir, "--batch-size", "4", "--parallelism", "fsdp", "--eval-every", "2",
-                             "--save-every", "2", "--resume", "--out", str(resumed)))
+                             "--save-every", "2", "--gradient-checkpointing", "--resume", "--out", str(resumed)))
     assert _losses(resumed) == _losses(fsdp)
 
 
@@ -127,6 +128,13 @@ def test_lora_learns_and_saves_adapter_and_merged_model(shards, tiny_model_dir, 
         torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
         assert (base(ids).logits - merged(ids).logits).abs().max() > 1e-3  # training moved it
+
+
+def test_cpu_offload_on_the_cpu_and_live_reference_under_fsdp_are_refused_in_one_line(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    with pytest.raises(UserError, match="on the CPU they are there already"):
+        train(_config(shards, tiny_model_dir, tmp_path / "r", parallelism="fsdp", cpu_offload=True, device="cpu"))
+    with pytest.raises(ValueError, match="precompute-ref --parallelism fsdp"):
+        _config(shards, tiny_model_dir, tmp_path / "r", parallelism="fsdp", reference="live")
 
 
 def test_lora_refuses_shards_scored_with_another_model(shards, tiny_model_dir, tmp_path):  # noqa: F811

@@ -240,6 +240,8 @@ def _save_final(config: TrainConfig, scorer: Any, peft_model: Any, model: Any, t
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
     device = select_device(config.device)
+    if config.cpu_offload and device.type == "cpu":
+        raise UserError("--cpu-offload moves FSDP shards from a GPU to host memory; on the CPU they are there already: drop it")
     dist = Dist.start("nccl" if device.type == "cuda" else "gloo", timedelta(minutes=30))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

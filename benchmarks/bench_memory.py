@@ -1,0 +1,207 @@
+"""Training memory per process at model scale: DDP, FSDP2 and LoRA beside TRL (issue 13).
+
+    .venv/bin/python benchmarks/bench_memory.py [--quick] [--procs 2] [--steps 4] [--json PATH]
+
+A Llama of ~100M parameters (~15M with --quick) built from a config, the same rows
+(LLaMA-Factory's dpo_en_demo, tokenized by prefdata, reference precomputed once), float32, CPU,
+`--procs` processes under torchrun (gloo), `BATCH_SIZE` pairs per process per step, sigmoid loss,
+no gradient checkpointing on either side (TRL's default turns it on: here it is off for TRL too):
+
+    ours-ddp        python -m train --parallelism ddp
+    ours-fsdp       python -m train --parallelism fsdp
+    ours-lora       python -m train --lora-r 16 (DDP)
+    trl-precompute  TRL DPOTrainer(precompute_ref_log_probs=True), full fine-tuning
+    trl-lora        TRL DPOTrainer(precompute_ref_log_probs=True, peft_config=LoraConfig(r=16, all-linear))
+
+Peak RSS is each process's own `ru_maxrss` (model load, data, optimizer state, activations);
+the table shows the largest over the processes. Tokens/s: real tokens of steps 2..N over their
+time, summed over processes, as in bench_train. Each variant is its own torchrun job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_precompute import prepare, trl_placeholder, trl_token_ids, trl_trainer  # noqa: E402
+
+VARIANTS = ("ours-ddp", "ours-fsdp", "ours-lora", "trl-precompute", "trl-lora")
+BATCH_SIZE = 2
+LORA_R = 16
+LEARNING_RATE = 1e-6
+MODEL_SIZES = {  # ~100M and ~15M parameters with the 4,096-token vocabulary of `prepare`
+    "full": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560),
+    "quick": dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6, intermediate_size=1024),
+}
+
+
+def prepare_model(work: Path, rows: int, max_length: int, size: str) -> tuple[Path, Path]:
+    """The rows and tokenizer of bench_precompute, a larger model over them, and its reference log-probs."""
+    from train.reference import PrecomputeRefConfig, precompute_ref
+    from train.tiny import build_model
+
+    small, shards = prepare(work, rows, max_length)
+    model = build_model(small, work / "model-large", max_positions=max_length, **MODEL_SIZES[size])
+    precompute_ref(PrecomputeRefConfig(shards=str(shards), model=str(model), device="cpu", dtype="float32"))
+    save_trl_datasets(shards)
+    return model, shards
+
+
+def save_trl_datasets(shards: Path) -> None:
+    """TRL's inputs as files beside the shards (the shard globs ignore them): an in-memory dataset's
+    map cache goes to a temporary folder of the process that made it, which TRL's other processes
+    under torchrun then fail to open."""
+    from datasets import Dataset
+
+    trl_placeholder().save_to_disk(shards / "trl-placeholder")
+    Dataset.from_dict(trl_token_ids(shards)).save_to_disk(shards / "trl-rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# One variant, in each process of a torchrun job
+
+
+def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path) -> float | None:
+    from train.config import TrainConfig
+    from train.loop import train
+
+    options = {"ours-ddp": {}, "ours-fsdp": {"parallelism": "fsdp"}, "ours-lora": {"lora_r": LORA_R, "lora_alpha": 2 * LORA_R}}
+    config = TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=BATCH_SIZE, max_steps=steps,
+                         log_every=1, learning_rate=LEARNING_RATE, device="cpu", dtype="float32", **options[variant])
+    train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
+    return sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+
+
+def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path) -> float | None:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig
+
+    class StepWindow(TrainerCallback):
+        tokens_per_s = None
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == 1:
+                self.start, self.tokens = time.perf_counter(), trainer._total_train_tokens
+            if state.global_step == steps:
+                self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
+
+    args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=True, per_device_train_batch_size=BATCH_SIZE,
+                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
+                     disable_tqdm=True, save_strategy="no", logging_steps=steps, gradient_checkpointing=False)
+    peft_config = None
+    if variant == "trl-lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules="all-linear", task_type="CAUSAL_LM")
+    # Datasets the parent saved (`save_trl_datasets`): every process opens the same files, so TRL's
+    # map caches, which rank 0 writes first and the others read, sit beside them.
+    trainer = trl_trainer(model, args, peft_config=peft_config, placeholder=Dataset.load_from_disk(shards / "trl-placeholder"))
+    trainer.train_dataset = trainer._precompute_ref_logps(Dataset.load_from_disk(shards / "trl-rows"), "train", BATCH_SIZE)
+    window = StepWindow()
+    trainer.add_callback(window)
+    trainer.train()
+    # TRL counts tokens over all processes (its counter is gathered), so rank 0's figure is the job's.
+    return window.tokens_per_s if os.environ.get("RANK", "0") == "0" else None
+
+
+def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> None:
+    run = _ours if variant.startswith("ours") else _trl
+    tokens_per_s = run(variant, model, shards, steps, out / "run")
+    rank = int(os.environ.get("RANK", "0"))
+    result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": tokens_per_s}
+    (out / f"rank-{rank}.json").write_text(json.dumps(result))
+
+
+def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int, work: Path, port: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port),
+               __file__, "--child", variant, "--model", str(model), "--shards", str(shards), "--steps", str(steps),
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(procs)]
+    return {"peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "tokens_per_s": ranks[0]["tokens_per_s"],
+            "rss_per_rank_mib": [r["peak_rss_mib"] for r in ranks]}
+
+
+def compare(model: Path, shards: Path, steps: int, procs: int, work: Path) -> dict[str, dict]:
+    results = {}
+    for i, variant in enumerate(VARIANTS):
+        results[variant] = run_variant(variant, model, shards, steps, procs, work, 29650 + i)
+        print(f"{variant}: {results[variant]}", file=sys.stderr)
+    return results
+
+
+def parameters(model: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+
+
+def rows(results: dict[str, dict]) -> list[dict]:
+    """The issue's targets: FSDP2 ≤ 0.6× DDP; LoRA ≤ 0.5× full fine-tuning; each ≤ TRL's same mode."""
+    rss = {variant: r["peak_rss_mib"] for variant, r in results.items()}
+    return [
+        {"check": "FSDP2 / DDP peak RSS", "value": rss["ours-fsdp"] / rss["ours-ddp"], "target": "≤ 0.6"},
+        {"check": "LoRA / DDP peak RSS", "value": rss["ours-lora"] / rss["ours-ddp"], "target": "≤ 0.5"},
+        {"check": "ours DDP / TRL precompute peak RSS", "value": rss["ours-ddp"] / rss["trl-precompute"], "target": "≤ 1"},
+        {"check": "ours LoRA / TRL LoRA peak RSS", "value": rss["ours-lora"] / rss["trl-lora"], "target": "≤ 1"},
+    ]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['procs']} processes (gloo, CPU), Llama {report['parameters'] / 1e6:.0f}M parameters from a config, "
+             f"{report['steps']} steps of {BATCH_SIZE} pairs per process, float32, no gradient checkpointing on either side.", "",
+             "| variant | peak RSS per process (MiB, max over processes) | tokens/s (all processes) |", "|---|---|---|"]
+    for variant, result in report["results"].items():
+        lines.append(f"| {variant} | {result['peak_rss_mib']:,.0f} | {result['tokens_per_s']:,.0f} |")
+    lines += ["", "| check | measured | target |", "|---|---|---|"]
+    lines += [f"| {r['check']} | {r['value']:.2f} | {r['target']} |" for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def run(quick: bool, procs: int, steps: int, work: Path) -> dict:
+    model, shards = prepare_model(work, rows=100 if quick else 200, max_length=512, size="quick" if quick else "full")
+    results = compare(model, shards, steps, procs, work)
+    return {"procs": procs, "steps": steps, "parameters": parameters(model), "results": results, "rows": rows(results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~15M-parameter model: a smoke test, not figures to quote")
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps; step 1 is not timed")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args.child, args.model, args.shards, args.steps, args.out)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        report = run(args.quick, args.procs, args.steps, Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
