@@ -188,11 +188,14 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, pa
                         f"{list(data.ids[rows])}; the shards are stale: re-run prefdata precompute-ref --force")
 
 
-def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest) -> tuple[Any, Any, Any]:
+def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest,
+                 dist: Dist) -> tuple[Any, Any, Any]:
     """(causal LM, its peft wrapper or None, tokenizer). Full fp32 master weights; under FSDP
-    loaded on the CPU, since `fully_shard` moves only this process's shard to the device."""
+    loaded on the CPU by rank 0 alone (`parallel.loads_weights`), since `fully_shard` moves only
+    each process's shard to the device."""
     load_device = torch.device("cpu") if config.parallelism == "fsdp" else device
-    model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device)
+    model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device,
+                                      weights=parallel.loads_weights(dist, config.parallelism))
     peft_model = None
     if config.lora_r:
         base = model_fingerprint(policy_dir, config.model, torch.float32, device)
@@ -258,7 +261,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resume_from = parallel.latest_checkpoint(out) if config.resume else None
     if config.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint-*/{parallel.STATE_FILE} in {out}; start without --resume")
-    model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest)
+    model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, dist)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     ref_model = None

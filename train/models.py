@@ -81,18 +81,26 @@ def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFinge
 
 
 def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
-                   attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """(model on `device` in `dtype`, tokenizer). Any load failure is a one-line UserError."""
-    from transformers import AutoModelForCausalLM
+                   attn_implementation: str | None = None, weights: bool = True) -> tuple[Any, Any]:
+    """(model on `device` in `dtype`, tokenizer). Any load failure is a one-line UserError.
+
+    `weights=False`: the architecture only, its parameters on the meta device (no memory), for
+    the FSDP processes that receive their shard of the weights from rank 0 instead of reading
+    the whole model themselves."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
         raise UserError(f"model {name_or_path}: cannot load it: {_first_line(exc)}") from None
-    model = model.to(device)
+    model = model.to(device) if weights else model
     check_scoring_matches_forward(model, name_or_path)
     return model, load_tokenizer(directory, name_or_path)
 

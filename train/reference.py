@@ -98,8 +98,9 @@ class PrecomputeResult:
 # The reference model: where it is, what it is, loading it
 
 
-def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device) -> Any:
-    return load_causal_lm(model_dir, config.model, dtype, device, config.attn_implementation)[0].eval()
+def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device,
+                weights: bool = True) -> Any:
+    return load_causal_lm(model_dir, config.model, dtype, device, config.attn_implementation, weights)[0].eval()
 
 
 def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
@@ -232,7 +233,8 @@ class _Scorer:
     def model(self) -> Any:
         if self._model is None:
             self._model = _load_model(self.model_dir, self.config, self.dtype,
-                                      torch.device("cpu") if self.sharded else self.device)
+                                      torch.device("cpu") if self.sharded else self.device,
+                                      parallel.loads_weights(self.ranks, self.config.parallelism))
             self._scoring = self._model
             if self.sharded:  # weights already in the reference dtype: no mixed-precision policy
                 self._scoring = parallel.shard(SequenceScorer(self._model), self._model, self.device, None, False, self.ranks)
