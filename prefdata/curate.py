@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,7 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig,
     pair_hi, pair_lo = _scatter_keys(frame.height, live, _key128(kept.select(_pair_text()).to_series()))
     prompt_hi, prompt_lo = _scatter_keys(frame.height, live, _key128(prompt))
     narrow = pl.DataFrame([
-        pos, frame["id"], frame["source"], frame["source_row"],
+        frame["id"], frame["source"], frame["source_row"],
         (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).alias("margin"),
         frame["drop_reason"], pl.Series("contaminated", _contaminated(frame, config, eval_grams)),
         pair_hi.alias("pair_hi"), pair_lo.alias("pair_lo"), prompt_hi.alias("prompt_hi"), prompt_lo.alias("prompt_lo"),
@@ -273,7 +273,11 @@ class _IpcSpill:
                 yield reader.get_batch(i)
 
 
-def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[pl.DataFrame, _IpcSpill]:
+def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[pl.DataFrame, np.ndarray, _IpcSpill]:
+    """(narrow table in output order with its `row`, input position of each row, prompt texts).
+
+    Sorting here lets the unsorted chunks go as soon as the sorted table exists: the chunks are
+    gathered straight into it (no concatenated copy) and the sort keys are left behind."""
     eval_grams = _eval_grams(config)
     texts = _IpcSpill(spill / "prompts.arrow")
     frames, pos = [], 0
@@ -287,7 +291,11 @@ def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[
         frames.append(_narrow_chunk(RECORD_SCHEMA.empty_table().append_column(
             "prompt_cluster", pa.array([], pa.string())).select(NARROW_INPUT), 0, config, eval_grams)[0])
     texts.close()
-    return pl.concat(frames), texts
+    narrow = pl.concat(frames, rechunk=False)
+    del frames
+    order = narrow.select(pl.arg_sort_by(["source", "source_row", "id"], maintain_order=True)).to_series().to_numpy()
+    narrow = narrow.drop("source", "source_row")[order].with_row_index("row")
+    return narrow, order.astype(np.int64), texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +320,8 @@ def _mark_contaminated(narrow: pl.DataFrame) -> pl.DataFrame:
     return narrow.with_columns(drop_reason=pl.when(hit).then(pl.lit("contaminated", _REASON)).otherwise("drop_reason"))
 
 
-def _prompt_labels(live: pl.DataFrame, config: CurateConfig, prompts: _IpcSpill, n_records: int, spill: Path) -> np.ndarray:
+def _prompt_labels(live: pl.DataFrame, live_pos: np.ndarray, config: CurateConfig, prompts: _IpcSpill, n_records: int,
+                   spill: Path) -> np.ndarray:
     """Cluster label per live row (a live index of one of its members): identical prompt keys
     first, then near-duplicate clusters over the distinct prompts.
 
@@ -323,7 +332,7 @@ def _prompt_labels(live: pl.DataFrame, config: CurateConfig, prompts: _IpcSpill,
     if not config.near_dup or not live.height:
         return first
     nodes = np.unique(first)  # live index of each distinct prompt's first row, ascending
-    node_labels = _near_duplicate_nodes(live["pos"].to_numpy()[nodes], n_records, prompts, config, spill)
+    node_labels = _near_duplicate_nodes(live_pos[nodes], n_records, prompts, config, spill)
     return nodes[node_labels][np.searchsorted(nodes, first)]
 
 
@@ -380,15 +389,15 @@ def _texts_of(node_texts: _IpcSpill, nodes: np.ndarray, n_nodes: int) -> pl.Seri
     return found["text"]
 
 
-def _link_prior_clusters(live: pl.DataFrame, labels: np.ndarray) -> np.ndarray:
+def _link_prior_clusters(prior: pl.Series, ids: Callable[[], pl.Series], labels: np.ndarray) -> np.ndarray:
     """A cluster from an earlier curate run stays one cluster, even where the pair that linked its
-    members was dropped since (capped, deduplicated): rows sharing a prompt_cluster are joined."""
-    prior = live["prior"]
-    if prior.null_count() == live.height:
+    members was dropped since (capped, deduplicated): rows sharing a prompt_cluster are joined.
+    `ids()` gives the live rows' ids, fetched only when there are prior clusters."""
+    if prior.null_count() == len(prior):
         return labels
-    linked = _group_labels(prior.fill_null(live["id"]))
-    rows = np.arange(live.height)
-    return components(live.height, np.r_[rows, rows], np.r_[labels, linked])
+    linked = _group_labels(prior.fill_null(ids()))
+    rows = np.arange(len(prior))
+    return components(len(prior), np.r_[rows, rows], np.r_[labels, linked])
 
 
 def _group_labels(keys: pl.Series) -> np.ndarray:
@@ -409,11 +418,16 @@ def _rank_in_clusters(live: pl.DataFrame, labels: np.ndarray) -> pl.DataFrame:
             .sort("row").select("cluster_row", "rank"))
 
 
-def _is_eval(names: list[str], config: CurateConfig) -> np.ndarray:
+def _is_eval(names: pa.Array, config: CurateConfig, batch: int = 100_000) -> np.ndarray:
     """eval iff blake2b(seed:cluster) / 2^64 < eval_fraction; blake2b so the split does not change
-    with the polars version or the machine."""
-    unit = [int.from_bytes(hashlib.blake2b(f"{config.seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 for k in names]
-    return np.array(unit, dtype=np.float64) < config.eval_fraction if names else np.zeros(0, bool)
+    with the polars version or the machine. A batch of names at a time: ten million Python
+    strings would be a gigabyte."""
+    is_eval = np.zeros(len(names), bool)
+    for lo in range(0, len(names) if config.eval_fraction > 0 else 0, batch):
+        keys = names.slice(lo, batch).to_pylist()
+        unit = [int.from_bytes(hashlib.blake2b(f"{config.seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 for k in keys]
+        is_eval[lo:lo + len(keys)] = np.array(unit, dtype=np.float64) < config.eval_fraction
+    return is_eval
 
 
 @dataclass
@@ -433,29 +447,30 @@ class _Decisions:
         return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
 
 
-def _decide(narrow: pl.DataFrame, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
-    order = narrow.select(pl.arg_sort_by(["source", "source_row", "id"], maintain_order=True)).to_series().to_numpy()
-    narrow = narrow.drop("source", "source_row")[order].with_row_index("row")
-    narrow = _mark_contaminated(_exact_duplicates(narrow))
-    live = narrow.filter(pl.col("drop_reason").is_null())
-    labels = _link_prior_clusters(live, _prompt_labels(live, config, prompts, len(order), spill))
-    ranked = _rank_in_clusters(live, labels)
+def _decide(narrow: pl.DataFrame, order: np.ndarray, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
+    narrow = _mark_contaminated(_exact_duplicates(narrow)).drop("pair_hi", "pair_lo", "contaminated")
+    live = narrow.select("row", "margin", "prompt_hi", "prompt_lo", "prior").filter(narrow["drop_reason"].is_null())
     live_rows = live["row"].to_numpy().astype(np.int64)
+    ids = narrow["id"].to_arrow()
+    labels = _prompt_labels(live, order[live_rows], config, prompts, len(order), spill)
+    labels = _link_prior_clusters(live["prior"], lambda: pl.Series(pc.take(ids, pa.array(live_rows))), labels)
+    ranked = _rank_in_clusters(live, labels)
+    del live
     n = narrow.height
     reason = narrow["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
+    duplicate_row = narrow["duplicate_row"].fill_null(-1).to_numpy().astype(np.int64)
+    del narrow
     cluster_row = np.full(n, -1, np.int64)
     cluster_row[live_rows] = ranked["cluster_row"].to_numpy()
     if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
         reason[live_rows[ranked["rank"].to_numpy() >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
-    ids = narrow["id"].to_arrow()
     kept = np.flatnonzero(reason < 0)
     clusters, cluster_of_kept = np.unique(cluster_row[kept], return_inverse=True)
-    eval_cluster = _is_eval(pc.take(ids, pa.array(clusters)).to_pylist(), config)
+    eval_cluster = _is_eval(pc.take(ids, pa.array(clusters)), config)
     dest = np.full(n, DROPPED, np.int8)
     dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
     row_of_pos = np.empty(n, np.int64)
     row_of_pos[order] = np.arange(n)
-    duplicate_row = narrow["duplicate_row"].fill_null(-1).to_numpy().astype(np.int64)
     return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, ids,
                       _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)))
 
@@ -589,9 +604,9 @@ def curate(config: CurateConfig) -> Manifest:
         # them where atomic_dir leaves its partial output, never beside the finished one.
         spill = out_dir / ".spill"
         spill.mkdir()
-        narrow, prompts = _pass1(inputs, config, spill)
-        decisions = _decide(narrow, config, prompts, spill)
-        del narrow
+        narrow, order, prompts = _pass1(inputs, config, spill)
+        decisions = _decide(narrow, order, config, prompts, spill)
+        del narrow, order
         written = _pass2(inputs, decisions, config, out_dir, spill)
         shutil.rmtree(spill)
         counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
