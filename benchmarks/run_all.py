@@ -12,6 +12,10 @@ Rows (ours | peer):
                     default) | TRL DPOTrainer, live and precompute
     MFU             achieved FLOP/s (2·params·tokens inference, 6·params·tokens training) ÷ this
                     machine's dense float32 matmul FLOP/s, measured in this run
+    near-dup        curate's near-duplicate rule | datasketch, rensa at their usual settings, on the
+                    labelled set of tests/test_neardup.py (precision, recall, seconds)
+    memory          peak RSS per process of DDP, FSDP2, LoRA | TRL DPOTrainer precompute, with
+                    peft_config; ~100M-parameter Llama, 2 processes (bench_memory.py)
 Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
 peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out.
 TRL and psutil come from the optional `.[bench]` extra.
@@ -33,13 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_curate, bench_ingest, bench_precompute, bench_train  # noqa: E402
+from benchmarks import bench_curate, bench_ingest, bench_memory, bench_neardup, bench_precompute, bench_train  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
-                 max_length=768, train_steps=8, repeats=3, train_repeats=3),
+                 max_length=768, train_steps=8, repeats=3, train_repeats=3, neardup_speed_rows=100_000),
     "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=20_000, model_rows=80,
-                  max_length=384, train_steps=3, repeats=2, train_repeats=1),
+                  max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000),
 }
 
 
@@ -235,8 +239,10 @@ def run(size: str, work: Path) -> dict:
     rows += [row("precompute-ref", "MFU", 2 * params * precompute["ours"]["compute_tokens_per_s"] / flops, None, "—", "—"),
              row("train", "MFU", 6 * params * train["ours"]["tokens_per_s"] / flops,
                  6 * params * train["trl-precompute"]["tokens_per_s"] / flops, "TRL precompute", "—")]
+    neardup = bench_neardup.run(speed_rows=sizes["neardup_speed_rows"])
+    memory = bench_memory.run(quick=size == "quick", procs=2, steps=3, work=work / "memory")
     return {"size": size, "machine": machine(), "matmul_gflops": flops / 1e9, "model_parameters": params,
-            "sizes": sizes, "rows": rows, "train_runs": train}
+            "sizes": sizes, "rows": rows, "train_runs": train, "neardup": neardup, "memory": memory}
 
 
 def _tokenize_input(work: Path, rows: int) -> Path:
@@ -285,6 +291,10 @@ def markdown(report: dict) -> str:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
         lines.append(f"| {r['stage']} | {r['metric']} | {_fmt(r['ours'])} | {r['peer_name']} | {peer} | {ratio} | {r['target']} |")
     lines += ["", "Ratios are ours ÷ peer for rates and peer ÷ ours for memory (above 1 is better for us)."]
+    if "neardup" in report:
+        lines += ["", "Near-duplicate prompts (labelled set of tests/test_neardup.py):", "", bench_neardup.markdown(report["neardup"])]
+    if "memory" in report:
+        lines += ["", "Training memory at model scale (bench_memory.py):", "", bench_memory.markdown(report["memory"])]
     return "\n".join(lines) + "\n"
 
 
