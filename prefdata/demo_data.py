@@ -6,7 +6,7 @@ preferred answer is the one `lexicon_reward` scores higher (the paper uses a sen
 a word lexicon is deterministic, needs no model, and can be worked out by hand).
 
 `write_preference_dump` adds the dirt real dumps have, so ingest and curate have something to drop:
-exact duplicate rows, near-duplicate prompts (one word changed), ties (both answers identical),
+exact duplicate rows, near-duplicate prompts (one word doubled), ties (both answers identical),
 rows whose turns do not alternate, a line of bad JSON, and a truncated last line.
 `write_sft_dump` writes the reference model's corpus: the same kind of reviews with continuations
 of every sentiment, paired at random (not by reward), so SFT on its `chosen` side makes a
@@ -33,14 +33,40 @@ POSITIVE = [w for w, v in LEXICON.items() if v > 0]
 NEGATIVE = [w for w, v in LEXICON.items() if v < 0]
 NEUTRAL = ["long", "quiet", "familiar", "loud", "slow", "simple", "strange", "old"]
 
+# Prompt slots. Real review prompts are diverse; these come from short lists, so each prompt fills six
+# independent slots: one of 16 openers (each its own wording and slot order) and a title adjective, a
+# title noun, when, where and with whom, 24 choices each. Curate links prompts of this length that
+# differ by two words or fewer (prefdata.neardup), and two prompts have to agree on the opener and on
+# three of the five other slots to get that close: measured, about 1 pair in 10^5, so 2,000 prompts
+# give ~20 chance pairs and 20,000 no cluster above 6 (no giant component to swallow the eval split),
+# while `_near_duplicate` (one word doubled) is always linked to its original. The phrases are short
+# and common so that a prompt stays within the demo's 64 prompt tokens (400-token BPE vocabulary).
+# The earlier lists (6 openers, 16 × 16 titles, 6 "when" words) chained nearly every prompt to another
+# by one word, and the dump fell into six clusters, one per opener, and no eval split.
 TITLE_ADJECTIVES = ["Silent", "Last", "Red", "Hidden", "Broken", "Golden", "Lonely", "Distant", "Burning", "Frozen",
-                    "Secret", "Wild", "Empty", "Bright", "Lost", "Iron"]
-TITLE_NOUNS = ["River", "Garden", "Train", "Mountain", "Letter", "Harbor", "Mirror", "Forest", "Kingdom", "Summer",
-               "Island", "Road", "Window", "Storm", "Castle", "Bridge"]
-OPENERS = ["I watched {title} last {when} and", "My friends took me to see {title} on {when}, and honestly",
-           "{title} is the new film from a director I like, and", "After waiting a year for {title}, I can say that",
-           "We rented {title} for a family night; in short,", "I went into {title} knowing nothing, and"]
-WHEN = ["night", "weekend", "Friday", "Sunday", "week", "month"]
+                    "Secret", "Wild", "Empty", "Bright", "Lost", "Iron", "Pale", "Hollow", "Dark", "Quiet",
+                    "Endless", "Falling", "Cold", "Blue"]
+TITLE_NOUNS = ["River", "Garden", "Train", "Mountain", "Letter", "Harbor", "Mirror", "Forest", "King", "Summer",
+               "Island", "Road", "Window", "Storm", "Castle", "Bridge", "Sea", "Lantern", "Ocean", "Tower",
+               "Desert", "Winter", "Engine", "House"]
+OPENERS = ["I watched {title} {when} {where} {who}, and", "We saw {title} {when} {who} {where}, and",
+           "I caught {title} {where} {when} {who}; so", "{when} I saw {title} {who} {where}, and",
+           "We rented {title} {when} {who}, {where}, and", "I streamed {title} {where} {who} {when}, and",
+           "My take on {title}, {when} {where} {who}:", "I finally saw {title} {who} {where} {when}, and",
+           "{who} I saw {title} {where} {when}. Well,", "Saw {title} {where} {when} {who} and",
+           "{where} {when} we watched {title} {who}; so", "Just saw {title} {when}, {where} {who}, and",
+           "Tried {title} {when} {who} {where} and", "On {title}, seen {where} {when} {who}:",
+           "Picked {title} {where} {who} {when}, and", "We watched {title} {who} {when} {where}, and"]
+WHEN = ["last night", "on Friday", "on Sunday", "this week", "yesterday", "today", "tonight", "in May", "in June",
+        "at noon", "on Monday", "last year", "at Easter", "on Tuesday", "this spring", "last fall", "at dawn",
+        "at night", "before bed", "one weekend", "in July", "at lunch", "on Saturday", "last month"]
+WHERE = ["at home", "in town", "on a plane", "on TV", "at school", "at a fair", "in a park", "on a train", "at a cafe",
+         "in bed", "on my phone", "at the mall", "at a party", "in class", "at camp", "on a boat", "downtown",
+         "by the lake", "in a tent", "at a cinema", "in a hotel", "at work", "on a bus", "at a bar"]
+WHO = ["with Mom", "with Dad", "alone", "with Sam", "with Ana", "with my son", "with friends", "with my wife",
+       "with Leo", "with Kim", "with Max", "with Grandma", "with my team", "with Tom", "with Eve", "with Ben",
+       "with my aunt", "with a date", "as a family", "with Rosa", "with two pals", "with Jo", "with Zoe",
+       "with my class"]
 ASPECTS = ["the acting", "the story", "the music", "the ending", "the script", "the camera work", "the cast",
            "the pacing", "the dialogue", "the plot"]
 CLAUSES = ["{aspect} was {word}", "{aspect} felt {word}", "I found {aspect} {word}", "{aspect} seemed {word}"]
@@ -61,7 +87,8 @@ class DemoDataConfig:
 
 def _prompt(rng: random.Random) -> str:
     title = f"{rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
-    return rng.choice(OPENERS).format(title=title, when=rng.choice(WHEN))
+    text = rng.choice(OPENERS).format(title=title, when=rng.choice(WHEN), where=rng.choice(WHERE), who=rng.choice(WHO))
+    return text[0].upper() + text[1:]
 
 
 def _continuation(rng: random.Random) -> str:
