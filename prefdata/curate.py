@@ -62,7 +62,7 @@ _SPILL_SCHEMA = DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append(pa.fie
 ROW_GROUP_ROWS = 65_536
 DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "tie", "low_margin", "too_short", "too_long")
 DROP_REASONS = (*DEGENERATE_REASONS, "duplicate", "contaminated", "prompt_cap")
-_REASON = pl.Enum(DROP_REASONS)  # one byte per row in the narrow table instead of a string
+_REASON = pl.Enum(DROP_REASONS)
 TRAIN, EVAL, DROPPED = 0, 1, 2
 _OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped.parquet"}
 
@@ -205,46 +205,59 @@ def _strip_roles(texts: pl.Series) -> pl.Series:
     return texts.str.replace_all(r"(^|\n)(system|user|assistant): ", " ").str.replace_all(r"\s+", " ").str.strip_chars()
 
 
-def _scatter_keys(n: int, rows: np.ndarray, keys: np.ndarray) -> list[pl.Series]:
-    """Two nullable UInt64 columns: `keys` at `rows`, null elsewhere (records already dropped)."""
-    out = []
-    for half in range(2):
-        full = np.zeros(n, np.uint64)
-        full[rows] = keys[:, half]
-        missing = np.ones(n, bool)
-        missing[rows] = False
-        out.append(pl.Series(full, dtype=pl.UInt64).scatter(np.flatnonzero(missing), None))
-    return out
-
-
 NARROW_INPUT = ["id", "prompt", "chosen", "rejected", "source", "source_row", "chosen_score", "rejected_score", "prompt_cluster"]
 
 
-def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig,
-                  eval_grams: np.ndarray | None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """(narrow rows, prompt comparison texts of the records not dropped here) for one chunk.
+@dataclass
+class _Narrow:
+    """One entry per record, ~100 bytes: numpy columns and Arrow strings rather than a polars
+    frame, so that ten million of them stay about a gigabyte and each column can be reordered
+    (and its old copy freed) on its own."""
+
+    ids: pa.Array
+    source: np.ndarray  # index into `sources`
+    source_row: np.ndarray
+    margin: np.ndarray  # chosen_score − rejected_score, −inf when a score is missing
+    reason: np.ndarray  # index into DROP_REASONS, −1 while the record is kept
+    contaminated: np.ndarray
+    pair_key: np.ndarray  # [n, 2] uint64, zero for records already dropped
+    prompt_key: np.ndarray
+    prior: pa.Array  # prompt_cluster from an earlier curate run, or null
+
+
+def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_grams: np.ndarray | None,
+                  sources: dict[str, int]) -> tuple[dict[str, Any], pl.DataFrame | None]:
+    """(narrow columns, prompt comparison texts of the records not dropped here) for one chunk.
 
     Everything decided per record (degenerate reasons, contamination) is decided here; what
     needs all records (duplicates, clusters) gets keys: the normalised pair's and the prompt's
-    (its comparison text with near-dedupe on, its normalised text without)."""
+    (its comparison text with near-dedupe on, its normalised text without). `sources` numbers
+    the source names seen so far."""
     frame = pl.from_arrow(table).with_columns(
         prompt_norm=_normalised("prompt"), chosen_norm=_normalised("chosen"), rejected_norm=_normalised("rejected"))
     frame = _degenerate(frame, config)
-    live = np.flatnonzero(frame["drop_reason"].is_null().to_numpy())
-    pos = pl.Series("pos", np.arange(first_pos, first_pos + frame.height, dtype=np.int64))
+    reason = frame["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
+    live = np.flatnonzero(reason < 0)
     kept = frame[live]
     prompt = comparison_text(kept["prompt_norm"]) if config.near_dup else kept["prompt_norm"]
-    pair_hi, pair_lo = _scatter_keys(frame.height, live, _key128(kept.select(_pair_text()).to_series()))
-    prompt_hi, prompt_lo = _scatter_keys(frame.height, live, _key128(prompt))
-    narrow = pl.DataFrame([
-        frame["id"], frame["source"], frame["source_row"],
-        (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).alias("margin"),
-        frame["drop_reason"], pl.Series("contaminated", _contaminated(frame, config, eval_grams)),
-        pair_hi.alias("pair_hi"), pair_lo.alias("pair_lo"), prompt_hi.alias("prompt_hi"), prompt_lo.alias("prompt_lo"),
-        frame["prompt_cluster"].alias("prior"),
-    ])
-    texts = pl.DataFrame([pos.gather(live), prompt.alias("text")]) if config.near_dup else None
-    return narrow, texts
+    pair_key, prompt_key = np.zeros((frame.height, 2), np.uint64), np.zeros((frame.height, 2), np.uint64)
+    pair_key[live] = _key128(kept.select(_pair_text()).to_series())
+    prompt_key[live] = _key128(prompt)
+    encoded = pc.dictionary_encode(table.column("source")).combine_chunks()
+    code_of = np.array([sources.setdefault(name, len(sources)) for name in encoded.dictionary.to_pylist()] or [0], np.int32)
+    columns = {
+        "ids": table.column("id").combine_chunks().cast(pa.string()),
+        "source": code_of[encoded.indices.to_numpy(zero_copy_only=False)],
+        "source_row": frame["source_row"].to_numpy(),
+        "margin": (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).to_numpy(),
+        "reason": reason, "contaminated": _contaminated(frame, config, eval_grams),
+        "pair_key": pair_key, "prompt_key": prompt_key,
+        "prior": table.column("prompt_cluster").combine_chunks().cast(pa.string()),
+    }
+    texts = None
+    if config.near_dup:
+        texts = pl.DataFrame([pl.Series("pos", first_pos + live.astype(np.int64)), prompt.alias("text")])
+    return columns, texts
 
 
 class _IpcSpill:
@@ -273,54 +286,80 @@ class _IpcSpill:
                 yield reader.get_batch(i)
 
 
-def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[pl.DataFrame, np.ndarray, _IpcSpill]:
-    """(narrow table in output order with its `row`, input position of each row, prompt texts).
-
-    Sorting here lets the unsorted chunks go as soon as the sorted table exists: the chunks are
-    gathered straight into it (no concatenated copy) and the sort keys are left behind."""
+def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, _IpcSpill]:
+    """(narrow table in output order, input position of each row, prompt texts)."""
     eval_grams = _eval_grams(config)
     texts = _IpcSpill(spill / "prompts.arrow")
-    frames, pos = [], 0
+    chunks: list[dict[str, Any]] = []
+    sources: dict[str, int] = {}
+    pos = 0
     for table in _chunks(inputs, config.chunk_rows, NARROW_INPUT):
-        narrow, prompt_texts = _narrow_chunk(table, pos, config, eval_grams)
-        frames.append(narrow)
+        columns, prompt_texts = _narrow_chunk(table, pos, config, eval_grams, sources)
+        chunks.append(columns)
         if prompt_texts is not None and prompt_texts.height:
             texts.write(prompt_texts.to_arrow())
         pos += table.num_rows
-    if not frames:  # no records at all: one empty chunk gives the narrow table its columns
-        frames.append(_narrow_chunk(RECORD_SCHEMA.empty_table().append_column(
-            "prompt_cluster", pa.array([], pa.string())).select(NARROW_INPUT), 0, config, eval_grams)[0])
     texts.close()
-    narrow = pl.concat(frames, rechunk=False)
-    del frames
-    order = narrow.select(pl.arg_sort_by(["source", "source_row", "id"], maintain_order=True)).to_series().to_numpy()
-    narrow = narrow.drop("source", "source_row")[order].with_row_index("row")
-    return narrow, order.astype(np.int64), texts
+    if not chunks:  # no records at all: one empty chunk gives the narrow table its columns
+        empty = CURATED_SCHEMA.empty_table().select(NARROW_INPUT)
+        chunks.append(_narrow_chunk(empty, 0, config, eval_grams, sources)[0])
+    narrow = _Narrow(**{name: _concat([chunk.pop(name) for chunk in chunks]) for name in list(chunks[0])})
+    order = _output_order(narrow, sources)
+    return _reorder(narrow, order), order, texts
+
+
+def _concat(parts: list) -> Any:
+    return pa.concat_arrays(parts) if isinstance(parts[0], pa.Array) else np.concatenate(parts)
+
+
+def _output_order(narrow: _Narrow, sources: dict[str, int]) -> np.ndarray:
+    """Input positions in (source, source_row, id) order; Arrow's sort is stable, so records
+    equal on all three keep their input order."""
+    names = sorted(sources)  # Python orders str by code point, as polars and Arrow order UTF-8 bytes
+    rank = np.zeros(max(len(names), 1), np.int32)
+    rank[[sources[name] for name in names]] = np.arange(len(names))
+    keys = pa.table({"source": rank[narrow.source], "source_row": narrow.source_row, "id": narrow.ids})
+    # Nulls first, as polars sorts them (the record schema has none here; this only pins the order).
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending", "at_start") for name in ("source", "source_row", "id")])
+    return order.to_numpy().astype(np.int64)
+
+
+def _reorder(narrow: _Narrow, order: np.ndarray) -> _Narrow:
+    """The narrow table in `order`, one column at a time (the old copy of each goes at once)."""
+    index = pa.array(order)
+    for name, column in vars(narrow).items():
+        setattr(narrow, name, pc.take(column, index) if isinstance(column, pa.Array) else column[order])
+    return narrow
 
 
 # ---------------------------------------------------------------------------------------------
 # Decide: steps 3–6 on the narrow table (one row per record, in output order)
 
 
-def _exact_duplicates(narrow: pl.DataFrame) -> pl.DataFrame:
+def _first_of_key(keys: np.ndarray) -> np.ndarray:
+    """For each of m [hi, lo] keys, the index of the first entry with the same key."""
+    m = len(keys)
+    order = np.lexsort((np.arange(m), keys[:, 1], keys[:, 0]))
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)])
+    first = np.empty(m, np.int64)
+    first[order] = np.repeat(order[starts], np.diff(np.r_[starts, m]))
+    return first
+
+
+def _exact_duplicates(narrow: _Narrow) -> np.ndarray:
     """Among live rows, every pair whose normalised (prompt, chosen, rejected) was seen at an
-    earlier row is dropped and points at that row (`duplicate_row`)."""
-    key = ["pair_hi", "pair_lo"]
-    live = pl.col("drop_reason").is_null()
-    first = pl.col("row").filter(live).first().over(key)
-    is_later = live & (first != pl.col("row"))
-    return narrow.with_columns(
-        drop_reason=pl.when(is_later).then(pl.lit("duplicate", _REASON)).otherwise("drop_reason"),
-        duplicate_row=pl.when(is_later).then(first),
-    )
+    earlier row is dropped; returns the row each points at (−1 for the others)."""
+    live = np.flatnonzero(narrow.reason < 0)
+    first = live[_first_of_key(narrow.pair_key[live])]
+    later = first != live
+    duplicate_row = np.full(len(narrow.reason), -1, np.int64)
+    duplicate_row[live[later]] = first[later]
+    narrow.reason[live[later]] = DROP_REASONS.index("duplicate")
+    return duplicate_row
 
 
-def _mark_contaminated(narrow: pl.DataFrame) -> pl.DataFrame:
-    hit = pl.col("contaminated") & pl.col("drop_reason").is_null()
-    return narrow.with_columns(drop_reason=pl.when(hit).then(pl.lit("contaminated", _REASON)).otherwise("drop_reason"))
-
-
-def _prompt_labels(live: pl.DataFrame, live_pos: np.ndarray, config: CurateConfig, prompts: _IpcSpill, n_records: int,
+def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateConfig, prompts: _IpcSpill, n_records: int,
                    spill: Path) -> np.ndarray:
     """Cluster label per live row (a live index of one of its members): identical prompt keys
     first, then near-duplicate clusters over the distinct prompts.
@@ -328,8 +367,8 @@ def _prompt_labels(live: pl.DataFrame, live_pos: np.ndarray, config: CurateConfi
     Clustering distinct prompts gives the clusters clustering every row would: identical texts
     have identical signatures and Jaccard 1, and the distinct prompts, ordered by their first
     row, meet in each LSH band with the same first member as the rows would."""
-    first = live.with_row_index("i").select(pl.col("i").first().over(["prompt_hi", "prompt_lo"]))["i"].to_numpy().astype(np.int64)
-    if not config.near_dup or not live.height:
+    first = _first_of_key(prompt_key)
+    if not config.near_dup or not len(first):
         return first
     nodes = np.unique(first)  # live index of each distinct prompt's first row, ascending
     node_labels = _near_duplicate_nodes(live_pos[nodes], n_records, prompts, config, spill)
@@ -405,17 +444,22 @@ def _group_labels(keys: pl.Series) -> np.ndarray:
     return pl.DataFrame({"key": keys}).with_row_index("i").select(pl.col("i").first().over("key"))["i"].to_numpy().astype(np.int64)
 
 
-def _rank_in_clusters(live: pl.DataFrame, labels: np.ndarray) -> pl.DataFrame:
-    """`cluster_row` (the row whose id names the cluster) and `rank` (0 = the cluster's best pair:
-    largest score margin, then earliest row) per live row, in row order.
+def _rank_in_clusters(rows: np.ndarray, margin: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster_row, rank) per live row: the row whose id names its cluster, and its place in the
+    cluster (0 = the best pair: largest score margin, then earliest row; a NaN margin counts as
+    the largest, as polars sorts it).
 
     The cluster is named by its best pair's id: a content hash, so the name (and the split it
     decides) does not depend on input order or library versions, and it survives re-running
     curate on its own output, where the best pair is still there and still first."""
-    return (live.select("row", "margin").with_columns(label=pl.Series(labels))
-            .sort(["label", "margin", "row"], descending=[False, True, False])
-            .with_columns(cluster_row=pl.col("row").first().over("label"), rank=pl.int_range(pl.len()).over("label"))
-            .sort("row").select("cluster_row", "rank"))
+    nan = np.isnan(margin)
+    order = np.lexsort((rows, -np.where(nan, 0.0, margin), ~nan, labels))
+    starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    cluster_row, rank = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+    cluster_row[order] = np.repeat(rows[order[starts]], sizes)
+    rank[order] = np.arange(len(order)) - np.repeat(starts, sizes)
+    return cluster_row, rank
 
 
 def _is_eval(names: pa.Array, config: CurateConfig, batch: int = 100_000) -> np.ndarray:
@@ -447,31 +491,28 @@ class _Decisions:
         return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
 
 
-def _decide(narrow: pl.DataFrame, order: np.ndarray, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
-    narrow = _mark_contaminated(_exact_duplicates(narrow)).drop("pair_hi", "pair_lo", "contaminated")
-    live = narrow.select("row", "margin", "prompt_hi", "prompt_lo", "prior").filter(narrow["drop_reason"].is_null())
-    live_rows = live["row"].to_numpy().astype(np.int64)
-    ids = narrow["id"].to_arrow()
-    labels = _prompt_labels(live, order[live_rows], config, prompts, len(order), spill)
-    labels = _link_prior_clusters(live["prior"], lambda: pl.Series(pc.take(ids, pa.array(live_rows))), labels)
-    ranked = _rank_in_clusters(live, labels)
-    del live
-    n = narrow.height
-    reason = narrow["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
-    duplicate_row = narrow["duplicate_row"].fill_null(-1).to_numpy().astype(np.int64)
-    del narrow
+def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
+    reason = narrow.reason
+    duplicate_row = _exact_duplicates(narrow)
+    reason[narrow.contaminated & (reason < 0)] = DROP_REASONS.index("contaminated")
+    live_rows = np.flatnonzero(reason < 0)
+    labels = _prompt_labels(narrow.prompt_key[live_rows], order[live_rows], config, prompts, len(order), spill)
+    labels = _link_prior_clusters(pl.Series(pc.take(narrow.prior, pa.array(live_rows))),
+                                  lambda: pl.Series(pc.take(narrow.ids, pa.array(live_rows))), labels)
+    cluster_of_live, rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
+    n = len(reason)
     cluster_row = np.full(n, -1, np.int64)
-    cluster_row[live_rows] = ranked["cluster_row"].to_numpy()
+    cluster_row[live_rows] = cluster_of_live
     if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
-        reason[live_rows[ranked["rank"].to_numpy() >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
+        reason[live_rows[rank >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
     kept = np.flatnonzero(reason < 0)
     clusters, cluster_of_kept = np.unique(cluster_row[kept], return_inverse=True)
-    eval_cluster = _is_eval(pc.take(ids, pa.array(clusters)), config)
+    eval_cluster = _is_eval(pc.take(narrow.ids, pa.array(clusters)), config)
     dest = np.full(n, DROPPED, np.int8)
     dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
     row_of_pos = np.empty(n, np.int64)
     row_of_pos[order] = np.arange(n)
-    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, ids,
+    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, narrow.ids,
                       _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)))
 
 
