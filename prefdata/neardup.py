@@ -16,10 +16,14 @@ Every hash that decides a cluster is fixed here, independent of library versions
 xxh64(UTF-8, seed WORD_HASH_SEED), n-grams roll word hashes with _MIX in uint64, and MinHash is
 rensa's R-MinHash over those integers (rensa hashes only the integers we give it; its sketch is
 pinned by RENSA_ALGORITHM, checked at import, and by the exact version in pyproject.toml).
-LSH bands are grouped with `np.unique`, candidates pass a loose filter on the estimated Jaccard
-and are then verified on their exact shingle sets (a fixed threshold needs no room for the
+LSH bands are grouped exactly (a polars group-by on the band's columns), candidates pass a loose
+filter on the estimated Jaccard and are then verified on their exact shingle sets (a fixed threshold needs no room for the
 estimate's noise, which at 128 permutations is as wide as the gap between a two-word edit and a
 template's variable part), and clusters are the connected components (`scipy.sparse.csgraph`).
+
+Signatures are read through a column reader, a band at a time, and candidate pairs are verified a
+block at a time, so curate can keep the signatures on disk (`SignatureFile`) and the texts in a
+spill file: `scheme_edges` is the one code path for both, `prompt_clusters` its in-memory use.
 """
 
 from __future__ import annotations

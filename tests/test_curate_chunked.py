@@ -366,3 +366,21 @@ def test_a_killed_run_leaves_the_previous_output(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}
     assert again.counts.read == len(pl.read_parquet(src / "records.parquet"))
+
+
+def test_cluster_ranks_match_the_polars_sort():
+    """The numpy ranking orders margins as the single-frame polars sort did: largest first, NaN
+    above everything, a missing score (−inf) last, ties by row."""
+    from prefdata.curate import _rank_in_clusters
+
+    rng = np.random.default_rng(2)
+    n = 2000
+    rows = np.sort(rng.choice(10 * n, n, replace=False))
+    margin = rng.choice([np.nan, -np.inf, 0.5, 1.0, 2.0, -3.0], size=n)
+    labels = rng.integers(0, 300, size=n)
+    cluster_row, rank = _rank_in_clusters(rows, margin, labels)
+    want = (pl.DataFrame({"row": rows, "margin": margin, "label": labels})
+            .sort(["label", "margin", "row"], descending=[False, True, False])
+            .with_columns(cluster_row=pl.col("row").first().over("label"), rank=pl.int_range(pl.len()).over("label")).sort("row"))
+    assert np.array_equal(cluster_row, want["cluster_row"].to_numpy())
+    assert np.array_equal(rank, want["rank"].to_numpy())
