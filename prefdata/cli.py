@@ -149,6 +149,8 @@ def precompute_ref_command(
     force: bool = typer.Option(False, "--force", help="Replace log-probs that another model (or dtype) wrote."),
     parallelism: str = typer.Option("ddp", help="Under torchrun: ddp (each process a whole model, its own shards) or "
                                     "fsdp (the model sharded over the processes, for a reference too large for one device)."),
+    prefix_sharing: str = typer.Option("auto", help="auto: each pair's prompt goes through the model once where that gives "
+                                       "the same numbers (attention that takes a mask: sdpa, eager); off: two padded rows per pair."),
 ) -> None:
     """Add the reference model's log-probs (ref_chosen_logps, ref_rejected_logps) to every shard.
     Resumable shard by shard; under torchrun, rank r takes shards r, r+W, … (with --parallelism fsdp,
@@ -159,7 +161,7 @@ def precompute_ref_command(
 
     config = _config(PrecomputeRefConfig, shards=shards, model=model, device=device, dtype=dtype,
                      batch_tokens=batch_tokens, attn_implementation=attn_implementation, verify=verify, force=force,
-                     parallelism=parallelism)
+                     parallelism=parallelism, prefix_sharing=prefix_sharing)
     lines = summary_lines(precompute_ref(config))
     if os.environ.get("RANK", "0") == "0":
         print("\n".join(lines))

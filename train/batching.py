@@ -6,7 +6,9 @@ Used by the reference pass and by the trainer, so both build batches the same wa
   of the memory-mapped Arrow buffers (never copied, never concatenated across chunks or files);
   lengths are numpy arithmetic on the offsets.
 - `collate_pairs`: rows → one `PairBatch` holding [prompt + chosen] rows then [prompt + rejected]
-  rows, right-padded to one length, so both answers go through ONE forward pass.
+  rows, right-padded to one length, so both answers go through ONE forward pass; or, with
+  `shared=True`, one row [prompt, chosen, rejected] per pair (prefix sharing, see
+  `train/logprobs.py`), so the prompt goes through the model once.
 - `token_budget_batches`: inference order — rows sorted by length, packed up to a budget of
   padded tokens, so padding is small and every batch costs about the same memory.
 - `LengthGroupedSampler`: training order — shuffled, sorted only within large random windows
@@ -118,6 +120,15 @@ class TokenColumns:
         return _frozen(self.prompt.lengths + np.maximum(self.chosen.lengths, self.rejected.lengths))
 
     @cached_property
+    def shared_lengths(self) -> np.ndarray:
+        """Length of a pair's prefix-shared row: prompt + chosen + rejected."""
+        return _frozen(self.prompt.lengths + self.chosen.lengths + self.rejected.lengths)
+
+    def batch_lengths(self, shared: bool) -> tuple[np.ndarray, int]:
+        """(each pair's padded row length, rows per pair) in the layout the batches are built in."""
+        return (self.shared_lengths, 1) if shared else (self.pair_lengths, 2)
+
+    @cached_property
     def real_tokens(self) -> np.ndarray:
         """Tokens a pair puts through the model: the prompt twice (once per answer) and both answers."""
         return _frozen(2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths)
@@ -127,22 +138,50 @@ class TokenColumns:
 
 
 @dataclass(frozen=True)
+class SharedLayout:
+    """What the prefix-shared rows need beyond their ids: positions restart at the end of the
+    prompt for the rejected part; `segments` (0 prompt, 1 chosen, 2 rejected, -1 padding) decide
+    who may attend to whom; each scored token's predicting position (`source`: the previous
+    position, but the last prompt token for the first rejected token) and output row (`row_of`:
+    b for chosen, B + b for rejected, as in the padded layout)."""
+
+    position_ids: torch.Tensor  # [B, T] int64
+    segments: torch.Tensor  # [B, T] int8
+    source: torch.Tensor  # [B, T] int64
+    row_of: torch.Tensor  # [B, T] int64
+
+    def to(self, device: torch.device | str) -> SharedLayout:
+        return SharedLayout(*(t.to(device=device, non_blocking=True) for t in
+                              (self.position_ids, self.segments, self.source, self.row_of)))
+
+
+@dataclass(frozen=True)
 class PairBatch:
     """B pairs as 2B rows: rows [0, B) are prompt + chosen, rows [B, 2B) prompt + rejected (TRL's
-    layout). `completion_mask` is True at answer tokens; padding has attention_mask 0."""
+    layout); or, with `shared`, B rows [prompt, chosen, rejected]. `completion_mask` is True at
+    answer tokens; padding has attention_mask 0."""
 
-    input_ids: torch.Tensor  # [2B, T] int64
+    input_ids: torch.Tensor  # [2B, T] int64 ([B, T] shared)
     attention_mask: torch.Tensor  # [2B, T] int64
     completion_mask: torch.Tensor  # [2B, T] bool
     rows: np.ndarray  # the B table rows, in batch order
+    shared: SharedLayout | None = None
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = dict(device=device, non_blocking=True)
-        return PairBatch(self.input_ids.to(**move), self.attention_mask.to(**move),
-                         self.completion_mask.to(**move), self.rows)
+        return PairBatch(self.input_ids.to(**move), self.attention_mask.to(**move), self.completion_mask.to(**move),
+                         self.rows, self.shared.to(device) if self.shared is not None else None)
 
     @property
     def real_tokens(self) -> int:
+        """Prompt twice and both answers in either layout: what a trainer without prefix sharing
+        (TRL's counter) processes, so tokens/s stay comparable."""
+        prompt_again = int((self.shared.segments == 0).sum()) if self.shared is not None else 0
+        return int(self.attention_mask.sum()) + prompt_again
+
+    @property
+    def computed_tokens(self) -> int:
+        """Non-padding tokens that actually go through the model."""
         return int(self.attention_mask.sum())
 
     @property
@@ -150,10 +189,12 @@ class PairBatch:
         return self.input_ids.numel()
 
 
-def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int) -> PairBatch:
+def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: bool = False) -> PairBatch:
     """Build the padded tensors for `rows`. `pad_id` only fills masked positions, so its value never
     changes a result; it must just be a valid embedding index."""
     rows = np.asarray(rows, dtype=np.int64)
+    if shared:
+        return _collate_shared(columns, rows, pad_id)
     n = len(rows)
     width = int(columns.pair_lengths[rows].max())
     ids = np.full((2 * n, width), pad_id, dtype=np.int64)
@@ -170,25 +211,60 @@ def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int) -> PairB
     return PairBatch(torch.from_numpy(ids), torch.from_numpy(attention), torch.from_numpy(completion), rows)
 
 
-def token_budget_batches(pair_lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Row indices, longest pairs first, packed so each batch's padded size (2 rows per pair × the
+@dataclass(frozen=True)
+class Collator:
+    """`collate_pairs` with the pad id and the layout a run chose, bound once."""
+
+    pad_id: int
+    shared: bool = False
+
+    def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
+        return collate_pairs(columns, rows, self.pad_id, self.shared)
+
+
+def _collate_shared(columns: TokenColumns, rows: np.ndarray, pad_id: int) -> PairBatch:
+    n = len(rows)
+    width = int(columns.shared_lengths[rows].max())
+    ids = np.full((n, width), pad_id, dtype=np.int64)
+    positions = np.zeros((n, width), dtype=np.int64)
+    segments = np.full((n, width), -1, dtype=np.int8)
+    source = np.zeros((n, width), dtype=np.int64)
+    row_of = np.zeros((n, width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = columns.prompt.row(row), columns.chosen.row(row), columns.rejected.row(row)
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        ids[i, :p + c + r] = np.concatenate([prompt, chosen, rejected])
+        positions[i, :p + c] = np.arange(p + c)
+        positions[i, p + c : p + c + r] = np.arange(p, p + r)
+        segments[i, :p], segments[i, p : p + c], segments[i, p + c : p + c + r] = 0, 1, 2
+        source[i, p : p + c + r] = np.arange(p - 1, p + c + r - 1)
+        source[i, p + c] = p - 1  # the first rejected token follows the prompt, not the chosen answer
+        row_of[i, p : p + c], row_of[i, p + c : p + c + r] = i, n + i
+    layout = SharedLayout(*map(torch.from_numpy, (positions, segments, source, row_of)))
+    completion = torch.from_numpy(segments > 0)
+    return PairBatch(torch.from_numpy(ids), torch.from_numpy((segments >= 0).astype(np.int64)), completion, rows, layout)
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int, rows_per_pair: int = 2) -> list[np.ndarray]:
+    """Row indices, longest pairs first, packed so each batch's padded size (rows per pair × the
     longest pair) stays within `batch_tokens`. Longest first: an out-of-memory shows on the first
-    batch, not after an hour. A pair longer than the budget gets a batch of its own (never dropped)."""
-    order = np.argsort(-pair_lengths, kind="stable")
+    batch, not after an hour. A pair longer than the budget gets a batch of its own (never dropped).
+    `lengths`, `rows_per_pair`: `TokenColumns.batch_lengths` of the layout."""
+    order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        width = int(pair_lengths[order[start]])  # the batch's longest pair: rows are sorted
-        size = max(1, batch_tokens // (2 * max(width, 1)))
+        width = int(lengths[order[start]])  # the batch's longest pair: rows are sorted
+        size = max(1, batch_tokens // (rows_per_pair * max(width, 1)))
         batches.append(order[start : start + size])
         start += size
     return batches
 
 
-def processed_tokens(pair_lengths: np.ndarray, batches: list[np.ndarray]) -> int:
-    """Tokens a batch plan puts through the model, padding included (2 rows per pair × the
-    batch's longest pair). Padding efficiency = real tokens / this."""
-    return sum(2 * len(b) * int(pair_lengths[b].max()) for b in batches if len(b))
+def processed_tokens(lengths: np.ndarray, batches: list[np.ndarray], rows_per_pair: int = 2) -> int:
+    """Tokens a batch plan puts through the model, padding included (rows per pair × the
+    batch's longest pair)."""
+    return sum(rows_per_pair * len(b) * int(lengths[b].max()) for b in batches if len(b))
 
 
 class LengthGroupedSampler:

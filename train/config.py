@@ -55,6 +55,7 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] | None = None  # default: every Linear of the decoder (not the LM head)
+    prefix_sharing: Literal["auto", "off"] = "auto"  # auto: each pair's prompt through the model once, where exact
     gradient_checkpointing: bool = False
     compile: bool = False
     window_batches: int = Field(64, gt=0)  # length grouping: sort within windows of this many batches

@@ -10,6 +10,15 @@ projected in chunks of at most `LOGITS_CHUNK_BYTES` of float32 logits, each redu
 "logit of the label − logsumexp". With gradients on, each chunk is checkpointed, so backward
 recomputes its logits instead of keeping them all. bf16/fp16 models: the projection runs in the
 model's dtype and each chunk is upcast to float32 before the softmax.
+
+Prefix sharing (`collate_pairs(..., shared=True)`): instead of the two padded rows
+[prompt + chosen], [prompt + rejected], a pair is ONE row [prompt, chosen, rejected]. Position ids
+restart at the end of the prompt for the rejected part and a block mask keeps rejected tokens from
+attending to chosen ones, so every answer token sees the context it sees in the padded layout; the
+first rejected token is scored from the last prompt token's hidden state. The prompt goes through
+the model once, forward and backward. Used where it is exact (`prefix_sharing_exact`: attention
+that takes an arbitrary mask, no sliding window shorter than a pair); equal to the padded layout
+within float32 rounding (tests/test_prefix_sharing.py).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -81,15 +91,40 @@ class SequenceScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                row_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (sum of completion-token log-probs [R] float32, completion tokens scored [R]).
 
-        No attention mask on purpose: rows are right-padded and attention is causal, so a real
-        token only ever attends to real tokens before it; padding only affects padded positions,
-        which are never scored. Without a mask the attention takes its plain causal kernel
-        (measured ~15% faster on CPU, bit-identical values)."""
+        Padded layout (`segments` None): no attention mask on purpose: rows are right-padded and
+        attention is causal, so a real token only ever attends to real tokens before it; padding
+        only affects padded positions, which are never scored. Without a mask the attention takes
+        its plain causal kernel (measured ~15% faster on CPU, bit-identical values).
+        Prefix-shared layout: see `_shared_logps`."""
+        if segments is not None:
+            return self._shared_logps(input_ids, completion_mask, position_ids, segments, source, row_of)
         per_position = self.position_logps(input_ids, completion_mask)
         return per_position.sum(dim=1), completion_mask[:, 1:].sum(dim=1)
+
+    def _shared_logps(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor,
+                      segments: torch.Tensor, source: torch.Tensor, row_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B rows [prompt, chosen, rejected] → the 2B rows' sums of the padded layout.
+
+        The rejected tokens may not see the chosen ones, and their positions restart where the
+        prompt ends, so each answer's tokens see exactly the context (same tokens, same positions)
+        they see in the padded layout: the same numbers up to rounding, with the prompt run once."""
+        mask = shared_attention_mask(segments, self.model.config._attn_implementation, self.model.dtype)
+        out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+        batch_index, position = completion_mask.nonzero(as_tuple=True)
+        hidden = out.last_hidden_state[batch_index, source[batch_index, position]]
+        token_logps = _token_logps(self.model, hidden, input_ids[batch_index, position])
+        rows = row_of[batch_index, position]
+        shape = (2 * input_ids.shape[0], input_ids.shape[1])
+        # Each (row, position) is written once: a dense sum, deterministic on GPU like the padded path.
+        per_position = torch.zeros(shape, dtype=torch.float32, device=input_ids.device).index_put((rows, position), token_logps)
+        scored = torch.zeros(shape, dtype=torch.bool, device=input_ids.device).index_put(
+            (rows, position), torch.ones_like(rows, dtype=torch.bool))
+        return per_position.sum(dim=1), scored.sum(dim=1)
 
     def position_logps(self, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """log p(token t+1 | tokens ≤ t) at each scored position, 0 elsewhere: [R, T-1] float32."""
@@ -102,6 +137,37 @@ class SequenceScorer(torch.nn.Module):
         return per_position.masked_scatter(targets, token_logps)
 
 
+def shared_attention_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] mask of the prefix-shared layout: causal, padding never attended to, and
+    rejected tokens (segment 2) never attending to chosen ones (segment 1). A padding query
+    attends to itself, so no softmax row is empty (an empty one is NaN, and NaN spreads into
+    gradients even where nothing reads it). Boolean for SDPA; additive for eager attention."""
+    length = segments.shape[1]
+    query, key = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (key >= 0) & ~((query == 2) & (key == 1))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+SHARING_ATTENTION = ("sdpa", "eager")  # the kernels that take an arbitrary mask
+
+
+def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:
+    """Whether the prefix-shared layout gives the padded layout's numbers for this model and these
+    pairs: its attention takes a custom mask, and no sliding window cuts a pair's context (a
+    custom mask replaces the model's window, so it must not matter: every pair within it)."""
+    config = model.config
+    if config._attn_implementation not in SHARING_ATTENTION:
+        return False
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    uses_window = window is not None and getattr(config.get_text_config(), "use_sliding_window", True) is not False
+    return not uses_window or not len(pair_lengths) or int(pair_lengths.max()) <= window
+
+
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     """Chosen and rejected log-probs of `batch` (already on the model's device, right-padded as
     `collate_pairs` makes it) in one forward.
@@ -110,7 +176,12 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     Works under `torch.inference_mode()` (reference pass) and with gradients (trainer)."""
     is_scorer = isinstance(getattr(model, "module", model), SequenceScorer)
     scorer = model if is_scorer else SequenceScorer(model)
-    logps, tokens = scorer(batch.input_ids, batch.completion_mask)
+    shared = batch.shared
+    if shared is None:
+        logps, tokens = scorer(batch.input_ids, batch.completion_mask)
+    else:
+        logps, tokens = scorer(batch.input_ids, batch.completion_mask, shared.position_ids, shared.segments,
+                               shared.source, shared.row_of)
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     return SequenceLogps(chosen, rejected, chosen_tokens, rejected_tokens)

@@ -26,12 +26,12 @@ from schemas.io import atomic_dir
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from train import parallel
-from train.batching import LengthGroupedSampler, PairBatch, collate_pairs, token_budget_batches
+from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
 from train.data import SplitData, open_shards
 from train.device import select_device
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, sequence_logps
+from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
 from train.losses import preference_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 
@@ -137,17 +137,17 @@ def _inference_view(scorer: Any) -> Any:
 
 
 @torch.no_grad()
-def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, pad_id: int, device: torch.device,
+def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, collate: Collator, device: torch.device,
              dist: Dist, autocast: Any) -> dict[str, float]:
     """Held-out loss, implicit-reward accuracy and margin over the whole eval split (each process
     scores its share of the batches; sums are all-reduced)."""
     model = _inference_view(scorer)
     model.eval()
-    batches = token_budget_batches(data.columns.pair_lengths, config.eval_batch_tokens)
+    batches = token_budget_batches(*data.columns.batch_lengths(collate.shared), config.eval_batch_tokens)
     names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
     for rows, counts in parallel.equal_shares(batches, dist, parallel.is_sharded(scorer)):
-        batch = collate_pairs(data.columns, rows, pad_id).to(device)
+        batch = collate(data.columns, rows).to(device)
         loss, metrics = batch_loss(config, model, batch, data, ref_model, autocast)
         values = [loss.item()] + [metrics[name].item() for name in names[1:]]
         if counts:
@@ -159,7 +159,7 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, "eval/pairs": int(pairs)}
 
 
-def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, pad_id: int, device: torch.device,
+def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, collate: Collator, device: torch.device,
                            autocast: Any, compute_dtype: torch.dtype, stored_dtype: str) -> None:
     """The policy starts from the reference model: its log-probs on a few rows must be the stored
     ones. If not, the shards were scored with another model (or an older copy of this one).
@@ -177,7 +177,7 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, pa
     # no_grad, not inference_mode: FSDP would keep the weights it gathers here as inference
     # tensors and refuse to gather into them again in the first training step.
     with torch.no_grad(), autocast():
-        logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
+        logps = sequence_logps(model, collate(data.columns, rows).to(device))
     parallel.reshard(model)
     stored_chosen, stored_rejected = data.ref_logps(rows)
     atol, rtol = max(VERIFY_TOLERANCE[DTYPES[stored_dtype]], VERIFY_TOLERANCE[compute_dtype])
@@ -263,6 +263,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise UserError(f"--resume: no checkpoint-*/{parallel.STATE_FILE} in {out}; start without --resume")
     model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, dist)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
+    longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
+    collate = Collator(pad_id, shared=config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest))
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
@@ -275,7 +278,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
     if needs_stored_ref and resume_from is None and same_weights(manifest.reference, model_fingerprint(
             policy_dir, config.model, torch.float32, device)):
-        check_stored_reference(config, scorer, train_data, pad_id, device, autocast, compute_dtype, manifest.reference.dtype)
+        check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,
     # so a run on W processes sees the same pairs per step as one process with W× the batch.
@@ -295,7 +298,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # --- steps -------------------------------------------------------------------------------
     window: list[dict[str, float]] = []
-    tokens = padded = 0
+    tokens = computed = padded = 0
     window_start = time.perf_counter()
     with progress("train", total=total_steps) as bar:
         bar.advance(position.step)
@@ -303,7 +306,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             for micro in range(config.gradient_accumulation_steps):
                 epoch, index, global_rows = next(batches)
                 rows = global_rows[dist.rank::dist.world]
-                batch = collate_pairs(train_data.columns, rows, pad_id).to(device)
+                batch = collate(train_data.columns, rows).to(device)
                 with parallel.gradient_sync(scorer, enabled=micro == config.gradient_accumulation_steps - 1):
                     loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast)
                     if not torch.isfinite(loss):
@@ -312,6 +315,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     (loss / config.gradient_accumulation_steps).backward()
                 window.append({"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
                 tokens += batch.real_tokens
+                computed += batch.computed_tokens
                 padded += batch.padded_tokens
                 position.epoch, position.batch_index = (epoch, index + 1)
             grad_norm = parallel.clip_gradients(trainable, config.max_grad_norm)
@@ -327,19 +331,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
                           "tokens_per_s": dist.world * tokens / elapsed,
-                          "padding_efficiency": tokens / max(padded, 1)}
+                          "padding_efficiency": computed / max(padded, 1), "prefix_sharing": collate.shared}
                 log.write(record)
                 bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
                             tok_s=f"{record['tokens_per_s']:,.0f}")
-                window, tokens, padded, window_start = [], 0, 0, time.perf_counter()
+                window, tokens, computed, padded, window_start = [], 0, 0, 0, time.perf_counter()
             bar.advance(1)
             if eval_data is not None and config.eval_every and position.step % config.eval_every == 0:
-                log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast)})
+                log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, collate, device, dist, autocast)})
             if config.save_every and position.step % config.save_every == 0:
                 save_checkpoint(out, position, scorer, optimizer, scheduler, dist)
 
     # --- the end -----------------------------------------------------------------------------
-    final_eval = evaluate(config, scorer, eval_data, ref_model, pad_id, device, dist, autocast) if eval_data is not None else {}
+    final_eval = evaluate(config, scorer, eval_data, ref_model, collate, device, dist, autocast) if eval_data is not None else {}
     _save_final(config, scorer, peft_model, model, tokenizer, policy_dir, out, dist)
     if dist.is_main:
         if final_eval:

@@ -38,10 +38,10 @@ from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, Shar
 from schemas.progress import progress
 from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train import parallel
-from train.batching import TokenColumns, collate_pairs, processed_tokens, token_budget_batches
+from train.batching import Collator, TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.device import dtype_name, select_device, select_dtype
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, sequence_logps
+from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
 from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
 from train.models import model_dir as resolve_model_dir
 
@@ -65,6 +65,7 @@ class PrecomputeRefConfig(BaseModel):
     # process scores a share of each shard's batches. ddp: each process holds the whole model
     # and scores whole shards.
     parallelism: Literal["ddp", "fsdp"] = "ddp"
+    prefix_sharing: Literal["auto", "off"] = "auto"  # auto: each pair's prompt through the model once, where exact
     attn_implementation: str | None = None
     verify: int = Field(0, ge=0)
     seed: int = 0  # which rows --verify picks
@@ -80,8 +81,10 @@ class ShardScore(BaseModel):
     sha256: str
     reference: ModelFingerprint
     rows: int
-    real_tokens: int
-    processed_tokens: int
+    real_tokens: int  # prompt twice and both answers (what an unshared pass computes)
+    processed_tokens: int  # padded tokens the batches put through the model
+    computed_tokens: int = 0  # non-padding tokens put through the model (real_tokens less the shared prompts)
+    prefix_shared: bool = False
     seconds: float
     verified_rows: int = 0
     verify_max_abs_diff: float = 0.0
@@ -160,14 +163,14 @@ def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
         raise UserError(f"{path}: a row has an empty prompt or answer, which has no log-prob; re-run prefdata tokenize")
 
 
-def _score(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], pad_id: int,
+def _score(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], collate: Collator,
            device: torch.device, bar: Any) -> tuple[np.ndarray, np.ndarray]:
     """Log-probs of the rows of the batches that count; 0 elsewhere (other processes' rows)."""
     chosen = np.zeros(len(columns), dtype=np.float32)
     rejected = np.zeros(len(columns), dtype=np.float32)
     start, tokens = time.perf_counter(), 0
     for rows, counts in batches:
-        batch = collate_pairs(columns, rows, pad_id).to(device)
+        batch = collate(columns, rows).to(device)
         out = sequence_logps(model, batch)
         if counts:
             chosen[rows], rejected[rows] = out.chosen.cpu().numpy(), out.rejected.cpu().numpy()
@@ -253,12 +256,15 @@ class _Scorer:
         table = _read_table(path)
         columns = TokenColumns.from_table(table)
         _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
-        batches = token_budget_batches(columns.pair_lengths, self.config.batch_tokens)
+        # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
+        shared = self.config.prefix_sharing == "auto" and prefix_sharing_exact(self.model, columns.pair_lengths)
+        lengths, rows_per_pair = columns.batch_lengths(shared)
+        batches = token_budget_batches(lengths, self.config.batch_tokens, rows_per_pair)
         shares = parallel.equal_shares(batches, self.ranks, True) if self.sharded else [(rows, True) for rows in batches]
         start = time.perf_counter()
         # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
         with torch.no_grad():
-            chosen, rejected = _score(self._scoring, columns, shares, self.pad_id, self.device, bar)
+            chosen, rejected = _score(self._scoring, columns, shares, Collator(self.pad_id, shared), self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
             seconds = time.perf_counter() - start
@@ -266,8 +272,10 @@ class _Scorer:
         if self.sharded and not self.ranks.is_main:
             return None
         real = columns.real_tokens
+        computed = columns.shared_lengths if shared else real
         score = ShardScore(name=name, sha256="", reference=reference, rows=len(columns), real_tokens=int(real.sum()),
-                           processed_tokens=processed_tokens(columns.pair_lengths, batches),
+                           processed_tokens=processed_tokens(lengths, batches, rows_per_pair),
+                           computed_tokens=int(computed.sum()), prefix_shared=shared,
                            seconds=seconds, verified_rows=len(verify_rows), verify_max_abs_diff=worst)
         return _write_shard(shards_dir, name, table, chosen, rejected, score)
 
@@ -346,7 +354,10 @@ def _final_manifest(shards_dir: Path, upstream: Manifest, config: PrecomputeRefC
         stats={
             "rows": rows,
             "real_tokens": real,
-            "padding_efficiency": real / max(1, sum(s["processed_tokens"] for s in per_shard.values())),
+            # non-padding share of what went through the model (shards scored before prefix sharing: real tokens)
+            "padding_efficiency": sum(s.get("computed_tokens") or s["real_tokens"] for s in per_shard.values())
+            / max(1, sum(s["processed_tokens"] for s in per_shard.values())),
+            "prefix_shared_shards": sum(bool(s.get("prefix_shared")) for s in per_shard.values()),
             "tokens_per_s": real / seconds if seconds else None,  # per process, summed over shards
             "verified_rows": sum(s["verified_rows"] for s in per_shard.values()),
             "verify_max_abs_diff": max(s["verify_max_abs_diff"] for s in per_shard.values()),

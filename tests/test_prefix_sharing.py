@@ -1,0 +1,124 @@
+"""Prefix sharing: one row [prompt, chosen, rejected] per pair gives the padded layout's log-probs
+and gradients (float32, within 1e-5) on every tiny architecture, and the stages accept either."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_logprobs import _columns, _random_columns
+from tests.test_train import shards  # noqa: F401  (a fixture)
+from train.batching import collate_pairs
+from train.logprobs import prefix_sharing_exact, sequence_logps
+
+
+def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen2": lambda: Qwen2Config(**common),
+        # logit and attention soft-capping; its sliding window (set below the default) is wider than every pair here
+        "gemma2": lambda: Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=5.0,
+                                       sliding_window=64),
+    }[arch]()
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _both(model, columns, rows):
+    plain = sequence_logps(model, collate_pairs(columns, rows, pad_id=0))
+    shared = sequence_logps(model, collate_pairs(columns, rows, pad_id=0, shared=True))
+    return plain, shared
+
+
+# Gemma 2 runs eager attention only (its attention soft-capping).
+@pytest.mark.parametrize(("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager")])
+def test_shared_logps_equal_the_padded_layout(arch, attn):
+    model = _tiny(arch, attn=attn)
+    columns = _random_columns(7, vocab=96, seed=11)  # prompts 1–11 tokens, answers 1–8: uneven padding both ways
+    assert prefix_sharing_exact(model, columns.pair_lengths)
+    with torch.inference_mode():
+        plain, shared = _both(model, columns, np.arange(7))
+    torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=0)
+    assert shared.chosen_tokens.tolist() == plain.chosen_tokens.tolist() == columns.chosen.lengths.tolist()
+    assert shared.rejected_tokens.tolist() == plain.rejected_tokens.tolist() == columns.rejected.lengths.tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_shared_gradients_equal_the_padded_layout(arch):
+    columns = _random_columns(5, vocab=96, seed=12)
+    grads = []
+    for shared in (False, True):
+        model = _tiny(arch, attn="eager" if arch == "gemma2" else "sdpa")
+        out = sequence_logps(model, collate_pairs(columns, np.arange(5), pad_id=0, shared=shared))
+        (torch.cat([out.chosen, out.rejected]) * torch.linspace(-1, 1, 10)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_rejected_never_sees_chosen_and_answers_of_one_token_work():
+    """Same prompt and rejected answer, two different chosen answers: the rejected log-prob must
+    not change. Truncated-style pairs (one-token answers) too."""
+    model = _tiny("llama")
+    columns = _columns([[5, 6, 7], [5, 6, 7], [9]], [[10, 11, 12, 13], [40, 41], [3]], [[20, 21], [20, 21], [4]])
+    with torch.inference_mode():
+        plain, shared = _both(model, columns, np.arange(3))
+    assert shared.rejected[0].item() == pytest.approx(shared.rejected[1].item(), abs=1e-6)
+    assert abs(shared.chosen[0].item() - shared.chosen[1].item()) > 1e-3
+    torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=0)
+
+
+def test_not_exact_where_the_kernel_takes_no_mask_or_a_window_cuts_a_pair():
+    columns = _random_columns(4, vocab=96, seed=13)
+    long_pairs = np.array([10, 200])
+    assert not prefix_sharing_exact(_tiny("gemma2", attn="eager"), long_pairs)  # 200 > its 64-token window
+    model = _tiny("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    assert not prefix_sharing_exact(model, columns.pair_lengths)
+
+
+def test_batch_counts_the_prompt_twice_but_computes_it_once():
+    columns = _columns([[1, 2, 3]], [[4, 5]], [[6]])
+    plain = collate_pairs(columns, np.arange(1), pad_id=0)
+    shared = collate_pairs(columns, np.arange(1), pad_id=0, shared=True)
+    assert plain.real_tokens == shared.real_tokens == 2 * 3 + 2 + 1
+    assert shared.computed_tokens == 6 and plain.computed_tokens == 9
+    assert shared.shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: precompute-ref and train with prefix sharing on (the default) and off
+
+
+def test_shards_scored_shared_equal_shards_scored_padded_and_train_accepts_either(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from schemas.manifest import Manifest
+    from tests.test_reference import _ref_columns
+    from tests.test_train import _config, _metrics
+    from train.loop import train
+    from train.reference import PrecomputeRefConfig, precompute_ref
+
+    padded = tmp_path / "padded"
+    shutil.copytree(shards.parent / "unscored", padded)
+    precompute_ref(PrecomputeRefConfig(shards=str(padded), model=str(tiny_model_dir), prefix_sharing="off"))
+    assert Manifest.read(shards).stats["prefix_shared_shards"] == len(Manifest.read(shards).shards)  # the default shares
+    assert Manifest.read(padded).stats["prefix_shared_shards"] == 0
+    for name, values in _ref_columns(shards).items():
+        np.testing.assert_allclose(_ref_columns(padded)[name], values, atol=1e-5, rtol=0)
+
+    # Trained either way on shards scored the other way: the step-0 check passes, the losses agree.
+    train(_config(padded, tiny_model_dir, tmp_path / "on", max_steps=3, log_every=1))
+    train(_config(shards, tiny_model_dir, tmp_path / "off", max_steps=3, log_every=1, prefix_sharing="off"))
+    on, off = ([m for m in _metrics(tmp_path / run) if "loss" in m] for run in ("on", "off"))
+    assert [m["prefix_sharing"] for m in on + off] == [True] * len(on) + [False] * len(off)
+    assert [m["loss"] for m in on] == pytest.approx([m["loss"] for m in off], abs=1e-5)
+    assert [m["tokens"] for m in on] == [m["tokens"] for m in off]  # the prompt counted twice either way
