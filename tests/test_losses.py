@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from train.losses import PAIR_LOSSES, LossParams, preference_loss, sft_loss
+from train.losses import PAIR_LOSSES, REFERENCE_FREE_LOSSES, LossParams, preference_loss, reference_free_loss, sft_loss
 
 RW, RL = torch.tensor([2.0]), torch.tensor([-2.0])
 LENGTHS = {"chosen_tokens": torch.tensor([4.0]), "rejected_tokens": torch.tensor([2.0])}
@@ -77,3 +77,62 @@ def test_combined_loss_and_metrics():
     assert metrics["rewards/margins"].item() == pytest.approx(0.5)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.5) and metrics["rewards/rejected"].item() == pytest.approx(0.0)
     assert metrics["logps/chosen"].item() == pytest.approx(-7.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-free objectives. Common case: log πθ(yw) = −4 over |yw| = 4 tokens (mean −1),
+# log πθ(yl) = −4 over |yl| = 2 tokens (mean −2) for SimPO/ORPO; CPO uses sums −4 and −6.
+
+FREE_LENGTHS = (torch.tensor([4.0]), torch.tensor([2.0]))
+FREE_HAND_WORKED = [
+    ("simpo", torch.tensor([-4.0]), torch.tensor([-4.0]), LossParams(beta=2.0, simpo_gamma=0.5), 0.201413,
+     "β(−1 − (−2)) − γ = 1.5; −log σ(1.5) = log(1 + e^−1.5); no NLL term"),
+    ("cpo", torch.tensor([-4.0]), torch.tensor([-6.0]), LossParams(beta=0.5, cpo_alpha=1.0), 1.313262,
+     "−log σ(0.5·(−4 + 6)) = log(1 + e^−1) = 0.313262, + 1·NLL = 4/4"),
+    ("orpo", torch.tensor([-4.0]), torch.tensor([-4.0]), LossParams(beta=0.1), 1.023818,
+     "log odds: −1 − log(1 − e^−1) = −0.541325 and −2 − log(1 − e^−2) = −1.854587; Δ = 1.313262; "
+     "0.1·log(1 + e^−Δ) = 0.023818, + NLL = 4/4"),
+]
+
+
+@pytest.mark.parametrize(("name", "chosen", "rejected", "params", "expected", "how"), FREE_HAND_WORKED,
+                         ids=[h[0] for h in FREE_HAND_WORKED])
+def test_reference_free_loss_by_hand(name, chosen, rejected, params, expected, how):
+    loss, metrics = reference_free_loss(name, chosen, rejected, *FREE_LENGTHS, params)
+    assert loss.item() == pytest.approx(expected, abs=1e-6), how
+    assert metrics["rewards/accuracies"].item() == 1.0 and metrics["nll"].item() == pytest.approx(1.0)
+
+
+def test_orpo_odds_stay_finite_for_answers_the_model_is_sure_of():
+    """log(1 − P) as P → 1: the stable form keeps the loss and its gradient finite."""
+    chosen = torch.tensor([-1e-7], requires_grad=True)
+    loss, _ = reference_free_loss("orpo", chosen, torch.tensor([-3.0]), torch.tensor([1.0]), torch.tensor([1.0]), LossParams())
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(chosen.grad)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_FREE_LOSSES))
+def test_reference_free_loss_equals_trl_experimental(name):
+    """The preference term against TRL's own CPOTrainer.cpo_loss / ORPOTrainer.odds_ratio_loss on the
+    same log-probs (TRL averages over tokens for simpo and ORPO before calling them)."""
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = -torch.rand(6, generator=generator) * 40, -torch.rand(6, generator=generator) * 40
+    chosen_tokens, rejected_tokens = torch.randint(1, 30, (6,), generator=generator), torch.randint(1, 30, (6,), generator=generator)
+    params = LossParams(beta=0.7, simpo_gamma=0.3, label_smoothing=0.0)
+    trainer = SimpleNamespace(beta=params.beta, alpha=0.0, simpo_gamma=params.simpo_gamma, label_smoothing=0.0,
+                              loss_type="simpo" if name == "simpo" else "sigmoid", accelerator=SimpleNamespace(device="cpu"))
+    averaged = name in ("simpo", "orpo")
+    trl_chosen = chosen / chosen_tokens if averaged else chosen
+    trl_rejected = rejected / rejected_tokens if averaged else rejected
+    if name == "orpo":
+        expected = -ORPOTrainer.odds_ratio_loss(trainer, trl_chosen, trl_rejected)[0]
+    else:
+        expected = CPOTrainer.cpo_loss(trainer, trl_chosen, trl_rejected)[0]
+    ours = REFERENCE_FREE_LOSSES[name](chosen, rejected, params, chosen_tokens=chosen_tokens.float(),
+                                       rejected_tokens=rejected_tokens.float())
+    torch.testing.assert_close(ours, expected.float(), atol=1e-6, rtol=1e-5)

@@ -88,6 +88,16 @@ def test_refuses_shards_without_reference(shards, tiny_model_dir, tmp_path):
     train(_config(shards.parent / "unscored", tiny_model_dir, tmp_path / "live", reference="live", max_steps=2))
 
 
+@pytest.mark.parametrize("objective", ["simpo", "cpo", "orpo"])
+def test_reference_free_objectives_learn_on_shards_without_reference(shards, tiny_model_dir, tmp_path, objective):
+    out = tmp_path / objective
+    params = {"simpo": dict(beta=2.0), "cpo": dict(beta=0.5), "orpo": dict(beta=0.5)}[objective]
+    train(_config(shards.parent / "unscored", tiny_model_dir, out, objective=objective, max_steps=12, log_every=1, **params))
+    logged = [m for m in _metrics(out) if "loss" in m]
+    assert np.mean([m["loss"] for m in logged[-3:]]) < logged[0]["loss"] - 0.05
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+
+
 def test_live_reference_equals_precomputed(shards, tiny_model_dir, tmp_path):
     train(_config(shards, tiny_model_dir, tmp_path / "pre", max_steps=4, log_every=1))
     train(_config(shards, tiny_model_dir, tmp_path / "live", max_steps=4, log_every=1, reference="live"))

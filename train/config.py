@@ -27,11 +27,15 @@ class TrainConfig(BaseModel):
     shards: str
     model: str
     out: str
-    objective: Literal["dpo", "sft"] = "dpo"  # sft: Preferred-FT on chosen only, needs no reference
+    # sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free preference objectives.
+    # Only dpo reads a reference.
+    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo"] = "dpo"
     loss: dict[str, float] = {"sigmoid": 1.0}  # one or several pair losses with weights
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     discopop_tau: float = Field(0.05, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0)  # objective simpo: target reward margin γ
+    cpo_alpha: float = Field(1.0, ge=0)  # objective cpo: weight of the NLL term
     sft_weight: float = Field(0.0, ge=0)  # RPO: add NLL on chosen to the preference loss
     reference: Literal["precomputed", "live"] = "precomputed"
     reference_model: str | None = None  # live reference; default: the starting policy (--model)
@@ -107,7 +111,8 @@ class TrainConfig(BaseModel):
 
     @property
     def loss_params(self) -> LossParams:
-        return LossParams(beta=self.beta, label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau)
+        return LossParams(beta=self.beta, label_smoothing=self.label_smoothing, discopop_tau=self.discopop_tau,
+                          simpo_gamma=self.simpo_gamma, cpo_alpha=self.cpo_alpha)
 
     def save(self, directory: Path) -> None:
         from schemas.io import write_text_atomic

@@ -32,7 +32,7 @@ from train.data import SplitData, open_shards
 from train.device import select_device
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
-from train.losses import preference_loss, sft_loss
+from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 
 class TrainingDiverged(UserError):
@@ -119,6 +119,9 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
     if config.objective == "sft":
         loss = sft_loss(logps.chosen, logps.chosen_tokens)
         return loss, {"logps/chosen": logps.chosen.detach().mean()}
+    if config.objective in REFERENCE_FREE_LOSSES:
+        return reference_free_loss(config.objective, logps.chosen, logps.rejected, logps.chosen_tokens,
+                                   logps.rejected_tokens, config.loss_params)
     if ref_model is not None:
         with torch.inference_mode(), autocast():
             ref = sequence_logps(ref_model, batch)
@@ -144,7 +147,7 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     model = _inference_view(scorer)
     model.eval()
     batches = token_budget_batches(*data.columns.batch_lengths(collate.shared), config.eval_batch_tokens)
-    names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective == "dpo" else [])
+    names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective != "sft" else [])
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
     for rows, counts in parallel.equal_shares(batches, dist, parallel.is_sharded(scorer)):
         batch = collate(data.columns, rows).to(device)

@@ -14,6 +14,7 @@ label_smoothing = 0 (the default) the two agree exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class LossParams:
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid (cDPO), robust, exo_pair
     discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5  # SimPO's target margin γ
+    cpo_alpha: float = 1.0  # weight of CPO's NLL term
 
 
 def sigmoid(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
@@ -112,6 +115,78 @@ PAIR_LOSSES: dict[str, Callable[..., Tensor]] = {
     f.__name__: f
     for f in (sigmoid, hinge, ipo, robust, bco_pair, exo_pair, nca_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, discopop)
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-free objectives: functions of the policy's log-probs alone (no πref, no precompute).
+# Inputs: chosen_logps / rejected_logps = log πθ(y|x) sums, shape [B]; token counts [B]. Each
+# returns the per-pair preference term [B]; `reference_free_loss` adds the NLL term where the
+# method has one. Same formulas as TRL's CPOTrainer (loss_type sigmoid / simpo) and ORPOTrainer.
+
+
+def _mean_logps(logps: Tensor, tokens: Tensor) -> Tensor:
+    return logps / tokens.clamp(min=1)
+
+
+def simpo(chosen_logps: Tensor, rejected_logps: Tensor, p: LossParams, *, chosen_tokens: Tensor,
+          rejected_tokens: Tensor) -> Tensor:
+    """SimPO (Meng et al. 2024, eq. 6): −log σ(β·(log πθ(yw)/|yw| − log πθ(yl)/|yl|) − γ), with
+    label smoothing as TRL's CPO applies it."""
+    logits = p.beta * (_mean_logps(chosen_logps, chosen_tokens) - _mean_logps(rejected_logps, rejected_tokens)) - p.simpo_gamma
+    return -(1 - p.label_smoothing) * F.logsigmoid(logits) - p.label_smoothing * F.logsigmoid(-logits)
+
+
+def cpo(chosen_logps: Tensor, rejected_logps: Tensor, p: LossParams, **_: Tensor) -> Tensor:
+    """CPO (Xu et al. 2024, eq. 3) preference term: −log σ(β·(log πθ(yw) − log πθ(yl)));
+    `reference_free_loss` adds cpo_alpha · NLL(yw)."""
+    logits = p.beta * (chosen_logps - rejected_logps)
+    return -(1 - p.label_smoothing) * F.logsigmoid(logits) - p.label_smoothing * F.logsigmoid(-logits)
+
+
+def orpo(chosen_logps: Tensor, rejected_logps: Tensor, p: LossParams, *, chosen_tokens: Tensor,
+         rejected_tokens: Tensor) -> Tensor:
+    """ORPO (Hong et al. 2024, eqs. 4–7) odds-ratio term: −β·log σ(log odds(yw) − log odds(yl)),
+    odds(y) = P(y)/(1 − P(y)) with P the length-averaged probability; `reference_free_loss` adds
+    the NLL of yw."""
+    chosen, rejected = _mean_logps(chosen_logps, chosen_tokens), _mean_logps(rejected_logps, rejected_tokens)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    return -p.beta * F.logsigmoid(log_odds)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x < 0 without cancellation: log(−expm1 x) near 0, log1p(−eˣ) below −log 2
+    (Mächler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+REFERENCE_FREE_LOSSES: dict[str, Callable[..., Tensor]] = {f.__name__: f for f in (simpo, cpo, orpo)}
+
+
+def _nll_weight(name: str, params: LossParams) -> float:
+    return {"simpo": 0.0, "cpo": params.cpo_alpha, "orpo": 1.0}[name]
+
+
+def reference_free_loss(name: str, chosen_logps: Tensor, rejected_logps: Tensor, chosen_tokens: Tensor,
+                        rejected_tokens: Tensor, params: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
+    """mean(preference term) + NLL weight · token-mean NLL(yw), and metrics. Rewards are TRL's for
+    these methods: β·log πθ (length-averaged for SimPO and ORPO, which compare averages)."""
+    lengths = {"chosen_tokens": chosen_tokens.to(chosen_logps.dtype), "rejected_tokens": rejected_tokens.to(chosen_logps.dtype)}
+    loss = REFERENCE_FREE_LOSSES[name](chosen_logps, rejected_logps, params, **lengths).mean()
+    nll = sft_loss(chosen_logps, lengths["chosen_tokens"])
+    loss = loss + _nll_weight(name, params) * nll
+    with torch.no_grad():
+        averaged = name in ("simpo", "orpo")
+        chosen = _mean_logps(chosen_logps, lengths["chosen_tokens"]) if averaged else chosen_logps
+        rejected = _mean_logps(rejected_logps, lengths["rejected_tokens"]) if averaged else rejected_logps
+        chosen_rewards, rejected_rewards = params.beta * chosen.detach(), params.beta * rejected.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean(),
+            "nll": nll.detach(),
+        }
+    return loss, metrics
 
 
 def sft_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
