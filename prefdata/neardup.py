@@ -28,6 +28,7 @@ spill file: `scheme_edges` is the one code path for both, `prompt_clusters` its 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -149,7 +150,9 @@ def minhash(text_index: np.ndarray, shingle_hashes: np.ndarray, n_texts: int, nu
     offsets = np.searchsorted(text_index, np.arange(n_texts + 1)).astype(np.uint64)
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(np.ascontiguousarray(shingle_hashes, dtype=np.uint64),
                                                                  offsets, num_perm, seed)
-    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(n_texts, num_perm)
+    # fromiter over the flattened rows skips np.array's shape discovery on nested lists.
+    flat = itertools.chain.from_iterable(matrix.to_rows())
+    return np.fromiter(flat, dtype=np.uint32, count=n_texts * num_perm).reshape(n_texts, num_perm)
 
 
 def signatures(texts: pl.Series, shingler, num_perm: int, seed: int, chunk_texts: int = 50_000) -> np.ndarray:
