@@ -5,7 +5,8 @@
 A Llama of ~100M parameters (~15M with --quick) built from a config, the same rows
 (LLaMA-Factory's dpo_en_demo, tokenized by prefdata, reference precomputed once), float32, CPU,
 `--procs` processes under torchrun (gloo), `BATCH_SIZE` pairs per process per step, sigmoid loss,
-no gradient checkpointing on either side (TRL's default turns it on: here it is off for TRL too):
+activation checkpointing on for every variant (TRL's default; `--no-gradient-checkpointing`
+turns it off on both sides), so the table measures the training state more than activations:
 
     ours-ddp        python -m train --parallelism ddp
     ours-fsdp       python -m train --parallelism fsdp
@@ -75,13 +76,14 @@ def save_trl_datasets(shards: Path) -> None:
 # One variant, in each process of a torchrun job
 
 
-def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path) -> float | None:
+def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> float | None:
     from train.config import TrainConfig
     from train.loop import train
 
     options = {"ours-ddp": {}, "ours-fsdp": {"parallelism": "fsdp"}, "ours-lora": {"lora_r": LORA_R, "lora_alpha": 2 * LORA_R}}
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=BATCH_SIZE, max_steps=steps,
-                         log_every=1, learning_rate=LEARNING_RATE, device="cpu", dtype="float32", **options[variant])
+                         log_every=1, learning_rate=LEARNING_RATE, device="cpu", dtype="float32",
+                         gradient_checkpointing=checkpointing, **options[variant])
     train(config)
     if os.environ.get("RANK", "0") != "0":
         return None
@@ -90,7 +92,7 @@ def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path) -> flo
     return sum(r["tokens"] for r in timed) / sum(r["tokens"] / r["tokens_per_s"] for r in timed)
 
 
-def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path) -> float | None:
+def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> float | None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig
@@ -106,7 +108,7 @@ def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path) -> floa
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=True, per_device_train_batch_size=BATCH_SIZE,
                      max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
-                     disable_tqdm=True, save_strategy="no", logging_steps=steps, gradient_checkpointing=False)
+                     disable_tqdm=True, save_strategy="no", logging_steps=steps, gradient_checkpointing=checkpointing)
     peft_config = None
     if variant == "trl-lora":
         from peft import LoraConfig
@@ -128,7 +130,7 @@ def _rss_mib() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
 
 
-def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> None:
+def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> None:
     """Peak RSS, and the RSS after the imports each side needs (python, torch, transformers, and
     TRL or our trainer): what the run adds above it is the model, optimizer state and activations."""
     if variant.startswith("ours"):
@@ -138,18 +140,19 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) ->
         import trl  # noqa: F401
         run = _trl
     baseline = _rss_mib()
-    tokens_per_s = run(variant, model, shards, steps, out / "run")
+    tokens_per_s = run(variant, model, shards, steps, out / "run", checkpointing)
     rank = int(os.environ.get("RANK", "0"))
     result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": tokens_per_s,
               "baseline_rss_mib": baseline}
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
 
 
-def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int, work: Path, port: int) -> dict:
+def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int, work: Path, port: int,
+                checkpointing: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port),
                __file__, "--child", variant, "--model", str(model), "--shards", str(shards), "--steps", str(steps),
-               "--out", str(out)]
+               "--out", str(out), *([] if checkpointing else ["--no-gradient-checkpointing"])]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
@@ -160,10 +163,10 @@ def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int,
             "rss_per_rank_mib": [r["peak_rss_mib"] for r in ranks], "baseline_rss_mib": [r["baseline_rss_mib"] for r in ranks]}
 
 
-def compare(model: Path, shards: Path, steps: int, procs: int, work: Path) -> dict[str, dict]:
+def compare(model: Path, shards: Path, steps: int, procs: int, work: Path, checkpointing: bool) -> dict[str, dict]:
     results = {}
     for i, variant in enumerate(VARIANTS):
-        results[variant] = run_variant(variant, model, shards, steps, procs, work, 29650 + i)
+        results[variant] = run_variant(variant, model, shards, steps, procs, work, 29650 + i, checkpointing)
         print(f"{variant}: {results[variant]}", file=sys.stderr)
     return results
 
@@ -187,7 +190,8 @@ def rows(results: dict[str, dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = [f"{report['procs']} processes (gloo, CPU), Llama {report['parameters'] / 1e6:.0f}M parameters from a config, "
-             f"{report['steps']} steps of {BATCH_SIZE} pairs per process, float32, no gradient checkpointing on either side.", "",
+             f"{report['steps']} steps of {BATCH_SIZE} pairs per process, float32, activation checkpointing "
+             f"{'on' if report['gradient_checkpointing'] else 'off'} for every variant.", "",
              "| variant | peak RSS per process (MiB, max over processes) | of which above the imports | tokens/s (all processes) |",
              "|---|---|---|---|"]
     for variant, result in report["results"].items():
@@ -198,11 +202,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool, procs: int, steps: int, work: Path) -> dict:
+def run(quick: bool, procs: int, steps: int, work: Path, checkpointing: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     model, shards = prepare_model(work, rows=100 if quick else 200, max_length=512, size="quick" if quick else "full")
-    results = compare(model, shards, steps, procs, work)
-    return {"procs": procs, "steps": steps, "parameters": parameters(model), "results": results, "rows": rows(results)}
+    results = compare(model, shards, steps, procs, work, checkpointing)
+    return {"procs": procs, "steps": steps, "parameters": parameters(model), "gradient_checkpointing": checkpointing,
+            "results": results, "rows": rows(results)}
 
 
 def main() -> None:
@@ -211,16 +216,17 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(args.child, args.model, args.shards, args.steps, args.out)
+        run_child(args.child, args.model, args.shards, args.steps, args.out, args.gradient_checkpointing)
         return
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        report = run(args.quick, args.procs, args.steps, Path(tmp))
+        report = run(args.quick, args.procs, args.steps, Path(tmp), args.gradient_checkpointing)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(markdown(report))
