@@ -403,7 +403,9 @@ def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: _IpcSpi
             stored = np.concatenate(slots[kind]) if slots[kind] else np.empty(0, np.int64)
             order = np.argsort(stored, kind="stable")  # store order → ascending node order
             members = stored[order]
-            s, t = scheme_edges(kind, members, lambda lo, hi, store=store, order=order: store.columns(lo, hi)[order],
+            position = np.empty(len(order), np.int64)
+            position[order] = np.arange(len(order))
+            s, t = scheme_edges(kind, members, lambda lo, hi, store=store, position=position: store.columns(lo, hi, position),
                                 lambda positions, members=members: _texts_of(node_texts, members[positions], n_nodes),
                                 n_words, size_estimate, config.ngram, config.threshold, config.num_perm,
                                 chunk_pairs=max(config.chunk_rows // 2, 1))

@@ -245,11 +245,35 @@ def candidate_pairs_from(columns: ColumnReader, n: int, num_perm: int, threshold
 
 
 def _band_representatives(block: np.ndarray) -> np.ndarray:
-    """For each row of a [n, rows] band, the first row with the same band values (a polars
-    group-by on the columns: exact, and twice as fast as np.unique on rows viewed as bytes)."""
-    columns = {f"c{i}": block[:, i] for i in range(block.shape[1])}
-    frame = pl.DataFrame(columns).with_row_index("i")
-    return frame.select(pl.col("i").first().over(list(columns)))["i"].to_numpy().astype(np.int64)
+    """For each row of a [n, rows] band, the first row with the same band values.
+
+    Rows are grouped by a 64-bit mix of their values (one column to group instead of `rows`:
+    a third of the memory at ten million prompts), then every row is checked against its
+    group's first row; groups where a collision put different values together are regrouped
+    exactly. The result is exact either way."""
+    n = len(block)
+    if not n:
+        return np.empty(0, np.int64)
+    key = _band_hash(block)
+    representative = pl.DataFrame({"k": key}).with_row_index("i").select(pl.col("i").first().over("k"))["i"].to_numpy().astype(np.int64)
+    mismatch = np.zeros(n, bool)
+    for c in range(block.shape[1]):
+        mismatch |= block[representative, c] != block[:, c]
+    if mismatch.any():
+        rows = np.flatnonzero(np.isin(key, np.unique(key[mismatch])))
+        sub = np.ascontiguousarray(block[rows])
+        _, first_index, group = np.unique(sub.view(np.dtype((np.void, sub.dtype.itemsize * sub.shape[1]))).ravel(),
+                                          return_index=True, return_inverse=True)
+        representative[rows] = rows[first_index[group.ravel()]]
+    return representative
+
+
+def _band_hash(block: np.ndarray) -> np.ndarray:
+    """Multiply-xor mix of a band's columns into one uint64 (only groups rows; never decides)."""
+    key = np.zeros(len(block), np.uint64)
+    for c in range(block.shape[1]):
+        key = (key ^ block[:, c].astype(np.uint64)) * _MIX
+    return key
 
 
 def exact_jaccard(texts: pl.Series, shingler, sources: np.ndarray, targets: np.ndarray,
@@ -376,12 +400,15 @@ class SignatureFile:
         self._blocks.append((self._end, len(signatures)))
         self._end += len(data)
 
-    def columns(self, lo: int, hi: int) -> np.ndarray:
+    def columns(self, lo: int, hi: int, position: np.ndarray | None = None) -> np.ndarray:
+        """Columns lo:hi of every stored row; row i goes to `position[i]` when given (a
+        permutation), so a reordered band costs no second copy."""
         out = np.empty((len(self), hi - lo), np.uint32)
         start = 0
         for offset, rows in self._blocks:
             raw = os.pread(self._file.fileno(), (hi - lo) * rows * 4, offset + lo * rows * 4)
-            out[start:start + rows] = np.frombuffer(raw, np.uint32).reshape(hi - lo, rows).T
+            target = slice(start, start + rows) if position is None else position[start:start + rows]
+            out[target] = np.frombuffer(raw, np.uint32).reshape(hi - lo, rows).T
             start += rows
         return out
 

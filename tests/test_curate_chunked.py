@@ -384,3 +384,31 @@ def test_cluster_ranks_match_the_polars_sort():
             .with_columns(cluster_row=pl.col("row").first().over("label"), rank=pl.int_range(pl.len()).over("label")).sort("row"))
     assert np.array_equal(cluster_row, want["cluster_row"].to_numpy())
     assert np.array_equal(rank, want["rank"].to_numpy())
+
+
+def test_band_groups_stay_exact_when_the_band_hash_collides(monkeypatch):
+    """Band rows are grouped by a 64-bit mix and then checked: with a mix that puts every row in
+    one group, the representatives are still the exact ones."""
+    import prefdata.neardup as neardup
+
+    rng = np.random.default_rng(3)
+    block = rng.integers(0, 4, size=(500, 3), dtype=np.uint32)
+    want = neardup._band_representatives(block)
+    _, first_index, group = np.unique(block.view(np.dtype((np.void, 12))).ravel(), return_index=True, return_inverse=True)
+    assert np.array_equal(want, first_index[group.ravel()])
+    monkeypatch.setattr(neardup, "_band_hash", lambda b: np.zeros(len(b), np.uint64))
+    assert np.array_equal(neardup._band_representatives(block), want)
+    assert len(np.unique(want)) > 10
+
+
+def test_signature_file_places_rows_at_given_positions(tmp_path):
+    rng = np.random.default_rng(4)
+    blocks = [rng.integers(0, 2**32, size=(n, 8), dtype=np.uint32) for n in (4, 7)]
+    store = SignatureFile(tmp_path / "sig.bin", 8)
+    for block in blocks:
+        store.append(block)
+    whole = np.concatenate(blocks)
+    position = rng.permutation(len(whole))
+    got = store.columns(2, 6, position)
+    assert np.array_equal(got[position], whole[:, 2:6])
+    store.close()
