@@ -29,9 +29,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DUMP = ROOT.parent / "shared" / "realdata" / "llamafactory_dpo_en_demo" / "dpo_en_demo.json"
+# Real multi-turn HH-RLHF helpful-base rows (SHP column schema): long shared prompts, short answers.
+HH_DUMP = ROOT.parent / "shared" / "realdata" / "steamshp_format_hh_helpful_test" / "anthropic_helpful_test_head.jsonl"
+DUMPS = {"uniform": DUMP, "hh": HH_DUMP}
 
 
-def prepare(work: Path, rows: int, max_length: int) -> tuple[Path, Path]:
+def prepare(work: Path, rows: int, max_length: int, dump: Path = DUMP) -> tuple[Path, Path]:
     """Records → tokenizer + ~4M-parameter model → shards. Returns (model dir, shards dir)."""
     import pyarrow.parquet as pq
 
@@ -39,7 +42,7 @@ def prepare(work: Path, rows: int, max_length: int) -> tuple[Path, Path]:
     from prefdata.tokenize import TokenizeConfig, tokenize
     from train.tiny import build_model, build_tokenizer
 
-    ingest(IngestConfig(inputs=[str(DUMP)], out=str(work / "records"), limit=rows, workers=1))
+    ingest(IngestConfig(inputs=[str(dump)], out=str(work / "records"), limit=rows, workers=1))
     table = pq.read_table(work / "records" / "records.parquet", columns=["prompt", "chosen", "rejected"])
     corpus = [m["content"] for column in table.columns for row in column.to_pylist() for m in row]
     tokenizer = build_tokenizer(corpus, work / "tokenizer", vocab_size=4096)

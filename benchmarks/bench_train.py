@@ -2,15 +2,20 @@
 
     .venv/bin/python benchmarks/bench_train.py [--rows 200] [--max-length 768] [--steps 8] [--repeats 3]
 
-Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, N optimizer steps, sigmoid loss:
-    ours            python -m train's `train()` with the reference log-probs precomputed in the shards
-    ours-live       the same with `--reference live` (the reference model runs every step)
-    ours-ckpt       ours with gradient checkpointing, which TRL's DPOConfig turns on by default:
-                    the like-for-like memory comparison with both TRL variants
-    trl-live        TRL DPOTrainer with a live reference model (its default)
-    trl-precompute  TRL DPOTrainer(precompute_ref_log_probs=True)
-Rows and model come from `bench_precompute.prepare` (LLaMA-Factory's dpo_en_demo); TRL trains on
-exactly our shards' token ids. Each run is its own subprocess (peak RSS is that process's
+Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, N optimizer steps, sigmoid loss.
+Activation checkpointing is named in every variant, so each ratio compares like with like:
+    ours                 `train()`, stored reference, prefix sharing (default), no checkpointing
+    ours-unshared        the same with --prefix-sharing off (what sharing buys)
+    ours-live            ours with `--reference live` (the reference model runs every step)
+    ours-ckpt            ours with activation checkpointing
+    trl-precompute       TRL DPOTrainer(precompute_ref_log_probs=True), no checkpointing
+    trl-live             TRL DPOTrainer with a live reference model, no checkpointing
+    trl-precompute-ckpt  TRL precompute with checkpointing (DPOConfig's default)
+Headlines: ours ÷ trl-precompute and ours ÷ trl-live (both without checkpointing), ours-ckpt ÷
+trl-precompute-ckpt (both with). Rows and model come from `bench_precompute.prepare`, on two row
+sets (`--rows-set`): `uniform` (LLaMA-Factory's dpo_en_demo, long answers) and `hh` (real
+multi-turn HH-RLHF helpful-base rows: long prompts, short answers); TRL trains on exactly our
+shards' token ids. Each run is its own subprocess (peak RSS is that process's
 `ru_maxrss`: model loads, data and TRL's precompute pass included); the four alternate, and each
 figure is the median over --repeats. Tokens/s = real tokens (prompt twice + both answers) of the
 batches trained on ÷ the time of training steps 2..N: step 1 (first-call warm-up: optimizer state,
@@ -33,30 +38,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import bench_device, prepare, run_ours as precompute_ours, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import DUMPS, bench_device, prepare, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import run_ours as precompute_ours  # noqa: E402
 
-VARIANTS = ("ours", "ours-live", "ours-ckpt", "trl-live", "trl-precompute")
+VARIANTS = ("ours", "ours-unshared", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-6
 
 
-def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool, checkpointing: bool = False) -> dict:
+def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool, checkpointing: bool = False,
+               sharing: bool = True) -> dict:
     """Our trainer, logging every step; steps 2..N of its metrics lines are the timed window."""
     from train.config import TrainConfig
     from train.loop import train
 
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), reference="live" if live else "precomputed",
                          batch_size=BATCH_SIZE, max_steps=steps, log_every=1, learning_rate=LEARNING_RATE,
-                         gradient_checkpointing=checkpointing,
+                         gradient_checkpointing=checkpointing, prefix_sharing="auto" if sharing else "off",
                          device=bench_device(), dtype="float32")
     train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
-    tokens = sum(r["tokens"] for r in timed)
-    return {"tokens_per_s": tokens / sum(r["tokens"] / r["tokens_per_s"] for r in timed)}
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+            "computed_tokens_per_s": sum(r["computed_tokens"] for r in timed) / seconds}
 
 
-def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool) -> dict:
+def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool, checkpointing: bool) -> dict:
     """TRL's `train()`, timed by a callback from the end of step 1 to the end of step N, counting
     the real tokens TRL itself counts (attention-mask sums) over those steps."""
     from datasets import Dataset
@@ -72,7 +80,7 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=precompute, per_device_train_batch_size=BATCH_SIZE,
                      max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=bench_device() == "cpu", report_to="none",
-                     disable_tqdm=True, save_strategy="no", logging_steps=steps)
+                     disable_tqdm=True, save_strategy="no", logging_steps=steps, gradient_checkpointing=checkpointing)
     trainer = trl_trainer(model, args)
     dataset = Dataset.from_dict(trl_token_ids(shards))
     # What TRL's __init__ does to its train_dataset when precompute_ref_log_probs=True (untimed).
@@ -85,10 +93,12 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
 
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
     """One variant in this process; adds this process's peak RSS."""
+    checkpointing = variant.endswith("-ckpt")
     if variant.startswith("ours"):
-        result = train_ours(model, shards, steps, out, live=variant == "ours-live", checkpointing=variant == "ours-ckpt")
+        result = train_ours(model, shards, steps, out, live=variant == "ours-live", checkpointing=checkpointing,
+                            sharing=variant != "ours-unshared")
     else:
-        result = train_trl(model, shards, steps, out, precompute=variant == "trl-precompute")
+        result = train_trl(model, shards, steps, out, precompute=variant.startswith("trl-precompute"), checkpointing=checkpointing)
     return {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -113,19 +123,20 @@ def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> 
             for variant, results in runs.items()}
 
 
-def prepare_with_reference(work: Path, rows: int, max_length: int) -> tuple[Path, Path]:
+def prepare_with_reference(work: Path, rows: int, max_length: int, rows_set: str = "uniform") -> tuple[Path, Path]:
     """bench_precompute's model and shards, with the reference log-probs added by precompute-ref."""
-    model, shards = prepare(work, rows, max_length)
+    model, shards = prepare(work, rows, max_length, DUMPS[rows_set])
     precompute_ours(model, shards, batch_tokens=4096)
     return model, shards
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """The issue's targets: ours vs TRL-precompute ≥ 1.5×, vs TRL-live ≥ 2× tokens/s; RSS ≤ TRL-precompute's
-    (both checkpointing activations, TRL's default)."""
+    """Like for like only: without checkpointing on both sides, and with it on both sides."""
     tps = {variant: results[variant]["tokens_per_s"] for variant in VARIANTS}
     return {"vs_trl_precompute": tps["ours"] / tps["trl-precompute"], "vs_trl_live": tps["ours"] / tps["trl-live"],
-            "rss_vs_trl_precompute": results["ours-ckpt"]["peak_rss_mib"] / results["trl-precompute"]["peak_rss_mib"]}
+            "ckpt_vs_trl_precompute_ckpt": tps["ours-ckpt"] / tps["trl-precompute-ckpt"],
+            "prefix_sharing_speedup": tps["ours"] / tps["ours-unshared"],
+            "rss_ckpt_vs_trl_precompute_ckpt": results["ours-ckpt"]["peak_rss_mib"] / results["trl-precompute-ckpt"]["peak_rss_mib"]}
 
 
 def main() -> None:
@@ -134,6 +145,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -143,7 +155,7 @@ def main() -> None:
         print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        model, shards = prepare_with_reference(Path(tmp), args.rows, args.max_length)
+        model, shards = prepare_with_reference(Path(tmp), args.rows, args.max_length, args.rows_set)
         results = compare(model, shards, args.steps, args.repeats, Path(tmp))
     print(f"{args.steps} steps of {BATCH_SIZE} pairs, float32 CPU, medians of {args.repeats} alternating runs")
     for variant in VARIANTS:

@@ -105,6 +105,8 @@ def test_dpo_beats_the_reference_and_ranks_held_out_pairs(demo):
     assert dpo["reward"] > dpo["reference_reward"]
     assert dpo["reward"] > reference["reward"]
     assert reference["kl"] == 0.0 and dpo["kl"] > 0
+    # π_ref against its own stored log-probs (scored prefix-shared, re-scored padded here): all ties.
+    assert reference["accuracy"] == 0.0 and abs(reference["margin"]) < 1e-4
     assert (out / "reward_vs_kl.png").stat().st_size > 0
     assert "| DPO β=0.1 |" in (out / "results.md").read_text()
 

@@ -61,6 +61,11 @@ def load_reward(path: str) -> Callable[[str], float]:
         raise UserError(f"--reward {path}: cannot import it; give module:function, e.g. {DEFAULT_REWARD}") from None
 
 
+# A pair is won when its log-ratio margin Δchosen − Δrejected exceeds this: below it the policy and
+# the stored reference differ by float32 rounding (other batching, prefix sharing), which is a tie.
+TIE_TOLERANCE = 1e-3
+
+
 def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, batch_tokens: int) -> dict[str, float]:
     """Implicit-reward accuracy and mean margin over the whole split, against the stored reference."""
     accuracy = margin = 0.0
@@ -69,7 +74,8 @@ def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, ba
         ref_chosen, ref_rejected = (torch.from_numpy(x) for x in data.ref_logps(rows))
         _, metrics = preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
                                      logps.rejected_tokens, {"sigmoid": 1.0}, LossParams(beta=beta))
-        accuracy += metrics["rewards/accuracies"].item() * len(rows)
+        logratio_margin = (logps.chosen - ref_chosen) - (logps.rejected - ref_rejected)
+        accuracy += (logratio_margin > TIE_TOLERANCE).sum().item()
         margin += metrics["rewards/margins"].item() * len(rows)
     return {"accuracy": accuracy / len(data), "margin": margin / len(data), "pairs": len(data)}
 

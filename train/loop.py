@@ -333,7 +333,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 means = dict(zip(means, dist.mean(torch.tensor(list(means.values()), dtype=torch.float64)).tolist()))
                 record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
-                          "tokens_per_s": dist.world * tokens / elapsed,
+                          "tokens_per_s": dist.world * tokens / elapsed, "computed_tokens": dist.world * computed,
                           "padding_efficiency": computed / max(padded, 1), "prefix_sharing": collate.shared}
                 log.write(record)
                 bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
