@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo train bench bench-quick gpu-check clean
+.PHONY: venv test lint demo train bench bench-quick gpu-check clean
 
 venv: $(STAMP)
 
@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, on its own: otherwise a dependency's unpinned "torch" pulls a CUDA build.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,lora]"
+	$(PY) -m pip install -q -e ".[test,bench,lora,lint]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# ruff (pyflakes, pycodestyle, isort, bugbear; pyproject.toml) over the whole tree
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # make train SHARDS=runs/shards MODEL=path/to/model [OUT=runs/train] [CONFIG=run.yaml] [ARGS="--max-steps 100"]
 # Under torchrun: $(BIN)/torchrun --nproc_per_node N -m train ... (same flags).

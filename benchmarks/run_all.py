@@ -178,7 +178,8 @@ def run(size: str, work: Path) -> dict:
     }, repeats)
     n = sizes["ingest_rows"]
     rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], "datasets json+map", "≥ 30,000 rows/s"),
-             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], "datasets json+map", "< 2 GiB", False)]
+             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], "datasets json+map",
+                 "< 2 GiB", False)]
 
     bench_curate.generate(work / "records", sizes["curate_rows"])
     curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(work / "records")]}, repeats)["ours"]

@@ -117,7 +117,8 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{report['directory']}[/]: stage [cyan]{report['stage']}[/], schema v{report['schema_version']}, prefdata {report['package_version']}")
+    console.print(f"[bold]{report['directory']}[/]: stage [cyan]{report['stage']}[/], schema v{report['schema_version']}, "
+                  f"prefdata {report['package_version']}")
     files = Table("file", "rows", title="files")
     for name, rows in report["rows_per_file"].items():
         files.add_row(name, f"{rows:,}")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
-from multiprocessing import forkserver
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain, islice
+from multiprocessing import forkserver
 from typing import Any
 
 

@@ -409,7 +409,8 @@ def tokenize(config: TokenizeConfig) -> Manifest:
             stage="tokenize",
             package_version=__version__,
             config=config.model_dump(),
-            inputs=[InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size, rows=pq.ParquetFile(p).metadata.num_rows) for _, p in files],
+            inputs=[InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size, rows=pq.ParquetFile(p).metadata.num_rows)
+                    for _, p in files],
             counts=Counts(read=read, kept=kept, dropped=dict(dropped)),
             outputs=[s.name for s in shards] + ["dropped.parquet"],
             shards=shards,

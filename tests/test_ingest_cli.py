@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from ingest_support import FIXTURES
+
 from prefdata import cli
 
 

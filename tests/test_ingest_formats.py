@@ -8,10 +8,10 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
-from prefdata.formats.registry import detect_format
+
 from prefdata.formats.base import split_common_prefix, split_common_text
+from prefdata.formats.registry import detect_format
 from schemas.errors import UserError
 
 U, A, S = "user", "assistant", "system"

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
+
 from prefdata.ingest import IngestConfig, ingest, parse_column_map
 from prefdata.readers import resolve_sources
 from schemas.errors import UserError

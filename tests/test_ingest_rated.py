@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
+
 from prefdata.ingest import summary_lines
 from schemas.errors import UserError
 from schemas.records import normalize_text

@@ -4,8 +4,8 @@ their SOURCE.txt documents."""
 from __future__ import annotations
 
 import pytest
-
 from ingest_support import run_ingest, turns
+
 from schemas.errors import UserError
 
 

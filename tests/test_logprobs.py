@@ -40,7 +40,7 @@ def _naive_logps(model, batch):
 
 
 def _tiny(arch: str, vocab: int = 96):
-    from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -237,7 +237,8 @@ def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
     epoch0 = sampler.epoch_batches(0)
     assert len(epoch0) == len(sampler) == 125
     assert sorted(np.concatenate(epoch0).tolist()) == list(range(1000))
-    assert [b.tolist() for b in epoch0] == [b.tolist() for b in LengthGroupedSampler(lengths, 8, seed=3, window_batches=16).epoch_batches(0)]
+    again = LengthGroupedSampler(lengths, 8, seed=3, window_batches=16).epoch_batches(0)
+    assert [b.tolist() for b in epoch0] == [b.tolist() for b in again]
     assert [b.tolist() for b in epoch0] != [b.tolist() for b in sampler.epoch_batches(1)]
     # Sorted within windows: batches are far more length-homogeneous than random ones.
     spread = np.mean([np.ptp(lengths[b]) for b in epoch0])

@@ -43,7 +43,8 @@ def test_chat_prompt_ids_equal_apply_chat_template(records_dir, chat_tokenizer_d
     expected_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert row["prompt_input_ids"] == expected_prompt
     # prompt + completion is the full conversation the template renders, minus its trailing newline.
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "The capital of Italy is Rome."}], tokenize=True)["input_ids"]
+    answer = {"role": "assistant", "content": "The capital of Italy is Rome."}
+    full = tok.apply_chat_template(messages + [answer], tokenize=True)["input_ids"]
     assert row["prompt_input_ids"] + row["chosen_input_ids"] == full[: len(row["prompt_input_ids"]) + len(row["chosen_input_ids"])]
     for ids in (row["chosen_input_ids"], row["rejected_input_ids"]):
         assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1

@@ -68,8 +68,8 @@ def _torchrun(port: int, *args: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _common(shards: Path, model: Path, *extra: str) -> list[str]:
-    return ["--shards", str(shards), "--model", str(model), "--learning-rate", "5e-3", "--beta", "0.5", "--max-steps", "4",
+def _common(shards_dir: Path, model: Path, *extra: str) -> list[str]:
+    return ["--shards", str(shards_dir), "--model", str(model), "--learning-rate", "5e-3", "--beta", "0.5", "--max-steps", "4",
             "--log-every", "1", "--seed", "0", "--eval-batch-tokens", "300", "--warmup-steps", "2", *extra]
 
 

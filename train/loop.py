@@ -35,6 +35,7 @@ from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
 from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 
+
 class TrainingDiverged(UserError):
     """NaN or inf loss: the run stops with the step and the rows that caused it."""
 

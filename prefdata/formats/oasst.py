@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefdata.formats.base import (
+    UNSUPPORTED_ROLE,
+    WRONG_TYPE,
     Candidate,
     Format,
     FormatError,
     Skipped,
-    UNSUPPORTED_ROLE,
-    WRONG_TYPE,
     as_dict,
     as_list,
     field,
