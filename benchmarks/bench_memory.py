@@ -133,11 +133,14 @@ def _rss_mib() -> float:
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> None:
     """Peak RSS, and the RSS after the imports each side needs (python, torch, transformers, and
     TRL or our trainer): what the run adds above it is the model, optimizer state and activations."""
+    # The same imports on both sides before the baseline is read (trl alone imports torch lazily).
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
     if variant.startswith("ours"):
         import train.loop  # noqa: F401
         run = _ours
     else:
-        import trl  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
         run = _trl
     baseline = _rss_mib()
     tokens_per_s = run(variant, model, shards, steps, out / "run", checkpointing)
