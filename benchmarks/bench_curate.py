@@ -59,8 +59,8 @@ def generate(out: Path, rows: int, seed: int = 0, shuffled: bool = False) -> Non
         table = pa.table({
             "id": ids, "prompt": _messages("user", prompts), "chosen": _messages("assistant", chosen),
             "rejected": _messages("assistant", rejected), "source": ["bench.jsonl"] * n, "source_format": ["bench"] * n,
-            "source_row": (np.arange(start, start + n) if order is None else order[start:start + n]) + 1, "chosen_score": pa.nulls(n, pa.float64()),
-            "rejected_score": pa.nulls(n, pa.float64()), "meta": ["{}"] * n,
+            "source_row": (np.arange(start, start + n) if order is None else order[start:start + n]) + 1,
+            "chosen_score": pa.nulls(n, pa.float64()), "rejected_score": pa.nulls(n, pa.float64()), "meta": ["{}"] * n,
         }, schema=RECORD_SCHEMA)
         writer.write_table(table)
     writer.close()

@@ -42,8 +42,18 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefdata import __version__
-from prefdata.neardup import (SignatureFile, comparison_text, components, scheme_edges, scheme_members, scheme_shingler,
-                              shares_shingle, shingles, signatures, text_sizes)
+from prefdata.neardup import (
+    SignatureFile,
+    comparison_text,
+    components,
+    scheme_edges,
+    scheme_members,
+    scheme_shingler,
+    shares_shingle,
+    shingles,
+    signatures,
+    text_sizes,
+)
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest

@@ -319,7 +319,7 @@ def prompt_clusters(folded: pl.Series, ngram: int, threshold: float, num_perm: i
             continue
         subset = text.gather(members)
         sig = signatures(subset, scheme_shingler(kind, ngram), num_perm, seed)
-        s, t = scheme_edges(kind, members, lambda lo, hi: np.ascontiguousarray(sig[:, lo:hi]), subset.gather,
+        s, t = scheme_edges(kind, members, lambda lo, hi, sig=sig: np.ascontiguousarray(sig[:, lo:hi]), subset.gather,
                             n_words, size_estimate, ngram, threshold, num_perm)
         sources.append(s)
         targets.append(t)

@@ -63,7 +63,8 @@ def _near_dup_set(rng, n_clusters=60, members=3, singletons=120):
         base = _words(rng, 80)
         for m in range(members):
             text = base if m == 0 else _near_copy(rng, base)
-            records.append(make_record(text, f"good {c} {m}", f"bad {c} {m}", row=len(records), chosen_score=float(m + 2), rejected_score=0.0))
+            records.append(make_record(text, f"good {c} {m}", f"bad {c} {m}", row=len(records),
+                                       chosen_score=float(m + 2), rejected_score=0.0))
             truth.append(c)
     for s in range(singletons):
         records.append(make_record(_words(rng, 80), f"good s{s}", f"bad s{s}", row=len(records)))
@@ -103,7 +104,9 @@ def test_split_keeps_clusters_whole_and_is_order_independent(tmp_path):
     assert a.counts.read == 750 and train.height + evals.height == 750
     assert 0.12 < evals.height / 750 < 0.28
     # every near-duplicate cluster is on one side: no eval prompt shares its first 60 words with a train prompt
-    head = lambda frame: set(frame.select(pl.col("prompt").list.first().struct.field("content").str.slice(0, 200))["content"])
+    def head(frame):
+        return set(frame.select(pl.col("prompt").list.first().struct.field("content").str.slice(0, 200))["content"])
+
     assert not head(train) & head(evals)
     assert a.stats["largest_cluster"] == 3 and a.stats["rows_in_multi_member_clusters"] == 450
 

@@ -25,10 +25,23 @@ import pytest
 
 import prefdata.curate as curate_module
 from prefdata.curate import CURATED_COLUMNS, CURATED_SCHEMA, DROPPED_SCHEMA, CurateConfig, _degenerate, _fold, _normalised, curate
-from prefdata.neardup import (PREFILTER_SIGMAS, SignatureFile, candidate_pairs_from, comparison_text, components, exact_jaccard,
-                              lsh_bands, scheme_members, scheme_shingler, shares_shingle, shingles, short_thresholds, signatures,
-                              text_sizes)
-from schemas.records import RECORD_FILES, RECORD_SCHEMA
+from prefdata.neardup import (
+    PREFILTER_SIGMAS,
+    SignatureFile,
+    candidate_pairs_from,
+    comparison_text,
+    components,
+    exact_jaccard,
+    lsh_bands,
+    scheme_members,
+    scheme_shingler,
+    shares_shingle,
+    shingles,
+    short_thresholds,
+    signatures,
+    text_sizes,
+)
+from schemas.records import RECORD_FILES
 from tests.records_factory import make_record, write_records_dir
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +145,9 @@ def _reference_curate(config: CurateConfig) -> tuple[dict[str, bytes], dict, dic
     kept = live_frame.filter(pl.col("drop_reason").is_null())
     names = kept["prompt_cluster"].unique().sort().to_list()
     unit = [int.from_bytes(hashlib.blake2b(f"{config.seed}:{k}".encode(), digest_size=8).digest(), "big") / 2**64 for k in names]
-    kept = kept.join(pl.DataFrame({"prompt_cluster": names, "is_eval": [u < config.eval_fraction for u in unit]}, schema_overrides={"is_eval": pl.Boolean}),
-                     on="prompt_cluster", how="left", maintain_order="left")
+    is_eval = pl.DataFrame({"prompt_cluster": names, "is_eval": [u < config.eval_fraction for u in unit]},
+                           schema_overrides={"is_eval": pl.Boolean})
+    kept = kept.join(is_eval, on="prompt_cluster", how="left", maintain_order="left")
     tables = {"train.parquet": kept.filter(~pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
               "eval.parquet": kept.filter(pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
               "dropped.parquet": dropped.select(DROPPED_SCHEMA.names).to_arrow().cast(DROPPED_SCHEMA)}
