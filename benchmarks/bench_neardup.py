@@ -34,7 +34,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefdata.neardup import components, lsh_bands, minhash, prompt_clusters, short_shingles, shingles  # noqa: E402
+from prefdata.neardup import components, lsh_bands, minhash, prompt_clusters, shingles, short_shingles  # noqa: E402
 from tests.test_neardup import TEMPLATES, fold_as_curate, labelled_set, pair_scores  # noqa: E402
 
 NUM_PERM, THRESHOLD = 128, 0.8
@@ -193,7 +193,8 @@ def run(speed_rows: int = 100_000) -> dict:
 def markdown(report: dict) -> str:
     lines = ["| near-dup method | precision | recall | template pairs merged | seconds |", "|---|---:|---:|---:|---:|"]
     for r in report["quality"]:
-        lines.append(f"| {r['method']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['template_pairs_merged']:.1%} | {r['seconds']:.2f} |")
+        lines.append(f"| {r['method']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['template_pairs_merged']:.1%} "
+                     f"| {r['seconds']:.2f} |")
     lines += ["", "| step | method | texts | shingles | seconds |", "|---|---|---:|---:|---:|"]
     for r in report["speed"]:
         shingle_count = f"{r['shingles']:,}" if r["shingles"] is not None else "—"
