@@ -73,8 +73,10 @@ def curate_command(
     inputs: list[str] = typer.Argument(..., help="Record sets: outputs of `prefdata ingest` (or curate)."),
     out: str = typer.Option(..., "--out", help="Directory for train/eval/dropped.parquet and manifest.json."),
     near_dup: bool = typer.Option(True, "--near-dup/--no-near-dup", help="Cluster near-duplicate prompts (MinHash LSH)."),
-    ngram: int = typer.Option(5, help="Word n-gram size of the MinHash shingles."),
-    threshold: float = typer.Option(0.8, help="Jaccard similarity at which prompts are near-duplicates."),
+    ngram: int = typer.Option(5, help="Word n-gram size of the MinHash shingles for prompts of 120+ words "
+                              "(shorter prompts: word 1+2-grams, see README)."),
+    threshold: float = typer.Option(0.8, help="Jaccard similarity at which prompts are near-duplicates; also caps the "
+                                    "length-adapted threshold of short prompts."),
     num_perm: int = typer.Option(128, help="MinHash permutations."),
     max_pairs_per_prompt: Optional[int] = typer.Option(None, help="Keep at most K pairs per prompt cluster (largest margins)."),
     min_margin: Optional[float] = typer.Option(None, help="Drop pairs whose chosen_score - rejected_score is below X."),
@@ -84,6 +86,8 @@ def curate_command(
     decontaminate_ngram: int = typer.Option(13, help="Shared word n-gram length that counts as contamination."),
     eval_fraction: float = typer.Option(0.02, help="Fraction of prompt clusters held out for eval."),
     seed: int = typer.Option(0, help="Seed of the split hash and the MinHash permutations."),
+    chunk_rows: int = typer.Option(200_000, help="Records held in memory at once in each pass. Lower it to reduce "
+                                   "peak memory; the output does not depend on it."),
 ) -> None:
     """Dedupe, drop degenerate pairs, decontaminate, and split train/eval without leaks."""
     from rich.console import Console
@@ -93,7 +97,7 @@ def curate_command(
     config = _config(CurateConfig, inputs=inputs, out=out, near_dup=near_dup, ngram=ngram, threshold=threshold,
                      num_perm=num_perm, max_pairs_per_prompt=max_pairs_per_prompt, min_margin=min_margin,
                      min_chars=min_chars, max_chars=max_chars, decontaminate=decontaminate,
-                     decontaminate_ngram=decontaminate_ngram, eval_fraction=eval_fraction, seed=seed)
+                     decontaminate_ngram=decontaminate_ngram, eval_fraction=eval_fraction, seed=seed, chunk_rows=chunk_rows)
     Console().print(summary_table(curate(config)))
 
 
