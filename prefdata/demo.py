@@ -121,8 +121,9 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     """Every stage in order; returns the results rows (also in results.json / results.md)."""
-    from prefdata.curate import CurateConfig, curate, summary_table
     from rich.console import Console
+
+    from prefdata.curate import CurateConfig, curate, summary_table
     from train.eval import plot_reward_vs_kl
     from train.reference import PrecomputeRefConfig, precompute_ref, summary_lines
 
