@@ -32,13 +32,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import prepare, trl_placeholder, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import prepare, trl_placeholder, trl_step_window, trl_token_ids, trl_trainer  # noqa: E402
 
 VARIANTS = ("ours-ddp", "ours-fsdp", "ours-lora", "trl-precompute", "trl-lora")
 BATCH_SIZE = 2
@@ -94,17 +93,7 @@ def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path, checkp
 
 def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> float | None:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig
-
-    class StepWindow(TrainerCallback):
-        tokens_per_s = None
-
-        def on_step_end(self, _args, state, *_, **__):
-            if state.global_step == 1:
-                self.start, self.tokens = time.perf_counter(), trainer._total_train_tokens
-            if state.global_step == steps:
-                self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=True, per_device_train_batch_size=BATCH_SIZE,
                      max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
@@ -118,8 +107,7 @@ def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpo
     # map caches, which rank 0 writes first and the others read, sit beside them.
     trainer = trl_trainer(model, args, peft_config=peft_config, placeholder=Dataset.load_from_disk(shards / "trl-placeholder"))
     trainer.train_dataset = trainer._precompute_ref_logps(Dataset.load_from_disk(shards / "trl-rows"), "train", BATCH_SIZE)
-    window = StepWindow()
-    trainer.add_callback(window)
+    window = trl_step_window(trainer, steps)
     trainer.train()
     # TRL counts tokens over all processes (its counter is gathered), so rank 0's figure is the job's.
     return window.tokens_per_s if os.environ.get("RANK", "0") == "0" else None

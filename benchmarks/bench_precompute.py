@@ -81,6 +81,26 @@ def trl_token_ids(shards: Path) -> dict[str, list]:
             "rejected_ids": frame["rejected_input_ids"].to_list()}
 
 
+def trl_step_window(trainer, steps: int):
+    """A callback added to `trainer` that times steps 2..`steps` (end of step 1 to end of the last)
+    and counts the tokens TRL itself counts over them (attention-mask sums, gathered over
+    processes); `.tokens_per_s` once `trainer.train()` returns (None on a short run)."""
+    from transformers import TrainerCallback
+
+    class StepWindow(TrainerCallback):
+        tokens_per_s = None
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == 1:
+                self.start, self.tokens = time.perf_counter(), trainer._total_train_tokens
+            if state.global_step == steps:
+                self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
+
+    window = StepWindow()
+    trainer.add_callback(window)
+    return window
+
+
 def trl_placeholder():
     from datasets import Dataset
 

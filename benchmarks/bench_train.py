@@ -32,13 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import DUMPS, bench_device, prepare, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import DUMPS, bench_device, prepare, trl_step_window, trl_token_ids, trl_trainer  # noqa: E402
 from benchmarks.bench_precompute import run_ours as precompute_ours  # noqa: E402
 
 VARIANTS = ("ours", "ours-unshared", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
@@ -68,15 +67,7 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
     """TRL's `train()`, timed by a callback from the end of step 1 to the end of step N, counting
     the real tokens TRL itself counts (attention-mask sums) over those steps."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig
-
-    class StepWindow(TrainerCallback):
-        def on_step_end(self, _args, state, *_, **__):
-            if state.global_step == 1:
-                self.start, self.tokens = time.perf_counter(), trainer._total_train_tokens
-            if state.global_step == steps:
-                self.tokens_per_s = (trainer._total_train_tokens - self.tokens) / (time.perf_counter() - self.start)
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=precompute, per_device_train_batch_size=BATCH_SIZE,
                      max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=bench_device() == "cpu", report_to="none",
@@ -85,8 +76,7 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
     dataset = Dataset.from_dict(trl_token_ids(shards))
     # What TRL's __init__ does to its train_dataset when precompute_ref_log_probs=True (untimed).
     trainer.train_dataset = trainer._precompute_ref_logps(dataset, "train", BATCH_SIZE) if precompute else dataset
-    window = StepWindow()
-    trainer.add_callback(window)
+    window = trl_step_window(trainer, steps)
     trainer.train()
     return {"tokens_per_s": window.tokens_per_s}
 
