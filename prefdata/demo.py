@@ -44,7 +44,10 @@ class DemoConfig(BaseModel):
     sft_learning_rate: float = Field(3e-3, gt=0)
     betas: list[float] = [0.05, 0.1, 0.5]
     dpo_steps: int = Field(150, gt=0)
-    dpo_learning_rate: float = Field(1e-3, gt=0)
+    # 3e-4, not 1e-3: at 1e-3 for 150 steps, DPO at β = 0.05 drove both answers' log-probs down
+    # (chosen −19 → −68 nats by step 60) until its samples were byte garbage (reward 0, KL 52) while
+    # held-out accuracy stayed 0.94; at 3e-4 every β ends at KL 7–9 with readable samples.
+    dpo_learning_rate: float = Field(3e-4, gt=0)
     batch_size: int = Field(32, gt=0)
     eval_samples: int = Field(4, gt=0)
     eval_prompts: int = Field(100, gt=0)
