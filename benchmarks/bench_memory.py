@@ -37,7 +37,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import prepare, trl_placeholder, trl_step_window, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import (  # noqa: E402
+    add_child_arguments,
+    prepare,
+    trl_placeholder,
+    trl_step_window,
+    trl_token_ids,
+    trl_trainer,
+)
 
 VARIANTS = ("ours-ddp", "ours-fsdp", "ours-lora", "trl-precompute", "trl-lora")
 BATCH_SIZE = 2
@@ -208,10 +215,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child, args.model, args.shards, args.steps, args.out, args.gradient_checkpointing)

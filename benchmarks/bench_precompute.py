@@ -81,6 +81,16 @@ def trl_token_ids(shards: Path) -> dict[str, list]:
             "rejected_ids": frame["rejected_input_ids"].to_list()}
 
 
+def add_child_arguments(parser, variants) -> None:
+    """The hidden flags with which a benchmark re-runs itself as one variant in a fresh process."""
+    import argparse
+
+    parser.add_argument("--child", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+
+
 def trl_step_window(trainer, steps: int):
     """A callback added to `trainer` that times steps 2..`steps` (end of step 1 to end of the last)
     and counts the tokens TRL itself counts over them (attention-mask sums, gathered over

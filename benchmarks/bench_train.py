@@ -37,7 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_precompute import DUMPS, bench_device, prepare, trl_step_window, trl_token_ids, trl_trainer  # noqa: E402
+from benchmarks.bench_precompute import (  # noqa: E402
+    DUMPS,
+    add_child_arguments,
+    bench_device,
+    prepare,
+    trl_step_window,
+    trl_token_ids,
+    trl_trainer,
+)
 from benchmarks.bench_precompute import run_ours as precompute_ours  # noqa: E402
 
 VARIANTS = ("ours", "ours-unshared", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
@@ -136,10 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
