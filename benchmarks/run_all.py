@@ -251,7 +251,9 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
              row(f"{stage}, prefix sharing on ÷ off", "tokens/s", tps["ours"], tps["ours-unshared"], "ours, --prefix-sharing off", "—")]
     params = _parameters(model)
     # MFU counts the FLOPs actually computed: ours' computed tokens (the shared prompt once).
-    rows += [row(stage, "MFU", 6 * params * train["ours"]["computed_tokens_per_s"] / flops,
+    # TRL's side counts its real tokens, not its padding nor its full-vocabulary head: a lower bound.
+    rows += [row(stage, "MFU (ours: computed tokens; TRL: real tokens, padding not counted)",
+                 6 * params * train["ours"]["computed_tokens_per_s"] / flops,
                  6 * params * tps["trl-precompute"] / flops, "TRL precompute", "—")]
     return rows, train
 

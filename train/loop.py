@@ -23,7 +23,7 @@ import torch
 
 from schemas.errors import UserError
 from schemas.io import atomic_dir
-from schemas.manifest import Counts, InputFile, Manifest, package_version
+from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, package_version
 from schemas.progress import progress
 from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
@@ -193,7 +193,7 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, co
 
 
 def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest,
-                 dist: Dist) -> tuple[Any, Any, Any]:
+                 policy_fingerprint: ModelFingerprint, dist: Dist) -> tuple[Any, Any, Any]:
     """(causal LM, its peft wrapper or None, tokenizer). Full fp32 master weights; under FSDP
     loaded on the CPU by rank 0 alone (`parallel.loads_weights`), since `fully_shard` moves only
     each process's shard to the device."""
@@ -202,8 +202,7 @@ def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, ma
                                       weights=parallel.loads_weights(dist, config.parallelism))
     peft_model = None
     if config.lora_r:
-        base = model_fingerprint(policy_dir, config.model, torch.float32, device)
-        if config.needs_reference and not same_weights(manifest.reference, base):
+        if config.needs_reference and not same_weights(manifest.reference, policy_fingerprint):
             name = manifest.reference.name_or_path if manifest.reference else "no model"
             raise UserError(f"--lora-r: the shards' reference is {name}, not the base model {config.model}; run "
                             f"prefdata precompute-ref {config.shards} --model {config.model} --force")
@@ -265,7 +264,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resume_from = parallel.latest_checkpoint(out) if config.resume else None
     if config.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint-*/{parallel.STATE_FILE} in {out}; start without --resume")
-    model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, dist)
+    # Hashed once (cached per file): the LoRA base check and the step-0 check both compare it.
+    policy_fingerprint = model_fingerprint(policy_dir, config.model, torch.float32, device)
+    model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, policy_fingerprint, dist)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
@@ -280,8 +281,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.compile:
         scorer.compile()  # in place: the module stays a SequenceScorer, which sequence_logps and DDP expect
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
-    if needs_stored_ref and resume_from is None and same_weights(manifest.reference, model_fingerprint(
-            policy_dir, config.model, torch.float32, device)):
+    if needs_stored_ref and resume_from is None and same_weights(manifest.reference, policy_fingerprint):
         check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,
