@@ -154,5 +154,7 @@ def test_lora_on_two_processes_equals_one_process(shards, tiny_model_dir, tmp_pa
                              "--learning-rate", "2e-2", "--out", str(two)))
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     assert abs(_losses(one)[-1] - np.log(2)) > 1e-3  # the adapters moved the policy
-    for name, value in _weights(one / "final").items():  # the adapters
-        torch.testing.assert_close(_weights(two / "final")[name], value, atol=1e-5, rtol=1e-4)
+    # The adapters; then the merged models (merged in place unsharded, from a fresh base under FSDP).
+    for folder in ("final", "final-merged"):
+        for name, value in _weights(one / folder).items():
+            torch.testing.assert_close(_weights(two / folder)[name], value, atol=1e-5, rtol=1e-4)

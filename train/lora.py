@@ -50,11 +50,14 @@ def save_adapter(peft_model: Any, trainable_state: dict[str, torch.Tensor], out_
     peft_model.save_pretrained(out_dir, state_dict=state)
 
 
-def save_merged(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    """A fresh CPU copy of the base with the saved adapter merged in: what serving stacks load."""
-    from transformers import AutoModelForCausalLM
-
+def save_merged(trained: Any | None, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    """The base with the adapter merged in: what serving stacks load. `trained`: the peft model
+    as training left it, merged in place (the run is over); None when it is sharded, and a fresh
+    CPU copy of the base takes the saved adapter instead."""
     peft = _peft()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    if trained is None:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        trained = peft.PeftModel.from_pretrained(base, adapter_dir)
+    trained.merge_and_unload().save_pretrained(out_dir)
