@@ -7,6 +7,8 @@ written by `datasets.save_to_disk`; a Hub dataset name (`datasets.load_dataset`,
 `.jsonl` / `.ndjson` files are one JSON object per line, always: an array there is a bad row like
 any other. A `.json` file is read by what it holds: one JSON array (streamed element by element)
 when its first non-blank character is '[', else one object per line.
+Uncompressed files of lines can also be cut into `LineRange`s of whole lines that worker processes
+read themselves (`line_ranges` here, `range_rows` there), numbered exactly as one reader would.
 Rows that cannot be parsed come out as `RawRow`s with an error reason (invalid_json, invalid_utf8,
 truncated_line, …) so the stage quarantines them and goes on. An input that cannot be used at all
 (missing, unreadable, no rows, a Hub dataset that cannot be fetched) is a UserError.
@@ -131,6 +133,13 @@ class Source:
 
     def rows(self) -> Iterator[Row]:
         return READERS[self.kind](self)
+
+    def has_line_ranges(self) -> bool:
+        """Whether the file can be cut into line ranges: one JSON object per line, uncompressed
+        (a compressed stream cannot be entered mid-way; an array has no line boundaries)."""
+        if self.compression is not None:
+            return False
+        return self.kind == "jsonl" or (self.kind == "json" and not _is_json_array(self))
 
     def describe(self, rows: int) -> InputFile:
         """The manifest's entry: content hash and size for files (a dataset directory or a Hub
@@ -336,13 +345,42 @@ def _is_json_array(source: Source) -> bool:
         return not any(chunk.strip() for chunk in iter(lambda: fh.read(1 << 16), b""))
 
 
-def _json_line_rows(fh: IO[bytes]) -> Iterator[JsonLine]:
+def _json_line_rows(fh: IO[bytes], first_line: int = 1) -> Iterator[JsonLine]:
     """One JSON object per line; blank lines are not rows (but keep the line numbers right)."""
-    for number, line in enumerate(fh, 1):
+    for number, line in enumerate(fh, first_line):
         if number == 1 and line.startswith(UTF8_BOM):
             line = line[len(UTF8_BOM):]
         if not line.isspace():
             yield JsonLine(number, line)
+
+
+class LineRange(NamedTuple):
+    """Whole lines of a file: bytes [start, end), the first of them line `first_line`."""
+
+    start: int
+    end: int
+    first_line: int
+
+
+def line_ranges(source: Source, range_bytes: int) -> Iterator[LineRange]:
+    """The file cut into ranges of about `range_bytes`, each cut just after a newline, so no line
+    is split. Each range's first line number comes from counting the newlines before it (a
+    memchr pass over one block at a time: the lines themselves are read by the workers)."""
+    with _open_binary(source) as fh:
+        start, first_line = 0, 1
+        while block := fh.read(range_bytes):
+            rest_of_line = b"" if block.endswith(b"\n") else fh.readline()
+            end = start + len(block) + len(rest_of_line)
+            yield LineRange(start, end, first_line)
+            first_line += block.count(b"\n") + rest_of_line.count(b"\n")
+            start = end
+
+
+def range_rows(source: Source, lines: LineRange) -> Iterator[JsonLine]:
+    """The rows of one line range, read from the file by the process that converts them."""
+    with _open_binary(source) as fh:
+        data = os.pread(fh.fileno(), lines.end - lines.start, lines.start)
+    yield from _json_line_rows(io.BytesIO(data), lines.first_line)
 
 
 def _cut_short(exc: json.JSONDecodeError) -> bool:

@@ -8,6 +8,7 @@ import bz2
 import gzip
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from ingest_support import FIXTURES, pairs, reasons, run_ingest
 
 from prefdata.ingest import IngestConfig, ingest, parse_column_map
-from prefdata.readers import resolve_sources
+from prefdata.readers import line_ranges, range_rows, resolve_sources
 from schemas.errors import UserError
 from schemas.io import sha256_file
 
@@ -222,6 +223,49 @@ def test_same_input_gives_the_same_ids_in_parallel(tmp_path):
     two, _, manifest = run_ingest(tmp_path / "two", path, workers=2)
     assert one == two and len(two) == 2500 and manifest.stats["records"] == 2500
     assert len({r["id"] for r in two}) == 2500
+
+
+def dirty_jsonl(path, rows: int):
+    """HH lines with what the cuts between line ranges must not disturb: a BOM, CRLF ends, blank
+    lines, bad JSON, bytes that are not UTF-8, an empty answer, and a last line cut short."""
+    lines = [b"\xef\xbb\xbf" + hh_line("First?", "Yes.", "No.").encode()]
+    for i in range(rows):
+        line = hh_line(f"Question {i}?", f"Answer {i}.", f"No {i}.").encode()
+        lines.append({3: b"", 5: line[:20], 7: line.replace(b"Answer", b"Caf\xe9"), 11: line + b"\r",
+                      13: hh_line(f"Q{i}", " ", "x").encode()}.get(i % 17, line))
+    path.write_bytes(b"\n".join(lines) + b"\n" + GOOD[0][:30].encode())
+    return path
+
+
+def test_line_ranges_give_the_rows_one_reader_gives(tmp_path):
+    """Ranges of any size cut only after a newline and number their lines as the whole file's reader does."""
+    source = resolve_sources([str(dirty_jsonl(tmp_path / "d.jsonl", 200))])[0]
+    assert source.has_line_ranges()
+    whole = list(source.rows())
+    for range_bytes in (1, 2, 50, 333, 4096, 1 << 30):
+        ranges = list(line_ranges(source, range_bytes))
+        assert [r.start for r in ranges[1:]] == [r.end for r in ranges[:-1]] and ranges[-1].end == os.path.getsize(source.location)
+        assert [row for r in ranges for row in range_rows(source, r)] == whole
+    lines = Path(source.location).read_bytes().count(b"\n") + 1  # the last line has no newline
+    assert len(list(line_ranges(source, 1))) == lines  # a range shorter than a line holds that line
+
+
+@pytest.mark.parametrize(("workers", "range_bytes"), [(1, 1 << 20), (2, 1 << 20), (2, 1000), (3, 1), (2, 333)])
+def test_output_bytes_do_not_depend_on_workers_or_line_ranges(tmp_path, monkeypatch, workers, range_bytes):
+    """records.parquet and quarantine.jsonl, byte for byte, as when this process reads every row
+    (a --limit above the row count keeps that path): one range or many, cuts mid-file, ranges
+    shorter than a line (one line each), row groups that span ranges."""
+    import prefdata.ingest
+
+    path = dirty_jsonl(tmp_path / "dirty.jsonl", 300)
+    read_here = run_ingest(tmp_path / "read-here", path, row_group_rows=7, limit=10**6)[2]
+    monkeypatch.setattr(prefdata.ingest, "RANGE_BYTES", range_bytes)
+    ranged = run_ingest(tmp_path / "ranged", path, row_group_rows=7, workers=workers)[2]
+    for name in ("records.parquet", "quarantine.jsonl"):
+        assert (tmp_path / "ranged" / name).read_bytes() == (tmp_path / "read-here" / name).read_bytes()
+    assert ranged.counts == read_here.counts and ranged.stats == read_here.stats
+    assert ranged.counts.read == sum(1 for line in path.read_bytes().split(b"\n") if line)  # blank lines are not rows
+    assert set(ranged.counts.dropped) == {"invalid_json", "invalid_utf8", "empty_content", "truncated_line"}
 
 
 # ---------------------------------------------------------------- bad rows (quarantined)

@@ -236,10 +236,12 @@ def test_helpsteer2_ratings_grouped_by_prompt(tmp_path):
 
 
 def test_groups_and_multi_pair_rows_through_worker_processes(tmp_path, monkeypatch):
-    """Chunks of two rows / groups, so even these small files go through the process pool."""
+    """Chunks of two rows / groups (the grouped OASST rows), line ranges of about two rows
+    (UltraFeedback), so even these small files go through the process pool."""
     import prefdata.ingest
 
     monkeypatch.setattr(prefdata.ingest, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(prefdata.ingest, "RANGE_BYTES", 1500)
     for name in ("oasst_flat.jsonl", "ultrafeedback.jsonl"):
         alone = run_ingest(tmp_path / f"{name}-1", FIXTURES / name, workers=1, options={"pairs": "all"})
         pooled = run_ingest(tmp_path / f"{name}-2", FIXTURES / name, workers=2, options={"pairs": "all"})
