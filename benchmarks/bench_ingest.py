@@ -1,12 +1,17 @@
-"""Ingest throughput and memory on generated Anthropic-HH rows (issue 2's target on a 2-core
-machine: ≥ 30,000 rows/s and < 2 GiB peak RSS for 1,000,000 rows).
+"""Ingest beside its peer on generated Anthropic-HH rows (issue 15: ≥ 1× the rows/s of `datasets`
+JSON loading + `map` with the same number of processes, peak RSS under 1 GiB, 1,000,000 rows).
 
-    .venv/bin/python benchmarks/bench_ingest.py [--rows 1000000] [--workers N] [--keep DIR]
+    .venv/bin/python benchmarks/bench_ingest.py [--rows 1000000] [--processes N] [--repeats 1] [--keep DIR]
 
 Writes the rows as JSONL (multi-turn transcripts of varied length, 1% with chosen/rejected
 prefixes that disagree, so the quarantine path runs too; kept between runs with --keep), then
-times `prefdata ingest` in a child process, end to end (start-up, detection, hashing, parsing,
-validation, parquet), with its peak memory and CPU time over all its processes.
+times, each in a fresh process, alternating:
+- ours: `prefdata ingest --workers N`, end to end (start-up, detection, parsing, validation,
+  hashing, quarantine, parquet);
+- the peer: `datasets.load_dataset("json")` into a fresh cache, then `.map(hh_messages,
+  num_proc=N)`, which splits each transcript into prompt messages and the two answers, as ours
+  does, without validation, hashing or quarantine.
+Rows/s count input rows; peak RSS and CPU seconds are summed over each process tree.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +31,10 @@ from pathlib import Path
 WORDS = """the a of to and in is it you that for on with as are be this was have not can what how
 why when would could please explain tell me about write story code python garden river
 winter recipe history music science answer question help thanks sure here""".split()
+
+TURN_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # the turn split ours uses (formats/hh.py)
+LAST_ANSWER_MARKER = "\n\nAssistant:"
+ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def _sentence(rng: random.Random, low: int, high: int) -> str:
@@ -54,6 +64,42 @@ def _line_count(path: Path) -> int:
         return sum(1 for _ in fh)
 
 
+# ---------------------------------------------------------------- the peer
+
+
+def hh_messages(example: dict) -> dict:
+    """The peer's per-row conversion: an HH row → prompt messages, the chosen and rejected answers
+    as one assistant message each, and whether the two transcripts share their prompt."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    cut, other = chosen.rfind(LAST_ANSWER_MARKER), rejected.rfind(LAST_ANSWER_MARKER)
+    parts = TURN_MARKER.split(chosen[:cut])
+    prompt = [{"role": ROLES[name], "content": content.strip()} for name, content in zip(parts[1::2], parts[2::2])]
+    return {"prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen[cut + len(LAST_ANSWER_MARKER):].strip()}],
+            "rejected": [{"role": "assistant", "content": rejected[other + len(LAST_ANSWER_MARKER):].strip()}],
+            "same_prompt": chosen[:cut] == rejected[:other]}
+
+
+def peer_ingest(raw: Path, cache: Path, processes: int) -> int:
+    from datasets import load_dataset
+
+    # A fresh cache each run: a warm one would skip the JSON → Arrow conversion being measured.
+    data = load_dataset("json", data_files=str(raw), split="train", cache_dir=tempfile.mkdtemp(dir=cache))
+    data = data.map(hh_messages, num_proc=processes, remove_columns=["chosen", "rejected"])
+    return len(data)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def commands(raw: Path, out: Path, cache: Path, processes: int) -> dict[str, list[str]]:
+    """Ours and the peer, each a fresh process with `processes` worker processes."""
+    return {
+        "ours": [sys.executable, "-m", "prefdata", "ingest", str(raw), "--out", str(out), "--workers", str(processes)],
+        "peer": [sys.executable, __file__, "--peer", str(raw), "--cache", str(cache), "--processes", str(processes)],
+    }
+
+
 def run_measured(command: list[str]) -> tuple[float, int, float]:
     """Run `command`; return (wall seconds, peak RSS summed over its process tree, CPU seconds of
     the tree). Sampled every 0.1 s with psutil: the worker processes are grandchildren
@@ -76,35 +122,60 @@ def run_measured(command: list[str]) -> tuple[float, int, float]:
         peak = max(peak, rss)
         time.sleep(0.1)
     if proc.returncode:
-        sys.exit(f"ingest failed:\n{proc.stderr.read()}")
+        sys.exit(f"{' '.join(command[:4])} failed:\n{proc.stderr.read()}")
     return time.perf_counter() - start, peak, sum(cpu.values())
+
+
+def compare(raw: Path, work: Path, processes: int, repeats: int) -> list[dict]:
+    """Ours and the peer, alternating, `repeats` times each: one dict of figures per run."""
+    rows = _line_count(raw)
+    runs = []
+    for repeat in range(repeats):
+        for side, command in commands(raw, work / "out", work / "hf-cache", processes).items():
+            (work / "hf-cache").mkdir(exist_ok=True)
+            load = os.getloadavg()[0]
+            seconds, peak, cpu = run_measured(command)
+            shutil.rmtree(work / "hf-cache")  # the peer's Arrow copies: ~2× the input per run
+            runs.append({"side": side, "repeat": repeat, "processes": processes, "seconds": seconds,
+                         "rows_per_s": rows / seconds, "peak_rss_mib": peak / 2**20, "cpu_s": cpu,
+                         "load_before": load})
+            print(_line(runs[-1]), flush=True)
+    return runs
+
+
+def _line(run: dict) -> str:
+    return (f"{run['side']:>4} #{run['repeat'] + 1}: {run['seconds']:6.1f} s, {run['rows_per_s']:>7,.0f} rows/s, "
+            f"peak RSS {run['peak_rss_mib']:,.0f} MiB, CPU {run['cpu_s']:.1f} s, "
+            f"{run['processes']} worker processes, load average before {run['load_before']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--workers", type=int, help="passed to prefdata ingest (default: its own)")
-    parser.add_argument("--keep", type=Path, help="write the input and output here instead of a temp dir")
+    parser.add_argument("--processes", type=int, default=os.cpu_count(),
+                        help="worker processes on each side: ingest --workers, map num_proc (default: cores)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating")
+    parser.add_argument("--keep", type=Path, help="write the input and outputs here instead of a temp dir")
+    parser.add_argument("--peer", type=Path, help=argparse.SUPPRESS)  # run the peer on this file (a child process)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer:
+        peer_ingest(args.peer, args.cache, args.processes)
+        return
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     work.mkdir(parents=True, exist_ok=True)
     raw = work / "hh.jsonl"
     if not raw.exists() or _line_count(raw) != args.rows:  # --keep: reuse the rows of an earlier run
         write_rows(raw, args.rows)
-    print(f"input: {args.rows:,} HH rows, {raw.stat().st_size / 2**20:,.0f} MiB; "
-          f"load average before the run: {os.getloadavg()[0]:.2f} (other work on the machine slows it)")
-    command = [sys.executable, "-m", "prefdata", "ingest", str(raw), "--out", str(work / "out")]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
-    shutil.rmtree(work / "out", ignore_errors=True)
-    seconds, peak, cpu = run_measured(command)
-    manifest = json.loads((work / "out" / "manifest.json").read_text())
-    counts = manifest["counts"]
-    print(f"counts: read {counts['read']:,}, kept {counts['kept']:,}, quarantined {counts['dropped']}")
-    print(f"time: {seconds:.1f} s, {args.rows / seconds:,.0f} rows/s (workers: {manifest['config']['workers']})")
-    print(f"CPU: {cpu:.1f} s in all processes, {cpu / seconds:.2f} cores busy on average, "
-          f"{cpu / args.rows * 1e6:.0f} µs per row")
-    print(f"peak RSS: {peak / 2**30:.2f} GiB (summed over the process tree)")
+    print(f"input: {args.rows:,} HH rows, {raw.stat().st_size / 2**20:,.0f} MiB, {os.cpu_count()} cores "
+          "(other work on the machine slows both sides: compare the sides of one run)")
+    runs = compare(raw, work, args.processes, args.repeats)
+    for repeat in range(args.repeats):
+        ours, peer = (next(r for r in runs if r["side"] == side and r["repeat"] == repeat) for side in ("ours", "peer"))
+        print(f"run {repeat + 1}: ours/peer rows/s {ours['rows_per_s'] / peer['rows_per_s']:.2f}×, "
+              f"peak RSS peer/ours {peer['peak_rss_mib'] / ours['peak_rss_mib']:.2f}×")
+    counts = json.loads((work / "out" / "manifest.json").read_text())["counts"]
+    print(f"ours: read {counts['read']:,}, kept {counts['kept']:,}, quarantined {counts['dropped']}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--out DIR]
 
 Rows (ours | peer):
-    ingest          prefdata ingest | datasets load_dataset("json") + map doing the same HH prompt split
+    ingest          prefdata ingest | datasets load_dataset("json") + map splitting the HH transcripts into
+                    messages, worker processes = cores on both sides (bench_ingest.py)
     curate          prefdata curate (exact + near dedupe + split); no peer does the same work
     tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template, one
                     process and num_proc = cores; both timed as whole processes
@@ -51,23 +52,6 @@ SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
 # What runs inside a child process (`--child NAME`): each returns a dict of figures.
 
 
-def hh_split(example: dict) -> dict:
-    """The peer's prompt split of an HH row: prompt = the transcript up to its last Assistant turn."""
-    cut = example["chosen"].rfind("\n\nAssistant:")
-    other = example["rejected"].rfind("\n\nAssistant:")
-    return {"prompt": example["chosen"][:cut], "chosen": example["chosen"][cut + 12 :].strip(),
-            "rejected": example["rejected"][other + 12 :].strip(), "ok": example["chosen"][:cut] == example["rejected"][:other]}
-
-
-def peer_ingest(raw: str, cache: str) -> dict:
-    from datasets import load_dataset
-
-    # A fresh cache each run: a warm one would skip the JSON → Arrow conversion being measured.
-    data = load_dataset("json", data_files=raw, split="train", cache_dir=tempfile.mkdtemp(dir=cache))
-    data = data.map(hh_split, num_proc=os.cpu_count(), remove_columns=["chosen", "rejected"])
-    return {"rows": len(data)}
-
-
 def peer_tokenize(records: str, tokenizer: str, cache: str, num_proc: int | None = None) -> dict:
     """datasets.map(batched=True): chat-template the prompt and each conversation, encode the prompt
     and the two completions (the text after the prompt), as tokenize does. Timed as a whole process,
@@ -102,7 +86,7 @@ def trl_precompute(model: str, pristine: str, work: str) -> dict:
     return {k: v for k, v in result.items() if k != "ref_chosen_logps"}
 
 
-CHILDREN = {"peer_ingest": peer_ingest, "peer_tokenize": peer_tokenize,
+CHILDREN = {"peer_tokenize": peer_tokenize,
             "ours_precompute": ours_precompute, "trl_precompute": trl_precompute}
 
 
@@ -172,14 +156,11 @@ def run(size: str, work: Path) -> dict:
     raw = work / "hh.jsonl"
     bench_ingest.write_rows(raw, sizes["ingest_rows"])
     (work / "hf-cache").mkdir()
-    ingest = alternate({
-        "ours": [sys.executable, "-m", "prefdata", "ingest", str(raw), "--out", str(work / "ingest")],
-        "peer": child("peer_ingest", work, raw=str(raw), cache=str(work / "hf-cache")),
-    }, repeats)
-    n = sizes["ingest_rows"]
-    rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], "datasets json+map", "≥ 30,000 rows/s"),
-             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], "datasets json+map",
-                 "< 2 GiB", False)]
+    ingest = alternate(bench_ingest.commands(raw, work / "ingest", work / "hf-cache", os.cpu_count()), repeats)
+    n, peer = sizes["ingest_rows"], f"datasets json+map(num_proc={os.cpu_count()})"
+    rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], peer, "≥ 1× the peer"),
+             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], peer,
+                 "< 1 GiB", False)]
 
     bench_curate.generate(work / "records", sizes["curate_rows"])
     curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(work / "records")]}, repeats)["ours"]
