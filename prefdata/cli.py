@@ -36,7 +36,7 @@ def ingest_command(
         "auto", "--format",
         help="auto (from the columns), trl, hh, llamafactory, llamafactory_v1, openai, tabular, shp, ultrafeedback, "
         "ultrafeedback_binarized, oasst, oasst_tree, arena, arena_conversations, nectar, pku_saferlhf, helpsteer2, "
-        "helpsteer2_preference."),
+        "helpsteer2_preference, judged (prefdata judge's output)."),
     column_map: str = typer.Option(
         "", "--map", help="field=column,... for a generic table (fields: system, prompt, chosen, rejected, "
         "chosen_score, rejected_score); implies --format tabular."),
@@ -55,13 +55,16 @@ def ingest_command(
         None, "--min-score-ratio", help="SHP: keep pairs with this score ratio or more."),
     lang: str = typer.Option(None, "--lang", help="OASST: only messages in this language (e.g. en)."),
     label: str = typer.Option("better", "--label", help="PKU-SafeRLHF: better or safer."),
+    keep_truncated: bool = typer.Option(
+        False, "--keep-truncated", help="Judged samples: also pair responses that generation cut at --max-new-tokens."),
 ) -> None:
     """Turn raw comparison dumps into validated records; every rejected row is quarantined with its reason."""
     from prefdata.formats.base import FormatOptions
     from prefdata.ingest import IngestConfig, ingest, parse_column_map, summary_lines
 
     options = _config(FormatOptions, column_map=parse_column_map(column_map), pairs=pairs, min_margin=min_margin,
-                      score=score, min_score_ratio=min_score_ratio, lang=lang, label=label)
+                      score=score, min_score_ratio=min_score_ratio, lang=lang, label=label,
+                      keep_truncated=keep_truncated)
     chosen = {"limit": limit, "split": split, "workers": workers}
     config = _config(IngestConfig, inputs=raw, out=out, format=format, options=options,
                      **{k: v for k, v in chosen.items() if v is not None})

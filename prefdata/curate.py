@@ -349,6 +349,8 @@ def _reorder(narrow: _Narrow, order: np.ndarray) -> _Narrow:
 def _first_of_key(keys: np.ndarray) -> np.ndarray:
     """For each of m [hi, lo] keys, the index of the first entry with the same key."""
     m = len(keys)
+    if m == 0:
+        return np.empty(0, np.int64)
     order = np.lexsort((np.arange(m), keys[:, 1], keys[:, 0]))
     sorted_keys = keys[order]
     starts = np.flatnonzero(np.r_[True, (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)])
@@ -464,6 +466,8 @@ def _rank_in_clusters(rows: np.ndarray, margin: np.ndarray, labels: np.ndarray) 
     The cluster is named by its best pair's id: a content hash, so the name (and the split it
     decides) does not depend on input order or library versions, and it survives re-running
     curate on its own output, where the best pair is still there and still first."""
+    if len(rows) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     nan = np.isnan(margin)
     order = np.lexsort((rows, -np.where(nan, 0.0, margin), ~nan, labels))
     starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])

@@ -103,12 +103,16 @@ def build_reference(config: DemoConfig, out: Path, sft_raw: Path) -> tuple[Path,
     return tokenizer, reference
 
 
+# The demo's judge: the sentiment lexicon its data was made with (prefdata/demo_data.py).
+LEXICON_REWARD = "prefdata.demo_data:lexicon_reward"
+
+
 def _evaluate(config: DemoConfig, shards: Path, policy: Path, reference: Path, out: Path, beta: float) -> dict[str, Any]:
     from train.eval import EvalConfig, evaluate_policy, summary_line
 
     result = evaluate_policy(EvalConfig(shards=str(shards), policy=str(policy), reference=str(reference), out=str(out),
-                                        beta=beta, samples=config.eval_samples, max_prompts=config.eval_prompts,
-                                        seed=config.seed))
+                                        reward=LEXICON_REWARD, beta=beta, samples=config.eval_samples,
+                                        max_prompts=config.eval_prompts, seed=config.seed))
     print(summary_line(result))
     return result
 

@@ -29,7 +29,7 @@ def package_version() -> str:
         return "0.0.0+source"
 MANIFEST_NAME = "manifest.json"
 
-Stage = Literal["ingest", "curate", "tokenize", "precompute-ref", "train", "eval"]
+Stage = Literal["ingest", "curate", "tokenize", "precompute-ref", "train", "eval", "generate", "judge", "iterate"]
 
 
 class _Strict(BaseModel):

@@ -173,3 +173,12 @@ def test_decontaminate_against_an_ingestible_eval_set(tmp_path):
     manifest = _run(tmp_path, [src], decontaminate=[str(eval_file)], eval_fraction=0.0)
     assert manifest.counts.dropped == {"contaminated": 1}
     assert _read(tmp_path, "dropped.parquet")["source_row"].to_list() == [2]
+
+
+def test_an_empty_record_set_curates_to_empty_splits(tmp_path):
+    import pyarrow.parquet as pq
+
+    empty = write_records_dir(tmp_path / "in", {"records": []}, stage="ingest")
+    manifest = curate(CurateConfig(inputs=[str(empty)], out=str(tmp_path / "out")))
+    assert manifest.counts.model_dump() == {"read": 0, "kept": 0, "dropped": {}}
+    assert pq.read_table(tmp_path / "out" / "train.parquet").num_rows == 0

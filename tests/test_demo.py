@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefdata.demo import DemoConfig, run_demo
+from prefdata.demo import LEXICON_REWARD, DemoConfig, run_demo
 from prefdata.demo_data import DemoDataConfig, lexicon_reward, preference_lines
 from schemas.errors import UserError
 
@@ -63,11 +63,11 @@ def test_kl_of_a_model_against_itself_is_exactly_zero(tiny_model_dir):
 
 
 def test_unknown_reward_is_a_user_error():
-    from train.eval import load_reward
+    from train.judge import load_reward
 
     with pytest.raises(UserError, match="--reward nope:f"):
         load_reward("nope:f")
-    assert load_reward("prefdata.demo_data:lexicon_reward")("great") == 1.0
+    assert load_reward("prefdata.demo_data:lexicon_reward")([{"role": "user", "content": "Review:"}], "great") == 1.0
 
 
 def test_eval_command_on_missing_shards_is_one_line_exit_2(tmp_path):
@@ -118,3 +118,30 @@ def test_eval_refuses_a_reference_other_than_the_shards_one(demo):
     policy = out / "DPO-beta0.1" / "final"
     with pytest.raises(UserError, match="--reference .*not the model the shards' reference log-probs"):
         evaluate_policy(EvalConfig(shards=str(out / "shards"), policy=str(policy), reference=str(policy), out=str(out / "x")))
+
+
+def test_win_rate_counts_ties_as_half_and_leaves_unjudged_pairs_out():
+    from train.eval import win_rate
+
+    policy = np.array([[3.0, 1.0], [2.0, 2.0]])
+    baseline = np.array([[1.0, 1.0], [3.0, np.nan]])
+    result = win_rate(policy, baseline)
+    # prompt 0: a win and a tie → 0.75; prompt 1: a loss (its second pair is unjudged) → 0
+    assert result["rate"] == pytest.approx(0.375)
+    half_width = 1.96 * np.std([0.75, 0.0], ddof=1) / np.sqrt(2)
+    assert (result["low"], result["high"]) == (0.0, pytest.approx(min(1.0, 0.375 + half_width)))
+    assert (result["wins"], result["ties"], result["losses"], result["unjudged"], result["prompts"]) == (1, 1, 1, 1, 2)
+
+
+def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(demo):
+    from train.eval import EvalConfig, evaluate_policy
+
+    out, _ = demo
+    policy = out / "DPO-beta0.1" / "final"
+    result = evaluate_policy(EvalConfig(shards=str(out / "shards"), policy=str(policy), reference=str(out / "reference" / "final"),
+                                        out=str(out / "eval-self"), reward=LEXICON_REWARD, baseline=str(policy),
+                                        best_of=4, samples=4, max_prompts=20))
+    win = result["win_rate"]
+    assert win["low"] <= 0.5 <= win["high"] and win["prompts"] == 20
+    assert win["wins"] + win["ties"] + win["losses"] + win["unjudged"] == 80
+    assert result["best_of_n"]["reward"] > result["reference_reward"]

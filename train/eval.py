@@ -3,62 +3,76 @@ that bought reward.
 
 - Preference metrics on the eval shards: implicit reward β·(log π − log π_ref) of chosen and
   rejected (π_ref = the stored `ref_*_logps`), its accuracy and mean margin.
-- Generation: completions sampled for the eval prompts from the policy and from the reference, scored
-  by a reward function given by import path, and the sequence-level KL(π‖π_ref) estimated as the
-  mean over policy samples of log π(y|x) − log π_ref(y|x). Samples are scored with THE log-prob
-  function (`train.logprobs.sequence_logps` over `collate_pairs` batches), so the KL uses exactly
-  the log-probs that training and precompute-ref use.
+- Generation: completions sampled for the eval prompts from the policy and from the reference, and
+  the sequence-level KL(π‖π_ref) estimated as the mean over policy samples of log π(y|x) − log
+  π_ref(y|x). Samples are scored with THE log-prob function (`train.logprobs.sequence_logps` over
+  `collate_pairs` batches), so the KL uses exactly the log-probs that training and precompute-ref use.
+- With a judge (`--reward module:function` or `--reward-model PATH`, as `prefdata judge` takes):
+  the mean judged reward of the policy's and the reference's samples; with `--baseline MODEL`, the
+  policy's win rate against the baseline's samples on the same prompts (sample j of one against
+  sample j of the other; a tie counts half), with a 95% interval over prompts (a normal interval
+  on the per-prompt mean outcome: samples of one prompt are not independent); with `--best-of N`,
+  the mean over prompts of the best judged reward among N reference samples (Best-of-N, the
+  baseline any trained policy should beat at its KL).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from collections.abc import Callable
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import write_text_atomic
+from schemas.render import make_renderer, prompt_token_ids
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
+from train.device import select_device, select_dtype
+from train.generate import Sampling, answer_prompts, record_files, sample_completions
+from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
-
-# A string, not an import: `train` never imports `prefdata`; the function is loaded only when used.
-DEFAULT_REWARD = "prefdata.demo_data:lexicon_reward"
 
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shards: str  # precompute-ref output; its eval split is used
-    policy: str
-    reference: str
-    out: str
-    reward: str = DEFAULT_REWARD  # "module:function", text → float
-    beta: float = Field(0.1, gt=0)  # scales the implicit reward's margin (accuracy does not depend on it)
-    samples: int = Field(4, gt=0)  # completions per prompt and model
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
-    max_prompts: int | None = Field(None, gt=0)
-    batch_tokens: int = Field(16_384, gt=0)
-    seed: int = 0
+    shards: str = Field(description="Output of prefdata precompute-ref; its eval split is used.")
+    policy: str = Field(description="The trained model directory (e.g. OUT/final).")
+    reference: str = Field(description="The reference model the shards were scored with.")
+    out: str = Field(description="Directory for eval.json and reward_vs_kl.png.")
+    reward: str | None = Field(None, description="Judge: a reward function, module:function (f(prompt_messages, text) or f(text)).")
+    reward_model: str | None = Field(None, description="Judge: a sequence-classification reward model.")
+    baseline: str | None = Field(None, description="A model to compare the policy with: judged win rate on the eval prompts.")
+    best_of: int | None = Field(None, gt=1, description="Best-of-N: the mean best judged reward among N reference samples.")
+    beta: float = Field(0.1, gt=0, description="β of the implicit reward margin (accuracy does not depend on it).")
+    samples: int = Field(4, gt=0, description="Completions sampled per prompt, from each model.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest completion sampled.")
+    max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct eval prompts.")
+    batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per scoring forward pass.")
+    seed: int = Field(0, description="Sampling seed.")
 
+    @model_validator(mode="after")
+    def _judge_for_judged_metrics(self) -> EvalConfig:
+        if self.reward is not None and self.reward_model is not None:
+            raise UserError("eval: give one judge, --reward or --reward-model, not both")
+        if (self.baseline or self.best_of) and self.reward is None and self.reward_model is None:
+            raise UserError("eval: --baseline and --best-of are judged; give --reward module:function or --reward-model PATH")
+        return self
 
-def load_reward(path: str) -> Callable[[str], float]:
-    module_name, _, function = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"--reward {path}: cannot import it; give module:function, e.g. {DEFAULT_REWARD}") from None
+    def judge_options(self) -> JudgeOptions | None:
+        if self.reward is None and self.reward_model is None:
+            return None
+        return JudgeOptions(reward=self.reward, reward_model=self.reward_model, device="cpu")
 
 
 # A pair is won when its log-ratio margin Δchosen − Δrejected exceeds this: below it the policy and
@@ -80,34 +94,22 @@ def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, ba
     return {"accuracy": accuracy / len(data), "margin": margin / len(data), "pairs": len(data)}
 
 
-def eval_prompts(data: SplitData, max_prompts: int | None) -> list[np.ndarray]:
-    """The distinct prompts of the split (several pairs can share one), in first-seen order."""
-    seen: dict[bytes, np.ndarray] = {}
+def eval_prompts(data: SplitData, max_prompts: int | None) -> tuple[list[np.ndarray], list[int]]:
+    """The distinct prompts of the split (several pairs can share one), in first-seen order, and
+    the first row of each."""
+    seen: dict[bytes, int] = {}
     for i in range(len(data)):
-        ids = data.columns.prompt.row(i)
-        seen.setdefault(ids.tobytes(), ids)
-    return list(seen.values())[:max_prompts]
+        seen.setdefault(data.columns.prompt.row(i).tobytes(), i)
+    rows = list(seen.values())[:max_prompts]
+    return [data.columns.prompt.row(i) for i in rows], rows
 
 
-def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any) -> list[np.ndarray]:
-    """`config.samples` completions per prompt (prompt-major), each cut after its first EOS (kept).
-    A completion without EOS within max_new_tokens stays cut there: its log-prob is then that of
-    the truncated sequence, which is exactly what was sampled."""
-    pad_id = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, prompt in enumerate(prompts):  # left padding: generation continues from the last column
-        ids[i, width - len(prompt):] = torch.from_numpy(prompt.astype(np.int64))
-        mask[i, width - len(prompt):] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=config.temperature,
-                         top_k=0, top_p=1.0, max_new_tokens=config.max_new_tokens,
-                         num_return_sequences=config.samples, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
-    completions = []
-    for row in out[:, width:].numpy():
-        ends = np.flatnonzero(row == tokenizer.eos_token_id)
-        completions.append(row[: ends[0] + 1] if len(ends) else row)
-    return completions
+def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any, n: int | None = None) -> list[np.ndarray]:
+    """`n` (default `config.samples`) completions per prompt (prompt-major), each cut after its
+    first EOS (kept). A completion without EOS within max_new_tokens stays cut there: its log-prob
+    is then that of the truncated sequence, which is exactly what was sampled."""
+    return sample_completions(model, prompts, n or config.samples, config.temperature, 1.0, config.max_new_tokens,
+                              [tokenizer.eos_token_id], tokenizer.pad_token_id)
 
 
 def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
@@ -134,9 +136,43 @@ def sequence_kl(policy: Any, reference: Any, prompts: list[np.ndarray], policy_s
     return float(np.mean(policy_logps - reference_logps))
 
 
-def _mean_reward(reward: Callable[[str], float], tokenizer: Any, completions: list[np.ndarray]) -> tuple[float, list[str]]:
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return float(np.mean([reward(t) for t in texts])), texts
+def prompt_messages(shards: str, record_ids: list[str]) -> list[list[dict]]:
+    """The prompt messages of these records, from the record files the shards were tokenized from:
+    a judge reads the conversation, not token ids."""
+    wanted, found = set(record_ids), {}
+    for path in record_files(Path(shards), "all"):
+        table = pq.read_table(path, columns=["id", "prompt"])
+        for record_id, prompt in zip(table.column("id").to_pylist(), table.column("prompt").to_pylist()):
+            if record_id in wanted:
+                found[record_id] = prompt
+    missing = wanted - found.keys()
+    if missing:
+        raise UserError(f"{shards}: {len(missing)} eval records are not in the record files the shards were made from; "
+                        "re-run tokenize and precompute-ref from the current curated set")
+    return [found[i] for i in record_ids]
+
+
+def judged_scores(judge: Judge, messages: list[list[dict]], tokenizer: Any, completions: list[np.ndarray]) -> np.ndarray:
+    """The judge's score of each completion (prompt-major), NaN where it gave none."""
+    per_prompt = len(completions) // len(messages)
+    texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    scores = judge([messages[i // per_prompt] for i in range(len(texts))], texts)
+    return np.array([math.nan if isinstance(s, JudgeError) or not t else s for s, t in zip(scores, texts)], dtype=np.float64)
+
+
+def win_rate(policy_scores: np.ndarray, baseline_scores: np.ndarray) -> dict[str, Any]:
+    """Policy vs baseline, sample j against sample j of each prompt ([prompts, samples] arrays): a
+    win 1, a tie ½, a loss 0; pairs where either score is missing are left out and counted. The
+    95% interval is normal over the per-prompt mean outcomes (the prompts are the independent
+    draws), clipped to [0, 1]."""
+    valid = ~(np.isnan(policy_scores) | np.isnan(baseline_scores))
+    outcome = np.where(policy_scores > baseline_scores, 1.0, np.where(policy_scores == baseline_scores, 0.5, 0.0))
+    per_prompt = np.array([outcome[p][valid[p]].mean() for p in range(len(outcome)) if valid[p].any()])
+    rate = float(per_prompt.mean()) if len(per_prompt) else math.nan
+    half_width = 1.96 * float(per_prompt.std(ddof=1)) / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else math.inf
+    return {"rate": rate, "low": max(0.0, rate - half_width), "high": min(1.0, rate + half_width),
+            "wins": int((outcome[valid] == 1).sum()), "ties": int((outcome[valid] == 0.5).sum()),
+            "losses": int((outcome[valid] == 0).sum()), "unjudged": int((~valid).sum()), "prompts": len(per_prompt)}
 
 
 def plot_reward_vs_kl(points: list[dict[str, Any]], path: Path) -> None:
@@ -161,7 +197,8 @@ def plot_reward_vs_kl(points: list[dict[str, Any]], path: Path) -> None:
 
 def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`."""
-    reward = load_reward(config.reward)
+    options = config.judge_options()
+    judge = build_judge(options)[0] if options else None
     manifest, _, data = open_shards(config.shards, need_ref=True)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
@@ -180,42 +217,73 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     with torch.inference_mode():
         result: dict[str, Any] = {"policy": config.policy, **preference_metrics(policy, data, config.beta, pad_id,
                                                                                 config.batch_tokens)}
-        prompts = eval_prompts(data, config.max_prompts)
+        prompts, first_rows = eval_prompts(data, config.max_prompts)
         torch.manual_seed(config.seed)
-        policy_samples = sample(policy, prompts, config, tokenizer)
-        reference_samples = sample(reference, prompts, config, tokenizer)
-        result["kl"] = sequence_kl(policy, reference, prompts, policy_samples, pad_id, config.batch_tokens)
-    result["reward"], texts = _mean_reward(reward, tokenizer, policy_samples)
-    result["reference_reward"], _ = _mean_reward(reward, tokenizer, reference_samples)
-    result.update(prompts=len(prompts), samples=len(policy_samples), config=config.model_dump(), examples=texts[:5])
+        samples = {"policy": sample(policy, prompts, config, tokenizer), "reference": sample(reference, prompts, config, tokenizer)}
+        result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens)
+        if config.baseline:
+            baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, torch.float32, device)
+            check_tokenizer(model_dir(config.baseline), config.baseline, manifest.tokenizer)
+            samples["baseline"] = sample(baseline.eval(), prompts, config, tokenizer)
+        if config.best_of:
+            samples["best_of"] = sample(reference, prompts, config, tokenizer, n=config.best_of)
+    texts = tokenizer.batch_decode(samples["policy"], skip_special_tokens=True)
+    if judge is not None:
+        result.update(_judged(judge, prompt_messages(config.shards, list(data.ids[first_rows])), tokenizer, samples, config))
+    result.update(prompts=len(prompts), samples=len(samples["policy"]), config=config.model_dump(), examples=texts[:5])
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
-    plot_reward_vs_kl([{"label": "reference", "kl": 0.0, "reward": result["reference_reward"]},
-                       {"label": "policy", "kl": result["kl"], "reward": result["reward"]}], out / "reward_vs_kl.png")
+    if judge is not None:
+        plot_reward_vs_kl([{"label": "reference", "kl": 0.0, "reward": result["reference_reward"]},
+                           {"label": "policy", "kl": result["kl"], "reward": result["reward"]}], out / "reward_vs_kl.png")
+    return result
+
+
+def _judged(judge: Judge, messages: list[list[dict]], tokenizer: Any, samples: dict[str, list[np.ndarray]],
+            config: EvalConfig) -> dict[str, Any]:
+    """Mean judged reward of policy and reference samples; win rate against the baseline; Best-of-N."""
+    scores = {name: judged_scores(judge, messages, tokenizer, completions).reshape(len(messages), -1)
+              for name, completions in samples.items()}
+    result: dict[str, Any] = {"judge": config.reward or config.reward_model,
+                              "reward": float(np.nanmean(scores["policy"])),
+                              "reference_reward": float(np.nanmean(scores["reference"]))}
+    if "baseline" in scores:
+        result["win_rate"] = {"baseline": config.baseline, **win_rate(scores["policy"], scores["baseline"])}
+    if "best_of" in scores:
+        result["best_of_n"] = {"n": config.best_of, "reward": float(np.nanmean(np.nanmax(scores["best_of"], axis=1)))}
     return result
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    return (f"eval {result['policy']}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} "
-            f"({result['pairs']} pairs); reward {result['reward']:.3f} vs reference {result['reference_reward']:.3f}, "
-            f"KL {result['kl']:.3f} ({result['samples']} samples)")
+    line = (f"eval {result['policy']}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} "
+            f"({result['pairs']} pairs); KL {result['kl']:.3f} ({result['samples']} samples)")
+    if "reward" in result:
+        line += f"; reward {result['reward']:.3f} vs reference {result['reference_reward']:.3f}"
+    if "win_rate" in result:
+        w = result["win_rate"]
+        line += f"; win rate vs {w['baseline']} {w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]"
+    if "best_of_n" in result:
+        line += f"; best-of-{result['best_of_n']['n']} reward {result['best_of_n']['reward']:.3f}"
+    return line
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
-    for name, field in EvalConfig.model_fields.items():
-        kind = field.annotation if field.annotation in (str, float) else int  # int | None → int
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, required=field.is_required(), type=kind)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        print(summary_line(evaluate_policy(EvalConfig(**args))))
-    except UserError as exc:
-        print(f"train.eval: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()
+def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judge_options: JudgeOptions, n: int,
+                     temperature: float, top_p: float, max_new_tokens: int, seed: int, device: str) -> dict[str, Any]:
+    """Both models answer the same prompts (messages) `n` times, each under its own seed; the judge
+    scores every answer. Mean reward of each and the policy's win rate against the baseline."""
+    judge, _ = build_judge(judge_options)
+    torch_device = select_device(device)
+    sampling = Sampling(n, temperature, top_p, max_new_tokens, batch_size=16)
+    scores = []
+    for offset, path in enumerate((policy, baseline)):
+        model, tokenizer = load_causal_lm(model_dir(path), path, select_dtype("auto", torch_device), torch_device)
+        torch.manual_seed(seed + offset)
+        with torch.inference_mode():
+            answers = answer_prompts(model.eval(), tokenizer, prompt_token_ids(make_renderer(tokenizer, "auto"), prompts),
+                                     sampling)
+        judged = score_responses(judge, prompts, answers, judge_options.batch_size)
+        scores.append(np.array([[math.nan if isinstance(s, JudgeError) else s for s in row] for row in judged]))
+    return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts), "samples": n,
+            "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])),
+            "win_rate": win_rate(scores[0], scores[1])}

@@ -81,10 +81,12 @@ def build_model(
     intermediate_size: int = 128,
     max_positions: int = 1024,
     seed: int = 0,
+    reward_head: bool = False,
 ) -> Path:
-    """A randomly initialised Llama sized for the tokenizer in `tokenizer_dir`, saved with it."""
+    """A randomly initialised Llama sized for the tokenizer in `tokenizer_dir`, saved with it: a
+    causal LM, or with `reward_head` a one-output sequence classifier (a reward model)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
@@ -98,10 +100,11 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not reward_head,
+        **({"num_labels": 1} if reward_head else {}),
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = (LlamaForSequenceClassification if reward_head else LlamaForCausalLM)(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

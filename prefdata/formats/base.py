@@ -68,6 +68,7 @@ class FormatOptions(BaseModel):
     min_score_ratio: float | None = Field(None, ge=1)  # SHP: keep pairs whose score ratio is at least this
     lang: str | None = None  # OASST: only messages in this language
     label: Literal["better", "safer"] = "better"  # PKU-SafeRLHF: which preference is the label
+    keep_truncated: bool = False  # judged samples: pair responses cut at --max-new-tokens too
 
 
 class Format:

@@ -15,6 +15,7 @@ from prefdata.formats.arena import ArenaConversationsFormat, ArenaHumanPreferenc
 from prefdata.formats.base import Format, FormatOptions
 from prefdata.formats.helpsteer import HelpSteer2Format, HelpSteer2PreferenceFormat
 from prefdata.formats.hh import HHFormat
+from prefdata.formats.judged import JudgedFormat
 from prefdata.formats.llamafactory import LlamaFactorySharegptFormat, LlamaFactoryV1Format
 from prefdata.formats.nectar import NectarFormat
 from prefdata.formats.oasst import OasstFlatFormat, OasstTreeFormat
@@ -31,7 +32,7 @@ FORMATS: dict[str, type[Format]] = {
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
               TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat,
               ArenaHumanPreferenceFormat, ArenaConversationsFormat, NectarFormat, PKUSafeRLHFFormat,
-              HelpSteer2PreferenceFormat, HelpSteer2Format, OasstFlatFormat)
+              HelpSteer2PreferenceFormat, HelpSteer2Format, OasstFlatFormat, JudgedFormat)
 }
 
 

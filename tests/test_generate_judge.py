@@ -1,0 +1,195 @@
+"""prefdata generate and judge on tiny models: K answers per prompt, deterministic under a seed,
+resumable by chunk; judged by a function or a tiny reward model; ingested into the pairs that
+--pairs promises."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.errors import UserError
+from train.generate import GENERATIONS_FILE, GenerateConfig, generate
+from train.judge import JUDGED_FILE, QUARANTINE_FILE, JudgeConfig, judge
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain a hash table.",
+           "What is the capital of France?",  # a duplicate: answered once
+           "Tell me about the movie.", "  ", "Help me write a story."]  # "  ": not a prompt
+
+
+@pytest.fixture()
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": p} for p in PROMPTS[:-1]] + [{"prompt": [{"role": "user", "content": PROMPTS[-1]}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _generate(prompt_file: Path, model: Path, out: Path, **options) -> list[dict]:
+    generate(GenerateConfig(prompts=str(prompt_file), policy=str(model), out=str(out), n=3, max_new_tokens=8,
+                            batch_size=2, chunk_prompts=2, device="cpu", **options))
+    return [json.loads(line) for line in (out / GENERATIONS_FILE).read_text().splitlines()]
+
+
+def test_generate_answers_each_distinct_prompt_k_times_and_accounts_for_the_rest(prompt_file, tiny_model_dir, tmp_path):
+    rows = _generate(prompt_file, tiny_model_dir, tmp_path / "gen")
+    assert len(rows) == 5 and all(len(r["responses"]) == 3 for r in rows)
+    assert {r["prompt"][-1]["content"] for r in rows} == {p for p in PROMPTS if p.strip()}
+    for response in (r for row in rows for r in row["responses"]):
+        assert response["finish_reason"] in ("stop", "length") and 1 <= response["tokens"] <= 8
+        # a response without a stop token used the whole budget
+        assert response["finish_reason"] == "stop" or response["tokens"] == 8
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["counts"] == {"read": 7, "kept": 5, "dropped": {"duplicate_prompt": 1, "invalid_prompt": 1}}
+    assert manifest["stats"]["responses"] == 15 and manifest["stats"]["policy"]["weights_sha256"]
+    assert not (tmp_path / "gen" / "chunks").exists()
+
+
+def test_generate_is_deterministic_under_a_seed_and_resumes_a_killed_run_to_the_same_file(
+        prompt_file, tiny_model_dir, tmp_path, monkeypatch):
+    import train.generate as gen
+
+    first = _generate(prompt_file, tiny_model_dir, tmp_path / "a", seed=7)
+    assert _generate(prompt_file, tiny_model_dir, tmp_path / "b", seed=7) == first
+    assert _generate(prompt_file, tiny_model_dir, tmp_path / "c", seed=8) != first
+
+    real = gen._chunk_lines
+    calls = []
+
+    def dies_on_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_chunk_lines", dies_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(prompt_file, tiny_model_dir, tmp_path / "killed", seed=7)
+    assert not (tmp_path / "killed" / GENERATIONS_FILE).exists()
+    assert len(list((tmp_path / "killed" / "chunks").glob("chunk-*.jsonl"))) == 1
+    monkeypatch.setattr(gen, "_chunk_lines", real)
+    assert _generate(prompt_file, tiny_model_dir, tmp_path / "killed", seed=7) == first
+    assert (tmp_path / "killed" / GENERATIONS_FILE).read_bytes() == (tmp_path / "a" / GENERATIONS_FILE).read_bytes()
+
+
+def test_generate_reads_record_sets_and_skips_earlier_rounds_prompts(prompt_file, tiny_model_dir, tmp_path):
+    from tests.records_factory import make_record, write_records_dir
+
+    records = [make_record(f"Question number {i} about topic {i * 7}?", f"good {i}", f"bad {i}", row=i) for i in range(10)]
+    write_records_dir(tmp_path / "curated", {"train": records[:8], "eval": records[8:]})
+    train_prompts = {json.dumps(p) for p in pq.read_table(tmp_path / "curated" / "train.parquet").column("prompt").to_pylist()}
+    rows = _generate(tmp_path / "curated", tiny_model_dir, tmp_path / "round1", max_prompts=4)
+    assert len(rows) == 4 and {json.dumps(r["prompt"]) for r in rows} <= train_prompts
+    later = _generate(tmp_path / "curated", tiny_model_dir, tmp_path / "round2",
+                      exclude_prompts=[str(tmp_path / "round1" / GENERATIONS_FILE)])
+    assert not {r["prompt_id"] for r in later} & {r["prompt_id"] for r in rows}
+    assert len(later) == len(train_prompts) - 4
+
+
+def test_generate_refuses_unusable_input_in_one_line(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UserError, match="no prompts left"):
+        generate(GenerateConfig(prompts=str(empty), policy=str(tiny_model_dir), out=str(tmp_path / "o"), device="cpu"))
+    with pytest.raises(UserError, match="not a record set"):
+        generate(GenerateConfig(prompts=str(tmp_path / "x.csv"), policy=str(tiny_model_dir), out=str(tmp_path / "o")))
+
+
+# ---------------------------------------------------------------------------------------------
+# judge
+
+
+def _write_generations(directory: Path, responses: list[list[dict]]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}], "responses": rs,
+              "policy": "tiny"} for i, rs in enumerate(responses)]
+    (directory / GENERATIONS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return directory
+
+
+def length_reward(prompt, text):
+    """A two-argument judge: longer answers to longer prompts score higher; 'boom' breaks it."""
+    if "boom" in text:
+        raise RuntimeError("cannot score this")
+    return float(len(text)) + 0.0 * len(prompt)
+
+
+def word_count(text):
+    return len(text.split())
+
+
+def test_judge_with_a_function_scores_every_answer_and_quarantines_the_rest(tmp_path):
+    gen = _write_generations(tmp_path / "gen", [
+        [{"text": "short", "finish_reason": "stop"}, {"text": "a longer answer", "finish_reason": "stop"},
+         {"text": "   ", "finish_reason": "stop"}],
+        [{"text": "boom", "finish_reason": "stop"}, {"text": "fine", "finish_reason": "length"}],
+    ])
+    manifest = judge(JudgeConfig(generations=str(gen), out=str(tmp_path / "judged"), reward="tests.test_generate_judge:length_reward"))
+    assert manifest.counts.model_dump() == {"read": 5, "kept": 3, "dropped": {"empty_response": 1, "judge_error": 1}}
+    rows = [json.loads(line) for line in (tmp_path / "judged" / JUDGED_FILE).read_text().splitlines()]
+    assert [[r["score"] for r in row["responses"]] for row in rows] == [[5.0, 15.0], [4.0]]
+    assert rows[1]["responses"][0]["finish_reason"] == "length"  # kept for ingest to decide
+    quarantine = [json.loads(line) for line in (tmp_path / "judged" / QUARANTINE_FILE).read_text().splitlines()]
+    assert [(q["prompt_id"], q["response"], q["reason"]) for q in quarantine] == [("p0", 2, "empty_response"),
+                                                                                 ("p1", 0, "judge_error")]
+    assert "cannot score this" in quarantine[1]["message"]
+    # A one-argument function (what prefdata eval takes) is called with the text alone.
+    one = judge(JudgeConfig(generations=str(gen), out=str(tmp_path / "j1"), reward="tests.test_generate_judge:word_count"))
+    assert one.counts.kept == 4
+
+
+def test_judge_with_a_reward_model_batches_like_it_scores_one_at_a_time(chat_tokenizer_dir, tmp_path):
+    from train.tiny import build_model
+
+    reward_model = build_model(chat_tokenizer_dir, tmp_path / "rm", reward_head=True)
+    texts = ["Paris.", "The capital of France is Paris, a city on the Seine.", "I do not know", "Paris is the capital."]
+    gen = _write_generations(tmp_path / "gen", [[{"text": t, "finish_reason": "stop"} for t in texts]])
+    batched = judge(JudgeConfig(generations=str(gen), out=str(tmp_path / "b"), reward_model=str(reward_model), device="cpu"))
+    single = judge(JudgeConfig(generations=str(gen), out=str(tmp_path / "s"), reward_model=str(reward_model),
+                               batch_size=1, device="cpu"))
+    scores = [[r["score"] for r in json.loads(line)["responses"]] for d in ("b", "s")
+              for line in (tmp_path / d / JUDGED_FILE).read_text().splitlines()]
+    assert batched.counts.kept == single.counts.kept == 4
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5) and len(set(scores[0])) == 4
+    assert all(math.isfinite(s) for s in scores[0])
+    assert batched.stats["reward_model"]["weights_sha256"]
+
+
+def test_judge_needs_exactly_one_judge(tmp_path):
+    with pytest.raises(UserError, match="exactly one"):
+        JudgeConfig(generations="g", out="o")
+    with pytest.raises(UserError, match="cannot import"):
+        judge(JudgeConfig(generations=str(_write_generations(tmp_path / "g", [[]])), out=str(tmp_path / "o"),
+                          reward="no_such_module:f"))
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest of a judged dump
+
+
+@pytest.mark.parametrize(("pairs", "keep_truncated", "expected"), [
+    ("best-vs-worst", False, [(4.0, 1.0)]),
+    ("all", False, [(4.0, 2.0), (4.0, 1.0), (2.0, 1.0)]),
+    ("best-vs-worst", True, [(9.0, 1.0)]),
+])
+def test_ingest_pairs_judged_answers_as_pairs_promises(tmp_path, pairs, keep_truncated, expected):
+    from prefdata.formats.base import FormatOptions
+    from prefdata.ingest import IngestConfig, ingest
+
+    row = {"prompt_id": "p", "prompt": [{"role": "user", "content": "Q?"}], "policy": "tiny", "judge": "j",
+           "responses": [{"text": "two", "finish_reason": "stop", "score": 2.0},
+                         {"text": "cut off mid", "finish_reason": "length", "score": 9.0},
+                         {"text": "four", "finish_reason": "stop", "score": 4.0},
+                         {"text": "one", "finish_reason": "stop", "score": 1.0}]}
+    unscored = {**row, "responses": [{"text": "a", "finish_reason": "stop"}, {"text": "b", "finish_reason": "stop"}]}
+    source = tmp_path / JUDGED_FILE
+    source.write_text(json.dumps(row) + "\n" + json.dumps(unscored) + "\n")
+    manifest = ingest(IngestConfig(inputs=[str(source)], out=str(tmp_path / "rec"), workers=1,
+                                   options=FormatOptions(pairs=pairs, keep_truncated=keep_truncated)))
+    table = pq.read_table(tmp_path / "rec" / "records.parquet").to_pylist()
+    assert [(r["chosen_score"], r["rejected_score"]) for r in table] == expected
+    assert manifest.counts.dropped == {"unscored": 1}
+    assert manifest.stats["skipped"].get("truncated_response", 0) == (0 if keep_truncated else 1)

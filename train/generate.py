@@ -1,0 +1,306 @@
+"""`prefdata generate`: K answers per prompt sampled from a policy, for on-policy preference data.
+
+    prompts ──render (the policy tokenizer's chat template, as tokenize does)──▶ ids
+            ──sorted by length, cut into chunks of `chunk_prompts`──▶ batched `model.generate`
+            ──▶ OUT/chunks/chunk-NNNNN.jsonl (each written atomically) ──▶ OUT/generations.jsonl
+
+Each chunk is sampled under its own seed, derived from (`seed`, chunk number) by numpy's
+SeedSequence, so a killed run that resumes from its finished chunks writes the same file as an
+uninterrupted one (on the same hardware and library versions: sampling on a GPU is not bitwise
+reproducible across them). Prompts are sorted by token length first, so a batch pads little.
+
+A response ends at the first stop token (the tokenizer's EOS and the model's generation-config
+EOS ids); one that reached `max_new_tokens` first has `finish_reason: "length"`, and ingest leaves
+it out unless told otherwise (prefdata.formats.judged). Generation runs on `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.errors import UserError
+from schemas.io import sha256_file, write_text_atomic
+from schemas.manifest import Counts, InputFile, Manifest, package_version
+from schemas.progress import progress
+from schemas.records import RECORD_FILES, Message, prompt_hash
+from schemas.render import make_renderer, prompt_token_ids
+from train.device import select_device, select_dtype
+from train.models import load_causal_lm, model_dir, model_fingerprint
+
+GENERATIONS_FILE = "generations.jsonl"
+CHUNKS_DIR = "chunks"
+INVALID_PROMPT = "invalid_prompt"
+DUPLICATE_PROMPT = "duplicate_prompt"
+EXCLUDED_PROMPT = "excluded_prompt"  # asked by --exclude-prompts (an earlier round's prompts)
+OVER_MAX_PROMPTS = "over_max_prompts"
+
+
+class GenerateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str = Field(description="A record set (ingest/curate output), a shard directory, a .parquet of records, "
+                         "a .jsonl of {\"prompt\": text or messages}, or a .txt with one prompt per line.")
+    policy: str = Field(description="The model that answers: a directory (save_pretrained) or Hub name.")
+    out: str = Field(description="Directory for generations.jsonl and manifest.json.")
+    n: int = Field(4, gt=0, description="Answers sampled per distinct prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
+                         "probability reaches this (1 = off).")
+    max_new_tokens: int = Field(256, gt=0, description="Longest answer; longer ones are cut and marked.")
+    seed: int = Field(0, description="Sampling seed (each chunk's seed derives from it).")
+    batch_size: int = Field(16, gt=0, description="Prompts per generate call (each gives n sequences).")
+    max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct prompts.")
+    split: Literal["train", "eval", "all"] = Field("train", description="Which split of a curated record set.")
+    exclude_prompts: list[str] = Field([], description="generations.jsonl files whose prompts are skipped "
+                                       "(earlier rounds of prefdata iterate).")
+    template: Literal["auto", "chat", "plain"] = Field("auto", description="Prompt rendering, as in prefdata tokenize.")
+    chunk_prompts: int = Field(256, gt=0, description="Prompts per resumable chunk.")
+    device: str = Field("auto", description="auto, cuda, mps or cpu.")
+    dtype: str = Field("auto", description="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def record_files(directory: Path, split: str) -> list[Path]:
+    manifest = Manifest.read(directory)
+    if manifest.stage in ("tokenize", "precompute-ref"):
+        # Shards hold prompt ids, not messages: take the record set they were tokenized from.
+        tokenize_config = manifest.config if manifest.stage == "tokenize" else manifest.stats.get("tokenize", {}).get("config", {})
+        records = Path(tokenize_config.get("input_dir", ""))
+        if not (records / "manifest.json").is_file():
+            raise UserError(f"{directory}: the record set these shards were tokenized from ({records}) is not at hand; "
+                            "pass a record set instead")
+        return record_files(records, split)
+    if manifest.stage not in RECORD_FILES:
+        raise UserError(f"{directory}: a {manifest.stage} output; generate takes a record set, shards, or a prompt file")
+    return [directory / name for name, part in RECORD_FILES[manifest.stage].items()
+            if split == "all" or part == split or manifest.stage == "ingest"]
+
+
+def _jsonl_prompts(path: Path) -> list[Any]:
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not JSON ({exc.msg}); one {{\"prompt\": ...}} object per line") from None
+        prompts.append(row.get("prompt") if isinstance(row, dict) else None)
+    return prompts
+
+
+def raw_prompts(path_text: str, split: str) -> tuple[list[Any], list[InputFile]]:
+    """Every prompt of the input as read (messages, text, or anything invalid), and the files read."""
+    path = Path(path_text)
+    if path.is_dir():
+        files = record_files(path, split)
+    elif path.suffix in (".parquet", ".jsonl", ".txt"):
+        files = [path]
+    else:
+        raise UserError(f"{path_text}: not a record set directory, .parquet, .jsonl or .txt file")
+    prompts: list[Any] = []
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: no such file")
+        if file.suffix == ".parquet":
+            prompts += pq.read_table(file, columns=["prompt"]).column("prompt").to_pylist()
+        elif file.suffix == ".jsonl":
+            prompts += _jsonl_prompts(file)
+        else:
+            prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    inputs = [InputFile(path=str(f), sha256=sha256_file(f), bytes=f.stat().st_size) for f in files]
+    return prompts, inputs
+
+
+def as_messages(prompt: Any) -> list[dict[str, str]] | None:
+    """Validated, normalised prompt messages ending with a user turn; None if it is not one."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    try:
+        messages = [Message.model_validate(m).model_dump() for m in prompt]
+    except (ValidationError, TypeError):
+        return None
+    return messages if messages and messages[-1]["role"] == "user" else None
+
+
+def seen_prompt_ids(files: list[str]) -> set[str]:
+    seen = set()
+    for file in files:
+        with open(file, encoding="utf-8") as fh:
+            seen.update(json.loads(line)["prompt_id"] for line in fh if line.strip())
+    return seen
+
+
+def distinct_prompts(raw: list[Any], exclude: set[str], max_prompts: int | None) -> tuple[list[list[dict]], Counter]:
+    """The distinct valid prompts in first-seen order, and what was left out by reason."""
+    kept: dict[str, list[dict]] = {}
+    dropped: Counter = Counter()
+    for prompt in raw:
+        messages = as_messages(prompt)
+        key = None if messages is None else prompt_hash(messages)
+        reason = (INVALID_PROMPT if messages is None else DUPLICATE_PROMPT if key in kept
+                  else EXCLUDED_PROMPT if key in exclude
+                  else OVER_MAX_PROMPTS if max_prompts is not None and len(kept) >= max_prompts else None)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept[key] = messages
+    return list(kept.values()), dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and the ids the model's generation config stops at (a chat model's
+    end-of-turn token is often only there)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+
+
+def sample_completions(model: Any, prompts: list[np.ndarray], n: int, temperature: float, top_p: float,
+                       max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[np.ndarray]:
+    """`n` completions per prompt (prompt-major), each cut after its first stop token (kept); one
+    without a stop token reached `max_new_tokens`. One `generate` call, prompts left-padded so
+    every row continues from the last column."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+        mask[i, width - len(prompt):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                         temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+                         num_return_sequences=n, eos_token_id=stop_ids, pad_token_id=pad_id)
+    completions = []
+    for row in out[:, width:].cpu().numpy():
+        ends = np.flatnonzero(np.isin(row, stop_ids))
+        completions.append(row[: ends[0] + 1] if len(ends) else row)
+    return completions
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+class Sampling(NamedTuple):
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+
+
+def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: Sampling) -> list[list[dict]]:
+    """`sampling.n` answers to each prompt (token ids, as `prompt_token_ids` renders them):
+    per prompt, a list of {"text", "finish_reason", "tokens"}."""
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    answers = []
+    for start in range(0, len(ids), sampling.batch_size):
+        batch = [np.asarray(i) for i in ids[start:start + sampling.batch_size]]
+        completions = sample_completions(model, batch, sampling.n, sampling.temperature, sampling.top_p,
+                                         sampling.max_new_tokens, stop_ids, pad_id)
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        stopped = [bool(np.isin(c[-1:], stop_ids).any()) for c in completions]
+        responses = [{"text": t.strip(), "finish_reason": "stop" if s else "length", "tokens": len(c)}
+                     for t, s, c in zip(texts, stopped, completions)]
+        answers += [responses[j * sampling.n:(j + 1) * sampling.n] for j in range(len(batch))]
+    return answers
+
+
+def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: list[list[int]], config: GenerateConfig) -> list[str]:
+    """One JSON line per prompt of the chunk, with its `n` answers."""
+    sampling = Sampling(config.n, config.temperature, config.top_p, config.max_new_tokens, config.batch_size)
+    return [json.dumps({"prompt_id": prompt_hash(prompt), "prompt": prompt, "responses": responses,
+                        "policy": config.policy}, ensure_ascii=False) + "\n"
+            for prompt, responses in zip(prompts, answer_prompts(model, tokenizer, ids, sampling))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def generate(config: GenerateConfig) -> Manifest:
+    out = Path(config.out)
+    if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
+        return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
+    raw, inputs = raw_prompts(config.prompts, config.split)
+    prompts, dropped = distinct_prompts(raw, seen_prompt_ids(config.exclude_prompts), config.max_prompts)
+    if not prompts:
+        raise UserError(f"{config.prompts}: no prompts left to answer ({dict(dropped) or 'the input is empty'})")
+    device = select_device(config.device)
+    dtype = select_dtype(config.dtype, device)
+    policy_dir = model_dir(config.policy)
+    model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
+    model.eval()
+    ids = prompt_token_ids(make_renderer(tokenizer, config.template), prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
+    chunks = out / CHUNKS_DIR
+    chunks.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(order), config.chunk_prompts)
+    began, generated_tokens, timed = time.perf_counter(), 0, False
+    with progress("generate", total=len(order)) as bar, torch.inference_mode():
+        for number, start in enumerate(starts):
+            path = chunks / f"chunk-{number:05d}.jsonl"
+            part = order[start:start + config.chunk_prompts]
+            if not path.is_file():  # a finished chunk of a killed run is kept
+                torch.manual_seed(chunk_seed(config.seed, number))
+                lines = _chunk_lines(model, tokenizer, [prompts[i] for i in part], [ids[i] for i in part], config)
+                write_text_atomic(path, "".join(lines))
+                generated_tokens += sum(r["tokens"] for line in lines for r in json.loads(line)["responses"])
+                timed = True
+            bar.advance(len(part))
+    seconds = time.perf_counter() - began
+    return _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
+                   model_fingerprint(policy_dir, config.policy, dtype, device),
+                   generated_tokens / seconds if timed else None)
+
+
+def _finish(config: GenerateConfig, out: Path, starts: range, inputs: list[InputFile], read: int, kept: int,
+            dropped: Counter, policy_fingerprint: Any, tokens_per_s: float | None) -> Manifest:
+    """Join the chunks into generations.jsonl (atomically), then the manifest, then drop the chunks."""
+    chunk_files = [out / CHUNKS_DIR / f"chunk-{n:05d}.jsonl" for n in range(len(starts))]
+    text = "".join(p.read_text(encoding="utf-8") for p in chunk_files)
+    finish_reasons = Counter(r["finish_reason"] for line in text.splitlines() for r in json.loads(line)["responses"])
+    write_text_atomic(out / GENERATIONS_FILE, text)
+    manifest = Manifest(stage="generate", package_version=package_version(), config=config.model_dump(), inputs=inputs,
+                        counts=Counts(read=read, kept=kept, dropped=dict(dropped)), outputs=[GENERATIONS_FILE],
+                        stats={"responses": sum(finish_reasons.values()), "finish_reasons": dict(finish_reasons),
+                               "policy": policy_fingerprint.model_dump(), "tokens_per_s": tokens_per_s},
+                        versions={"torch": torch.__version__, "transformers": _transformers_version()})
+    manifest.write(out)
+    shutil.rmtree(out / CHUNKS_DIR)
+    return manifest
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def summary_lines(manifest: Manifest) -> list[str]:
+    stats, counts = manifest.stats, manifest.counts
+    dropped = ", ".join(f"{k} {v}" for k, v in counts.dropped.items()) or "none"
+    speed = f", {stats['tokens_per_s']:,.0f} tokens/s" if stats.get("tokens_per_s") else ""
+    return [f"generate: {counts.kept} prompts × {manifest.config['n']} = {stats['responses']} responses "
+            f"(finish reasons {stats['finish_reasons']}); prompts left out: {dropped}{speed}",
+            f"wrote {Path(manifest.config['out']) / GENERATIONS_FILE}"]
+
