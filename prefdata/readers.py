@@ -141,13 +141,18 @@ class Source:
             return False
         return self.kind == "jsonl" or (self.kind == "json" and not _is_json_array(self))
 
-    def describe(self, rows: int) -> InputFile:
-        """The manifest's entry: content hash and size for files (a dataset directory or a Hub
-        dataset has no single file to hash)."""
-        if self.kind in ("saved", "hub"):
+    @property
+    def is_file(self) -> bool:
+        """A file has one content hash; a dataset directory or a Hub dataset has none."""
+        return self.kind not in ("saved", "hub")
+
+    def describe(self, rows: int, sha256: str | None = None) -> InputFile:
+        """The manifest's entry: content hash (`sha256`, when the caller has hashed the file
+        already) and size for files."""
+        if not self.is_file:
             location = self.location if self.split is None else f"{self.location}:{self.split}"
             return InputFile(path=location, rows=rows)
-        return InputFile(path=self.location, sha256=sha256_file(self.location),
+        return InputFile(path=self.location, sha256=sha256 or sha256_file(self.location),
                          bytes=os.path.getsize(self.location), rows=rows)
 
 
