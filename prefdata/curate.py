@@ -62,10 +62,10 @@ from schemas.records import RECORD_FILES, RECORD_SCHEMA
 # train/eval.parquet are records plus the prompt cluster they were split by; a later curate run
 # over them keeps those clusters whole.
 CURATED_SCHEMA = RECORD_SCHEMA.append(pa.field("prompt_cluster", pa.string()))
-DROPPED_SCHEMA = CURATED_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("duplicate_of", pa.string()))
+CURATE_DROPPED_SCHEMA = CURATED_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("duplicate_of", pa.string()))
 CURATED_COLUMNS = CURATED_SCHEMA.names
 # Pass 2's spilled rows: the dropped layout plus where each row goes.
-_SPILL_SCHEMA = DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
+_SPILL_SCHEMA = CURATE_DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
 
 # Output row groups have a fixed size, so an output file's bytes depend only on its rows, not on
 # chunk_rows or on how the inputs were split into files.
@@ -121,7 +121,7 @@ def _inputs(paths: list[str]) -> list[InputFile]:
     return inputs
 
 
-def _chunks(inputs: list[InputFile], chunk_rows: int, columns: list[str]) -> Iterator[pa.Table]:
+def _input_chunks(inputs: list[InputFile], chunk_rows: int, columns: list[str]) -> Iterator[pa.Table]:
     """The inputs' records in file order, at most `chunk_rows` at a time, as `columns` of the
     curated layout (a record set without prompt clusters gets null ones)."""
     for item in inputs:
@@ -303,7 +303,7 @@ def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[
     chunks: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
     pos = 0
-    for table in _chunks(inputs, config.chunk_rows, NARROW_INPUT):
+    for table in _input_chunks(inputs, config.chunk_rows, NARROW_INPUT):
         columns, prompt_texts = _narrow_chunk(table, pos, config, eval_grams, sources)
         chunks.append(columns)
         if prompt_texts is not None and prompt_texts.height:
@@ -601,7 +601,7 @@ def _route(table: pa.Table, outputs: dict[int, _ParquetOutput]) -> None:
 
 
 def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig, out_dir: Path, spill: Path) -> dict[int, int]:
-    outputs = {code: _ParquetOutput(out_dir / name, DROPPED_SCHEMA if code == DROPPED else CURATED_SCHEMA)
+    outputs = {code: _ParquetOutput(out_dir / name, CURATE_DROPPED_SCHEMA if code == DROPPED else CURATED_SCHEMA)
                for code, name in _OUTPUT_NAMES.items()}
     annotated = _annotated_chunks(inputs, decisions, config.chunk_rows)
     if decisions.in_order:  # the inputs are already in output order: stream straight through
@@ -617,7 +617,7 @@ def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig,
 
 def _annotated_chunks(inputs: list[InputFile], decisions: _Decisions, chunk_rows: int) -> Iterator[pa.Table]:
     pos = 0
-    for table in _chunks(inputs, chunk_rows, CURATED_COLUMNS):
+    for table in _input_chunks(inputs, chunk_rows, CURATED_COLUMNS):
         yield _annotate(table, decisions.row_of_pos[pos:pos + table.num_rows], decisions)
         pos += table.num_rows
 

@@ -233,7 +233,7 @@ def _shard_table(rows: list[dict], enc: _Encoded, keep: list[int]) -> pa.Table:
     )
 
 
-DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("drop_reason", pa.string()),
+TOKENIZE_DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("drop_reason", pa.string()),
                             ("prompt_tokens", pa.int64()), ("chosen_tokens", pa.int64()), ("rejected_tokens", pa.int64())])
 
 
@@ -244,7 +244,7 @@ DROPPED_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("drop_
 class TokenizedBatch(NamedTuple):
     read: int
     table: pa.Table  # the kept rows, in SHARD_SCHEMA
-    dropped: list[dict]  # DROPPED_SCHEMA rows without their split
+    dropped: list[dict]  # TOKENIZE_DROPPED_SCHEMA rows without their split
     stats: Counter  # token and truncation counts
 
 
@@ -333,7 +333,7 @@ def tokenize(config: TokenizeConfig) -> Manifest:
                 kept += batch.table.num_rows
                 bar.advance(batch.read)
             shards += writer.close()
-        pq.write_table(pa.Table.from_pylist(dropped_rows, schema=DROPPED_SCHEMA), out_dir / "dropped.parquet")
+        pq.write_table(pa.Table.from_pylist(dropped_rows, schema=TOKENIZE_DROPPED_SCHEMA), out_dir / "dropped.parquet")
         manifest = Manifest(
             stage="tokenize",
             package_version=__version__,

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prefdata.curate as curate_module
-from prefdata.curate import CURATED_COLUMNS, CURATED_SCHEMA, DROPPED_SCHEMA, CurateConfig, _degenerate, _fold, _normalised, curate
+from prefdata.curate import CURATE_DROPPED_SCHEMA, CURATED_COLUMNS, CURATED_SCHEMA, CurateConfig, _degenerate, _fold, _normalised, curate
 from prefdata.neardup import (
     PREFILTER_SIGMAS,
     SignatureFile,
@@ -150,7 +150,7 @@ def _reference_curate(config: CurateConfig) -> tuple[dict[str, bytes], dict, dic
     kept = kept.join(is_eval, on="prompt_cluster", how="left", maintain_order="left")
     tables = {"train.parquet": kept.filter(~pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
               "eval.parquet": kept.filter(pl.col("is_eval")).select(CURATED_COLUMNS).to_arrow().cast(CURATED_SCHEMA),
-              "dropped.parquet": dropped.select(DROPPED_SCHEMA.names).to_arrow().cast(DROPPED_SCHEMA)}
+              "dropped.parquet": dropped.select(CURATE_DROPPED_SCHEMA.names).to_arrow().cast(CURATE_DROPPED_SCHEMA)}
     files = {}
     for name, table in tables.items():
         sink = io.BytesIO()

@@ -60,7 +60,7 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
+def _arrow_chunks(column: pa.ChunkedArray | pa.Array) -> list[pa.Array]:
     return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
 
 
@@ -76,7 +76,7 @@ class _ListColumn:
 
     @classmethod
     def from_arrow(cls, column: pa.ChunkedArray | pa.ListArray) -> _ListColumn:
-        arrays = _chunks(column)
+        arrays = _arrow_chunks(column)
         # `offsets` index into `values` even for a sliced array, so the pair stays consistent.
         # zero_copy_only: a column that cannot be viewed (nulls, another type) fails loudly
         # instead of being copied in silence.

@@ -23,7 +23,7 @@ import pyarrow.ipc as ipc
 from schemas.errors import UserError
 from schemas.io import sha256_file
 from schemas.manifest import Manifest
-from schemas.shard import REF_COLUMNS
+from schemas.shard import REF_COLUMNS, SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train.batching import ChunkIndex, TokenColumns
 
 
@@ -87,10 +87,15 @@ class SplitData:
         return self.ref_chosen_logps.take(rows), self.ref_rejected_logps.take(rows)
 
 
-def _read(path: Path) -> pa.Table:
+def read_shard(path: Path) -> pa.Table:
+    """A shard file, with or without reference log-probs; anything else is a UserError."""
     # Memory-mapped: the OS pages the file in as batches touch it instead of reading it up front,
     # and the table's buffers point into the mapping (they keep it alive after this returns).
-    return ipc.open_file(pa.memory_map(str(path))).read_all()
+    table = ipc.open_file(pa.memory_map(str(path))).read_all()
+    schema = table.schema.remove_metadata()
+    if not schema.equals(SHARD_SCHEMA) and not schema.equals(SHARD_WITH_REF_SCHEMA):
+        raise UserError(f"{path}: not a prefdata shard (columns {table.column_names}); re-run prefdata tokenize")
+    return table
 
 
 def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool) -> SplitData | None:
@@ -105,7 +110,7 @@ def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool)
         if sha256_file(path) != shard.sha256:
             raise UserError(f"{path}: sha256 differs from the manifest (changed, truncated or half-written); "
                             f"re-run prefdata {manifest.stage}")
-        tables.append(_read(path))
+        tables.append(read_shard(path))
     # Without promotion, concat_tables only chains the files' chunks: no buffer is copied.
     table = pa.concat_tables(tables, promote_options="none") if len(tables) > 1 else tables[0]
     has_ref = all(name in table.column_names for name in REF_COLUMNS)

@@ -81,12 +81,12 @@ class Position:
     batch_index: int = 0
 
 
-def save_checkpoint(out: Path, position: Position, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> None:
+def save_run_checkpoint(out: Path, position: Position, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> None:
     parallel.save_checkpoint(out / f"checkpoint-{position.step:07d}", scorer, optimizer,
                              {"position": position.__dict__, "scheduler": scheduler.state_dict()}, dist)
 
 
-def restore_state(checkpoint: Path, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> Position:
+def load_run_checkpoint(checkpoint: Path, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> Position:
     state = parallel.load_checkpoint(checkpoint, scorer, optimizer, dist)
     scheduler.load_state_dict(state["scheduler"])
     return Position(**state["position"])
@@ -296,7 +296,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
-    position = restore_state(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
+    position = load_run_checkpoint(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     batches = sampler.iter_from(position.epoch, position.batch_index)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None)
     if dist.is_main:
@@ -346,7 +346,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if eval_data is not None and config.eval_every and position.step % config.eval_every == 0:
                 log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, collate, device, dist, autocast)})
             if config.save_every and position.step % config.save_every == 0:
-                save_checkpoint(out, position, scorer, optimizer, scheduler, dist)
+                save_run_checkpoint(out, position, scorer, optimizer, scheduler, dist)
 
     # --- the end -----------------------------------------------------------------------------
     final_eval = evaluate(config, scorer, eval_data, ref_model, collate, device, dist, autocast) if eval_data is not None else {}
@@ -360,12 +360,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from train.plots import plot_curves
 
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-        _write_manifest(config, manifest, train_data, position, final_eval, out)
+        _write_train_manifest(config, manifest, train_data, position, final_eval, out)
     dist.barrier()
     return {"steps": position.step, **final_eval}
 
 
-def _write_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position,
+def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position,
                     final_eval: dict[str, Any], out: Path) -> None:
     import transformers
 

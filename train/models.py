@@ -38,7 +38,7 @@ def model_dir(name_or_path: str) -> Path:
         raise UserError(f"model {name_or_path}: cannot fetch it ({type(exc).__name__}); pass a local model directory") from None
 
 
-def _hash_files(paths: list[Path]) -> str:
+def _files_digest(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path, file_sha in zip(paths, sha256_files_cached(paths)):
         digest.update(f"{path.name}\0{file_sha}\n".encode())
@@ -53,7 +53,7 @@ def model_fingerprint(directory: Path, name_or_path: str, dtype: torch.dtype, de
     if not config.is_file() or not weights:
         raise UserError(f"model {name_or_path}: needs config.json and *.safetensors (or *.bin) weights in {directory}")
     return ModelFingerprint(name_or_path=name_or_path, config_sha256=sha256_file(config),  # small: not cached
-                            weights_sha256=_hash_files(weights), dtype=dtype_name(dtype), device_type=device.type)
+                            weights_sha256=_files_digest(weights), dtype=dtype_name(dtype), device_type=device.type)
 
 
 def same_weights(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
@@ -61,7 +61,7 @@ def same_weights(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
     return a is not None and (a.config_sha256, a.weights_sha256) == (b.config_sha256, b.weights_sha256)
 
 
-def load_tokenizer(directory: Path, name_or_path: str) -> Any:
+def load_model_tokenizer(directory: Path, name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
@@ -73,7 +73,7 @@ def load_tokenizer(directory: Path, name_or_path: str) -> Any:
 
 def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFingerprint | None) -> Any:
     """The model's tokenizer must be the one the shards were made with; returns it."""
-    tokenizer = load_tokenizer(directory, name_or_path)
+    tokenizer = load_model_tokenizer(directory, name_or_path)
     if expected is not None and tokenizer_fingerprint(tokenizer, name_or_path).files_sha256 != expected.files_sha256:
         raise UserError(f"model {name_or_path}: its tokenizer differs from the one the shards were made with "
                         f"({expected.name_or_path}); re-run prefdata tokenize with --tokenizer {name_or_path}")
@@ -102,7 +102,7 @@ def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, devic
         raise UserError(f"model {name_or_path}: cannot load it: {_first_line(exc)}") from None
     model = model.to(device) if weights else model
     check_scoring_matches_forward(model, name_or_path)
-    return model, load_tokenizer(directory, name_or_path)
+    return model, load_model_tokenizer(directory, name_or_path)
 
 
 def check_scoring_matches_forward(model: Any, name_or_path: str) -> None:

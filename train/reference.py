@@ -39,6 +39,7 @@ from schemas.progress import progress
 from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train import parallel
 from train.batching import Collator, TokenColumns, collate_pairs, processed_tokens, token_budget_batches
+from train.data import read_shard
 from train.device import dtype_name, select_device, select_dtype
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
@@ -147,14 +148,6 @@ def _needs_work(shards_dir: Path, shard: ShardFile, upstream: Manifest, referenc
     return force or not (upstream.stage == "precompute-ref" and same_reference(upstream.reference, reference))
 
 
-def _read_table(path: Path) -> pa.Table:
-    with pa.memory_map(str(path)) as source:
-        table = ipc.open_file(source).read_all()
-    if not table.schema.remove_metadata().equals(SHARD_SCHEMA) and not table.schema.remove_metadata().equals(SHARD_WITH_REF_SCHEMA):
-        raise UserError(f"{path}: not a prefdata shard (columns {table.column_names}); re-run prefdata tokenize")
-    return table
-
-
 def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
     if columns.max_token_id() >= vocab_size:
         raise UserError(f"{path}: token id {columns.max_token_id()} but the model's vocabulary has {vocab_size} "
@@ -163,7 +156,7 @@ def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
         raise UserError(f"{path}: a row has an empty prompt or answer, which has no log-prob; re-run prefdata tokenize")
 
 
-def _score(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], collate: Collator,
+def _score_batches(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], collate: Collator,
            device: torch.device, bar: Any) -> tuple[np.ndarray, np.ndarray]:
     """Log-probs of the rows of the batches that count; 0 elsewhere (other processes' rows)."""
     chosen = np.zeros(len(columns), dtype=np.float32)
@@ -221,7 +214,7 @@ def _verify_picks(shards: list[ShardFile], n: int, seed: int) -> dict[str, np.nd
     return {s.name: picks[(picks >= lo) & (picks < hi)] - lo for s, lo, hi in zip(shards, bounds[:-1], bounds[1:])}
 
 
-class _Scorer:
+class _LazyReference:
     """The model, loaded the first time a shard needs it (a finished re-run never loads it).
     Under FSDP it is sharded over the processes, which then score each shard together."""
 
@@ -253,7 +246,7 @@ class _Scorer:
         """Scores one shard; the process that writes it (each its own, or rank 0 under FSDP)
         returns its marker."""
         path = shards_dir / name
-        table = _read_table(path)
+        table = read_shard(path)
         columns = TokenColumns.from_table(table)
         _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
         # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
@@ -264,7 +257,7 @@ class _Scorer:
         start = time.perf_counter()
         # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
         with torch.no_grad():
-            chosen, rejected = _score(self._scoring, columns, shares, Collator(self.pad_id, shared), self.device, bar)
+            chosen, rejected = _score_batches(self._scoring, columns, shares, Collator(self.pad_id, shared), self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
             seconds = time.perf_counter() - start
@@ -304,7 +297,7 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
     ranks.barrier()  # every process has read the shards' state before any is rewritten
     result = PrecomputeResult(upstream, skipped=[s.name for s in mine if s not in todo])
     picks = _verify_picks(upstream.shards, config.verify, config.seed)
-    scorer = _Scorer(model_dir, config, dtype, device, ranks)
+    scorer = _LazyReference(model_dir, config, dtype, device, ranks)
     for shard in todo:  # a kill -9 leaves its atomic_path temp file behind
         for stale in shards_dir.glob(f".tmp-{shard.name}.*"):
             stale.unlink(missing_ok=True)  # under FSDP every process clears the same files

@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from prefdata.formats.base import (
+    INVALID_LABEL,
     NULL_VALUE,
     WRONG_TYPE,
     Candidate,
@@ -31,7 +32,6 @@ from prefdata.formats.base import (
 )
 from prefdata.pairing import TIE
 
-INVALID_LABEL = "invalid_label"
 INVALID_TURNS = "invalid_json"
 
 

@@ -27,6 +27,7 @@ NULL_VALUE = "null_value"
 WRONG_TYPE = "wrong_type"
 UNSUPPORTED_ROLE = "unsupported_role"
 UNSUPPORTED_CONTENT = "unsupported_content"
+INVALID_LABEL = "invalid_label"  # a preference label that is not one of the format's values
 
 Candidate = dict[str, Any]
 Messages = list[dict[str, str]]

@@ -37,14 +37,14 @@ from prefdata.pairing import LOW_MARGIN, TIE, Scored, pair_up
 from schemas.errors import UserError
 
 TURN_MARKER = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
-ROLES = {"User": "user", "Assistant": "assistant"}
+HELPSTEER_ROLES = {"User": "user", "Assistant": "assistant"}
 WEIGHTS = {"helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46, "complexity": 0.47, "verbosity": -0.33}
 
 
 def _prompt(value: str) -> Messages:
     parts = TURN_MARKER.split(value)
     turns = [message("user", parts[0])]
-    turns += [message(ROLES[name], content) for name, content in zip(parts[1::2], parts[2::2])]
+    turns += [message(HELPSTEER_ROLES[name], content) for name, content in zip(parts[1::2], parts[2::2])]
     return turns
 
 
@@ -66,7 +66,7 @@ class HelpSteer2PreferenceFormat(Format):
                  "rejected": answer(rejected), "meta": {"preference_strength": strength}}]
 
 
-def _rating(row: dict[str, Any], name: str, where: str) -> float:
+def _attribute_rating(row: dict[str, Any], name: str, where: str) -> float:
     value = field(row, name, f"{where}.")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FormatError(WRONG_TYPE, f"'{where}.{name}' must be a number, got {value!r}")
@@ -86,8 +86,8 @@ class HelpSteer2Format(Format):
 
     def _score(self, row: dict[str, Any], where: str) -> float:
         if self.rule == "helpfulness":
-            return _rating(row, "helpfulness", where)
-        return sum(weight * _rating(row, name, where) for name, weight in WEIGHTS.items())
+            return _attribute_rating(row, "helpfulness", where)
+        return sum(weight * _attribute_rating(row, name, where) for name, weight in WEIGHTS.items())
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         rows = [as_dict(r, f"rows[{i}]") for i, r in enumerate(row["rows"])]

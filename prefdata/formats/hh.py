@@ -57,7 +57,7 @@ def prompt_turns(prefix: str, user: str = "Human", assistant: str = "Assistant")
     return [message(roles[n], c) for n, c in zip(names, contents)]
 
 
-def _normalised(turns: Messages) -> list[tuple[str, str]]:
+def _normalised_turns(turns: Messages) -> list[tuple[str, str]]:
     return [(m["role"], normalize_text(m["content"])) for m in turns]
 
 
@@ -74,6 +74,6 @@ class HHFormat(Format):
         rejected_prefix, rejected = _last_turn(text(field(row, "rejected"), "rejected"), "rejected")
         prompt = prompt_turns(chosen_prefix)
         # Byte-equal prefixes are the norm; otherwise tolerate differences in surrounding whitespace only.
-        if rejected_prefix != chosen_prefix and _normalised(prompt_turns(rejected_prefix)) != _normalised(prompt):
+        if rejected_prefix != chosen_prefix and _normalised_turns(prompt_turns(rejected_prefix)) != _normalised_turns(prompt):
             raise FormatError(HH_PREFIX_MISMATCH, "chosen and rejected differ before the last Assistant turn")
         return [{"prompt": prompt, "chosen": answer(chosen), "rejected": answer(rejected)}]

@@ -34,7 +34,7 @@ UNSCORED = "unscored"
 TRUNCATED_RESPONSE = "truncated_response"
 
 
-def _score(response: dict[str, Any], where: str) -> float:
+def _response_score(response: dict[str, Any], where: str) -> float:
     if "score" not in response:
         raise FormatError(UNSCORED, f"'{where}' has no score: run prefdata judge on this dump first")
     score = response["score"]
@@ -53,7 +53,7 @@ class JudgedFormat(Format):
         for i, response in enumerate(as_list(field(row, "responses"), "responses")):
             where = f"responses[{i}]"
             response = as_dict(response, where)
-            score = _score(response, where)
+            score = _response_score(response, where)
             if response.get("finish_reason") == "length" and not self.options.keep_truncated:
                 yield Skipped(TRUNCATED_RESPONSE)
                 continue

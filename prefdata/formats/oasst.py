@@ -39,7 +39,7 @@ from prefdata.pairing import Scored, pair_up
 DELETED = "deleted"
 REVIEW_FAILED = "review_failed"
 OTHER_LANG = "other_lang"
-ROLES = {"prompter": "user", "assistant": "assistant"}
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
 def _size(node: dict[str, Any]) -> int:
@@ -47,7 +47,7 @@ def _size(node: dict[str, Any]) -> int:
     return 1 + sum(_size(r) for r in node.get("replies") or [] if isinstance(r, dict))
 
 
-def _rank(node: dict[str, Any], where: str) -> float | None:
+def _node_rank(node: dict[str, Any], where: str) -> float | None:
     rank = node.get("rank")
     if rank is None:
         return None
@@ -79,9 +79,9 @@ class OasstTreeFormat(Format):
     def _visit(self, node: dict[str, Any], path: list[dict[str, str]], where: str,
                tree: str) -> Iterator[Candidate | Skipped]:
         role = text(field(node, "role", f"{where}."), f"{where}.role")
-        if role not in ROLES:
+        if role not in OASST_ROLES:
             raise FormatError(UNSUPPORTED_ROLE, f"'{where}.role' is '{role}'; OASST roles are prompter, assistant")
-        here = [*path, message(ROLES[role], text(field(node, "text", f"{where}."), f"{where}.text"))]
+        here = [*path, message(OASST_ROLES[role], text(field(node, "text", f"{where}."), f"{where}.text"))]
         replies = []
         for i, reply in enumerate(as_list(node.get("replies") or [], f"{where}.replies")):
             reply = as_dict(reply, f"{where}.replies[{i}]")
@@ -98,7 +98,7 @@ class OasstTreeFormat(Format):
     def _pairs(self, prompt: list[dict[str, str]], replies: list[tuple[str, dict[str, Any]]],
                tree: str) -> Iterator[Candidate | Skipped]:
         ranked = [Scored(-rank, (where, reply)) for where, reply in replies
-                  if reply.get("role") == "assistant" and (rank := _rank(reply, where)) is not None]
+                  if reply.get("role") == "assistant" and (rank := _node_rank(reply, where)) is not None]
         if len(ranked) < 2:
             return
         try:

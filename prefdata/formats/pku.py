@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefdata.formats.base import Candidate, Format, FormatError, answer, field, message, text
-
-INVALID_LABEL = "invalid_label"
+from prefdata.formats.base import INVALID_LABEL, Candidate, Format, FormatError, answer, field, message, text
 
 
 class PKUSafeRLHFFormat(Format):

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefdata.formats.base import Candidate, Format, FormatError, answer, field, message, text
+from prefdata.formats.base import INVALID_LABEL, Candidate, Format, FormatError, answer, field, message, text
 from prefdata.formats.hh import prompt_turns
 
-INVALID_LABEL = "invalid_label"
 LOW_SCORE_RATIO = "low_score_ratio"
 NO_SCORE_RATIO = "no_score_ratio"
 
@@ -29,7 +28,7 @@ def _history(history: str) -> list[dict[str, str]]:
     return [message("user", history)]
 
 
-def _number(value: Any, where: str) -> float | None:
+def _optional_number(value: Any, where: str) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -38,7 +37,7 @@ def _number(value: Any, where: str) -> float | None:
 
 
 def _score_ratio(row: dict[str, Any], score_a: float | None, score_b: float | None) -> float | None:
-    ratio = _number(row.get("score_ratio"), "score_ratio")
+    ratio = _optional_number(row.get("score_ratio"), "score_ratio")
     if ratio is None and score_a is not None and score_b is not None and min(score_a, score_b) > 0:
         ratio = max(score_a, score_b) / min(score_a, score_b)
     return ratio
@@ -53,7 +52,7 @@ class SHPFormat(Format):
         if label not in (0, 1) or isinstance(label, float) and not label.is_integer():
             raise FormatError(INVALID_LABEL, f"'labels' must be 1 (A preferred) or 0 (B preferred), got {label!r}")
         a, b = text(field(row, "human_ref_A"), "human_ref_A"), text(field(row, "human_ref_B"), "human_ref_B")
-        score_a, score_b = _number(row.get("score_A"), "score_A"), _number(row.get("score_B"), "score_B")
+        score_a, score_b = _optional_number(row.get("score_A"), "score_A"), _optional_number(row.get("score_B"), "score_B")
         minimum = self.options.min_score_ratio
         if minimum is not None:
             ratio = _score_ratio(row, score_a, score_b)
