@@ -56,13 +56,9 @@ def prompt_hash(prompt: list[Message] | list[dict[str, str]]) -> str:
     return _stable_hash(_pairs(prompt))
 
 
-def record_id(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
+def _pair_id(prompt: list[list[str]], chosen: list[list[str]], rejected: list[list[str]]) -> str:
     """Content hash of the pair. Scores and provenance are left out: the same comparison from two
     dumps is the same record."""
-    return _pair_id(_pairs(prompt), _pairs(chosen), _pairs(rejected))
-
-
-def _pair_id(prompt: list[list[str]], chosen: list[list[str]], rejected: list[list[str]]) -> str:
     return _stable_hash([prompt, chosen, rejected])
 
 
@@ -132,18 +128,6 @@ class PreferenceRecord(BaseModel):
             raise PydanticCustomError(ID_MISMATCH, "id does not match the record's content")
         return self
 
-    def to_row(self) -> dict[str, Any]:
-        """The record as a row of RECORD_SCHEMA (meta as a JSON string: polars has no map type)."""
-        row = self.model_dump()
-        row["meta"] = _meta_json(self.meta)
-        return row
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> PreferenceRecord:
-        row = dict(row)
-        row["meta"] = json.loads(row.get("meta") or "{}")
-        return cls.model_validate(row)
-
 
 # The record files each record-set stage writes, and the split each holds (an ingest output is not
 # split yet: all of it trains). Every stage that reads record sets finds them here.
@@ -188,6 +172,7 @@ def records_to_table(records: list[PreferenceRecord]) -> pa.Table:
 
 
 def _meta_json(meta: dict[str, Any]) -> str:
+    # A JSON string, not a map column: polars has no map type.
     return json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else "{}"
 
 

@@ -18,6 +18,7 @@ from train.batching import (
     token_budget_batches,
 )
 from train.logprobs import SequenceScorer, sequence_logps
+from train.losses import sft_loss
 
 
 def _columns(prompts, chosens, rejecteds) -> TokenColumns:
@@ -109,7 +110,7 @@ def test_gradients_equal_those_of_the_naive_computation(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-def test_chosen_nll_is_the_token_mean_over_chosen_completions():
+def test_sft_loss_of_the_logps_is_the_token_mean_nll_over_chosen_completions():
     model = _tiny("llama")
     batch = collate_pairs(_random_columns(4, vocab=96, seed=4), np.arange(4), pad_id=0)
     with torch.inference_mode():
@@ -117,7 +118,7 @@ def test_chosen_nll_is_the_token_mean_over_chosen_completions():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     token = logits[:4, :-1].log_softmax(-1).gather(-1, batch.input_ids[:4, 1:, None]).squeeze(-1)
     expected = -token[batch.completion_mask[:4, 1:]].mean()
-    assert out.chosen_nll.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert sft_loss(out.chosen, out.chosen_tokens).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_bfloat16_model_returns_float32_close_to_float32_model():

@@ -42,11 +42,6 @@ class SequenceLogps:
     chosen_tokens: torch.Tensor  # [B] int64, completion tokens scored (IPO's length average)
     rejected_tokens: torch.Tensor  # [B] int64
 
-    @property
-    def chosen_nll(self) -> torch.Tensor:
-        """Mean NLL per chosen completion token over the batch: the SFT term of RPO (TRL's `sft`)."""
-        return -self.chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
-
 
 def _final_logits(logits: torch.Tensor, config: Any) -> torch.Tensor:
     """What some architectures do to the LM head's output inside their forward; we bypass that
