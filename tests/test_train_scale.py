@@ -155,6 +155,9 @@ def test_lora_on_two_processes_equals_one_process(shards, tiny_model_dir, tmp_pa
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     assert abs(_losses(one)[-1] - np.log(2)) > 1e-3  # the adapters moved the policy
     # The adapters; then the merged models (merged in place unsharded, from a fresh base under FSDP).
+    # LoRA's A gets gradients only once B (initialised to 0) has moved, in the last steps here
+    # (warmup starts at lr 0); AdamW's first update of a weight whose gradient is near its ε (1e-8)
+    # magnifies the rounding that differs between one process and two. 5e-5 is far below a step (lr 2e-2).
     for folder in ("final", "final-merged"):
         for name, value in _weights(one / folder).items():
-            torch.testing.assert_close(_weights(two / folder)[name], value, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(_weights(two / folder)[name], value, atol=5e-5, rtol=1e-4)

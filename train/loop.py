@@ -60,18 +60,17 @@ def _autocast(device: torch.device, compute_dtype: torch.dtype) -> Any:
 # Schedule, checkpoints, metrics
 
 
-def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_fraction = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress_fraction, 1.0)))
-        if kind == "linear":
-            return max(0.0, 1 - progress_fraction)
-        return 1.0
+# TrainConfig.lr_schedule → transformers' schedule; each warms up linearly from 0 first.
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
-    return factor
+
+def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """transformers' schedules (the same learning rates as a Trainer run with these settings);
+    their state goes into each checkpoint."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=total_steps)
 
 
 @dataclass
@@ -295,7 +294,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
+    scheduler = lr_scheduler(config, optimizer, total_steps)
     position = load_run_checkpoint(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     batches = sampler.iter_from(position.epoch, position.batch_index)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None)
