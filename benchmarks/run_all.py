@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_curate, bench_ingest, bench_memory, bench_neardup, bench_precompute, bench_train  # noqa: E402
+from schemas.cpus import usable_cpus  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
@@ -153,11 +154,12 @@ def run(size: str, work: Path) -> dict:
     repeats = sizes["repeats"]
     rows: list[dict] = []
 
+    cores = usable_cpus()  # ours defaults to one worker per usable CPU: the peers get as many
     raw = work / "hh.jsonl"
     bench_ingest.write_rows(raw, sizes["ingest_rows"])
     (work / "hf-cache").mkdir()
-    ingest = alternate(bench_ingest.commands(raw, work / "ingest", work / "hf-cache", os.cpu_count()), repeats)
-    n, peer = sizes["ingest_rows"], f"datasets json+map(num_proc={os.cpu_count()})"
+    ingest = alternate(bench_ingest.commands(raw, work / "ingest", work / "hf-cache", cores), repeats)
+    n, peer = sizes["ingest_rows"], f"datasets json+map(num_proc={cores})"
     rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], peer, "≥ 1× the peer"),
              row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], peer,
                  "< 1 GiB", False)]
@@ -175,13 +177,13 @@ def run(size: str, work: Path) -> dict:
                  "--out", str(work / "tok-out"), "--max-length", "4096", "--max-prompt-length", "2048"],
         "peer": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
                       cache=str(work / "hf-cache")),
-        # Ours uses one process per core by default; the peer given the same cores.
+        # Ours uses one process per usable CPU by default; the peer given as many.
         "peer-procs": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
-                            cache=str(work / "hf-cache"), num_proc=os.cpu_count()),
+                            cache=str(work / "hf-cache"), num_proc=cores),
     }, repeats)
     stats = json.loads((work / "tok-out" / "manifest.json").read_text())["stats"]
     ours_tps = (stats["prompt_tokens"] + stats["completion_tokens"]) / tokenize["ours"]["seconds"]
-    for peer, name in (("peer", "datasets map(batched)"), ("peer-procs", f"datasets map(batched, num_proc={os.cpu_count()})")):
+    for peer, name in (("peer", "datasets map(batched)"), ("peer-procs", f"datasets map(batched, num_proc={cores})")):
         rows.append(row("tokenize", "tokens/s", ours_tps, tokenize[peer]["tokens"] / tokenize[peer]["seconds"], name,
                         "faster than the peer"))
 

@@ -14,7 +14,6 @@ right. Every drop is counted and listed in `dropped.parquet`.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefdata import __version__
 from prefdata.pool import OrderedPool, prestart
+from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import atomic_dir, sha256_file
@@ -56,7 +56,7 @@ class TokenizeConfig(BaseModel):
     rows_per_shard: int = Field(50_000, gt=0)
     batch_rows: int = Field(1024, gt=0)
     # Processes that render and encode (the chat template is Python, so threads would not help).
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    workers: int = Field(default_factory=usable_cpus, gt=0)
 
     @model_validator(mode="after")
     def _lengths(self) -> TokenizeConfig:
