@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0)  # 0: only the final model
     resume: bool = False
     check_reference_rows: int = Field(4, ge=0)  # step-0 stale-shard check when policy == reference
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Also send metrics.jsonl's records to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
+        "unless WANDB_MODE is set).")
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod

@@ -34,6 +34,7 @@ from train.distributed import Dist
 from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
 from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+from train.tracking import Tracker, open_tracker
 
 
 class TrainingDiverged(UserError):
@@ -92,20 +93,29 @@ def load_run_checkpoint(checkpoint: Path, scorer: Any, optimizer: Any, scheduler
 
 
 class MetricsLog:
-    """metrics.jsonl, one line per logged step or eval; on resume, lines past the checkpoint go."""
+    """metrics.jsonl, one line per logged step or eval, and the same records to the `--report-to`
+    tracker; on resume, lines past the checkpoint go."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tracker: Tracker | None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if enabled and resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif enabled:
             path.write_text("")
+        if tracker is not None:
+            tracker.start(resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +267,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     np.random.seed(config.seed)
     compute_dtype = _compute_dtype(device, config.dtype)
     autocast = _autocast(device, compute_dtype)
+    # Opened before the model loads: a tracker whose package is missing stops the run at once.
+    tracker = open_tracker(config.report_to, out, config.model_dump()) if dist.is_main else None
 
     needs_stored_ref = config.needs_reference and config.reference == "precomputed"
     manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
@@ -297,7 +309,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scheduler = lr_scheduler(config, optimizer, total_steps)
     position = load_run_checkpoint(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     batches = sampler.iter_from(position.epoch, position.batch_index)
-    log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None)
+    log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None, tracker)
     if dist.is_main:
         config.save(out)
 
@@ -356,6 +368,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if dist.is_main:
         if final_eval:
             log.write({"step": position.step, **final_eval})
+        log.close()
         from train.plots import plot_curves
 
         plot_curves(out / "metrics.jsonl", out / "curves.png")
@@ -376,7 +389,8 @@ def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: Spl
         config=config.model_dump(),
         inputs=[InputFile(path=str(Path(config.shards) / MANIFEST_NAME), rows=len(train_data))],
         counts=Counts(read=len(train_data), kept=len(train_data)),
-        outputs=["final", *(["final-merged"] if config.lora_r else []), "metrics.jsonl", "curves.png", "config.yaml"],
+        outputs=["final", *(["final-merged"] if config.lora_r else []), "metrics.jsonl", "curves.png", "config.yaml",
+                 *([config.report_to] if config.report_to != "none" else [])],  # the tracker's directory
         tokenizer=shards.tokenizer,
         reference=shards.reference,
         stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval,
