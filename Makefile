@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test lint demo train bench bench-quick gpu-check clean
+.PHONY: venv test lint demo train iterate bench bench-quick gpu-check clean
 
 venv: $(STAMP)
 
@@ -37,10 +37,19 @@ train: $(STAMP)
 	@test -n "$(SHARDS)" -a -n "$(MODEL)" || { echo "usage: make train SHARDS=DIR MODEL=PATH [OUT=DIR] [CONFIG=file.yaml] [ARGS=...]" >&2; exit 2; }
 	$(PY) -m train --shards "$(SHARDS)" --model "$(MODEL)" --out "$(OUT)" $(if $(CONFIG),--config "$(CONFIG)") $(ARGS)
 
-# The DPO paper's sentiment experiment in miniature, on generated data (prefdata/demo.py); ~5 min on 2 CPU cores.
+# make iterate PROMPTS=DIR POLICY=PATH (REWARD=module:function | REWARD_MODEL=PATH) [ROUNDS=2] [ITERATE_OUT=DIR] [ARGS=...]
+# On-policy rounds: generate → judge → ingest → curate → tokenize → precompute-ref → train, per round (prefdata/iterate.py).
+ROUNDS ?= 2
+ITERATE_OUT ?= runs/iterate
+iterate: $(STAMP)
+	@test -n "$(PROMPTS)" -a -n "$(POLICY)" -a -n "$(REWARD)$(REWARD_MODEL)" || { echo "usage: make iterate PROMPTS=DIR POLICY=PATH (REWARD=module:function | REWARD_MODEL=PATH) [ROUNDS=N] [ITERATE_OUT=DIR] [ARGS=...]" >&2; exit 2; }
+	$(BIN)/prefdata iterate --prompts "$(PROMPTS)" --policy "$(POLICY)" --out "$(ITERATE_OUT)" --rounds $(ROUNDS) \
+		$(if $(REWARD),--reward "$(REWARD)") $(if $(REWARD_MODEL),--reward-model "$(REWARD_MODEL)") $(ARGS)
+
+# The DPO paper's sentiment experiment in miniature on generated data, then on-policy rounds (demo/pipeline.py, demo/rounds.py).
 DEMO_OUT ?= runs/demo
 demo: $(STAMP)
-	$(PY) -m prefdata.demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
+	$(PY) -m demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
 
 # Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → bench.json, bench.md.
 bench: $(STAMP)

@@ -6,6 +6,7 @@ Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, N optimizer st
 Activation checkpointing is named in every variant, so each ratio compares like with like:
     ours                 `train()`, stored reference, prefix sharing (default), no checkpointing
     ours-unshared        the same with --prefix-sharing off (what sharing buys)
+    ours-packed          the same with --packing: each batch one padding-free row (a dense block mask here)
     ours-live            ours with `--reference live` (the reference model runs every step)
     ours-ckpt            ours with activation checkpointing
     trl-precompute       TRL DPOTrainer(precompute_ref_log_probs=True), no checkpointing
@@ -48,13 +49,13 @@ from benchmarks.bench_precompute import (  # noqa: E402
 )
 from benchmarks.bench_precompute import run_ours as precompute_ours  # noqa: E402
 
-VARIANTS = ("ours", "ours-unshared", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
+VARIANTS = ("ours", "ours-unshared", "ours-packed", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-6
 
 
 def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool, checkpointing: bool = False,
-               sharing: bool = True) -> dict:
+               sharing: bool = True, packing: bool = False) -> dict:
     """Our trainer, logging every step; steps 2..N of its metrics lines are the timed window."""
     from train.config import TrainConfig
     from train.loop import train
@@ -62,7 +63,7 @@ def train_ours(model: Path, shards: Path, steps: int, out: Path, live: bool, che
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), reference="live" if live else "precomputed",
                          batch_size=BATCH_SIZE, max_steps=steps, log_every=1, learning_rate=LEARNING_RATE,
                          gradient_checkpointing=checkpointing, prefix_sharing="auto" if sharing else "off",
-                         device=bench_device(), dtype="float32")
+                         packing=packing, device=bench_device(), dtype="float32")
     train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
@@ -94,7 +95,7 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) ->
     checkpointing = variant.endswith("-ckpt")
     if variant.startswith("ours"):
         result = train_ours(model, shards, steps, out, live=variant == "ours-live", checkpointing=checkpointing,
-                            sharing=variant != "ours-unshared")
+                            sharing=variant != "ours-unshared", packing=variant == "ours-packed")
     else:
         result = train_trl(model, shards, steps, out, precompute=variant.startswith("trl-precompute"), checkpointing=checkpointing)
     return {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -133,7 +134,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     tps = {variant: results[variant]["tokens_per_s"] for variant in VARIANTS}
     return {"vs_trl_precompute": tps["ours"] / tps["trl-precompute"], "vs_trl_live": tps["ours"] / tps["trl-live"],
             "ckpt_vs_trl_precompute_ckpt": tps["ours-ckpt"] / tps["trl-precompute-ckpt"],
-            "prefix_sharing_speedup": tps["ours"] / tps["ours-unshared"],
+            "prefix_sharing_speedup": tps["ours"] / tps["ours-unshared"], "packing_speedup": tps["ours-packed"] / tps["ours"],
             "rss_ckpt_vs_trl_precompute_ckpt": results["ours-ckpt"]["peak_rss_mib"] / results["trl-precompute-ckpt"]["peak_rss_mib"]}
 
 

@@ -17,6 +17,8 @@ Rows (ours | peer):
                     labelled set of tests/test_neardup.py (precision, recall, seconds)
     memory          peak RSS per process of DDP, FSDP2, LoRA | TRL DPOTrainer precompute, with
                     peft_config; ~100M-parameter Llama, 2 processes (bench_memory.py)
+    generate        prefdata generate | a plain model.generate loop, one prompt at a time; judge in
+                    responses/s with a reward model and with a function (bench_generate.py)
 Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
 peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out.
 TRL and psutil come from the optional `.[bench]` extra.
@@ -38,7 +40,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_curate, bench_ingest, bench_memory, bench_neardup, bench_precompute, bench_train  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_curate,
+    bench_generate,
+    bench_ingest,
+    bench_memory,
+    bench_neardup,
+    bench_precompute,
+    bench_train,
+)
 from schemas.cpus import usable_cpus  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
@@ -193,6 +203,11 @@ def run(size: str, work: Path) -> dict:
     for rows_set in ("uniform", "hh"):
         set_rows, train_runs[rows_set] = model_stages(work / f"model-{rows_set}", rows_set, sizes, repeats, flops)
         rows += set_rows
+    generated = bench_generate.run(quick=size == "quick", work=work / "generate")
+    rows += [row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated["plain"]["tokens_per_s"],
+                 "plain model.generate loop", "faster than the loop"),
+             *(row(f"judge ({name})", "responses/s", rate, None, "—", "—")
+               for name, rate in generated["judge_responses_per_s"].items())]
     neardup = bench_neardup.run(speed_rows=sizes["neardup_speed_rows"])
     memory = bench_memory.run(quick=size == "quick", procs=2, steps=3, work=work / "memory")
     return {"size": size, "machine": machine(), "matmul_gflops": flops / 1e9, "model_parameters": params,
@@ -231,7 +246,9 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
              row(f"{stage}, checkpointing both sides", "peak RSS MiB", train["ours-ckpt"]["peak_rss_mib"],
                  train["trl-precompute-ckpt"]["peak_rss_mib"], "TRL precompute", "≤ TRL precompute", False),
              row(f"{stage}, --reference live, no checkpointing", "tokens/s", tps["ours-live"], tps["trl-live"], "TRL live", "—"),
-             row(f"{stage}, prefix sharing on ÷ off", "tokens/s", tps["ours"], tps["ours-unshared"], "ours, --prefix-sharing off", "—")]
+             row(f"{stage}, prefix sharing on ÷ off", "tokens/s", tps["ours"], tps["ours-unshared"], "ours, --prefix-sharing off", "—"),
+             row(f"{stage}, --packing (dense block mask) ÷ padded rows", "tokens/s", tps["ours-packed"], tps["ours"],
+                 "ours, prefix-shared padded rows", "—")]
     params = _parameters(model)
     # MFU counts the FLOPs actually computed: ours' computed tokens (the shared prompt once).
     # TRL's side counts its real tokens, not its padding nor its full-vocabulary head: a lower bound.

@@ -1,5 +1,5 @@
-"""`make demo` (`python -m prefdata.demo --out runs/demo [--quick]`): the whole pipeline on the
-built-in sentiment task (prefdata.demo_data), ending with the DPO paper's Figure 2 (left) in
+"""`make demo` (`python -m demo --out runs/demo [--quick]`): the whole pipeline on the
+built-in sentiment task (demo.data), ending with the DPO paper's Figure 2 (left) in
 miniature: mean reward against KL(π‖π_ref) for DPO at several β and the Preferred-FT baseline.
 
 Stages, each printing its own summary:
@@ -11,52 +11,63 @@ Stages, each printing its own summary:
      on its own: its answers are paired at random, so "chosen" is any continuation, not a preferred one;
   5. tokenize the curated splits with π_ref's tokenizer → precompute-ref;
   6. DPO from π_ref at each β, and Preferred-FT (SFT on the chosen answers) from π_ref;
-  7. eval each (and π_ref itself) → results.md, results.json, reward_vs_kl.png.
-Modules that import torch are imported inside the functions: `prefdata` stays torch-free at import.
+  7. eval each (and π_ref itself) → results.md, results.json, reward_vs_kl.png;
+  8. `--rounds` on-policy rounds from π_ref (prefdata iterate, judged by the lexicon; demo/rounds.py).
+The demo sits above both packages (it drives prefdata and train); modules that import torch are
+imported inside the functions, so `python -m demo --help` starts fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefdata.demo_data import DemoDataConfig, sft_lines, write_preference_dump, write_sft_dump
-from schemas.errors import UserError
+from demo.data import DemoDataConfig, sft_lines, write_preference_dump, write_sft_dump
 from schemas.io import write_text_atomic
+
+QUICK = {"pairs": 800, "sft_reviews": 1500, "sft_epochs": 2.0, "betas": [0.1], "dpo_steps": 60, "eval_prompts": 40,
+         "rounds": 1, "round_samples": 4}
 
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    out: str = "runs/demo"
-    pairs: int = Field(2000, gt=0)
-    sft_reviews: int = Field(3000, gt=0)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    vocab_size: int = Field(400, gt=0)
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    sft_epochs: float = Field(3.0, gt=0)
-    sft_learning_rate: float = Field(3e-3, gt=0)
-    betas: list[float] = [0.05, 0.1, 0.5]
-    dpo_steps: int = Field(150, gt=0)
+    out: str = Field("runs/demo", description="Directory for every stage's output, results.md and the figures.")
+    quick: bool = Field(False, description="The size the tests run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()) + ".")
+    pairs: int = Field(2000, gt=0, description="Preference pairs in the generated dump.")
+    sft_reviews: int = Field(3000, gt=0, description="Reviews in the reference corpus π_ref is fine-tuned on.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Curate: prompt clusters held out for eval.")
+    vocab_size: int = Field(400, gt=0, description="Tokenizer vocabulary.")
+    hidden_size: int = Field(64, gt=0, description="Tiny Llama width.")
+    num_layers: int = Field(2, gt=0, description="Tiny Llama layers.")
+    sft_epochs: float = Field(3.0, gt=0, description="π_ref's SFT epochs.")
+    sft_learning_rate: float = Field(3e-3, gt=0, description="π_ref's SFT learning rate.")
+    betas: list[float] = Field([0.05, 0.1, 0.5], description="DPO β values, one run each.")
+    dpo_steps: int = Field(150, gt=0, description="Optimizer steps of every DPO and Preferred-FT run (and of each iterated round).")
     # 3e-4, not 1e-3: at 1e-3 for 150 steps, DPO at β = 0.05 drove both answers' log-probs down
     # (chosen −19 → −68 nats by step 60) until its samples were byte garbage (reward 0, KL 52) while
     # held-out accuracy stayed 0.94; at 3e-4 every β ends at KL 7–9 with readable samples.
-    dpo_learning_rate: float = Field(3e-4, gt=0)
-    batch_size: int = Field(32, gt=0)
-    eval_samples: int = Field(4, gt=0)
-    eval_prompts: int = Field(100, gt=0)
-    seed: int = 0
+    dpo_learning_rate: float = Field(3e-4, gt=0, description="DPO and Preferred-FT learning rate.")
+    batch_size: int = Field(32, gt=0, description="Pairs per step.")
+    eval_samples: int = Field(4, gt=0, description="Samples per eval prompt and model.")
+    eval_prompts: int = Field(100, gt=0, description="Eval prompts (offline runs and each iterated round).")
+    rounds: int = Field(2, ge=0, description="On-policy rounds after the offline runs (prefdata iterate from π_ref, judged "
+                        "by the lexicon); 0: none.")
+    round_samples: int = Field(8, gt=1, description="Answers sampled per prompt in each round (more samples, fewer ties).")
+    round_learning_rate: float = Field(1e-4, gt=0, description="Each round's DPO learning rate: a round moves the policy "
+                                       "less than an offline run, so the next round still samples diverse answers.")
+    seed: int = Field(0, description="Seed of the data, models, sampling and splits.")
 
+    @model_validator(mode="before")
     @classmethod
-    def quick(cls, out: str) -> DemoConfig:
-        """The test's size: fewer pairs, steps and samples, same pipeline."""
-        return cls(out=out, pairs=800, sft_reviews=1500, sft_epochs=2.0, betas=[0.1], dpo_steps=60, eval_prompts=40)
+    def _quick_sizes(cls, values: Any) -> Any:
+        """--quick sets the test's sizes; a size given alongside it still wins."""
+        if isinstance(values, dict) and values.get("quick"):
+            return {**QUICK, **values}
+        return values
 
 
 def _corpus(config: DemoConfig) -> list[str]:
@@ -103,8 +114,8 @@ def build_reference(config: DemoConfig, out: Path, sft_raw: Path) -> tuple[Path,
     return tokenizer, reference
 
 
-# The demo's judge: the sentiment lexicon its data was made with (prefdata/demo_data.py).
-LEXICON_REWARD = "prefdata.demo_data:lexicon_reward"
+# The demo's judge: the sentiment lexicon its data was made with (demo/data.py).
+LEXICON_REWARD = "demo.data:lexicon_reward"
 
 
 def _evaluate(config: DemoConfig, shards: Path, policy: Path, reference: Path, out: Path, beta: float) -> dict[str, Any]:
@@ -160,20 +171,10 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     write_text_atomic(out / "results.md", table + "\n")
     write_text_atomic(out / "results.json", json.dumps({"config": config.model_dump(), "results": rows}, indent=2))
     print(table)
+    if config.rounds:
+        from demo.rounds import run_rounds
+
+        run_rounds(config, reference)
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m prefdata.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--quick", action="store_true", help="the reduced size the test runs")
-    args = parser.parse_args(argv)
-    try:
-        run_demo(DemoConfig.quick(args.out) if args.quick else DemoConfig(out=args.out))
-    except UserError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()

@@ -80,22 +80,24 @@ _OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped
 class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str]
-    out: str
-    near_dup: bool = True
-    ngram: int = Field(5, gt=0)
-    threshold: float = Field(0.8, gt=0, le=1)
-    num_perm: int = Field(128, ge=8, le=1024)
-    max_pairs_per_prompt: int | None = Field(None, gt=0)
-    min_margin: float | None = None
-    min_chars: int = Field(1, ge=0)
-    max_chars: int | None = Field(None, gt=0)
-    decontaminate: list[str] = []
-    decontaminate_ngram: int = Field(13, gt=0)
-    eval_fraction: float = Field(0.02, ge=0, lt=1)
-    seed: int = 0
-    # Records held in memory at once (pass 1 and pass 2); results do not depend on it.
-    chunk_rows: int = Field(200_000, gt=0)
+    inputs: list[str] = Field(description="Record sets: outputs of prefdata ingest (or curate).")
+    out: str = Field(description="Directory for train/eval/dropped.parquet and manifest.json.")
+    near_dup: bool = Field(True, description="Cluster near-duplicate prompts (MinHash LSH).")
+    ngram: int = Field(5, gt=0, description="Word n-gram size of the MinHash shingles for prompts of 120+ words "
+                       "(shorter prompts: word 1+2-grams, see README).")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at which prompts are near-duplicates; also caps "
+                             "the length-adapted threshold of short prompts.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
+    max_pairs_per_prompt: int | None = Field(None, gt=0, description="Keep at most K pairs per prompt cluster (largest margins).")
+    min_margin: float | None = Field(None, description="Drop pairs whose chosen_score - rejected_score is below this.")
+    min_chars: int = Field(1, ge=0, description="Drop pairs with an answer shorter than this.")
+    max_chars: int | None = Field(None, gt=0, description="Drop pairs with an answer longer than this.")
+    decontaminate: list[str] = Field([], description="Evaluation set (any ingestible file, record dir, or .txt); repeatable.")
+    decontaminate_ngram: int = Field(13, gt=0, description="Shared word n-gram length that counts as contamination.")
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description="Fraction of prompt clusters held out for eval.")
+    seed: int = Field(0, description="Seed of the split hash and the MinHash permutations.")
+    chunk_rows: int = Field(200_000, gt=0, description="Records held in memory at once in each pass; lower it to reduce peak "
+                            "memory. The output does not depend on it.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -41,6 +40,7 @@ from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
 from prefdata.pool import OrderedPool
 from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_rows, resolve_sources
+from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, Manifest
@@ -60,15 +60,17 @@ RANGE_BYTES = 8 << 20  # bytes of a JSONL file per unit of work for a worker pro
 class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(min_length=1)
-    out: str
-    format: str = "auto"  # "auto" or a name in prefdata.formats.registry.FORMATS
+    inputs: list[str] = Field(min_length=1, description="Files (.jsonl/.json/.csv/.parquet, optionally .gz/.zst/.bz2), "
+                              "directories, globs, save_to_disk directories or Hub dataset names.")
+    out: str = Field(description="Directory for records.parquet, quarantine.jsonl, manifest.json.")
+    format: str = Field("auto", description="auto (from the columns) or a format name: " + ", ".join(FORMATS) + ".")
     options: FormatOptions = FormatOptions()
-    limit: int | None = Field(None, gt=0)  # read at most this many rows in total
-    split: str | None = None  # for Hub datasets (default "train") and save_to_disk dataset dicts
-    row_group_rows: int = Field(20_000, gt=0)
-    # Processes that convert and validate rows (pydantic validation is the CPU-bound part).
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
+    limit: int | None = Field(None, gt=0, description="Read at most N rows in total.")
+    split: str | None = Field(None, description="Split of a Hub dataset (default train) or of a save_to_disk dict.")
+    row_group_rows: int = Field(20_000, gt=0, description="Records per parquet row group.")
+    # pydantic validation is the CPU-bound part, hence processes
+    workers: int = Field(default_factory=usable_cpus, gt=0, description="Processes that read, convert and validate rows "
+                         "(default: one per usable CPU).")
 
     @model_validator(mode="after")
     def _format_and_map(self) -> IngestConfig:

@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import UserError
 from schemas.manifest import Manifest
@@ -80,6 +81,15 @@ def _decoder(manifest: Manifest):
 
     tokenizer = load_tokenizer(manifest.tokenizer.name_or_path)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class InspectConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str = Field(description="Any stage's output directory.")
+    sample: int = Field(0, ge=0, description="Show N decoded examples.")
+    seed: int = Field(0, description="Which examples --sample picks.")
+    as_json: bool = Field(False, description="Machine-readable report on stdout.")
 
 
 def inspect_dir(directory: str | Path, sample: int = 0, seed: int = 0) -> dict[str, Any]:

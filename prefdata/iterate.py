@@ -30,7 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
@@ -67,6 +68,12 @@ class IterateConfig(BaseModel):
                                   "{learning_rate: 5e-7, beta: 0.1, max_steps: 200}).")
     seed: int = Field(0, description="Seed of sampling (each round its own), the split and training.")
     device: str = Field("auto", description="auto, cuda, mps or cpu.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _parse_train(cls, value: Any) -> Any:
+        """`--train '{max_steps: 200, beta: 0.1}'` on the command line; a mapping in YAML."""
+        return yaml.safe_load(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_judge(self) -> IterateConfig:

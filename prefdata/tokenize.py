@@ -46,17 +46,19 @@ IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_dir: str
-    tokenizer: str
-    out: str
-    template: Literal["auto", "chat", "plain"] = "auto"
-    max_length: int = Field(1024, gt=1)
-    max_prompt_length: int = Field(512, gt=0)
-    overflow: Literal["drop", "truncate"] = "drop"
-    rows_per_shard: int = Field(50_000, gt=0)
-    batch_rows: int = Field(1024, gt=0)
-    # Processes that render and encode (the chat template is Python, so threads would not help).
-    workers: int = Field(default_factory=usable_cpus, gt=0)
+    input_dir: str = Field(description="Output of prefdata curate (train/eval) or prefdata ingest.")
+    tokenizer: str = Field(description="Tokenizer directory or Hub name (offline: a directory).")
+    out: str = Field(description="Directory for the shards, dropped.parquet and manifest.json.")
+    template: Literal["auto", "chat", "plain"] = Field("auto", description="auto: the tokenizer's chat template if it has one, else plain.")
+    max_length: int = Field(1024, gt=1, description="Prompt + completion tokens, per answer.")
+    max_prompt_length: int = Field(512, gt=0, description="Prompt tokens.")
+    overflow: Literal["drop", "truncate"] = Field("drop", description="drop: pairs that do not fit are dropped (too_long); "
+                                                  "truncate: cut them.")
+    rows_per_shard: int = Field(50_000, gt=0, description="Rows per Arrow file.")
+    batch_rows: int = Field(1024, gt=0, description="Records rendered and encoded per batch.")
+    # the chat template is Python, so threads would not help
+    workers: int = Field(default_factory=usable_cpus, gt=0, description="Processes that render and encode "
+                         "(default: one per usable CPU).")
 
     @model_validator(mode="after")
     def _lengths(self) -> TokenizeConfig:

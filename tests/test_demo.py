@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefdata.demo import LEXICON_REWARD, DemoConfig, run_demo
-from prefdata.demo_data import DemoDataConfig, lexicon_reward, preference_lines
+from demo.data import DemoDataConfig, lexicon_reward, preference_lines
+from demo.pipeline import LEXICON_REWARD, DemoConfig, run_demo
 from schemas.errors import UserError
 
 STAGES = ["ingest", "curate", "sft-ingest", "sft-shards", "shards"]
@@ -67,7 +67,7 @@ def test_unknown_reward_is_a_user_error():
 
     with pytest.raises(UserError, match="--reward nope:f"):
         load_reward("nope:f")
-    assert load_reward("prefdata.demo_data:lexicon_reward")([{"role": "user", "content": "Review:"}], "great") == 1.0
+    assert load_reward("demo.data:lexicon_reward")([{"role": "user", "content": "Review:"}], "great") == 1.0
 
 
 def test_eval_command_on_missing_shards_is_one_line_exit_2(tmp_path):
@@ -83,7 +83,7 @@ def test_eval_command_on_missing_shards_is_one_line_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     out = tmp_path_factory.mktemp("demo")
-    rows = run_demo(DemoConfig.quick(str(out)))
+    rows = run_demo(DemoConfig(out=str(out), quick=True))
     return out, {row["label"]: row for row in rows}
 
 
@@ -145,3 +145,14 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     assert win["low"] <= 0.5 <= win["high"] and win["prompts"] == 20
     assert win["wins"] + win["ties"] + win["losses"] + win["unjudged"] == 80
     assert result["best_of_n"]["reward"] > result["reference_reward"]
+
+
+def test_the_iterated_round_chains_to_the_offline_reference_and_is_judged(demo):
+    out, _ = demo
+    rounds = json.loads((out / "rounds.json").read_text())
+    manifest = json.loads((out / "iterate" / "manifest.json").read_text())
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["pairs"] > 0
+    assert manifest["stats"]["rounds"][0]["policy"] == str(out / "reference" / "final")  # π_1 = the SFT reference
+    win = rounds[0]["win_rate"]
+    assert win["low"] <= win["rate"] <= win["high"] and win["prompts"] == 40
+    assert (out / "rounds.png").stat().st_size > 0 and "| 1 |" in (out / "rounds.md").read_text()

@@ -30,33 +30,37 @@ def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa"):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def _both(model, columns, rows):
+def _both(model, columns, rows, packed=False):
     plain = sequence_logps(model, collate_pairs(columns, rows, pad_id=0))
-    shared = sequence_logps(model, collate_pairs(columns, rows, pad_id=0, shared=True))
+    shared = sequence_logps(model, collate_pairs(columns, rows, pad_id=0, shared=True, packed=packed))
     return plain, shared
 
 
 # Gemma 2 runs eager attention only (its attention soft-capping).
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager")])
-def test_shared_logps_equal_the_padded_layout(arch, attn):
+def test_shared_logps_equal_the_padded_layout(arch, attn, packed):
     model = _tiny(arch, attn=attn)
     columns = _random_columns(7, vocab=96, seed=11)  # prompts 1–11 tokens, answers 1–8: uneven padding both ways
     assert prefix_sharing_exact(model, columns.pair_lengths)
+    if packed:
+        assert len(collate_pairs(columns, np.arange(7), pad_id=0, shared=True, packed=True).input_ids) == 1
     with torch.inference_mode():
-        plain, shared = _both(model, columns, np.arange(7))
+        plain, shared = _both(model, columns, np.arange(7), packed)
     torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=0)
     assert shared.chosen_tokens.tolist() == plain.chosen_tokens.tolist() == columns.chosen.lengths.tolist()
     assert shared.rejected_tokens.tolist() == plain.rejected_tokens.tolist() == columns.rejected.lengths.tolist()
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_shared_gradients_equal_the_padded_layout(arch):
+def test_shared_gradients_equal_the_padded_layout(arch, packed):
     columns = _random_columns(5, vocab=96, seed=12)
     grads = []
     for shared in (False, True):
         model = _tiny(arch, attn="eager" if arch == "gemma2" else "sdpa")
-        out = sequence_logps(model, collate_pairs(columns, np.arange(5), pad_id=0, shared=shared))
+        out = sequence_logps(model, collate_pairs(columns, np.arange(5), pad_id=0, shared=shared, packed=packed and shared))
         (torch.cat([out.chosen, out.rejected]) * torch.linspace(-1, 1, 10)).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0
@@ -83,6 +87,15 @@ def test_not_exact_where_the_kernel_takes_no_mask_or_a_window_cuts_a_pair():
     model = _tiny("llama")
     model.config._attn_implementation = "flash_attention_2"
     assert not prefix_sharing_exact(model, columns.pair_lengths)
+
+
+def test_packing_puts_a_batch_in_one_row_with_positions_from_zero_per_pair():
+    columns = _columns([[1, 2, 3, 4], [5], [11]], [[6, 7], [8], [12]], [[9], [10], [13]])  # 7, 3 and 3 tokens
+    batch = collate_pairs(columns, np.arange(3), pad_id=0, shared=True, packed=True)
+    assert batch.input_ids.shape == (1, 13) and batch.padded_tokens == batch.computed_tokens == 13
+    assert batch.shared.pair[0].tolist() == [0] * 7 + [1] * 3 + [2] * 3
+    # each pair from 0; its rejected answer restarts after its prompt
+    assert batch.shared.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 4, 0, 1, 1, 0, 1, 1]
 
 
 def test_batch_counts_the_prompt_twice_but_computes_it_once():
@@ -122,3 +135,29 @@ def test_shards_scored_shared_equal_shards_scored_padded_and_train_accepts_eithe
     assert [m["prefix_sharing"] for m in on + off] == [True] * len(on) + [False] * len(off)
     assert [m["loss"] for m in on] == pytest.approx([m["loss"] for m in off], abs=1e-5)
     assert [m["tokens"] for m in on] == [m["tokens"] for m in off]  # the prompt counted twice either way
+
+
+def test_packed_stages_equal_unpacked_ones_and_packing_without_sharing_is_refused(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    from schemas.errors import UserError
+    from tests.test_reference import _ref_columns
+    from tests.test_train import _config, _metrics
+    from train.loop import train
+    from train.reference import PrecomputeRefConfig, precompute_ref
+
+    packed = tmp_path / "packed"
+    shutil.copytree(shards.parent / "unscored", packed)
+    precompute_ref(PrecomputeRefConfig(shards=str(packed), model=str(tiny_model_dir), packing=True))
+    for name, values in _ref_columns(shards).items():
+        # sums of ~100 nats: 1e-5 is two float32 ulps there, hence the relative term
+        np.testing.assert_allclose(_ref_columns(packed)[name], values, atol=1e-5, rtol=1e-6)
+
+    train(_config(shards, tiny_model_dir, tmp_path / "plain", max_steps=3, log_every=1))
+    train(_config(shards, tiny_model_dir, tmp_path / "pack", max_steps=3, log_every=1, packing=True))
+    plain, pack = ([m for m in _metrics(tmp_path / run) if "loss" in m] for run in ("plain", "pack"))
+    assert [m["loss"] for m in pack] == pytest.approx([m["loss"] for m in plain], abs=1e-5)
+    assert all(m["packing"] for m in pack)
+    assert sum(m["padding_efficiency"] for m in pack) > sum(m["padding_efficiency"] for m in plain)
+    with pytest.raises(UserError, match="--packing needs the prefix-shared layout"):
+        train(_config(shards, tiny_model_dir, tmp_path / "r", max_steps=1, packing=True, prefix_sharing="off"))

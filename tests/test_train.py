@@ -14,7 +14,7 @@ import pytest
 from prefdata.tokenize import TokenizeConfig, tokenize
 from schemas.errors import UserError
 from tests.records_factory import make_record, write_records_dir
-from train.config import TrainConfig, parse_args
+from train.config import TrainConfig
 from train.loop import train
 from train.reference import PrecomputeRefConfig, precompute_ref
 
@@ -143,6 +143,15 @@ def test_divergence_stops_with_step_and_rows(shards, tiny_model_dir, tmp_path):
     broken = _edit_ref(shards, tmp_path / "broken", slice(20, 21), lambda v: v + np.inf)
     with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+, rows \['"):
         train(_config(broken, tiny_model_dir, tmp_path / "r", max_steps=8))
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """The config `python -m train ARGV` would run with."""
+    from train.options import command
+
+    parsed: list[TrainConfig] = []
+    command(TrainConfig, parsed.append, "train", "").main(args=argv, standalone_mode=False)
+    return parsed[0]
 
 
 def test_cli_yaml_and_overrides(tmp_path):

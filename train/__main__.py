@@ -1,19 +1,14 @@
-"""`python -m train …` (or `make train`, or under `torchrun`): see train/config.py for the flags."""
+"""`python -m train …` (or `make train`, or under `torchrun`): `prefdata train` under another name;
+the flags are TrainConfig's fields (train/config.py)."""
 
-import sys
-
-from schemas.errors import UserError
-from train.config import parse_args
-from train.loop import train
+from train.options import command, run_command
 
 
-def main() -> None:
-    try:
-        result = train(parse_args())
-    except UserError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    print("train: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+def main(argv: list[str] | None = None) -> None:
+    from train.config import TrainConfig
+    from train.loop import train_and_report
+
+    run_command(command(TrainConfig, train_and_report, "train", "Lean DPO trainer over prefdata shards."), argv, "python -m train")
 
 
 if __name__ == "__main__":

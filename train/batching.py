@@ -140,28 +140,31 @@ class TokenColumns:
 @dataclass(frozen=True)
 class SharedLayout:
     """What the prefix-shared rows need beyond their ids: positions restart at the end of the
-    prompt for the rejected part; `segments` (0 prompt, 1 chosen, 2 rejected, -1 padding) decide
-    who may attend to whom; each scored token's predicting position (`source`: the previous
-    position, but the last prompt token for the first rejected token) and output row (`row_of`:
-    b for chosen, B + b for rejected, as in the padded layout)."""
+    prompt for the rejected part (and at 0 for each pair packed into a row); `segments` (0
+    prompt, 1 chosen, 2 rejected, -1 padding) and `pair` (the pair a token belongs to, -1
+    padding) decide who may attend to whom; each scored token's predicting position (`source`:
+    the previous position, but the last prompt token for the first rejected token) and output row
+    (`row_of`: b for chosen, B + b for rejected, as in the padded layout)."""
 
-    position_ids: torch.Tensor  # [B, T] int64
-    segments: torch.Tensor  # [B, T] int8
-    source: torch.Tensor  # [B, T] int64
-    row_of: torch.Tensor  # [B, T] int64
+    position_ids: torch.Tensor  # [R, T] int64
+    segments: torch.Tensor  # [R, T] int8
+    source: torch.Tensor  # [R, T] int64
+    row_of: torch.Tensor  # [R, T] int64
+    pair: torch.Tensor  # [R, T] int64
 
     def to(self, device: torch.device | str) -> SharedLayout:
         return SharedLayout(*(t.to(device=device, non_blocking=True) for t in
-                              (self.position_ids, self.segments, self.source, self.row_of)))
+                              (self.position_ids, self.segments, self.source, self.row_of, self.pair)))
 
 
 @dataclass(frozen=True)
 class PairBatch:
     """B pairs as 2B rows: rows [0, B) are prompt + chosen, rows [B, 2B) prompt + rejected (TRL's
-    layout); or, with `shared`, B rows [prompt, chosen, rejected]. `completion_mask` is True at
-    answer tokens; padding has attention_mask 0."""
+    layout); or, with `shared`, B rows [prompt, chosen, rejected] (one row when packed: the pairs
+    back to back). `completion_mask` is True at answer tokens; padding has
+    attention_mask 0."""
 
-    input_ids: torch.Tensor  # [2B, T] int64 ([B, T] shared)
+    input_ids: torch.Tensor  # [2B, T] int64 ([R, T] shared)
     attention_mask: torch.Tensor  # [2B, T] int64
     completion_mask: torch.Tensor  # [2B, T] bool
     rows: np.ndarray  # the B table rows, in batch order
@@ -189,12 +192,15 @@ class PairBatch:
         return self.input_ids.numel()
 
 
-def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: bool = False) -> PairBatch:
+def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: bool = False,
+                  packed: bool = False) -> PairBatch:
     """Build the padded tensors for `rows`. `pad_id` only fills masked positions, so its value never
-    changes a result; it must just be a valid embedding index."""
+    changes a result; it must just be a valid embedding index. `packed` (with `shared`): the
+    batch is ONE row, its pairs back to back, no padding at all."""
     rows = np.asarray(rows, dtype=np.int64)
     if shared:
-        return _collate_shared(columns, rows, pad_id)
+        bins = [list(range(len(rows)))] if packed else [[k] for k in range(len(rows))]
+        return _collate_shared(columns, rows, bins, pad_id)
     n = len(rows)
     width = int(columns.pair_lengths[rows].max())
     ids = np.full((2 * n, width), pad_id, dtype=np.int64)
@@ -217,30 +223,40 @@ class Collator:
 
     pad_id: int
     shared: bool = False
+    packed: bool = False
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
-        return collate_pairs(columns, rows, self.pad_id, self.shared)
+        return collate_pairs(columns, rows, self.pad_id, self.shared, self.packed)
 
 
-def _collate_shared(columns: TokenColumns, rows: np.ndarray, pad_id: int) -> PairBatch:
+def _collate_shared(columns: TokenColumns, rows: np.ndarray, bins: list[list[int]], pad_id: int) -> PairBatch:
+    """Each bin (pair places k, output rows k and B + k) becomes one row: its pairs back to back,
+    each [prompt, chosen, rejected] with positions from 0."""
     n = len(rows)
-    width = int(columns.shared_lengths[rows].max())
-    ids = np.full((n, width), pad_id, dtype=np.int64)
-    positions = np.zeros((n, width), dtype=np.int64)
-    segments = np.full((n, width), -1, dtype=np.int8)
-    source = np.zeros((n, width), dtype=np.int64)
-    row_of = np.zeros((n, width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = columns.prompt.row(row), columns.chosen.row(row), columns.rejected.row(row)
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        ids[i, :p + c + r] = np.concatenate([prompt, chosen, rejected])
-        positions[i, :p + c] = np.arange(p + c)
-        positions[i, p + c : p + c + r] = np.arange(p, p + r)
-        segments[i, :p], segments[i, p : p + c], segments[i, p + c : p + c + r] = 0, 1, 2
-        source[i, p : p + c + r] = np.arange(p - 1, p + c + r - 1)
-        source[i, p + c] = p - 1  # the first rejected token follows the prompt, not the chosen answer
-        row_of[i, p : p + c], row_of[i, p + c : p + c + r] = i, n + i
-    layout = SharedLayout(*map(torch.from_numpy, (positions, segments, source, row_of)))
+    lengths = columns.shared_lengths[rows]
+    width = max(int(lengths[b].sum()) for b in bins)
+    ids = np.full((len(bins), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(bins), width), dtype=np.int64)
+    segments = np.full((len(bins), width), -1, dtype=np.int8)
+    source = np.zeros((len(bins), width), dtype=np.int64)
+    row_of = np.zeros((len(bins), width), dtype=np.int64)
+    pair = np.full((len(bins), width), -1, dtype=np.int64)
+    for i, members in enumerate(bins):
+        start = 0
+        for k in members:
+            row = rows[k]
+            prompt, chosen, rejected = columns.prompt.row(row), columns.chosen.row(row), columns.rejected.row(row)
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            at = slice(start, start + p + c + r)
+            ids[i, at] = np.concatenate([prompt, chosen, rejected])
+            positions[i, at] = np.concatenate([np.arange(p + c), np.arange(p, p + r)])
+            segments[i, at] = np.repeat(np.array([0, 1, 2], dtype=np.int8), [p, c, r])
+            pair[i, at] = k
+            source[i, start + p : at.stop] = np.arange(start + p - 1, at.stop - 1)
+            source[i, start + p + c] = start + p - 1  # the first rejected token follows the prompt, not the chosen answer
+            row_of[i, start + p : start + p + c], row_of[i, start + p + c : at.stop] = k, n + k
+            start = at.stop
+    layout = SharedLayout(*map(torch.from_numpy, (positions, segments, source, row_of, pair)))
     completion = torch.from_numpy(segments > 0)
     return PairBatch(torch.from_numpy(ids), torch.from_numpy((segments >= 0).astype(np.int64)), completion, rows, layout)
 

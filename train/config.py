@@ -7,68 +7,70 @@ output directory (config.yaml and manifest.json), so a run can be repeated from 
 
 from __future__ import annotations
 
-import argparse
-import json
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.errors import UserError
 from train.losses import PAIR_LOSSES, LossParams
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shards: str
-    model: str
-    out: str
-    # sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free preference objectives.
-    # Only dpo reads a reference.
-    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo"] = "dpo"
-    loss: dict[str, float] = {"sigmoid": 1.0}  # one or several pair losses with weights
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    discopop_tau: float = Field(0.05, gt=0)
-    simpo_gamma: float = Field(0.5, ge=0)  # objective simpo: target reward margin γ
-    cpo_alpha: float = Field(1.0, ge=0)  # objective cpo: weight of the NLL term
-    sft_weight: float = Field(0.0, ge=0)  # RPO: add NLL on chosen to the preference loss
-    reference: Literal["precomputed", "live"] = "precomputed"
-    reference_model: str | None = None  # live reference; default: the starting policy (--model)
-    batch_size: int = Field(8, gt=0)  # pairs per micro-batch per process
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; default: epochs over the data
-    epochs: float = Field(1.0, gt=0)
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bf16 = autocast (DDP) or FSDP mixed precision over float32 master weights
-    parallelism: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, weights/gradients/optimizer sharded over the processes
-    cpu_offload: bool = False  # fsdp: keep the shards (and the optimizer step) in host memory
-    lora_r: int = Field(0, ge=0)  # LoRA rank; 0 = full fine-tuning
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] | None = None  # default: every Linear of the decoder (not the LM head)
-    prefix_sharing: Literal["auto", "off"] = "auto"  # auto: each pair's prompt through the model once, where exact
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    window_batches: int = Field(64, gt=0)  # length grouping: sort within windows of this many batches
-    eval_batch_tokens: int = Field(16_384, gt=0)
-    log_every: int = Field(10, gt=0)
-    eval_every: int = Field(0, ge=0)  # 0: only at the end
-    save_every: int = Field(0, ge=0)  # 0: only the final model
-    resume: bool = False
-    check_reference_rows: int = Field(4, ge=0)  # step-0 stale-shard check when policy == reference
+    shards: str = Field(description="Shards from prefdata precompute-ref (or tokenize, for objectives without a reference).")
+    model: str = Field(description="The starting policy: a directory (save_pretrained) or Hub name.")
+    out: str = Field(description="Directory for checkpoints, final/, metrics.jsonl, curves.png, manifest.json.")
+    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo"] = Field(
+        "dpo", description="sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free; only dpo reads a reference.")
+    loss: dict[str, float] = Field({"sigmoid": 1.0}, description="Pair losses with weights: sigmoid, or sigmoid:1,sft:0.5.")
+    beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO / EXO: assumed share of flipped labels.")
+    discopop_tau: float = Field(0.05, gt=0, description="Loss discopop: its temperature.")
+    simpo_gamma: float = Field(0.5, ge=0, description="Objective simpo: target reward margin γ.")
+    cpo_alpha: float = Field(1.0, ge=0, description="Objective cpo: weight of the NLL term.")
+    sft_weight: float = Field(0.0, ge=0, description="RPO: add this weight × NLL on chosen to the preference loss.")
+    reference: Literal["precomputed", "live"] = Field("precomputed", description="Where π_ref comes from.")
+    reference_model: str | None = Field(None, description="Live reference model (default: --model).")
+    batch_size: int = Field(8, gt=0, description="Pairs per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps (default: --epochs over the data).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs, when --max-steps is not given.")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, description="AdamW β1.")
+    adam_beta2: float = Field(0.999, description="AdamW β2.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    seed: int = Field(0, description="Seed of the data order, dropout and LoRA init.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: CUDA if present, else MPS, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="bfloat16: autocast (DDP) or FSDP mixed precision over float32 master weights; "
+        "auto: bf16 on a GPU that has it.")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (each process a whole model) or fsdp (FSDP2: weights, gradients and optimizer sharded).")
+    cpu_offload: bool = Field(False, description="fsdp on a GPU: keep the shards and the optimizer step in host memory.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 = full fine-tuning.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA α (the adapter's scale is α / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Modules that get adapters, e.g. q_proj,v_proj (default: every Linear of the decoder, not the LM head).")
+    prefix_sharing: Literal["auto", "off"] = Field(
+        "auto", description="auto: each pair's prompt through the model once, where that gives the same numbers.")
+    packing: bool = Field(False, description="Padding-free: each micro-batch is one row, its prefix-shared pairs back to "
+                          "back, each attending only to itself (pays with varlen kernels, not with a dense mask: see "
+                          "README); needs --prefix-sharing auto.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    window_batches: int = Field(64, gt=0, description="Length grouping: pairs are sorted within windows of this many batches.")
+    eval_batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per eval forward pass.")
+    log_every: int = Field(10, gt=0, description="Steps between metrics.jsonl records.")
+    eval_every: int = Field(0, ge=0, description="Steps between evals (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Steps between checkpoints (0: only the final model).")
+    resume: bool = Field(False, description="Continue from the last checkpoint in --out.")
+    check_reference_rows: int = Field(4, ge=0, description="Step-0 check: rows re-scored to prove the stored reference is this model's.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Also send metrics.jsonl's records to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
         "unless WANDB_MODE is set).")
@@ -76,8 +78,11 @@ class TrainConfig(BaseModel):
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _parse_modules(cls, value: Any) -> Any:
-        """`q_proj,v_proj` on the command line; a list in YAML."""
-        return [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
+        """`q_proj,v_proj` (or the flag repeated) on the command line; a list in YAML."""
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(m, str) for m in items):
+            return [part.strip() for m in items for part in m.split(",") if part.strip()] or None
+        return value
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -121,44 +126,3 @@ class TrainConfig(BaseModel):
         from schemas.io import write_text_atomic
 
         write_text_atomic(directory / "config.yaml", yaml.safe_dump(self.model_dump(), sort_keys=False))
-
-
-def _flag_type(annotation: Any) -> Any:
-    """The argparse `type` for a field: the non-None member of an Optional, str for dicts/literals."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if annotation is bool:
-        return "bool"
-    return annotation if annotation in (int, float) else str
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """YAML (--config) first, then every flag given on the command line, validated as one config."""
-    parser = argparse.ArgumentParser(prog="python -m train", description="Lean DPO trainer over prefdata shards.")
-    parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
-    for name, field in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = _flag_type(field.annotation)
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            shown = "required" if field.is_required() else f"default: {json.dumps(field.default)}"
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=shown)
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        if not args.config.is_file():
-            raise UserError(f"--config {args.config}: no such file")
-        try:
-            values = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"--config {args.config}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config {args.config}: expected a mapping of field: value")
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    try:
-        return TrainConfig.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "config"
-        raise UserError(f"{where}: {first['msg']}") from None

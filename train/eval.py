@@ -35,8 +35,8 @@ from schemas.render import make_renderer, prompt_token_ids
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.device import select_device, select_dtype
-from train.generate import Sampling, answer_prompts, record_files, sample_completions
-from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
+from train.generate import record_files, sample_completions, stop_token_ids
+from train.judge import Judge, JudgeError, JudgeOptions, build_judge
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
@@ -270,20 +270,27 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judge_options: JudgeOptions, n: int,
                      temperature: float, top_p: float, max_new_tokens: int, seed: int, device: str) -> dict[str, Any]:
-    """Both models answer the same prompts (messages) `n` times, each under its own seed; the judge
-    scores every answer. Mean reward of each and the policy's win rate against the baseline."""
+    """Both models answer the same prompts (messages) `n` times, each under its own seed, and the
+    judge scores every answer: mean reward of each, the policy's win rate against the baseline,
+    and KL(policy ‖ baseline) on the policy's samples (both models share the tokenizer)."""
     judge, _ = build_judge(judge_options)
     torch_device = select_device(device)
-    sampling = Sampling(n, temperature, top_p, max_new_tokens, batch_size=16)
-    scores = []
-    for offset, path in enumerate((policy, baseline)):
-        model, tokenizer = load_causal_lm(model_dir(path), path, select_dtype("auto", torch_device), torch_device)
-        torch.manual_seed(seed + offset)
-        with torch.inference_mode():
-            answers = answer_prompts(model.eval(), tokenizer, prompt_token_ids(make_renderer(tokenizer, "auto"), prompts),
-                                     sampling)
-        judged = score_responses(judge, prompts, answers, judge_options.batch_size)
-        scores.append(np.array([[math.nan if isinstance(s, JudgeError) else s for s in row] for row in judged]))
+    dtype = select_dtype("auto", torch_device)
+    models = [load_causal_lm(model_dir(path), path, dtype, torch_device) for path in (policy, baseline)]
+    tokenizer = models[0][1]
+    prompt_ids = [np.asarray(ids) for ids in prompt_token_ids(make_renderer(tokenizer, "auto"), prompts)]
+    stop_ids = stop_token_ids(models[0][0], tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    samples, scores = [], []
+    with torch.inference_mode():
+        for offset, (model, _) in enumerate(models):
+            torch.manual_seed(seed + offset)
+            completions = [c for start in range(0, len(prompt_ids), 16)
+                           for c in sample_completions(model.eval(), prompt_ids[start:start + 16], n, temperature, top_p,
+                                                       max_new_tokens, stop_ids, pad_id)]
+            samples.append(completions)
+            scores.append(judged_scores(judge, prompts, tokenizer, completions).reshape(len(prompts), n))
+        kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384)
     return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts), "samples": n,
-            "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])),
+            "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])), "kl": kl,
             "win_rate": win_rate(scores[0], scores[1])}

@@ -88,7 +88,7 @@ class SequenceScorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, source: torch.Tensor | None = None,
-                row_of: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                row_of: torch.Tensor | None = None, pair: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """→ (sum of completion-token log-probs [R] float32, completion tokens scored [R]).
 
         Padded layout (`segments` None): no attention mask on purpose: rows are right-padded and
@@ -97,24 +97,27 @@ class SequenceScorer(torch.nn.Module):
         its plain causal kernel (measured ~15% faster on CPU, bit-identical values).
         Prefix-shared layout: see `_shared_logps`."""
         if segments is not None:
-            return self._shared_logps(input_ids, completion_mask, position_ids, segments, source, row_of)
+            return self._shared_logps(input_ids, completion_mask, position_ids, segments, source, row_of, pair)
         per_position = self.position_logps(input_ids, completion_mask)
         return per_position.sum(dim=1), completion_mask[:, 1:].sum(dim=1)
 
     def _shared_logps(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor,
-                      segments: torch.Tensor, source: torch.Tensor, row_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """B rows [prompt, chosen, rejected] → the 2B rows' sums of the padded layout.
+                      segments: torch.Tensor, source: torch.Tensor, row_of: torch.Tensor,
+                      pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of B pairs [prompt, chosen, rejected] (one or several per row) → the 2B rows' sums
+        of the padded layout.
 
-        The rejected tokens may not see the chosen ones, and their positions restart where the
-        prompt ends, so each answer's tokens see exactly the context (same tokens, same positions)
-        they see in the padded layout: the same numbers up to rounding, with the prompt run once."""
-        mask = shared_attention_mask(segments, self.model.config._attn_implementation, self.model.dtype)
+        The rejected tokens may not see the chosen ones, no token sees another pair's, and
+        positions restart where the prompt ends (and where each packed pair starts), so each
+        answer's tokens see exactly the context (same tokens, same positions) they see in the
+        padded layout: the same numbers up to rounding, with the prompt run once."""
+        mask = shared_attention_mask(segments, pair, self.model.config._attn_implementation, self.model.dtype)
         out = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
         batch_index, position = completion_mask.nonzero(as_tuple=True)
         hidden = out.last_hidden_state[batch_index, source[batch_index, position]]
         token_logps = _token_logps(self.model, hidden, input_ids[batch_index, position])
         rows = row_of[batch_index, position]
-        shape = (2 * input_ids.shape[0], input_ids.shape[1])
+        shape = (2 * (int(pair.max()) + 1), input_ids.shape[1])
         # Each (row, position) is written once: a dense sum, deterministic on GPU like the padded path.
         per_position = torch.zeros(shape, dtype=torch.float32, device=input_ids.device).index_put((rows, position), token_logps)
         scored = torch.zeros(shape, dtype=torch.bool, device=input_ids.device).index_put(
@@ -132,15 +135,17 @@ class SequenceScorer(torch.nn.Module):
         return per_position.masked_scatter(targets, token_logps)
 
 
-def shared_attention_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, T, T] mask of the prefix-shared layout: causal, padding never attended to, and
-    rejected tokens (segment 2) never attending to chosen ones (segment 1). A padding query
-    attends to itself, so no softmax row is empty (an empty one is NaN, and NaN spreads into
-    gradients even where nothing reads it). Boolean for SDPA; additive for eager attention."""
+def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_implementation: str,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, T, T] mask of the prefix-shared layout: causal, block-diagonal over the pairs packed
+    into a row, padding never attended to, and rejected tokens (segment 2) never attending to
+    chosen ones (segment 1). A padding query attends to itself, so no softmax row is empty (an
+    empty one is NaN, and NaN spreads into gradients even where nothing reads it). Boolean for
+    SDPA; additive for eager attention."""
     length = segments.shape[1]
     query, key = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    allowed = causal & (key >= 0) & ~((query == 2) & (key == 1))
+    allowed = causal & (key >= 0) & (pair[:, :, None] == pair[:, None, :]) & ~((query == 2) & (key == 1))
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":
@@ -163,6 +168,15 @@ def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bo
     return not uses_window or not len(pair_lengths) or int(pair_lengths.max()) <= window
 
 
+def check_packing(packing: bool, shared: bool, prefix_sharing: str) -> None:
+    """Packing places prefix-shared pairs side by side: without that layout there is nothing to pack."""
+    if packing and not shared:
+        from schemas.errors import UserError
+
+        why = "--prefix-sharing off" if prefix_sharing == "off" else "its attention takes no mask, or a pair exceeds its window"
+        raise UserError(f"--packing needs the prefix-shared layout, which this run cannot use ({why}); drop --packing")
+
+
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     """Chosen and rejected log-probs of `batch` (already on the model's device, right-padded as
     `collate_pairs` makes it) in one forward.
@@ -176,7 +190,7 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
         logps, tokens = scorer(batch.input_ids, batch.completion_mask)
     else:
         logps, tokens = scorer(batch.input_ids, batch.completion_mask, shared.position_ids, shared.segments,
-                               shared.source, shared.row_of)
+                               shared.source, shared.row_of, shared.pair)
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     return SequenceLogps(chosen, rejected, chosen_tokens, rejected_tokens)

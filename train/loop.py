@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from train.config import TrainConfig
 from train.data import SplitData, open_shards
 from train.device import select_device
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
+from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
 from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 from train.tracking import Tracker, open_tracker
@@ -283,7 +284,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
-    collate = Collator(pad_id, shared=config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest))
+    shared = config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest)
+    check_packing(config.packing, shared, config.prefix_sharing)
+    collate = Collator(pad_id, shared=shared, packed=config.packing)
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
@@ -348,7 +351,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
                           "tokens_per_s": dist.world * tokens / elapsed, "computed_tokens": dist.world * computed,
-                          "padding_efficiency": computed / max(padded, 1), "prefix_sharing": collate.shared}
+                          "padding_efficiency": computed / max(padded, 1), "prefix_sharing": collate.shared,
+                          "packing": collate.packed}
                 log.write(record)
                 bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
                             tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -375,6 +379,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _write_train_manifest(config, manifest, train_data, position, final_eval, out)
     dist.barrier()
     return {"steps": position.step, **final_eval}
+
+
+def train_and_report(config: TrainConfig) -> None:
+    """`prefdata train` and `python -m train`: the run, then one summary line from rank 0."""
+    result = train(config)
+    if os.environ.get("RANK", "0") == "0":
+        print("train: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
 def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position,

@@ -42,7 +42,7 @@ from train.batching import Collator, TokenColumns, collate_pairs, processed_toke
 from train.data import read_shard
 from train.device import dtype_name, select_device, select_dtype
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, prefix_sharing_exact, sequence_logps
+from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
 from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
 from train.models import model_dir as resolve_model_dir
 
@@ -57,20 +57,24 @@ VERIFY_TOLERANCE = {torch.float32: (1e-3, 1e-5), torch.float16: (0.25, 1e-2), to
 class PrecomputeRefConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shards: str
-    model: str
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_tokens: int = Field(16_384, gt=0)
-    # fsdp: the model sharded over the processes (a reference too large for one device); every
-    # process scores a share of each shard's batches. ddp: each process holds the whole model
-    # and scores whole shards.
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    prefix_sharing: Literal["auto", "off"] = "auto"  # auto: each pair's prompt through the model once, where exact
-    attn_implementation: str | None = None
-    verify: int = Field(0, ge=0)
-    seed: int = 0  # which rows --verify picks
-    force: bool = False
+    shards: str = Field(description="Output of prefdata tokenize (shards + manifest.json).")
+    model: str = Field(description="Reference model: a directory (save_pretrained) or Hub name.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: CUDA if present, else MPS, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that has it, else float32.")
+    batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per forward pass (chosen + rejected rows).")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp (each process a whole model, its own shards) or fsdp (the model sharded over "
+        "the processes, for a reference too large for one device; every process scores a share of each shard).")
+    prefix_sharing: Literal["auto", "off"] = Field(
+        "auto", description="auto: each pair's prompt goes through the model once where that gives the same numbers "
+        "(attention that takes a mask: sdpa, eager); off: two padded rows per pair.")
+    packing: bool = Field(False, description="Padding-free: each batch is one row, its prefix-shared pairs back to "
+                          "back, each attending only to itself; needs --prefix-sharing auto.")
+    attn_implementation: str | None = Field(None, description="Passed to from_pretrained: sdpa, eager, flash_attention_2, …")
+    verify: int = Field(0, ge=0, description="Re-score N random rows one at a time and compare with the batched values.")
+    seed: int = Field(0, description="Which rows --verify picks.")
+    force: bool = Field(False, description="Replace log-probs that another model (or dtype) wrote.")
 
 
 class ShardScore(BaseModel):
@@ -251,13 +255,15 @@ class _LazyReference:
         _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
         # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
         shared = self.config.prefix_sharing == "auto" and prefix_sharing_exact(self.model, columns.pair_lengths)
+        check_packing(self.config.packing, shared, self.config.prefix_sharing)
         lengths, rows_per_pair = columns.batch_lengths(shared)
         batches = token_budget_batches(lengths, self.config.batch_tokens, rows_per_pair)
         shares = parallel.equal_shares(batches, self.ranks, True) if self.sharded else [(rows, True) for rows in batches]
         start = time.perf_counter()
         # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
         with torch.no_grad():
-            chosen, rejected = _score_batches(self._scoring, columns, shares, Collator(self.pad_id, shared), self.device, bar)
+            collate = Collator(self.pad_id, shared, packed=shared and self.config.packing)
+            chosen, rejected = _score_batches(self._scoring, columns, shares, collate, self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
             seconds = time.perf_counter() - start

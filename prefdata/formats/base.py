@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Reason codes for rows that are not even candidate records. Together with the record validators'
 # codes (schemas.records) and the readers' (invalid_json, …) they are what quarantine.jsonl holds.
@@ -59,17 +59,27 @@ class FormatOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # record field → input column, for the generic tabular format (`--map prompt=question,…`)
-    column_map: dict[str, str] = {}
-    # Sources with several scored / ranked answers per prompt (prefdata.pairing)
-    pairs: PairingRule = "best-vs-worst"
-    min_margin: float = Field(0.0, ge=0)
-    # Format-specific: UltraFeedback mean-aspects|overall|aspect:NAME, HelpSteer2 helpfulness|weighted
-    score: str | None = None
-    min_score_ratio: float | None = Field(None, ge=1)  # SHP: keep pairs whose score ratio is at least this
-    lang: str | None = None  # OASST: only messages in this language
-    label: Literal["better", "safer"] = "better"  # PKU-SafeRLHF: which preference is the label
-    keep_truncated: bool = False  # judged samples: pair responses cut at --max-new-tokens too
+    column_map: dict[str, str] = Field({}, description="Generic table: field=column,… (fields: system, prompt, chosen, "
+                                       "rejected, chosen_score, rejected_score); implies --format tabular.")
+    pairs: PairingRule = Field("best-vs-worst", description="Several scored answers per prompt: how they become pairs "
+                               "(prefdata.pairing).")
+    min_margin: float = Field(0.0, ge=0, description="Keep pairs whose scores differ by at least this.")
+    score: str | None = Field(None, description="UltraFeedback: mean-aspects (default), overall, aspect:NAME. "
+                              "HelpSteer2: helpfulness (default), weighted.")
+    min_score_ratio: float | None = Field(None, ge=1, description="SHP: keep pairs with this score ratio or more.")
+    lang: str | None = Field(None, description="OASST: only messages in this language (e.g. en).")
+    label: Literal["better", "safer"] = Field("better", description="PKU-SafeRLHF: which preference is the label.")
+    keep_truncated: bool = Field(False, description="Judged samples: also pair answers that generation cut at --max-new-tokens.")
+
+    @field_validator("column_map", mode="before")
+    @classmethod
+    def _parse_column_map(cls, value: Any) -> Any:
+        """`system=system,prompt=question` on the command line; a mapping in YAML."""
+        if not isinstance(value, str):
+            return value
+        from prefdata.ingest import parse_column_map  # it checks the names against the tabular format's fields
+
+        return parse_column_map(value)
 
 
 class Format:

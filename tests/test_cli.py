@@ -1,0 +1,87 @@
+"""One CLI layer: every command's options come from its stage's config (help text and default
+included), `--config FILE` works for every stage, flags win over the file, and a manifest's saved
+config repeats the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefdata.cli import STAGES, build_command
+from prefdata.ingest import IngestConfig
+from schemas.errors import UserError
+from train.options import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prefdata(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefdata", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+
+
+def test_prefdata_help_lists_every_command():
+    done = _prefdata("--help")
+    assert done.returncode == 0
+    for name in STAGES:
+        assert f"  {name} " in done.stdout, name
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_command_shows_each_option_with_its_help_and_default(name):
+    from prefdata.cli import _load
+
+    config_cls = _load(STAGES[name].config)
+    command = build_command(name)
+    options = {o for p in command.params for o in p.opts}
+    assert "--config" in options
+    helps = {o: p.help for p in command.params for o in p.opts}
+    for field_name, field in config_cls.model_fields.items():
+        if field_name in STAGES[name].arguments or isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields"):
+            continue
+        flag = "--" + STAGES[name].renames.get(field_name, field_name).replace("_", "-")
+        assert flag in options, (name, flag)
+        assert field.description and field.description.rstrip(".") in helps[flag], (name, flag)
+
+
+def test_curate_help_shows_the_configs_help_and_default():
+    done = _prefdata("curate", "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "Fraction of prompt clusters held out for eval. (default: 0.02)" in text
+
+
+def test_flags_win_over_the_file_and_nested_options_may_be_flat_or_nested():
+    config = build_config(IngestConfig, {"inputs": ["a.jsonl"], "out": "o", "options": {"pairs": "all", "lang": "en"},
+                                         "min_margin": 0.5}, {"pairs": "adjacent", "limit": None})
+    assert (config.options.pairs, config.options.lang, config.options.min_margin) == ("adjacent", "en", 0.5)
+    with pytest.raises(UserError, match="--pairs"):
+        build_config(IngestConfig, {}, {"inputs": ["a"], "out": "o", "pairs": "nope"})
+
+
+def test_a_manifests_config_repeats_the_run(tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = _prefdata("ingest", str(source), "--out", str(tmp_path / "a"), "--workers", "1")
+    assert first.returncode == 0, first.stderr
+    saved = json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]
+    config_file = tmp_path / "again.yaml"
+    config_file.write_text(yaml.safe_dump({**saved, "out": str(tmp_path / "b")}))
+    again = _prefdata("ingest", "--config", str(config_file))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b" / "records.parquet").read_bytes() == (tmp_path / "a" / "records.parquet").read_bytes()
+
+
+def test_a_bad_config_file_or_value_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    for args in (["curate", "x", "--out", "o", "--config", str(bad)], ["curate", "x", "--out", "o", "--eval-fraction", "2"],
+                 ["tokenize", "x", "--out", "o"]):
+        done = _prefdata(*args)
+        assert done.returncode == 2 and done.stderr.startswith("prefdata: error: ") and done.stderr.count("\n") == 1, done.stderr
