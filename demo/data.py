@@ -85,7 +85,7 @@ class DemoDataConfig:
     seed: int = 0
 
 
-def _prompt(rng: random.Random) -> str:
+def _review_prompt(rng: random.Random) -> str:
     title = f"{rng.choice(TITLE_ADJECTIVES)} {rng.choice(TITLE_NOUNS)}"
     text = rng.choice(OPENERS).format(title=title, when=rng.choice(WHEN), where=rng.choice(WHERE), who=rng.choice(WHO))
     return text[0].upper() + text[1:]
@@ -127,14 +127,14 @@ def _near_duplicate(prompt: str, rng: random.Random) -> str:
 def preference_lines(config: DemoDataConfig) -> list[str]:
     """The dump's lines: clean pairs, then the dirt shuffled in, then a truncated last line."""
     rng = random.Random(config.seed)
-    prompts = [_prompt(rng) for _ in range(config.pairs)]
+    prompts = [_review_prompt(rng) for _ in range(config.pairs)]
     lines = [_preference_row(rng, p) for p in prompts]
     dirt_each = max(1, config.pairs // 50)
     lines += rng.sample(lines, dirt_each)  # exact duplicates
     lines += [_preference_row(rng, _near_duplicate(p, rng)) for p in rng.sample(prompts, dirt_each)]
-    lines += [_row(p, c, c) for p, c in ((_prompt(rng), _continuation(rng)) for _ in range(dirt_each))]  # ties
+    lines += [_row(p, c, c) for p, c in ((_review_prompt(rng), _continuation(rng)) for _ in range(dirt_each))]  # ties
     not_alternating = "\n\nHuman: Continue this movie review: {p}\n\nHuman: please\n\nAssistant: {a}"
-    for prompt, answer in ((_prompt(rng), _continuation(rng)) for _ in range(dirt_each)):
+    for prompt, answer in ((_review_prompt(rng), _continuation(rng)) for _ in range(dirt_each)):
         transcript = not_alternating.format(p=prompt, a=answer)
         lines.append(json.dumps({"chosen": transcript, "rejected": transcript}))
     lines.append('{"chosen": "\\n\\nHuman: Continue this movie review: I watched')  # bad JSON
@@ -146,7 +146,7 @@ def preference_lines(config: DemoDataConfig) -> list[str]:
 def sft_lines(config: DemoDataConfig) -> list[str]:
     """Reviews for the reference model, answers paired at random so neither side leans positive."""
     rng = random.Random(config.seed + 1)
-    return [_row(_prompt(rng), _continuation(rng), _continuation(rng)) for _ in range(config.sft_reviews)]
+    return [_row(_review_prompt(rng), _continuation(rng), _continuation(rng)) for _ in range(config.sft_reviews)]
 
 
 def write_preference_dump(path: Path, config: DemoDataConfig) -> Path:

@@ -43,12 +43,11 @@ from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
-from schemas.manifest import Counts, Manifest
+from schemas.manifest import QUARANTINE_FILE, Counts, Manifest
 from schemas.progress import progress
 from schemas.records import RECORD_SCHEMA, PreferenceRecord, records_to_table
 
 RECORDS_FILE = "records.parquet"
-QUARANTINE_FILE = "quarantine.jsonl"
 NO_PAIRS = "no_pairs"
 
 SAMPLE_ROWS = 10  # parsed rows whose columns decide the format

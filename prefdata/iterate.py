@@ -39,7 +39,7 @@ from schemas.manifest import MANIFEST_NAME, Counts, Manifest, package_version
 from schemas.records import prompt_hash
 
 EVAL_PROMPTS_FILE = "eval-prompts.jsonl"
-STAGES = ("generate", "judge", "ingest", "curate", "tokenize", "ref", "train", "eval")
+ROUND_STAGES = ("generate", "judge", "ingest", "curate", "tokenize", "ref", "train", "eval")
 
 
 class IterateConfig(BaseModel):
@@ -200,7 +200,7 @@ def iterate(config: IterateConfig, after_stage: Callable[[int, str], None] | Non
     rounds = [Round(out, number, config.policy) for number in range(1, config.rounds + 1)]
     for r in rounds:
         runners = _stage_runners(config, r, rounds[:r.number - 1], per_round, held)
-        for stage in STAGES:
+        for stage in ROUND_STAGES:
             if not r.done(stage):
                 runners[stage]()
                 if after_stage is not None:

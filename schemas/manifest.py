@@ -28,6 +28,8 @@ def package_version() -> str:
     except PackageNotFoundError:  # a source tree that was never installed
         return "0.0.0+source"
 MANIFEST_NAME = "manifest.json"
+# Every row or answer a stage refuses, one JSON object per line with its reason (ingest, judge).
+QUARANTINE_FILE = "quarantine.jsonl"
 
 Stage = Literal["ingest", "curate", "tokenize", "precompute-ref", "train", "eval", "generate", "judge", "iterate"]
 

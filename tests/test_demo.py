@@ -140,9 +140,12 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     policy = out / "DPO-beta0.1" / "final"
     result = evaluate_policy(EvalConfig(shards=str(out / "shards"), policy=str(policy), reference=str(out / "reference" / "final"),
                                         out=str(out / "eval-self"), reward=LEXICON_REWARD, baseline=str(policy),
-                                        best_of=4, samples=4, max_prompts=20))
+                                        best_of=4, samples=4, max_prompts=20, report_to="tensorboard"))
     win = result["win_rate"]
     assert win["low"] <= 0.5 <= win["high"] and win["prompts"] == 20
+    from tests.test_train_tracking import _scalars  # the tracker holds eval.json's numbers
+    assert _scalars(out / "eval-self", "win_rate/rate") == [(0, pytest.approx(win["rate"], rel=1e-6))]
+    assert _scalars(out / "eval-self", "accuracy") == [(0, pytest.approx(result["accuracy"], rel=1e-6))]
     assert win["wins"] + win["ties"] + win["losses"] + win["unjudged"] == 80
     assert result["best_of_n"]["reward"] > result["reference_reward"]
 

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.errors import UserError
+from schemas.manifest import QUARANTINE_FILE
 from train.generate import GENERATIONS_FILE, GenerateConfig, generate
-from train.judge import JUDGED_FILE, QUARANTINE_FILE, JudgeConfig, judge
+from train.judge import JUDGED_FILE, JudgeConfig, judge
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain a hash table.",
            "What is the capital of France?",  # a duplicate: answered once

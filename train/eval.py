@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,7 @@ from train.judge import Judge, JudgeError, JudgeOptions, build_judge
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+from train.tracking import open_tracker
 
 
 class EvalConfig(BaseModel):
@@ -60,6 +61,9 @@ class EvalConfig(BaseModel):
     max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct eval prompts.")
     batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per scoring forward pass.")
     seed: int = Field(0, description="Sampling seed.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Also send eval.json's numbers to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
+        "unless WANDB_MODE is set).")
 
     @model_validator(mode="after")
     def _judge_for_judged_metrics(self) -> EvalConfig:
@@ -199,6 +203,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`."""
     options = config.judge_options()
     judge = build_judge(options)[0] if options else None
+    tracker = open_tracker(config.report_to, Path(config.out), config.model_dump())  # a missing package fails before any model loads
     manifest, _, data = open_shards(config.shards, need_ref=True)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
@@ -234,10 +239,25 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
+    if tracker is not None:
+        tracker.start(None)
+        tracker.log({"step": 0, **_flat(result)})
+        tracker.close()
     if judge is not None:
         plot_reward_vs_kl([{"label": "reference", "kl": 0.0, "reward": result["reference_reward"]},
                            {"label": "policy", "kl": result["kl"], "reward": result["reward"]}], out / "reward_vs_kl.png")
     return result
+
+
+def _flat(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """eval.json's nested numbers as tracker names: {"win_rate": {"rate": …}} → {"win_rate/rate": …}."""
+    flat: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _judged(judge: Judge, messages: list[list[dict]], tokenizer: Any, samples: dict[str, list[np.ndarray]],

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
-from schemas.manifest import Counts, InputFile, Manifest, package_version
+from schemas.manifest import QUARANTINE_FILE, Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.render import make_renderer
 from train.device import select_device, select_dtype
@@ -42,7 +42,6 @@ from train.generate import GENERATIONS_FILE
 from train.models import model_dir, model_fingerprint
 
 JUDGED_FILE = "judged.jsonl"
-QUARANTINE_FILE = "quarantine.jsonl"
 EMPTY_RESPONSE = "empty_response"
 JUDGE_ERROR = "judge_error"
 
