@@ -194,3 +194,19 @@ def test_ingest_pairs_judged_answers_as_pairs_promises(tmp_path, pairs, keep_tru
     assert [(r["chosen_score"], r["rejected_score"]) for r in table] == expected
     assert manifest.counts.dropped == {"unscored": 1}
     assert manifest.stats["skipped"].get("truncated_response", 0) == (0 if keep_truncated else 1)
+
+
+def test_generation_batches_respect_the_count_and_the_token_budget():
+    from train.generate import Sampling, generation_batches
+
+    sampling = Sampling(n=2, temperature=1.0, top_p=1.0, max_new_tokens=10, batch_size=3, batch_tokens=200)
+    # sorted lengths; a batch of k prompts costs k × 2 × (longest + 10) tokens
+    # 3 × 2 × 20 = 120 (the count stops it); 2 × 2 × (40 + 10) = 200 fits exactly; 90 + 10 with 200 + 10
+    # would not fit, nor would two of them; a prompt over the budget still gets a batch of its own
+    assert generation_batches([10, 10, 10, 10, 40, 90, 200], sampling) == [range(0, 3), range(3, 5), range(5, 6), range(6, 7)]
+
+
+def test_prompts_whose_answers_would_not_fit_the_model_are_counted_and_refused_when_none_fit(prompt_file, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="longer than the model's 1024 positions"):
+        generate(GenerateConfig(prompts=str(prompt_file), policy=str(tiny_model_dir), out=str(tmp_path / "o"),
+                                max_new_tokens=1020, device="cpu"))

@@ -43,6 +43,7 @@ INVALID_PROMPT = "invalid_prompt"
 DUPLICATE_PROMPT = "duplicate_prompt"
 EXCLUDED_PROMPT = "excluded_prompt"  # asked by --exclude-prompts (an earlier round's prompts)
 OVER_MAX_PROMPTS = "over_max_prompts"
+PROMPT_TOO_LONG = "prompt_too_long"  # with --max-new-tokens, beyond the model's positions
 
 
 class GenerateConfig(BaseModel):
@@ -58,7 +59,9 @@ class GenerateConfig(BaseModel):
                          "probability reaches this (1 = off).")
     max_new_tokens: int = Field(256, gt=0, description="Longest answer; longer ones are cut and marked.")
     seed: int = Field(0, description="Sampling seed (each chunk's seed derives from it).")
-    batch_size: int = Field(16, gt=0, description="Prompts per generate call (each gives n sequences).")
+    batch_size: int = Field(64, gt=0, description="Most prompts per generate call (each gives n sequences).")
+    batch_tokens: int = Field(32_768, gt=0, description="Most tokens per generate call: prompts × n × (longest prompt + "
+                              "max_new_tokens); long prompts go in smaller batches.")
     max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct prompts.")
     split: Literal["train", "eval", "all"] = Field("train", description="Which split of a curated record set.")
     exclude_prompts: list[str] = Field([], description="generations.jsonl files whose prompts are skipped "
@@ -205,6 +208,25 @@ class Sampling(NamedTuple):
     top_p: float
     max_new_tokens: int
     batch_size: int
+    batch_tokens: int
+
+
+def generation_batches(lengths: list[int], sampling: Sampling) -> list[range]:
+    """Consecutive prompts (sorted by length) per generate call: at most `batch_size`, and at most
+    `batch_tokens` of prompt-plus-answer tokens over the n sequences, at least one. On a CPU a
+    batch of long prompts costs more per token than the same prompts alone (the attention over the
+    padded cache), so the budget, not the count, bounds them."""
+    batches, start = [], 0
+    while start < len(lengths):
+        end, longest = start + 1, lengths[start]
+        while end < len(lengths) and end - start < sampling.batch_size:
+            longest = max(longest, lengths[end])
+            if (end - start + 1) * sampling.n * (longest + sampling.max_new_tokens) > sampling.batch_tokens:
+                break
+            end += 1
+        batches.append(range(start, end))
+        start = end
+    return batches
 
 
 def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: Sampling) -> list[list[dict]]:
@@ -213,8 +235,8 @@ def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: S
     stop_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     answers = []
-    for start in range(0, len(ids), sampling.batch_size):
-        batch = [np.asarray(i) for i in ids[start:start + sampling.batch_size]]
+    for rows in generation_batches([len(i) for i in ids], sampling):
+        batch = [np.asarray(ids[i]) for i in rows]
         completions = sample_completions(model, batch, sampling.n, sampling.temperature, sampling.top_p,
                                          sampling.max_new_tokens, stop_ids, pad_id)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -227,7 +249,8 @@ def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: S
 
 def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: list[list[int]], config: GenerateConfig) -> list[str]:
     """One JSON line per prompt of the chunk, with its `n` answers."""
-    sampling = Sampling(config.n, config.temperature, config.top_p, config.max_new_tokens, config.batch_size)
+    sampling = Sampling(config.n, config.temperature, config.top_p, config.max_new_tokens, config.batch_size,
+                        config.batch_tokens)
     return [json.dumps({"prompt_id": prompt_hash(prompt), "prompt": prompt, "responses": responses,
                         "policy": config.policy}, ensure_ascii=False) + "\n"
             for prompt, responses in zip(prompts, answer_prompts(model, tokenizer, ids, sampling))]
@@ -251,6 +274,7 @@ def generate(config: GenerateConfig) -> Manifest:
     model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
     model.eval()
     ids = prompt_token_ids(make_renderer(tokenizer, config.template), prompts)
+    prompts, ids = _fitting(prompts, ids, model, config.max_new_tokens, dropped)
     order = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
     chunks = out / CHUNKS_DIR
     chunks.mkdir(parents=True, exist_ok=True)
@@ -271,6 +295,18 @@ def generate(config: GenerateConfig) -> Manifest:
     return _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
                    model_fingerprint(policy_dir, config.policy, dtype, device),
                    generated_tokens / seconds if timed else None)
+
+
+def _fitting(prompts: list[list[dict]], ids: list[list[int]], model: Any, max_new_tokens: int,
+             dropped: Counter) -> tuple[list[list[dict]], list[list[int]]]:
+    """The prompts whose answer still fits the model's positions; the rest counted as `prompt_too_long`."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    keep = [i for i in range(len(ids)) if limit is None or len(ids[i]) + max_new_tokens <= limit]
+    if len(keep) < len(ids):
+        dropped[PROMPT_TOO_LONG] += len(ids) - len(keep)
+    if not keep:
+        raise UserError(f"every prompt is longer than the model's {limit} positions allow with --max-new-tokens {max_new_tokens}")
+    return [prompts[i] for i in keep], [ids[i] for i in keep]
 
 
 def _finish(config: GenerateConfig, out: Path, starts: range, inputs: list[InputFile], read: int, kept: int,
