@@ -1,6 +1,6 @@
 """Training memory per process at model scale: DDP, FSDP2 and LoRA beside TRL (issue 13).
 
-    .venv/bin/python benchmarks/bench_memory.py [--quick] [--procs 2] [--steps 4] [--json PATH]
+    .venv/bin/python benchmarks/bench_memory.py [--quick | --size large] [--variants …] [--procs 2] [--steps 4] [--json PATH]
 
 A Llama of ~100M parameters (~15M with --quick) built from a config, the same rows
 (LLaMA-Factory's dpo_en_demo, tokenized by prefdata, reference precomputed once), float32, CPU,
@@ -53,6 +53,8 @@ LEARNING_RATE = 1e-6
 MODEL_SIZES = {  # ~100M and ~15M parameters with the 4,096-token vocabulary of `prepare`
     "full": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560),
     "quick": dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6, intermediate_size=1024),
+    # ~310M: where the fixed per-process cost (imports, mapped shards) weighs less against 16 bytes/parameter
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=2816),
 }
 
 
@@ -161,9 +163,10 @@ def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int,
             "rss_per_rank_mib": [r["peak_rss_mib"] for r in ranks], "baseline_rss_mib": [r["baseline_rss_mib"] for r in ranks]}
 
 
-def compare(model: Path, shards: Path, steps: int, procs: int, work: Path, checkpointing: bool) -> dict[str, dict]:
+def compare(model: Path, shards: Path, steps: int, procs: int, work: Path, checkpointing: bool,
+            variants: tuple[str, ...] = VARIANTS) -> dict[str, dict]:
     results = {}
-    for i, variant in enumerate(VARIANTS):
+    for i, variant in enumerate(variants):
         results[variant] = run_variant(variant, model, shards, steps, procs, work, 29650 + i, checkpointing)
         print(f"{variant}: {results[variant]}", file=sys.stderr)
     return results
@@ -183,7 +186,7 @@ def rows(results: dict[str, dict]) -> list[dict]:
               ("ours LoRA / TRL LoRA", "ours-lora", "trl-lora", "≤ 1")]
     return [{"check": name, "value": results[a]["peak_rss_mib"] / results[b]["peak_rss_mib"],
              "above_baseline": results[a]["above_baseline_mib"] / results[b]["above_baseline_mib"], "target": target}
-            for name, a, b, target in checks]
+            for name, a, b, target in checks if a in results and b in results]
 
 
 def markdown(report: dict) -> str:
@@ -200,10 +203,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool, procs: int, steps: int, work: Path, checkpointing: bool = True) -> dict:
+def run(quick: bool, procs: int, steps: int, work: Path, checkpointing: bool = True, size: str | None = None,
+        variants: tuple[str, ...] = VARIANTS) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    model, shards = prepare_model(work, rows=100 if quick else 200, max_length=512, size="quick" if quick else "full")
-    results = compare(model, shards, steps, procs, work, checkpointing)
+    model, shards = prepare_model(work, rows=100 if quick else 200, max_length=512, size=size or ("quick" if quick else "full"))
+    results = compare(model, shards, steps, procs, work, checkpointing, variants)
     return {"procs": procs, "steps": steps, "parameters": parameters(model), "gradient_checkpointing": checkpointing,
             "results": results, "rows": rows(results)}
 
@@ -215,13 +219,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps; step 1 is not timed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--size", choices=sorted(MODEL_SIZES), help="model size (default: full, or quick with --quick)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     add_child_arguments(parser, VARIANTS)
     args = parser.parse_args()
     if args.child:
         run_child(args.child, args.model, args.shards, args.steps, args.out, args.gradient_checkpointing)
         return
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        report = run(args.quick, args.procs, args.steps, Path(tmp), args.gradient_checkpointing)
+        report = run(args.quick, args.procs, args.steps, Path(tmp), args.gradient_checkpointing, args.size, tuple(args.variants))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(markdown(report))
