@@ -35,7 +35,7 @@ from schemas.render import make_renderer, prompt_token_ids
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.device import select_device, select_dtype
-from train.generate import record_files, sample_completions, stop_token_ids
+from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, stop_token_ids
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
@@ -301,12 +301,16 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
     prompt_ids = [np.asarray(ids) for ids in prompt_token_ids(make_renderer(tokenizer, "auto"), prompts)]
     stop_ids = stop_token_ids(models[0][0], tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    # Batched as generate batches (its defaults), bounded by the same token budget.
+    sampling = Sampling(n, temperature, top_p, max_new_tokens, *(GenerateConfig.model_fields[f].default
+                                                                 for f in ("batch_size", "batch_tokens")))
+    batches = generation_batches([len(ids) for ids in prompt_ids], sampling)
     samples, scores = [], []
     with torch.inference_mode():
         for offset, (model, _) in enumerate(models):
             torch.manual_seed(seed + offset)
-            completions = [c for start in range(0, len(prompt_ids), 16)
-                           for c in sample_completions(model.eval(), prompt_ids[start:start + 16], n, temperature, top_p,
+            completions = [c for rows in batches
+                           for c in sample_completions(model.eval(), [prompt_ids[i] for i in rows], n, temperature, top_p,
                                                        max_new_tokens, stop_ids, pad_id)]
             samples.append(completions)
             scores.append(judged_scores(judge, prompts, tokenizer, completions).reshape(len(prompts), n))

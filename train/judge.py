@@ -195,9 +195,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
-            assert isinstance(row, dict) and isinstance(row["responses"], list) and isinstance(row["prompt"], list)
-        except (json.JSONDecodeError, AssertionError, KeyError):
-            raise UserError(f"{path}:{number}: not a prefdata generate row; re-run prefdata generate") from None
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("responses"), list) and isinstance(row.get("prompt"), list)):
+            raise UserError(f"{path}:{number}: not a prefdata generate row; re-run prefdata generate")
         rows.append(row)
     return rows
 
