@@ -36,7 +36,7 @@ from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.device import select_device, select_dtype
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, stop_token_ids
-from train.judge import Judge, JudgeError, JudgeOptions, build_judge
+from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
@@ -110,10 +110,10 @@ def eval_prompts(data: SplitData, max_prompts: int | None) -> tuple[list[np.ndar
 
 def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any, n: int | None = None) -> list[np.ndarray]:
     """`n` (default `config.samples`) completions per prompt (prompt-major), each cut after its
-    first EOS (kept). A completion without EOS within max_new_tokens stays cut there: its log-prob
+    first stop token (kept; the ones generate stops at). A completion without EOS within max_new_tokens stays cut there: its log-prob
     is then that of the truncated sequence, which is exactly what was sampled."""
     return sample_completions(model, prompts, n or config.samples, config.temperature, 1.0, config.max_new_tokens,
-                              [tokenizer.eos_token_id], tokenizer.pad_token_id)
+                              stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
 
 
 def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
@@ -156,12 +156,15 @@ def prompt_messages(shards: str, record_ids: list[str]) -> list[list[dict]]:
     return [found[i] for i in record_ids]
 
 
-def judged_scores(judge: Judge, messages: list[list[dict]], tokenizer: Any, completions: list[np.ndarray]) -> np.ndarray:
-    """The judge's score of each completion (prompt-major), NaN where it gave none."""
+def judged_scores(judge: Judge, messages: list[list[dict]], tokenizer: Any, completions: list[np.ndarray],
+                  batch_size: int) -> np.ndarray:
+    """The judge's score of each completion (prompt-major) as [prompts, samples], NaN where it gave
+    none (an empty answer is not judged: `score_responses`, as prefdata judge does)."""
     per_prompt = len(completions) // len(messages)
     texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
-    scores = judge([messages[i // per_prompt] for i in range(len(texts))], texts)
-    return np.array([math.nan if isinstance(s, JudgeError) or not t else s for s, t in zip(scores, texts)], dtype=np.float64)
+    responses = [[{"text": t} for t in texts[p * per_prompt:(p + 1) * per_prompt]] for p in range(len(messages))]
+    scores = score_responses(judge, messages, responses, batch_size)
+    return np.array([[math.nan if isinstance(s, JudgeError) else s for s in row] for row in scores], dtype=np.float64)
 
 
 def win_rate(policy_scores: np.ndarray, baseline_scores: np.ndarray) -> dict[str, Any]:
@@ -263,7 +266,8 @@ def _flat(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _judged(judge: Judge, messages: list[list[dict]], tokenizer: Any, samples: dict[str, list[np.ndarray]],
             config: EvalConfig) -> dict[str, Any]:
     """Mean judged reward of policy and reference samples; win rate against the baseline; Best-of-N."""
-    scores = {name: judged_scores(judge, messages, tokenizer, completions).reshape(len(messages), -1)
+    batch_size = config.judge_options().batch_size
+    scores = {name: judged_scores(judge, messages, tokenizer, completions, batch_size)
               for name, completions in samples.items()}
     result: dict[str, Any] = {"judge": config.reward or config.reward_model,
                               "reward": float(np.nanmean(scores["policy"])),
@@ -313,7 +317,7 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
                            for c in sample_completions(model.eval(), [prompt_ids[i] for i in rows], n, temperature, top_p,
                                                        max_new_tokens, stop_ids, pad_id)]
             samples.append(completions)
-            scores.append(judged_scores(judge, prompts, tokenizer, completions).reshape(len(prompts), n))
+            scores.append(judged_scores(judge, prompts, tokenizer, completions, judge_options.batch_size))
         kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384)
     return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts), "samples": n,
             "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])), "kl": kl,

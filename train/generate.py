@@ -247,13 +247,15 @@ def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: S
     return answers
 
 
-def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: list[list[int]], config: GenerateConfig) -> list[str]:
-    """One JSON line per prompt of the chunk, with its `n` answers."""
+def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: list[list[int]],
+                 config: GenerateConfig) -> tuple[list[str], int]:
+    """One JSON line per prompt of the chunk, with its `n` answers; and the tokens generated."""
     sampling = Sampling(config.n, config.temperature, config.top_p, config.max_new_tokens, config.batch_size,
                         config.batch_tokens)
-    return [json.dumps({"prompt_id": prompt_hash(prompt), "prompt": prompt, "responses": responses,
-                        "policy": config.policy}, ensure_ascii=False) + "\n"
-            for prompt, responses in zip(prompts, answer_prompts(model, tokenizer, ids, sampling))]
+    answers = answer_prompts(model, tokenizer, ids, sampling)
+    lines = [json.dumps({"prompt_id": prompt_hash(prompt), "prompt": prompt, "responses": responses,
+                         "policy": config.policy}, ensure_ascii=False) + "\n" for prompt, responses in zip(prompts, answers)]
+    return lines, sum(r["tokens"] for responses in answers for r in responses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +288,9 @@ def generate(config: GenerateConfig) -> Manifest:
             part = order[start:start + config.chunk_prompts]
             if not path.is_file():  # a finished chunk of a killed run is kept
                 torch.manual_seed(chunk_seed(config.seed, number))
-                lines = _chunk_lines(model, tokenizer, [prompts[i] for i in part], [ids[i] for i in part], config)
+                lines, tokens = _chunk_lines(model, tokenizer, [prompts[i] for i in part], [ids[i] for i in part], config)
                 write_text_atomic(path, "".join(lines))
-                generated_tokens += sum(r["tokens"] for line in lines for r in json.loads(line)["responses"])
+                generated_tokens += tokens
                 timed = True
             bar.advance(len(part))
     seconds = time.perf_counter() - began
