@@ -7,6 +7,9 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
     train ddp        all visible GPUs (torchrun), bf16 autocast over fp32 master weights
     train fsdp       all visible GPUs, FSDP2 with bf16 MixedPrecisionPolicy
     train lora       r=16 on the same shards (the reference is the base model)
+    packing          precompute-ref in float32 with and without --packing (FlexAttention, auto on CUDA):
+                     log-probs within 1e-4 of each other and the scoring rate of each;
+                     then train --packing (FlexAttention forward and backward) in bf16
     bench            benchmarks/run_all.py --quick on the GPU → bench-cuda.md / bench-cuda.json
 
 Each training run must start at loss log 2 (within bf16 rounding) and end lower; any failure
@@ -18,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +60,33 @@ def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: s
             "peak_device_memory_mib": stats.get("peak_device_memory_mib")}
 
 
+def _ref_logps(shards: Path) -> dict[str, Any]:
+    import polars as pl
+
+    frame = pl.read_ipc(shards / "*.arrow").sort("id")
+    return {name: frame[name].to_numpy() for name in ("ref_chosen_logps", "ref_rejected_logps")}
+
+
+def _packing(model: Path, shards: Path, work: Path) -> list[dict]:
+    """float32 precompute-ref of the same shards padded-shared and packed (FlexAttention): equal
+    within 1e-4 nats per sequence sum, and how fast each scores."""
+    results, values = [], {}
+    for name, extra in (("precompute-ref fp32 shared", []), ("precompute-ref fp32 packed (flex)", ["--packing"])):
+        copy = work / name.replace(" ", "-")
+        shutil.copytree(shards, copy)
+        seconds = _run(name, [sys.executable, "-m", "prefdata", "precompute-ref", str(copy), "--model", str(model),
+                              "--dtype", "float32", "--force", *extra])
+        manifest = json.loads((copy / "manifest.json").read_text())
+        values[name] = _ref_logps(copy)
+        results.append({"stage": name, "seconds": seconds, "tokens_per_s": manifest["stats"]["tokens_per_s"], "dtype": "float32"})
+    shared, packed = values.values()
+    diff = max(float(abs(shared[column] - packed[column]).max()) for column in shared)
+    results[-1]["max_abs_diff_vs_shared"] = diff
+    if not diff <= 1e-4:
+        sys.exit(f"gpu-check: packed (FlexAttention) reference log-probs differ from the shared ones by {diff:.3g} > 1e-4")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT)
@@ -82,6 +114,8 @@ def main() -> None:
         results.append(_train("train ddp", gpus, model, shards, work / "ddp"))
         results.append(_train("train fsdp", gpus, model, shards, work / "fsdp", "--parallelism", "fsdp"))
         results.append(_train("train lora", gpus, model, shards, work / "lora", "--lora-r", "16", "--learning-rate", "1e-4"))
+        results.extend(_packing(model, shards, work))
+        results.append(_train("train packed (flex)", gpus, model, shards, work / "packed", "--packing"))
     if not args.no_bench:
         _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(args.out)])
     report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}

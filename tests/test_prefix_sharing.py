@@ -10,7 +10,7 @@ import torch
 from tests.test_logprobs import _columns, _random_columns
 from tests.test_train import shards  # noqa: F401  (a fixture)
 from train.batching import collate_pairs
-from train.logprobs import prefix_sharing_exact, sequence_logps
+from train.logprobs import prefix_sharing_exact, sequence_logps, shared_attention_mask
 
 
 def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa"):
@@ -87,6 +87,55 @@ def test_not_exact_where_the_kernel_takes_no_mask_or_a_window_cuts_a_pair():
     model = _tiny("llama")
     model.config._attn_implementation = "flash_attention_2"
     assert not prefix_sharing_exact(model, columns.pair_lengths)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows(packed):
+    from torch.nn.attention.flex_attention import create_mask
+
+    columns = _random_columns(6, vocab=96, seed=14)
+    layout = collate_pairs(columns, np.arange(6), pad_id=0, shared=True, packed=packed).shared
+    dense = shared_attention_mask(layout.segments, layout.pair, "sdpa", torch.float32)
+    block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
+    rows, length = layout.segments.shape
+    assert torch.equal(create_mask(block.mask_mod, rows, 1, length, length, device="cpu"), dense)
+
+
+def test_flex_block_mask_skips_the_tiles_of_other_pairs():
+    """A packed row of 8 pairs of 128 tokens: causal attention over the row touches 36 of its 8 × 8
+    tiles of 128, the pairs' own blocks only 8: FlexAttention computes 8."""
+    columns = _columns([[1] * 64] * 8, [[2] * 32] * 8, [[3] * 32] * 8)
+    layout = collate_pairs(columns, np.arange(8), pad_id=0, shared=True, packed=True).shared
+    block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
+    computed = int(block.kv_num_blocks.sum()) + int(block.full_kv_num_blocks.sum())
+    assert layout.segments.shape == (1, 1024) and computed == 8
+
+
+def test_flex_attention_scores_prefix_shared_and_packed_rows_like_the_padded_layout():
+    """The CUDA path's kernel, run here through the model's own FlexAttention (compiled forward; CPU
+    has no FlexAttention backward): same log-probs as SDPA on the padded layout. Each shape compiles
+    statically: torch 2.13's CPU build of a dynamic-shape FlexAttention kernel fails."""
+    columns = _random_columns(7, vocab=96, seed=11)
+    sdpa, flex = _tiny("llama"), _tiny("llama", attn="flex_attention")
+    assert prefix_sharing_exact(flex, columns.pair_lengths)
+    with torch.inference_mode(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        plain = sequence_logps(sdpa, collate_pairs(columns, np.arange(7), pad_id=0))
+        for packed in (False, True):
+            shared = sequence_logps(flex, collate_pairs(columns, np.arange(7), pad_id=0, shared=True, packed=packed))
+            torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=0)
+            torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=0)
+
+
+def test_packing_runs_flex_attention_on_cuda_only():
+    from schemas.errors import UserError
+    from train.models import attention_kernel
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_kernel(None, True, cuda) == "flex_attention"
+    assert attention_kernel(None, False, cuda) is None and attention_kernel(None, True, cpu) is None
+    assert attention_kernel("eager", True, cuda) == "eager"
+    with pytest.raises(UserError, match="flex_attention runs on CUDA only"):
+        attention_kernel("flex_attention", False, cpu)
 
 
 def test_packing_puts_a_batch_in_one_row_with_positions_from_zero_per_pair():

@@ -60,8 +60,11 @@ class TrainConfig(BaseModel):
     prefix_sharing: Literal["auto", "off"] = Field(
         "auto", description="auto: each pair's prompt through the model once, where that gives the same numbers.")
     packing: bool = Field(False, description="Padding-free: each micro-batch is one row, its prefix-shared pairs back to "
-                          "back, each attending only to itself (pays with varlen kernels, not with a dense mask: see "
+                          "back, each attending only to itself (pays on CUDA, where it runs FlexAttention, not with a dense mask: see "
                           "README); needs --prefix-sharing auto.")
+    attn_implementation: str | None = Field(
+        None, description="Passed to from_pretrained: sdpa, eager, flex_attention, … (default: flex_attention for --packing "
+        "on CUDA, else transformers' default, sdpa).")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
     compile: bool = Field(False, description="torch.compile the model.")
     window_batches: int = Field(64, gt=0, description="Length grouping: pairs are sorted within windows of this many batches.")

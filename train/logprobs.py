@@ -18,7 +18,9 @@ attending to chosen ones, so every answer token sees the context it sees in the 
 first rejected token is scored from the last prompt token's hidden state. The prompt goes through
 the model once, forward and backward. Used where it is exact (`prefix_sharing_exact`: attention
 that takes an arbitrary mask, no sliding window shorter than a pair); equal to the padded layout
-within float32 rounding (tests/test_prefix_sharing.py).
+within float32 rounding (tests/test_prefix_sharing.py). The mask is dense for SDPA and eager
+attention, a FlexAttention `BlockMask` (masked tiles skipped) where the model runs FlexAttention:
+packed rows on CUDA (`train.models.attention_kernel`).
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_imple
     into a row, padding never attended to, and rejected tokens (segment 2) never attending to
     chosen ones (segment 1). A padding query attends to itself, so no softmax row is empty (an
     empty one is NaN, and NaN spreads into gradients even where nothing reads it). Boolean for
-    SDPA; additive for eager attention."""
+    SDPA; additive for eager attention; a `BlockMask` for FlexAttention."""
+    if attn_implementation == "flex_attention":
+        return _flex_block_mask(segments, pair)
     length = segments.shape[1]
     query, key = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
@@ -153,7 +157,23 @@ def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_imple
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-SHARING_ATTENTION = ("sdpa", "eager")  # the kernels that take an arbitrary mask
+def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
+    """The same rule as a FlexAttention `BlockMask`: evaluated per (query, key) inside the kernel,
+    and tiles where it is False everywhere (other pairs, the future) are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = segments.long()
+
+    def allowed(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        same_pair_causal = (key <= query) & (pair[row, query] == pair[row, key]) & (segment[row, key] >= 0)
+        rejected_on_chosen = (segment[row, query] == 2) & (segment[row, key] == 1)
+        return (same_pair_causal & ~rejected_on_chosen) | (query == key)
+
+    rows, length = segments.shape
+    return create_block_mask(allowed, rows, None, length, length, device=segments.device)
+
+
+SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take an arbitrary mask
 
 
 def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:

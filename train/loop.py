@@ -34,7 +34,7 @@ from train.device import select_device
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
 from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
-from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
 from train.tracking import Tracker, open_tracker
 
 
@@ -209,6 +209,7 @@ def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, ma
     each process's shard to the device."""
     load_device = torch.device("cpu") if config.parallelism == "fsdp" else device
     model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device,
+                                      attention_kernel(config.attn_implementation, config.packing, device),
                                       weights=parallel.loads_weights(dist, config.parallelism))
     peft_model = None
     if config.lora_r:
@@ -291,7 +292,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ref_model = None
     if config.needs_reference and config.reference == "live":
         ref_dir = model_dir(config.reference_model or config.model)
-        ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device)
+        ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device,
+                                      attention_kernel(config.attn_implementation, config.packing, device))
 
     scorer: Any = SequenceScorer(model)
     if config.compile:

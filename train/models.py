@@ -80,6 +80,20 @@ def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFinge
     return tokenizer
 
 
+def attention_kernel(requested: str | None, packing: bool, device: torch.device) -> str | None:
+    """The attention `from_pretrained` loads the model with for computing on `device` (None:
+    transformers' default, SDPA). Packed rows on CUDA get FlexAttention: its block mask skips every
+    tile outside the pairs' own blocks, so a packed row's attention costs the sum of its pairs'
+    squares, not the row's square, which a dense SDPA mask pays (README, "Packing"). FlexAttention
+    is refused off CUDA: torch 2.13 has no backward for it on CPU, and its compiled CPU forward
+    fails to build once batch shapes change."""
+    kernel = requested or ("flex_attention" if packing and device.type == "cuda" else None)
+    if kernel == "flex_attention" and device.type != "cuda":
+        raise UserError(f"--attn-implementation flex_attention runs on CUDA only (this run computes on {device.type}); "
+                        "use sdpa or eager")
+    return kernel
+
+
 def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
                    attn_implementation: str | None = None, weights: bool = True) -> tuple[Any, Any]:
     """(model on `device` in `dtype`, tokenizer). Any load failure is a one-line UserError.

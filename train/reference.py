@@ -43,7 +43,7 @@ from train.data import read_shard
 from train.device import dtype_name, select_device, select_dtype
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
-from train.models import check_tokenizer, load_causal_lm, model_fingerprint, same_weights
+from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_fingerprint, same_weights
 from train.models import model_dir as resolve_model_dir
 
 MARKERS_DIR = ".precompute-ref"
@@ -68,10 +68,12 @@ class PrecomputeRefConfig(BaseModel):
         "the processes, for a reference too large for one device; every process scores a share of each shard).")
     prefix_sharing: Literal["auto", "off"] = Field(
         "auto", description="auto: each pair's prompt goes through the model once where that gives the same numbers "
-        "(attention that takes a mask: sdpa, eager); off: two padded rows per pair.")
+        "(attention that takes a mask: sdpa, eager, flex_attention); off: two padded rows per pair.")
     packing: bool = Field(False, description="Padding-free: each batch is one row, its prefix-shared pairs back to "
                           "back, each attending only to itself; needs --prefix-sharing auto.")
-    attn_implementation: str | None = Field(None, description="Passed to from_pretrained: sdpa, eager, flash_attention_2, …")
+    attn_implementation: str | None = Field(
+        None, description="Passed to from_pretrained: sdpa, eager, flex_attention, … (default: flex_attention for --packing "
+        "on CUDA, else transformers' default, sdpa).")
     verify: int = Field(0, ge=0, description="Re-score N random rows one at a time and compare with the batched values.")
     seed: int = Field(0, description="Which rows --verify picks.")
     force: bool = Field(False, description="Replace log-probs that another model (or dtype) wrote.")
@@ -106,9 +108,10 @@ class PrecomputeResult:
 # The reference model: where it is, what it is, loading it
 
 
-def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, device: torch.device,
-                weights: bool = True) -> Any:
-    return load_causal_lm(model_dir, config.model, dtype, device, config.attn_implementation, weights)[0].eval()
+def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, compute_device: torch.device,
+                load_device: torch.device, weights: bool = True) -> Any:
+    kernel = attention_kernel(config.attn_implementation, config.packing, compute_device)
+    return load_causal_lm(model_dir, config.model, dtype, load_device, kernel, weights)[0].eval()
 
 
 def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
@@ -232,7 +235,7 @@ class _LazyReference:
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = _load_model(self.model_dir, self.config, self.dtype,
+            self._model = _load_model(self.model_dir, self.config, self.dtype, self.device,
                                       torch.device("cpu") if self.sharded else self.device,
                                       parallel.loads_weights(self.ranks, self.config.parallelism))
             self._scoring = self._model
