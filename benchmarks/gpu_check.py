@@ -12,8 +12,10 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      then train --packing (FlexAttention forward and backward) in bf16
     bench            benchmarks/run_all.py --quick on the GPU → bench-cuda.md / bench-cuda.json
 
-Each training run must start at loss log 2 (within bf16 rounding) and end lower; any failure
-exits non-zero with the stage's error. Results: gpu-check.md and gpu-check.json in --out.
+Each training run must start at loss log 2 (within bf16 rounding) and end lower. A stage that
+fails is a row with its error and the check goes on (the first GPU time is scarce: one broken
+stage must not cost the others' figures); the command then exits 1. Results: gpu-check.md and
+gpu-check.json in --out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,11 +39,15 @@ TRAIN_ARGS = ["--batch-size", "8", "--learning-rate", "1e-5", "--beta", "0.1", "
 MODEL = dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560)
 
 
+class StageFailed(Exception):
+    """A stage's command failed or its figures are wrong; the message says which and why."""
+
+
 def _run(name: str, command: list[str]) -> float:
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"gpu-check: {name} failed:\n{done.stderr[-4000:]}")
+        raise StageFailed(f"{name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - start
 
 
@@ -53,7 +59,7 @@ def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: s
     stats = json.loads((out / "manifest.json").read_text())["stats"]
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     if abs(first - math.log(2)) > 0.05 or not last < first:
-        sys.exit(f"gpu-check: {name}: loss {first:.4f} at step 1 (expected log 2 = 0.6931) and {last:.4f} at the end")
+        raise StageFailed(f"{name}: loss {first:.4f} at step 1 (expected log 2 = 0.6931) and {last:.4f} at the end")
     timed = [m for m in metrics if m["step"] > 1]
     tokens_per_s = sum(m["tokens"] for m in timed) / sum(m["tokens"] / m["tokens_per_s"] for m in timed)
     return {"stage": name, "seconds": seconds, "tokens_per_s": tokens_per_s, "first_loss": first, "last_loss": last,
@@ -83,8 +89,42 @@ def _packing(model: Path, shards: Path, work: Path) -> list[dict]:
     diff = max(float(abs(shared[column] - packed[column]).max()) for column in shared)
     results[-1]["max_abs_diff_vs_shared"] = diff
     if not diff <= 1e-4:
-        sys.exit(f"gpu-check: packed (FlexAttention) reference log-probs differ from the shared ones by {diff:.3g} > 1e-4")
+        raise StageFailed(f"packed (FlexAttention) reference log-probs differ from the shared ones by {diff:.3g} > 1e-4")
     return results
+
+
+def _precompute(model: Path, shards: Path) -> dict:
+    seconds = _run("precompute-ref", [sys.executable, "-m", "prefdata", "precompute-ref", str(shards), "--model", str(model),
+                                      "--verify", "8"])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return {"stage": "precompute-ref", "seconds": seconds, "tokens_per_s": manifest["stats"]["tokens_per_s"],
+            "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]}
+
+
+def run_stages(stages: list[tuple[str, Callable[[], dict | list[dict]]]]) -> tuple[list[dict], list[str]]:
+    """Each stage in turn: (its result rows, a row per failed stage included; the failures' messages)."""
+    results, failures = [], []
+    for name, stage in stages:
+        try:
+            produced = stage()
+        except StageFailed as failure:
+            failures.append(str(failure))
+            results.append({"stage": name, "error": str(failure).splitlines()[0]})
+            continue
+        results.extend(produced if isinstance(produced, list) else [produced])
+    return results, failures
+
+
+def report_lines(results: list[dict], header: str) -> list[str]:
+    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['stage']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {r.get('first_loss', float('nan')):.4f} | "
+                     f"{r.get('last_loss', float('nan')):.4f} | {r.get('peak_device_memory_mib') or '—'} |")
+    return lines
 
 
 def main() -> None:
@@ -101,32 +141,32 @@ def main() -> None:
     from train.tiny import build_model
 
     gpus = torch.cuda.device_count()
-    results = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
         small, shards = prepare(work, rows=400, max_length=1024)
         model = build_model(small, work / "model-100m", max_positions=1024, **MODEL)
-        seconds = _run("precompute-ref", [sys.executable, "-m", "prefdata", "precompute-ref", str(shards), "--model", str(model),
-                                          "--verify", "8"])
-        manifest = json.loads((shards / "manifest.json").read_text())
-        results.append({"stage": "precompute-ref", "seconds": seconds, "tokens_per_s": manifest["stats"]["tokens_per_s"],
-                        "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]})
-        results.append(_train("train ddp", gpus, model, shards, work / "ddp"))
-        results.append(_train("train fsdp", gpus, model, shards, work / "fsdp", "--parallelism", "fsdp"))
-        results.append(_train("train lora", gpus, model, shards, work / "lora", "--lora-r", "16", "--learning-rate", "1e-4"))
-        results.extend(_packing(model, shards, work))
-        results.append(_train("train packed (flex)", gpus, model, shards, work / "packed", "--packing"))
+        results, failures = run_stages([
+            ("precompute-ref", lambda: _precompute(model, shards)),
+            ("train ddp", lambda: _train("train ddp", gpus, model, shards, work / "ddp")),
+            ("train fsdp", lambda: _train("train fsdp", gpus, model, shards, work / "fsdp", "--parallelism", "fsdp")),
+            ("train lora", lambda: _train("train lora", gpus, model, shards, work / "lora", "--lora-r", "16",
+                                          "--learning-rate", "1e-4")),
+            ("packing", lambda: _packing(model, shards, work)),
+            ("train packed (flex)", lambda: _train("train packed (flex)", gpus, model, shards, work / "packed", "--packing")),
+        ])
     if not args.no_bench:
-        _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(args.out)])
-    report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}
+        bench_rows, bench_failures = run_stages([("bench-quick", lambda: {
+            "stage": "bench-quick", "tokens_per_s": float("nan"),
+            "seconds": _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(args.out)])})])
+        results, failures = results + bench_rows, failures + bench_failures
+    report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results,
+              "failures": failures}
     (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-    lines = [f"{gpus} × {report['device']}, torch {report['torch']}, Llama ~100M from a config, {STEPS} steps", "",
-             "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['stage']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {r.get('first_loss', float('nan')):.4f} | "
-                     f"{r.get('last_loss', float('nan')):.4f} | {r.get('peak_device_memory_mib') or '—'} |")
+    lines = report_lines(results, f"{gpus} × {report['device']}, torch {report['torch']}, Llama ~100M from a config, {STEPS} steps")
     (args.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if failures:
+        sys.exit("gpu-check: " + "\n\ngpu-check: ".join(failures))
 
 
 if __name__ == "__main__":

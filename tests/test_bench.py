@@ -37,3 +37,21 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], capture_output=True, text=True,
                           cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.count("\n") == 1 and "no CUDA device" in done.stdout
+
+
+def test_gpu_check_goes_on_past_a_failed_stage_and_reports_it():
+    import sys
+
+    from benchmarks.gpu_check import _run, report_lines, run_stages
+
+    def broken():
+        seconds = _run("train fsdp", [sys.executable, "-c", "import sys; sys.exit('fsdp broke')"])
+        return {"stage": "train fsdp", "seconds": seconds, "tokens_per_s": 1.0}
+
+    ok = {"stage": "train ddp", "seconds": 12.0, "tokens_per_s": 9_000.0, "first_loss": 0.6931, "last_loss": 0.5}
+    results, failures = run_stages([("train fsdp", broken), ("train ddp", lambda: ok)])
+    assert [r["stage"] for r in results] == ["train fsdp", "train ddp"] and results[1] == ok
+    assert len(failures) == 1 and "train fsdp failed (exit 1)" in failures[0] and "fsdp broke" in failures[0]
+    lines = report_lines(results, "header")
+    assert "| train fsdp | failed: train fsdp failed (exit 1): | | | | |" in lines
+    assert "| train ddp | 12 | 9,000 | 0.6931 | 0.5000 | — |" in lines
