@@ -101,6 +101,12 @@ def _precompute(model: Path, shards: Path) -> dict:
             "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]}
 
 
+def _bench_quick(out: Path) -> dict:
+    """The bench-quick table on the GPU (bench-cuda.md); its own figures are in that file."""
+    seconds = _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(out)])
+    return {"stage": "bench-quick (bench-cuda.md)", "seconds": seconds, "tokens_per_s": float("nan")}
+
+
 def run_stages(stages: list[tuple[str, Callable[[], dict | list[dict]]]]) -> tuple[list[dict], list[str]]:
     """Each stage in turn: (its result rows, a row per failed stage included; the failures' messages)."""
     results, failures = [], []
@@ -155,9 +161,7 @@ def main() -> None:
             ("train packed (flex)", lambda: _train("train packed (flex)", gpus, model, shards, work / "packed", "--packing")),
         ])
     if not args.no_bench:
-        bench_rows, bench_failures = run_stages([("bench-quick", lambda: {
-            "stage": "bench-quick", "tokens_per_s": float("nan"),
-            "seconds": _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(args.out)])})])
+        bench_rows, bench_failures = run_stages([("bench-quick", lambda: _bench_quick(args.out))])
         results, failures = results + bench_rows, failures + bench_failures
     report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results,
               "failures": failures}
