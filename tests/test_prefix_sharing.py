@@ -13,11 +13,11 @@ from train.batching import collate_pairs
 from train.logprobs import prefix_sharing_exact, sequence_logps, shared_attention_mask
 
 
-def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa"):
+def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa", max_positions: int = 128):
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
     config = {
         "llama": lambda: LlamaConfig(**common),
         "qwen2": lambda: Qwen2Config(**common),
@@ -111,19 +111,62 @@ def test_flex_block_mask_skips_the_tiles_of_other_pairs():
     assert layout.segments.shape == (1, 1024) and computed == 8
 
 
+def _long_columns(n: int, seed: int):
+    """Pairs of 30–700 tokens: packed, they cross FlexAttention's 128-token tiles at odd places, and
+    the longer ones hold whole tiles of prompt, of chosen and of rejected tokens."""
+    rng = np.random.default_rng(seed)
+    ids = lambda lo, hi: [rng.integers(0, 96, rng.integers(lo, hi)).tolist() for _ in range(n)]  # noqa: E731
+    return _columns(ids(10, 300), ids(10, 200), ids(10, 200))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_flex_tiles_cover_every_allowed_position_and_full_tiles_need_no_rule(packed):
+    from train.logprobs import FLEX_TILE
+
+    columns = _long_columns(10, seed=15)
+    layout = collate_pairs(columns, np.arange(10), pad_id=0, shared=True, packed=packed).shared
+    dense = shared_attention_mask(layout.segments, layout.pair, "sdpa", torch.float32)[:, 0]
+    block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
+    rows, length = layout.segments.shape
+    tiles = -(-length // FLEX_TILE)
+    padded = torch.zeros(rows, tiles * FLEX_TILE, tiles * FLEX_TILE, dtype=torch.bool)
+    padded[:, :length, :length] = dense
+    per_tile = padded.view(rows, tiles, FLEX_TILE, tiles, FLEX_TILE).transpose(2, 3)
+    any_allowed, all_allowed = per_tile.any(-1).any(-1), per_tile.all(-1).all(-1)
+
+    def listed(count, index):
+        marked = torch.zeros(rows, tiles, tiles, dtype=torch.bool)
+        for row in range(rows):
+            for q_tile in range(tiles):
+                marked[row, q_tile, index[row, 0, q_tile, : count[row, 0, q_tile]].long()] = True
+        return marked
+
+    partial = listed(block.kv_num_blocks, block.kv_indices)
+    full = listed(block.full_kv_num_blocks, block.full_kv_indices)
+    assert tiles >= 4 if packed else True
+    assert not (partial & full).any()
+    assert torch.equal(any_allowed & ~(partial | full), torch.zeros_like(any_allowed))  # nothing allowed is skipped
+    assert torch.equal(full & ~all_allowed, torch.zeros_like(full))  # a full tile really is all allowed
+    assert full.any() if packed else True
+    assert (partial | full).sum() < torch.ones(tiles, tiles).tril().sum() * rows  # and tiles are skipped
+
+
 def test_flex_attention_scores_prefix_shared_and_packed_rows_like_the_padded_layout():
     """The CUDA path's kernel, run here through the model's own FlexAttention (compiled forward; CPU
     has no FlexAttention backward): same log-probs as SDPA on the padded layout. Each shape compiles
     statically: torch 2.13's CPU build of a dynamic-shape FlexAttention kernel fails."""
-    columns = _random_columns(7, vocab=96, seed=11)
-    sdpa, flex = _tiny("llama"), _tiny("llama", attn="flex_attention")
-    assert prefix_sharing_exact(flex, columns.pair_lengths)
+    sdpa, flex = _tiny("llama", max_positions=1024), _tiny("llama", attn="flex_attention", max_positions=1024)
     with torch.inference_mode(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        plain = sequence_logps(sdpa, collate_pairs(columns, np.arange(7), pad_id=0))
-        for packed in (False, True):
-            shared = sequence_logps(flex, collate_pairs(columns, np.arange(7), pad_id=0, shared=True, packed=packed))
-            torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=0)
-            torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=0)
+        # short pairs (one tile per row), and long ones (a packed row of ~30 tiles) whose sums of
+        # hundreds of nats are compared within 1e-6 relative: a few float32 ulps
+        for columns, rtol in ((_random_columns(7, vocab=96, seed=11), 0.0), (_long_columns(10, seed=16), 1e-6)):
+            assert prefix_sharing_exact(flex, columns.pair_lengths)
+            rows = np.arange(len(columns))
+            plain = sequence_logps(sdpa, collate_pairs(columns, rows, pad_id=0))
+            for packed in (False, True):
+                shared = sequence_logps(flex, collate_pairs(columns, rows, pad_id=0, shared=True, packed=packed))
+                torch.testing.assert_close(shared.chosen, plain.chosen, atol=1e-5, rtol=rtol)
+                torch.testing.assert_close(shared.rejected, plain.rejected, atol=1e-5, rtol=rtol)
 
 
 def test_packing_runs_flex_attention_on_cuda_only():

@@ -157,10 +157,20 @@ def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_imple
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+FLEX_TILE = 128  # FlexAttention's default block size
+
+
 def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
     """The same rule as a FlexAttention `BlockMask`: evaluated per (query, key) inside the kernel,
-    and tiles where it is False everywhere (other pairs, the future) are skipped, not computed."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    and tiles where it is False everywhere (other pairs, the future) are skipped, not computed.
+
+    The tiles are found from each tile's range of pair ids, O((T / 128)²), instead of by
+    `create_block_mask`, which evaluates the rule at all T² points (int64 intermediates of T²
+    elements: gigabytes for a 16k-token packed row). A pair's tokens are contiguous, so a query
+    tile can see a key tile only if their pair ranges overlap (or it is the diagonal: padding
+    attends to itself). A tile below the diagonal is full (no rule needed inside) when both tiles
+    hold one and the same pair, no padding, and no rejected query meets a chosen key."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     segment = segments.long()
 
@@ -170,7 +180,30 @@ def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
         return (same_pair_causal & ~rejected_on_chosen) | (query == key)
 
     rows, length = segments.shape
-    return create_block_mask(allowed, rows, None, length, length, device=segments.device)
+    tiles = -(-length // FLEX_TILE)
+    tiled = torch.nn.functional.pad(pair, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
+    tiled_segment = torch.nn.functional.pad(segment, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
+    real = tiled >= 0
+    low = torch.where(real, tiled, torch.iinfo(torch.int64).max).amin(-1)  # [rows, tiles]; no real token: an empty range
+    high = torch.where(real, tiled, -1).amax(-1)
+    q_low, q_high, k_low, k_high = low[:, :, None], high[:, :, None], low[:, None, :], high[:, None, :]
+    index = torch.arange(tiles, device=pair.device)
+    below, diagonal = index[None, :] < index[:, None], index[None, :] == index[:, None]  # [q tile, kv tile]
+    needed = ((torch.maximum(q_low, k_low) <= torch.minimum(q_high, k_high)) & (below | diagonal)) | diagonal
+    one_pair = real.all(-1) & (low == high)
+    has_chosen, has_rejected = (tiled_segment == 1).any(-1), (tiled_segment == 2).any(-1)
+    full = (below & one_pair[:, :, None] & one_pair[:, None, :] & (q_low == k_low)
+            & ~(has_rejected[:, :, None] & has_chosen[:, None, :]))
+    partial = needed & ~full
+
+    def blocks(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per query tile: how many kv tiles, and their indices first (a stable sort puts True first)
+        order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
+        return chosen.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    (partial_count, partial_index), (full_count, full_index) = blocks(partial), blocks(full)
+    return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=FLEX_TILE,
+                                    mask_mod=allowed, seq_lengths=(length, length))
 
 
 SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take an arbitrary mask
