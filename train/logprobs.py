@@ -181,25 +181,28 @@ def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
 
     rows, length = segments.shape
     tiles = -(-length // FLEX_TILE)
-    tiled = torch.nn.functional.pad(pair, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
-    tiled_segment = torch.nn.functional.pad(segment, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
+
+    def by_tile(per_token: torch.Tensor) -> torch.Tensor:  # [rows, T] → [rows, tiles, FLEX_TILE], -1 past the end
+        return torch.nn.functional.pad(per_token, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
+
+    tiled, tiled_segment = by_tile(pair), by_tile(segment)
     real = tiled >= 0
     low = torch.where(real, tiled, torch.iinfo(torch.int64).max).amin(-1)  # [rows, tiles]; no real token: an empty range
     high = torch.where(real, tiled, -1).amax(-1)
     q_low, q_high, k_low, k_high = low[:, :, None], high[:, :, None], low[:, None, :], high[:, None, :]
     index = torch.arange(tiles, device=pair.device)
     below, diagonal = index[None, :] < index[:, None], index[None, :] == index[:, None]  # [q tile, kv tile]
-    needed = ((torch.maximum(q_low, k_low) <= torch.minimum(q_high, k_high)) & (below | diagonal)) | diagonal
+    needed = ((torch.maximum(q_low, k_low) <= torch.minimum(q_high, k_high)) & below) | diagonal
     one_pair = real.all(-1) & (low == high)
     has_chosen, has_rejected = (tiled_segment == 1).any(-1), (tiled_segment == 2).any(-1)
     full = (below & one_pair[:, :, None] & one_pair[:, None, :] & (q_low == k_low)
             & ~(has_rejected[:, :, None] & has_chosen[:, None, :]))
     partial = needed & ~full
 
-    def blocks(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # per query tile: how many kv tiles, and their indices first (a stable sort puts True first)
-        order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
-        return chosen.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+    def blocks(marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # per query tile: how many kv tiles are marked, and their indices first (a stable sort puts True first)
+        order = torch.argsort((~marked).to(torch.int8), dim=-1, stable=True)
+        return marked.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
     (partial_count, partial_index), (full_count, full_index) = blocks(partial), blocks(full)
     return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=FLEX_TILE,
