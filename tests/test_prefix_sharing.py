@@ -10,7 +10,7 @@ import torch
 from tests.test_logprobs import _columns, _random_columns
 from tests.test_train import shards  # noqa: F401  (a fixture)
 from train.batching import collate_pairs
-from train.logprobs import prefix_sharing_exact, sequence_logps, shared_attention_mask
+from train.logprobs import allowed_positions, prefix_sharing_exact, sequence_logps, shared_attention_mask
 
 
 def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa", max_positions: int = 128):
@@ -95,7 +95,7 @@ def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows(packed):
 
     columns = _random_columns(6, vocab=96, seed=14)
     layout = collate_pairs(columns, np.arange(6), pad_id=0, shared=True, packed=packed).shared
-    dense = shared_attention_mask(layout.segments, layout.pair, "sdpa", torch.float32)
+    dense = allowed_positions(layout.segments, layout.pair)
     block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
     rows, length = layout.segments.shape
     assert torch.equal(create_mask(block.mask_mod, rows, 1, length, length, device="cpu"), dense)
@@ -125,7 +125,7 @@ def test_flex_tiles_cover_every_allowed_position_and_full_tiles_need_no_rule(pac
 
     columns = _long_columns(10, seed=15)
     layout = collate_pairs(columns, np.arange(10), pad_id=0, shared=True, packed=packed).shared
-    dense = shared_attention_mask(layout.segments, layout.pair, "sdpa", torch.float32)[:, 0]
+    dense = allowed_positions(layout.segments, layout.pair)[:, 0]
     block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
     rows, length = layout.segments.shape
     tiles = -(-length // FLEX_TILE)
@@ -221,8 +221,10 @@ def test_shards_scored_shared_equal_shards_scored_padded_and_train_accepts_eithe
         np.testing.assert_allclose(_ref_columns(padded)[name], values, atol=1e-5, rtol=0)
 
     # Trained either way on shards scored the other way: the step-0 check passes, the losses agree.
-    train(_config(padded, tiny_model_dir, tmp_path / "on", max_steps=3, log_every=1))
-    train(_config(shards, tiny_model_dir, tmp_path / "off", max_steps=3, log_every=1, prefix_sharing="off"))
+    # Each layout groups pairs into batches by its own row length, so a step holds the whole split
+    # (64 pairs) for both runs to train on the same pairs at every step.
+    train(_config(padded, tiny_model_dir, tmp_path / "on", max_steps=3, log_every=1, batch_size=64))
+    train(_config(shards, tiny_model_dir, tmp_path / "off", max_steps=3, log_every=1, batch_size=64, prefix_sharing="off"))
     on, off = ([m for m in _metrics(tmp_path / run) if "loss" in m] for run in ("on", "off"))
     assert [m["prefix_sharing"] for m in on + off] == [True] * len(on) + [False] * len(off)
     assert [m["loss"] for m in on] == pytest.approx([m["loss"] for m in off], abs=1e-5)

@@ -99,6 +99,23 @@ def test_reference_free_objectives_learn_on_shards_without_reference(shards, tin
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
 
 
+@pytest.mark.parametrize("prefix_sharing", ["auto", "off"])
+def test_batches_group_pairs_by_the_length_of_the_rows_the_layout_builds(tiny_model_dir, tmp_path, prefix_sharing):
+    """Long prompt with short answers, and short prompt with long answers, at interleaved padded
+    lengths (prompt + longer answer): grouping by that length puts both kinds in every batch,
+    and a prefix-shared row (prompt + both answers) of the second kind is twice the first."""
+    long_prompt = [make_record("the " * (24 + i), "yes", "no", row=i) for i in range(16)]
+    long_answers = [make_record("hi", "the " * (24 + i), "a " * (24 + i), row=100 + i) for i in range(16)]
+    write_records_dir(tmp_path / "records", {"train": long_prompt + long_answers, "eval": long_prompt[:2]})
+    tokenize(TokenizeConfig(input_dir=str(tmp_path / "records"), tokenizer=str(tiny_model_dir), out=str(tmp_path / "shards")))
+    out = tmp_path / "run"
+    train(_config(tmp_path / "shards", tiny_model_dir, out, objective="sft", prefix_sharing=prefix_sharing, max_steps=4,
+                  log_every=4))
+    (logged,) = [m for m in _metrics(out) if "loss" in m]
+    assert logged["prefix_sharing"] is (prefix_sharing == "auto")
+    assert logged["padding_efficiency"] > 0.9
+
+
 def test_live_reference_equals_precomputed(shards, tiny_model_dir, tmp_path):
     train(_config(shards, tiny_model_dir, tmp_path / "pre", max_steps=4, log_every=1))
     train(_config(shards, tiny_model_dir, tmp_path / "live", max_steps=4, log_every=1, reference="live"))

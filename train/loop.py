@@ -304,7 +304,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,
     # so a run on W processes sees the same pairs per step as one process with W× the batch.
-    sampler = LengthGroupedSampler(train_data.columns.pair_lengths, config.batch_size * dist.world,
+    # Grouped by the length of the rows the layout builds: prompt + longer answer for padded
+    # rows, prompt + both answers for shared ones (the padded length groups shared rows badly:
+    # 82% real tokens instead of 95% on the HH bench rows).
+    sampler = LengthGroupedSampler(train_data.columns.batch_lengths(collate.shared)[0], config.batch_size * dist.world,
                                    seed=config.seed, window_batches=config.window_batches)
     steps_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
