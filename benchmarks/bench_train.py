@@ -1,8 +1,9 @@
 """DPO training throughput and memory: our trainer against TRL 1.x `DPOTrainer` (issue 7).
 
-    .venv/bin/python benchmarks/bench_train.py [--rows 200] [--max-length 768] [--steps 8] [--repeats 3]
+    .venv/bin/python benchmarks/bench_train.py [--rows 200] [--max-length 768] [--steps N] [--repeats 3]
 
-Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, N optimizer steps, sigmoid loss.
+Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, sigmoid loss, N optimizer steps:
+by default one epoch, so that both sides train on every pair of the train split once.
 Activation checkpointing is named in every variant, so each ratio compares like with like:
     ours                 `train()`, stored reference, prefix sharing (default), no checkpointing
     ours-unshared        the same with --prefix-sharing off (what sharing buys)
@@ -21,7 +22,10 @@ shards' token ids. Each run is its own subprocess (peak RSS is that process's
 figure is the median over --repeats. Tokens/s = real tokens (prompt twice + both answers) of the
 batches trained on ÷ the time of training steps 2..N: step 1 (first-call warm-up: optimizer state,
 lazy imports) is left out, and so are model loading, our step-0 reference check, TRL's precompute
-pass and the final save, for every variant.
+pass and the final save, for every variant. A window shorter than the epoch would time a sample of
+our length-grouped batches, each with its own share of padding and row length (a batch's cost per
+token grows with its rows' length): with a fixed seed the same few groups every repeat, a bias
+that moved the ratio by over 10% between two orderings of the same rows.
 """
 
 from __future__ import annotations
@@ -129,6 +133,11 @@ def prepare_with_reference(work: Path, rows: int, max_length: int, rows_set: str
     return model, shards
 
 
+def epoch_steps(shards: Path) -> int:
+    """Steps of `BATCH_SIZE` pairs in one pass over the train split (the last batch may be short)."""
+    return -(-len(trl_token_ids(shards)["prompt_ids"]) // BATCH_SIZE)
+
+
 def ratios(results: dict[str, dict]) -> dict[str, float]:
     """Like for like only: without checkpointing on both sides, and with it on both sides."""
     tps = {variant: results[variant]["tokens_per_s"] for variant in VARIANTS}
@@ -142,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps; step 1 is not timed")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
     add_child_arguments(parser, VARIANTS)
@@ -152,8 +161,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         model, shards = prepare_with_reference(Path(tmp), args.rows, args.max_length, args.rows_set)
-        results = compare(model, shards, args.steps, args.repeats, Path(tmp))
-    print(f"{args.steps} steps of {BATCH_SIZE} pairs, float32 CPU, medians of {args.repeats} alternating runs")
+        steps = args.steps or epoch_steps(shards)
+        results = compare(model, shards, steps, args.repeats, Path(tmp))
+    print(f"{steps} steps of {BATCH_SIZE} pairs, float32 CPU, medians of {args.repeats} alternating runs")
     for variant in VARIANTS:
         print(f"{variant:15s} {results[variant]['tokens_per_s']:9,.0f} tokens/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
     print(" ".join(f"{name} {value:.2f}x" for name, value in ratios(results).items()))

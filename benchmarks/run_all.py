@@ -53,7 +53,7 @@ from schemas.cpus import usable_cpus  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
-                 max_length=768, train_steps=8, repeats=3, train_repeats=3, neardup_speed_rows=100_000),
+                 max_length=768, train_steps=None, repeats=3, train_repeats=3, neardup_speed_rows=100_000),  # train_steps None: one epoch
     "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=20_000, model_rows=80,
                   max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000),
 }
@@ -236,7 +236,7 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
                 - precompute["ours"]["tokens"] / precompute["ours"]["compute_tokens_per_s"], None, "—", "—", False),
             row(stage, "padding efficiency", precompute["ours"]["padding_efficiency"],
                 precompute["peer"]["padding_efficiency"], "TRL precompute_ref_log_probs", "—")]
-    train = bench_train.compare(model, shards, sizes["train_steps"], sizes["train_repeats"], work)
+    train = bench_train.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"], work)
     tps = {variant: result["tokens_per_s"] for variant, result in train.items()}
     stage = f"train [{rows_set}]"
     targets = {"uniform": ("≥ 1.8×", "≥ 2.4×"), "hh": ("≥ 4.5×", "—")}[rows_set]
