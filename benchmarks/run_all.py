@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    bench_bounds,
     bench_curate,
     bench_generate,
     bench_ingest,
@@ -249,6 +250,15 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
              row(f"{stage}, prefix sharing on ÷ off", "tokens/s", tps["ours"], tps["ours-unshared"], "ours, --prefix-sharing off", "—"),
              row(f"{stage}, --packing (dense block mask) ÷ padded rows", "tokens/s", tps["ours-packed"], tps["ours"],
                  "ours, prefix-shared padded rows", "—")]
+    # What sharing, padding and scoring only the answers can buy at most on this epoch (bench_bounds.py):
+    # each ratio TRL ÷ ours, to read the measured ones against.
+    limits = bench_bounds.shard_bounds(shards, model)
+    rows += [row(stage, "bound: tokens, prompt twice ÷ prompt once (sharing)", limits.shared_tokens, limits.real_tokens,
+                 "ours, --prefix-sharing off", "—", False),
+             row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours,
+                 limits.padded_tokens_trl, "TRL precompute", "—", False),
+             row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9,
+                 "TRL precompute", "—", False)]
     params = _parameters(model)
     # MFU counts the FLOPs actually computed: ours' computed tokens (the shared prompt once).
     # TRL's side counts its real tokens, not its padding nor its full-vocabulary head: a lower bound.

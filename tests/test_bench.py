@@ -55,3 +55,21 @@ def test_gpu_check_goes_on_past_a_failed_stage_and_reports_it():
     lines = report_lines(results, "header")
     assert "| train fsdp | failed: train fsdp failed (exit 1): | | | | |" in lines
     assert "| train ddp | 12 | 9,000 | 0.6931 | 0.5000 | — |" in lines
+
+
+def test_bounds_count_each_sides_tokens_and_flops_by_hand():
+    """Two pairs (prompt, chosen, rejected) = (3, 1, 2) and (1, 2, 2), one batch of both, a model of
+    10 decoder parameters, 1 layer, hidden 2, vocabulary 3. Ours: 2 shared rows padded to 6; TRL:
+    4 rows padded to 5 (the longer prompt + answer). Decoder FLOPs = 3 × (2·10·rows·width +
+    4·1·2·rows·width²); the head (2·2·3 = 12 per projection): ours 4 per answer token (7 of them),
+    TRL 3 per padded position (20)."""
+    import numpy as np
+
+    from benchmarks.bench_bounds import Shape, bounds
+
+    result = bounds(np.array([3, 1]), np.array([1, 2]), np.array([2, 2]), Shape(10, 1, 2, 3), batch_size=2)
+    assert (result.real_tokens, result.shared_tokens, result.prompt_tokens) == (15, 11, 8)
+    assert (result.padded_tokens_ours, result.padded_tokens_trl) == (12, 20)
+    assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
+    assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 12 * 20 == 4320
+    assert result.ratios()["sharing"] == 15 / 11 and result.ratios()["flops"] == 4320 / 2784

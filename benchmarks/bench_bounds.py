@@ -1,0 +1,117 @@
+"""The most that prefix sharing, less padding and scoring only the answers can buy on one epoch of
+the bench's training batches: the bounds the measured train ratios are read against (issue 14).
+
+    .venv/bin/python benchmarks/bench_bounds.py SHARDS MODEL
+
+Counted over one epoch in batches of `bench_train.BATCH_SIZE` pairs, as each side builds them:
+    ours  the trainer's own order (`LengthGroupedSampler` over the prefix-shared row lengths, seed 0),
+          one row [prompt, chosen, rejected] per pair, padded to the batch's longest;
+    TRL   a random order, two rows per pair (prompt + answer), padded to the batch's longest.
+FLOPs of a training step (backward = 2× forward): 2 × decoder parameters per processed token;
+attention 4 × T² × hidden per row and layer (both sides pass a mask, and a dense masked kernel
+computes all of T × T); the LM head 2 × hidden × vocabulary per position it projects: ours only the
+answer tokens, and each twice (its chunk is recomputed in backward), TRL every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_train import BATCH_SIZE  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a step's FLOPs depend on, read from the model itself."""
+
+    decoder_parameters: int  # the layers only: not the embeddings, not the LM head
+    layers: int
+    hidden: int
+    vocabulary: int
+
+    @classmethod
+    def of(cls, model_dir: Path) -> Shape:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        config = model.config.get_text_config()
+        layers = model.base_model.layers
+        return cls(sum(p.numel() for p in layers.parameters()), len(layers), config.hidden_size, config.vocab_size)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Totals over one epoch; each ratio TRL ÷ ours is the most that part can buy."""
+
+    real_tokens: int  # prompt twice + both answers: what a trainer without sharing processes (TRL's counter)
+    shared_tokens: int  # prompt once + both answers
+    prompt_tokens: int  # the prompt, counted twice as in real_tokens
+    padded_tokens_ours: int  # what goes through the model, padding included
+    padded_tokens_trl: int
+    flops_ours: float
+    flops_trl: float
+
+    def ratios(self) -> dict[str, float]:
+        return {"prompt_share": self.prompt_tokens / self.real_tokens, "sharing": self.real_tokens / self.shared_tokens,
+                "padded_tokens": self.padded_tokens_trl / self.padded_tokens_ours,
+                "padding_efficiency_ours": self.shared_tokens / self.padded_tokens_ours,
+                "padding_efficiency_trl": self.real_tokens / self.padded_tokens_trl, "flops": self.flops_trl / self.flops_ours}
+
+
+def _decoder_flops(shape: Shape, rows: int, width: int) -> float:
+    """A training step's decoder FLOPs for `rows` rows padded to `width` (backward = 2× forward)."""
+    forward = 2 * shape.decoder_parameters * rows * width + 4 * shape.layers * shape.hidden * rows * width**2
+    return 3 * forward
+
+
+def bounds(prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, shape: Shape, batch_size: int = BATCH_SIZE) -> Bounds:
+    """From each pair's prompt and answer lengths (tokens)."""
+    from train.batching import LengthGroupedSampler
+
+    shared, padded_pair = prompt + chosen + rejected, prompt + np.maximum(chosen, rejected)
+    ours = LengthGroupedSampler(shared, batch_size, seed=0).epoch_batches(0)
+    order = np.random.default_rng(0).permutation(len(prompt))
+    trl = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
+    trl_padded = sum(2 * len(b) * int(padded_pair[b].max()) for b in trl)
+    head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
+    # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in backward,
+    # and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
+    ours_flops = (sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
+                  + 4 * head * int((chosen + rejected).sum()))
+    trl_flops = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) + 3 * head * 2 * len(b) * int(padded_pair[b].max())
+                    for b in trl)
+    return Bounds(real_tokens=int((2 * prompt + chosen + rejected).sum()), shared_tokens=int(shared.sum()),
+                  prompt_tokens=int(2 * prompt.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
+                  flops_ours=ours_flops, flops_trl=trl_flops)
+
+
+def shard_bounds(shards: Path, model: Path) -> Bounds:
+    from train.data import open_shards
+
+    _, train_split, _ = open_shards(shards, need_ref=False)
+    columns = train_split.columns
+    return bounds(columns.prompt.lengths, columns.chosen.lengths, columns.rejected.lengths, Shape.of(model))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shards", type=Path)
+    parser.add_argument("model", type=Path)
+    args = parser.parse_args()
+    result = shard_bounds(args.shards, args.model)
+    print(json.dumps({**asdict(result), **result.ratios()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
