@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import BATCH_SIZE  # noqa: E402
+from train.batching import LengthGroupedSampler, TokenColumns  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,11 @@ def _decoder_flops(shape: Shape, rows: int, width: int) -> float:
     return 3 * forward
 
 
-def bounds(prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, shape: Shape, batch_size: int = BATCH_SIZE) -> Bounds:
-    """From each pair's prompt and answer lengths (tokens)."""
-    from train.batching import LengthGroupedSampler
-
-    shared, padded_pair = prompt + chosen + rejected, prompt + np.maximum(chosen, rejected)
+def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE) -> Bounds:
+    """From the train split's token columns: the row lengths each layout builds are theirs."""
+    shared, padded_pair = columns.shared_lengths, columns.pair_lengths
     ours = LengthGroupedSampler(shared, batch_size, seed=0).epoch_batches(0)
-    order = np.random.default_rng(0).permutation(len(prompt))
+    order = np.random.default_rng(0).permutation(len(columns))
     trl = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
@@ -88,11 +87,11 @@ def bounds(prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, shape: 
     # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in backward,
     # and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
     ours_flops = (sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
-                  + 4 * head * int((chosen + rejected).sum()))
+                  + 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum()))
     trl_flops = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) + 3 * head * 2 * len(b) * int(padded_pair[b].max())
                     for b in trl)
-    return Bounds(real_tokens=int((2 * prompt + chosen + rejected).sum()), shared_tokens=int(shared.sum()),
-                  prompt_tokens=int(2 * prompt.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
+    return Bounds(real_tokens=int(columns.real_tokens.sum()), shared_tokens=int(shared.sum()),
+                  prompt_tokens=int(2 * columns.prompt.lengths.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
                   flops_ours=ours_flops, flops_trl=trl_flops)
 
 
@@ -100,8 +99,7 @@ def shard_bounds(shards: Path, model: Path) -> Bounds:
     from train.data import open_shards
 
     _, train_split, _ = open_shards(shards, need_ref=False)
-    columns = train_split.columns
-    return bounds(columns.prompt.lengths, columns.chosen.lengths, columns.rejected.lengths, Shape.of(model))
+    return bounds(train_split.columns, Shape.of(model))
 
 
 def main() -> None:

@@ -63,11 +63,11 @@ def test_bounds_count_each_sides_tokens_and_flops_by_hand():
     4 rows padded to 5 (the longer prompt + answer). Decoder FLOPs = 3 × (2·10·rows·width +
     4·1·2·rows·width²); the head (2·2·3 = 12 per projection): ours 4 per answer token (7 of them),
     TRL 3 per padded position (20)."""
-    import numpy as np
-
     from benchmarks.bench_bounds import Shape, bounds
+    from tests.test_logprobs import _columns
 
-    result = bounds(np.array([3, 1]), np.array([1, 2]), np.array([2, 2]), Shape(10, 1, 2, 3), batch_size=2)
+    columns = _columns([[1, 1, 1], [1]], [[2], [2, 2]], [[3, 3], [3, 3]])
+    result = bounds(columns, Shape(10, 1, 2, 3), batch_size=2)
     assert (result.real_tokens, result.shared_tokens, result.prompt_tokens) == (15, 11, 8)
     assert (result.padded_tokens_ours, result.padded_tokens_trl) == (12, 20)
     assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
