@@ -37,6 +37,7 @@ from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
 from schemas.manifest import MANIFEST_NAME, Counts, Manifest, package_version
 from schemas.records import prompt_hash
+from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs
 
 EVAL_PROMPTS_FILE = "eval-prompts.jsonl"
 ROUND_STAGES = ("generate", "judge", "ingest", "curate", "tokenize", "ref", "train", "eval")
@@ -64,6 +65,7 @@ class IterateConfig(BaseModel):
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Curate: share of each round's pairs held out as its eval split.")
     max_length: int = Field(1024, gt=1, description="Tokenize: prompt + answer tokens.")
     max_prompt_length: int = Field(512, gt=0, description="Tokenize: prompt tokens.")
+    chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     train: dict[str, Any] = Field({}, description="Training options for every round (TrainConfig fields, e.g. "
                                   "{learning_rate: 5e-7, beta: 0.1, max_steps: 200}).")
     seed: int = Field(0, description="Seed of sampling (each round its own), the split and training.")
@@ -149,7 +151,8 @@ def _stage_runners(config: IterateConfig, r: Round, earlier: list[Round], per_ro
         "generate": lambda: generate(GenerateConfig(
             prompts=config.prompts, policy=r.policy, out=str(r.stage_dir("generate")), n=config.n,
             temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-            seed=config.seed + r.number, max_prompts=per_round, exclude_prompts=exclude, device=config.device)),
+            seed=config.seed + r.number, max_prompts=per_round, exclude_prompts=exclude, device=config.device,
+            chat_template_kwargs=config.chat_template_kwargs)),
         "judge": lambda: judge(JudgeConfig(generations=str(r.stage_dir("generate")), out=str(r.stage_dir("judge")),
                                            **judge_options)),
         "ingest": lambda: ingest(IngestConfig(
@@ -159,7 +162,8 @@ def _stage_runners(config: IterateConfig, r: Round, earlier: list[Round], per_ro
                                                             eval_fraction=config.eval_fraction, seed=config.seed))),
         "tokenize": lambda: tokenize(TokenizeConfig(
             input_dir=str(r.stage_dir("curate")), tokenizer=r.policy, out=str(r.stage_dir("tokenize")),
-            max_length=config.max_length, max_prompt_length=config.max_prompt_length)),
+            max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            chat_template_kwargs=config.chat_template_kwargs)),
         "ref": lambda: precompute_ref(PrecomputeRefConfig(shards=str(r.stage_dir("ref")), model=r.policy,
                                                           device=config.device)),
         "train": lambda: train(TrainConfig(**{
@@ -183,7 +187,8 @@ def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> 
     result = compare_policies(str(r.stage_dir("train") / "final"), r.policy, held,
                               JudgeOptions(reward=config.reward, reward_model=config.reward_model, device=config.device),
                               n=config.n, temperature=config.temperature, top_p=config.top_p,
-                              max_new_tokens=config.max_new_tokens, seed=config.seed, device=config.device)
+                              max_new_tokens=config.max_new_tokens, seed=config.seed, device=config.device,
+                              chat_template_kwargs=config.chat_template_kwargs)
     write_text_atomic(r.dir / "eval.json", json.dumps({"round": r.number, **result}, indent=2))
 
 

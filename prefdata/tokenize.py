@@ -5,8 +5,9 @@ models); the Rust tokenizer then encodes whole batches at once. Per row we only 
 and length arithmetic, in numpy where it matters.
 
 The prompt ids are the tokens a model sees right before it writes an answer (the template's
-generation prompt); chosen/rejected ids are the completion only and end with EOS / end-of-turn
-exactly once. A pair that does not fit is dropped (`too_long`) or, with `--overflow truncate`,
+generation prompt, or the part of it a rendered conversation shares); chosen/rejected ids are the
+completion only and end with the template's end of turn exactly once (schemas/render.py holds the
+rule, so generate and eval render and stop the same way). A pair that does not fit is dropped (`too_long`) or, with `--overflow truncate`,
 cut: the prompt from the left (oldest tokens first, a leading BOS kept), completions from the
 right. Every drop is counted and listed in `dropped.parquet`.
 """
@@ -34,11 +35,10 @@ from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
 from schemas.records import RECORD_FILES, prompt_hash
-from schemas.render import ChatRenderer, PlainRenderer, make_renderer
+from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, Renderer, SystemTurn, make_renderer
 from schemas.shard import SHARD_SCHEMA, shard_name
 
 TOO_LONG = "too_long"
-TEMPLATE_MISMATCH = "template_mismatch"
 EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 
@@ -50,6 +50,9 @@ class TokenizeConfig(BaseModel):
     tokenizer: str = Field(description="Tokenizer directory or Hub name (offline: a directory).")
     out: str = Field(description="Directory for the shards, dropped.parquet and manifest.json.")
     template: Literal["auto", "chat", "plain"] = Field("auto", description="auto: the tokenizer's chat template if it has one, else plain.")
+    chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
+    system_turn: SystemTurn = Field("fold", description="For a chat template without a system role: fold the system turn "
+                                    "into the first user turn, or drop the record (system_not_supported).")
     max_length: int = Field(1024, gt=1, description="Prompt + completion tokens, per answer.")
     max_prompt_length: int = Field(512, gt=0, description="Prompt tokens.")
     overflow: Literal["drop", "truncate"] = Field("drop", description="drop: pairs that do not fit are dropped (too_long); "
@@ -108,10 +111,6 @@ def batch_encoder(tokenizer: Any) -> Any:
     return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def _with_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
-
-
 class _Encoded:
     """Token ids of one batch plus a drop reason per row (None = kept)."""
 
@@ -123,29 +122,29 @@ class _Encoded:
         self.reason: list[str | None] = [None] * size
 
 
-def encode_batch(rows: list[dict], renderer: ChatRenderer | PlainRenderer, encode: Any, eos_id: int) -> _Encoded:
+def encode_batch(rows: list[dict], renderer: Renderer, encode: Any) -> _Encoded:
     # Pairs made from one rated row share their prompt (UltraFeedback gives up to six, and curate
     # keeps them together): each distinct prompt is rendered, encoded and hashed once.
     keys = [tuple((m["role"], m["content"]) for m in r["prompt"]) for r in rows]
     slot: dict[tuple, int] = {}
     which = [slot.setdefault(key, len(slot)) for key in keys]
     distinct = list({key: r["prompt"] for key, r in zip(keys, rows)}.values())
-    distinct_texts = renderer.prompts(distinct)
-    distinct_ids = encode(distinct_texts)
+    distinct_prompts = renderer.prompts(distinct)
+    distinct_ids = encode([t or "" for t in distinct_prompts.texts])
     distinct_hashes = [prompt_hash(p) for p in distinct]
 
     prompts = [r["prompt"] for r in rows]
-    prompt_texts = [distinct_texts[j] for j in which]
-    chosen_texts = renderer.completions(prompts, prompt_texts, [r["chosen"] for r in rows])
-    rejected_texts = renderer.completions(prompts, prompt_texts, [r["rejected"] for r in rows])
+    prompt_texts = [distinct_prompts.texts[j] for j in which]
+    chosen = renderer.completions(prompts, prompt_texts, [r["chosen"] for r in rows])
+    rejected = renderer.completions(prompts, prompt_texts, [r["rejected"] for r in rows])
     out = _Encoded(len(rows))
     out.prompt_id = [distinct_hashes[j] for j in which]
-    ok = [i for i in range(len(rows)) if chosen_texts[i] is not None and rejected_texts[i] is not None]
-    for i in set(range(len(rows))) - set(ok):
-        out.reason[i] = TEMPLATE_MISMATCH
+    out.reason = [distinct_prompts.reasons[j] or c or r for j, c, r in zip(which, chosen.reasons, rejected.reasons)]
+    ok = [i for i, reason in enumerate(out.reason) if reason is None]
     bos = [renderer.tokenizer.bos_token_id] if renderer.add_bos_id else []
-    for i, c, r in zip(ok, encode([chosen_texts[i] for i in ok]), encode([rejected_texts[i] for i in ok])):
-        out.prompt[i], out.chosen[i], out.rejected[i] = bos + distinct_ids[which[i]], _with_eos(c, eos_id), _with_eos(r, eos_id)
+    end = renderer.appended_ids  # EOS only where the template renders no end of turn of its own
+    for i, c, r in zip(ok, encode([chosen.texts[i] for i in ok]), encode([rejected.texts[i] for i in ok])):
+        out.prompt[i], out.chosen[i], out.rejected[i] = bos + distinct_ids[which[i]], c + end, r + end
     return out
 
 
@@ -255,20 +254,22 @@ class PairEncoder:
     per process (the pool's initializer), then called on every batch."""
 
     def __init__(self, tokenizer: Any, config: TokenizeConfig) -> None:
-        self.renderer = make_renderer(tokenizer, config.template)
+        self.renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn)
         self.encode = batch_encoder(tokenizer)
         self.config = config
-        self.eos_id, self.bos_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+        self.bos_id = tokenizer.bos_token_id
 
     def __call__(self, batch: pa.RecordBatch) -> TokenizedBatch:
         rows = batch.to_pylist()
-        enc = encode_batch(rows, self.renderer, self.encode, self.eos_id)
+        enc = encode_batch(rows, self.renderer, self.encode)
         stats: Counter = Counter()
         apply_length_policy(enc, self.config, self.bos_id, stats)
         keep = [i for i, reason in enumerate(enc.reason) if reason is None]
         dropped = [{"id": rows[i]["id"], "drop_reason": reason, "prompt_tokens": len(enc.prompt[i]),
                     "chosen_tokens": len(enc.chosen[i]), "rejected_tokens": len(enc.rejected[i])}
                    for i, reason in enumerate(enc.reason) if reason is not None]
+        if not self.renderer.system_role and self.config.system_turn == "fold":
+            stats["system_turns_folded"] += sum(rows[i]["prompt"][0]["role"] == "system" for i in keep)
         stats["prompt_tokens"] += sum(len(enc.prompt[i]) for i in keep)
         stats["completion_tokens"] += sum(len(enc.chosen[i]) + len(enc.rejected[i]) for i in keep)
         return TokenizedBatch(len(rows), _shard_table(rows, enc, keep), dropped, stats)
@@ -313,7 +314,7 @@ def tokenize(config: TokenizeConfig) -> Manifest:
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {config.tokenizer} has no EOS token; completions must end with one")
-    renderer = make_renderer(tokenizer, config.template)
+    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn)
     dropped: Counter = Counter()
     stats: Counter = Counter()
     read = kept = 0
@@ -346,7 +347,7 @@ def tokenize(config: TokenizeConfig) -> Manifest:
             outputs=[s.name for s in shards] + ["dropped.parquet"],
             shards=shards,
             tokenizer=tokenizer_fingerprint(tokenizer, config.tokenizer),
-            stats={"template": renderer.kind, "bos_prepended": renderer.add_bos_id, "upstream_stage": upstream.stage,
+            stats={**renderer.describe(), "bos_prepended": renderer.add_bos_id, "upstream_stage": upstream.stage,
                    "rows_per_split": {s: sum(f.rows for f in shards if f.split == s) for s in dict.fromkeys(f.split for f in shards)},
                    **dict(stats)},
             versions=_versions(),

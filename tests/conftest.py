@@ -34,9 +34,9 @@ def realdata() -> Path:
 @pytest.fixture(scope="session")
 def chat_tokenizer_dir(tmp_path_factory) -> Path:
     """A chat tokenizer (ChatML template, `<|im_end|>` EOS, BOS prepended by the tokenizer)."""
-    from train.tiny import build_tokenizer
+    from train.tiny import CHATML, build_tokenizer
 
-    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("chat-tok"), chat_template=True)
+    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("chat-tok"), layout=CHATML)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def base_tokenizer_dir(tmp_path_factory) -> Path:
     """A base-model tokenizer: no chat template, `</s>` EOS."""
     from train.tiny import build_tokenizer
 
-    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("base-tok"), chat_template=False)
+    return build_tokenizer(CORPUS, tmp_path_factory.mktemp("base-tok"), layout=None)
 
 
 @pytest.fixture(scope="session")

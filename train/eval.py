@@ -31,11 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import write_text_atomic
-from schemas.render import make_renderer, prompt_token_ids
+from schemas.render import (
+    CHAT_TEMPLATE_KWARGS_HELP,
+    ChatTemplateKwargs,
+    check_template_kwargs,
+    make_renderer,
+    prompt_token_ids,
+    stop_token_ids,
+)
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.device import select_device, select_dtype
-from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, stop_token_ids
+from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
@@ -61,6 +68,7 @@ class EvalConfig(BaseModel):
     max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct eval prompts.")
     batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per scoring forward pass.")
     seed: int = Field(0, description="Sampling seed.")
+    chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Also send eval.json's numbers to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
         "unless WANDB_MODE is set).")
@@ -108,12 +116,14 @@ def eval_prompts(data: SplitData, max_prompts: int | None) -> tuple[list[np.ndar
     return [data.columns.prompt.row(i) for i in rows], rows
 
 
-def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any, n: int | None = None) -> list[np.ndarray]:
+def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any, stop_ids: list[int],
+           n: int | None = None) -> list[np.ndarray]:
     """`n` (default `config.samples`) completions per prompt (prompt-major), each cut after its
-    first stop token (kept; the ones generate stops at). A completion without EOS within max_new_tokens stays cut there: its log-prob
+    first stop token (kept; `stop_token_ids`, the ones generate stops at).
+    A completion without EOS within max_new_tokens stays cut there: its log-prob
     is then that of the truncated sequence, which is exactly what was sampled."""
     return sample_completions(model, prompts, n or config.samples, config.temperature, 1.0, config.max_new_tokens,
-                              stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+                              stop_ids, tokenizer.pad_token_id)
 
 
 def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
@@ -219,6 +229,11 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
                         f"with ({manifest.reference.name_or_path if manifest.reference else 'none'}); pass that one")
     reference, _ = load_causal_lm(reference_dir, config.reference, torch.float32, device)
     check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
+    # Samples stop where the shards' completions end: the renderer the shards were made with.
+    tokenized_with = shard_tokenize_config(manifest)
+    check_template_kwargs(config.chat_template_kwargs, tokenized_with.get("chat_template_kwargs", {}), f"{config.shards}: the shards")
+    renderer = make_renderer(tokenizer, tokenized_with.get("template", "auto"), config.chat_template_kwargs)
+    stop_ids = stop_token_ids(renderer, policy.generation_config.eos_token_id)
     policy.eval()
     reference.eval()
     pad_id = tokenizer.pad_token_id
@@ -227,14 +242,15 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
                                                                                 config.batch_tokens)}
         prompts, first_rows = eval_prompts(data, config.max_prompts)
         torch.manual_seed(config.seed)
-        samples = {"policy": sample(policy, prompts, config, tokenizer), "reference": sample(reference, prompts, config, tokenizer)}
+        samples = {"policy": sample(policy, prompts, config, tokenizer, stop_ids),
+                   "reference": sample(reference, prompts, config, tokenizer, stop_ids)}
         result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens)
         if config.baseline:
             baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, torch.float32, device)
             check_tokenizer(model_dir(config.baseline), config.baseline, manifest.tokenizer)
-            samples["baseline"] = sample(baseline.eval(), prompts, config, tokenizer)
+            samples["baseline"] = sample(baseline.eval(), prompts, config, tokenizer, stop_ids)
         if config.best_of:
-            samples["best_of"] = sample(reference, prompts, config, tokenizer, n=config.best_of)
+            samples["best_of"] = sample(reference, prompts, config, tokenizer, stop_ids, n=config.best_of)
     texts = tokenizer.batch_decode(samples["policy"], skip_special_tokens=True)
     if judge is not None:
         result.update(_judged(judge, prompt_messages(config.shards, list(data.ids[first_rows])), tokenizer, samples, config))
@@ -293,7 +309,8 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judge_options: JudgeOptions, n: int,
-                     temperature: float, top_p: float, max_new_tokens: int, seed: int, device: str) -> dict[str, Any]:
+                     temperature: float, top_p: float, max_new_tokens: int, seed: int, device: str,
+                     chat_template_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Both models answer the same prompts (messages) `n` times, each under its own seed, and the
     judge scores every answer: mean reward of each, the policy's win rate against the baseline,
     and KL(policy ‖ baseline) on the policy's samples (both models share the tokenizer)."""
@@ -302,8 +319,12 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
     dtype = select_dtype("auto", torch_device)
     models = [load_causal_lm(model_dir(path), path, dtype, torch_device) for path in (policy, baseline)]
     tokenizer = models[0][1]
-    prompt_ids = [np.asarray(ids) for ids in prompt_token_ids(make_renderer(tokenizer, "auto"), prompts)]
-    stop_ids = stop_token_ids(models[0][0], tokenizer)
+    renderer = make_renderer(tokenizer, "auto", chat_template_kwargs)
+    rendered_ids, reasons = prompt_token_ids(renderer, prompts)
+    refused = sum(reason is not None for reason in reasons)  # the template raised on them: compared without them
+    prompts = [p for p, reason in zip(prompts, reasons) if reason is None]
+    prompt_ids = [np.asarray(ids) for ids in rendered_ids if ids is not None]
+    stop_ids = stop_token_ids(renderer, models[0][0].generation_config.eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     # Batched as generate batches (its defaults), bounded by the same token budget.
     sampling = Sampling(n, temperature, top_p, max_new_tokens, *(GenerateConfig.model_fields[f].default
@@ -319,6 +340,7 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
             samples.append(completions)
             scores.append(judged_scores(judge, prompts, tokenizer, completions, judge_options.batch_size))
         kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384)
-    return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts), "samples": n,
+    return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts),
+            "prompts_refused_by_template": refused, "samples": n,
             "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])), "kl": kl,
             "win_rate": win_rate(scores[0], scores[1])}

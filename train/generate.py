@@ -9,8 +9,9 @@ SeedSequence, so a killed run that resumes from its finished chunks writes the s
 uninterrupted one (on the same hardware and library versions: sampling on a GPU is not bitwise
 reproducible across them). Prompts are sorted by token length first, so a batch pads little.
 
-A response ends at the first stop token (the tokenizer's EOS and the model's generation-config
-EOS ids); one that reached `max_new_tokens` first has `finish_reason: "length"`, and ingest leaves
+A response ends at the first stop token (the template's end of turn, the tokenizer's EOS and the
+model's generation-config EOS ids: schemas.render.stop_token_ids, as eval stops);
+one that reached `max_new_tokens` first has `finish_reason: "length"`, and ingest leaves
 it out unless told otherwise (prefdata.formats.judged). Generation runs on `transformers`.
 """
 
@@ -33,7 +34,14 @@ from schemas.io import sha256_file, write_text_atomic
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.records import RECORD_FILES, Message, prompt_hash
-from schemas.render import make_renderer, prompt_token_ids
+from schemas.render import (
+    CHAT_TEMPLATE_KWARGS_HELP,
+    ChatTemplateKwargs,
+    check_template_kwargs,
+    make_renderer,
+    prompt_token_ids,
+    stop_token_ids,
+)
 from train.device import select_device, select_dtype
 from train.models import load_causal_lm, model_dir, model_fingerprint
 
@@ -67,6 +75,7 @@ class GenerateConfig(BaseModel):
     exclude_prompts: list[str] = Field([], description="generations.jsonl files whose prompts are skipped "
                                        "(earlier rounds of prefdata iterate).")
     template: Literal["auto", "chat", "plain"] = Field("auto", description="Prompt rendering, as in prefdata tokenize.")
+    chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     chunk_prompts: int = Field(256, gt=0, description="Prompts per resumable chunk.")
     device: str = Field("auto", description="auto, cuda, mps or cpu.")
     dtype: str = Field("auto", description="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16.")
@@ -76,11 +85,16 @@ class GenerateConfig(BaseModel):
 # Prompts
 
 
+def shard_tokenize_config(manifest: Manifest) -> dict[str, Any]:
+    """The tokenize config shards were made with (a precompute-ref manifest carries it along)."""
+    return manifest.config if manifest.stage == "tokenize" else manifest.stats.get("tokenize", {}).get("config", {})
+
+
 def record_files(directory: Path, split: str) -> list[Path]:
     manifest = Manifest.read(directory)
     if manifest.stage in ("tokenize", "precompute-ref"):
         # Shards hold prompt ids, not messages: take the record set they were tokenized from.
-        tokenize_config = manifest.config if manifest.stage == "tokenize" else manifest.stats.get("tokenize", {}).get("config", {})
+        tokenize_config = shard_tokenize_config(manifest)
         records = Path(tokenize_config.get("input_dir", ""))
         if not (records / "manifest.json").is_file():
             raise UserError(f"{directory}: the record set these shards were tokenized from ({records}) is not at hand; "
@@ -168,14 +182,6 @@ def distinct_prompts(raw: list[Any], exclude: set[str], max_prompts: int | None)
 # Sampling
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS and the ids the model's generation config stops at (a chat model's
-    end-of-turn token is often only there)."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
-
-
 def sample_completions(model: Any, prompts: list[np.ndarray], n: int, temperature: float, top_p: float,
                        max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[np.ndarray]:
     """`n` completions per prompt (prompt-major), each cut after its first stop token (kept); one
@@ -229,10 +235,9 @@ def generation_batches(lengths: list[int], sampling: Sampling) -> list[range]:
     return batches
 
 
-def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: Sampling) -> list[list[dict]]:
-    """`sampling.n` answers to each prompt (token ids, as `prompt_token_ids` renders them):
-    per prompt, a list of {"text", "finish_reason", "tokens"}."""
-    stop_ids = stop_token_ids(model, tokenizer)
+def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: Sampling, stop_ids: list[int]) -> list[list[dict]]:
+    """`sampling.n` answers to each prompt (token ids, as `prompt_token_ids` renders them), each
+    ending at the first of `stop_ids`: per prompt, a list of {"text", "finish_reason", "tokens"}."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     answers = []
     for rows in generation_batches([len(i) for i in ids], sampling):
@@ -248,11 +253,11 @@ def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: S
 
 
 def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: list[list[int]],
-                 config: GenerateConfig) -> tuple[list[str], int]:
+                 config: GenerateConfig, stop_ids: list[int]) -> tuple[list[str], int]:
     """One JSON line per prompt of the chunk, with its `n` answers; and the tokens generated."""
     sampling = Sampling(config.n, config.temperature, config.top_p, config.max_new_tokens, config.batch_size,
                         config.batch_tokens)
-    answers = answer_prompts(model, tokenizer, ids, sampling)
+    answers = answer_prompts(model, tokenizer, ids, sampling, stop_ids)
     lines = [json.dumps({"prompt_id": prompt_hash(prompt), "prompt": prompt, "responses": responses,
                          "policy": config.policy}, ensure_ascii=False) + "\n" for prompt, responses in zip(prompts, answers)]
     return lines, sum(r["tokens"] for responses in answers for r in responses)
@@ -266,6 +271,7 @@ def generate(config: GenerateConfig) -> Manifest:
     out = Path(config.out)
     if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
         return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
+    _check_shards_template_kwargs(config)
     raw, inputs = raw_prompts(config.prompts, config.split)
     prompts, dropped = distinct_prompts(raw, seen_prompt_ids(config.exclude_prompts), config.max_prompts)
     if not prompts:
@@ -275,8 +281,10 @@ def generate(config: GenerateConfig) -> Manifest:
     policy_dir = model_dir(config.policy)
     model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
     model.eval()
-    ids = prompt_token_ids(make_renderer(tokenizer, config.template), prompts)
+    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs)
+    prompts, ids = _rendered(prompts, renderer, dropped)
     prompts, ids = _fitting(prompts, ids, model, config.max_new_tokens, dropped)
+    stop_ids = stop_token_ids(renderer, model.generation_config.eos_token_id)
     order = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
     chunks = out / CHUNKS_DIR
     chunks.mkdir(parents=True, exist_ok=True)
@@ -288,7 +296,8 @@ def generate(config: GenerateConfig) -> Manifest:
             part = order[start:start + config.chunk_prompts]
             if not path.is_file():  # a finished chunk of a killed run is kept
                 torch.manual_seed(chunk_seed(config.seed, number))
-                lines, tokens = _chunk_lines(model, tokenizer, [prompts[i] for i in part], [ids[i] for i in part], config)
+                lines, tokens = _chunk_lines(model, tokenizer, [prompts[i] for i in part], [ids[i] for i in part], config,
+                                             stop_ids)
                 write_text_atomic(path, "".join(lines))
                 generated_tokens += tokens
                 timed = True
@@ -297,6 +306,27 @@ def generate(config: GenerateConfig) -> Manifest:
     return _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
                    model_fingerprint(policy_dir, config.policy, dtype, device),
                    generated_tokens / seconds if timed else None)
+
+
+def _check_shards_template_kwargs(config: GenerateConfig) -> None:
+    """Prompts taken from shards are rendered with the template options the shards were made with."""
+    path = Path(config.prompts)
+    if path.is_dir():
+        manifest = Manifest.read(path)
+        if manifest.stage in ("tokenize", "precompute-ref"):
+            check_template_kwargs(config.chat_template_kwargs, shard_tokenize_config(manifest).get("chat_template_kwargs", {}),
+                                  f"{config.prompts}: the shards")
+
+
+def _rendered(prompts: list[list[dict]], renderer: Any, dropped: Counter) -> tuple[list[list[dict]], list[list[int]]]:
+    """The prompts the chat template renders, with their ids; the ones it refuses counted by reason
+    (template_error, or system_not_supported), as tokenize counts them."""
+    ids, reasons = prompt_token_ids(renderer, prompts)
+    dropped.update(reason for reason in reasons if reason)
+    keep = [i for i, reason in enumerate(reasons) if reason is None]
+    if not keep:
+        raise UserError(f"the chat template refused every prompt ({dict(dropped)}); check --chat-template-kwargs or use --template plain")
+    return [prompts[i] for i in keep], [ids[i] for i in keep]
 
 
 def _fitting(prompts: list[list[dict]], ids: list[list[int]], model: Any, max_new_tokens: int,

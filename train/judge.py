@@ -161,9 +161,11 @@ def reward_model_judge(config: JudgeOptions) -> tuple[Judge, dict[str, Any]]:
     renderer = make_renderer(tokenizer, "auto")
 
     def judge(prompts: list[list[dict]], texts: list[str]) -> list[Score]:
-        conversations = renderer.conversations(prompts, texts)
-        order = np.argsort([len(c) for c in conversations], kind="stable")
-        scores: list[Score] = [0.0] * len(texts)
+        rendered = renderer.conversations(prompts, texts)
+        # A conversation the reward model's template refuses is that answer's error, not the batch's.
+        scores: list[Score] = [JudgeError(f"chat template: {reason}") if reason else 0.0 for reason in rendered.reasons]
+        conversations = [text or "" for text in rendered.texts]
+        order = [i for i in np.argsort([len(c) for c in conversations], kind="stable") if rendered.reasons[i] is None]
         for start in range(0, len(order), config.batch_size):
             rows = order[start:start + config.batch_size]
             batch = tokenizer([conversations[i] for i in rows], add_special_tokens=renderer.kind == "plain",

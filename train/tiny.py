@@ -7,7 +7,21 @@ Tests and the demo save them with `save_pretrained` and load them back through t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ChatLayout:
+    """A model family's chat layout as a tokenizer ships it: template, BOS/EOS and the special
+    tokens its turns are marked with."""
+
+    template: str
+    bos: str | None  # None: the family has no BOS token (Qwen)
+    eos: str
+    specials: tuple[str, ...]  # turn markers etc., special tokens beside BOS/EOS/pad/unk
+    added: tuple[str, ...] = ()  # added tokens that are not special (Qwen's <think>)
+
 
 # ChatML: the template many open chat models ship; `<|im_end|>` closes every turn and is the EOS,
 # so a completion ends with the end-of-turn token exactly once.
@@ -17,8 +31,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHATML = ChatLayout(CHATML_TEMPLATE, "<s>", "<|im_end|>", ("<|im_start|>", "<|im_end|>"))
 
 
 def build_tokenizer(
@@ -26,45 +39,47 @@ def build_tokenizer(
     out_dir: str | Path,
     *,
     vocab_size: int = 512,
-    chat_template: bool = True,
+    layout: ChatLayout | None = CHATML,
     add_bos: bool = True,
 ) -> Path:
     """Train a byte-level BPE tokenizer on `corpus` and save it as a `PreTrainedTokenizerFast`.
 
-    With `chat_template`, a ChatML template and `<|im_end|>` as EOS (a chat model); without, a
-    base model whose EOS is `</s>`. `add_bos` makes the tokenizer prepend `<s>` like Llama's does,
-    which is what tests for "no doubled BOS" need.
+    With a chat `layout` (ChatML by default), its template, BOS, EOS and special tokens; with
+    None, a base model whose EOS is `</s>`. `add_bos` makes the tokenizer prepend BOS like Llama's
+    does, which is what tests for "no doubled BOS" need.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    bos, eos = (layout.bos, layout.eos) if layout else ("<s>", "</s>")
+    specials = [t for t in dict.fromkeys(["<pad>", bos, eos, "<unk>", *(layout.specials if layout else ())]) if t]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    bos_id = tok.token_to_id("<s>")
-    if add_bos:
+    if add_bos and bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|im_end|>" if chat_template else "</s>",
+        bos_token=bos,
+        eos_token=eos,
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=[t for t in specials if t not in ("<pad>", bos, eos, "<unk>")],
     )
-    if chat_template:
-        fast.chat_template = CHATML_TEMPLATE
+    if layout:
+        fast.add_tokens(list(layout.added))
+        fast.chat_template = layout.template
     out_dir = Path(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
