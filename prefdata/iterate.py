@@ -8,6 +8,7 @@
       tokenize   with π_r's tokenizer                                      OUT/round-r/shards
       ref        π_r's log-probs: π_r is this round's reference            OUT/round-r/shards
       train      π_{r+1} from π_r                                          OUT/round-r/train/final
+                 (under --lora-r: a new adapter on π_r, merged into it)      OUT/round-r/train/final-merged
       eval       π_{r+1} against π_r on the held-out prompts: judged       OUT/round-r/eval.json
                  win rate and mean reward
 
@@ -109,13 +110,21 @@ def hold_out(config: IterateConfig, out: Path) -> tuple[list[list[dict]], int]:
 # One round
 
 
-class Round:
-    """Where round r's stages write, and which policy it starts from."""
+def trained_model(train_dir: Path, lora: bool) -> Path:
+    """The model a round's training leaves, loadable as a causal LM: under LoRA final/ holds the
+    adapter alone, so the base with the adapter merged in (final-merged/)."""
+    return train_dir / ("final-merged" if lora else "final")
 
-    def __init__(self, out: Path, number: int, first_policy: str) -> None:
+
+class Round:
+    """Where round r's stages write, and which policy it starts from: π_1, or the model round r-1
+    trained (which is also round r's reference, so LoRA's new adapter starts at its reference)."""
+
+    def __init__(self, out: Path, number: int, first_policy: str, lora: bool) -> None:
         self.number = number
         self.dir = out / f"round-{number}"
-        self.policy = first_policy if number == 1 else str(out / f"round-{number - 1}" / "train" / "final")
+        self.trained = trained_model(self.stage_dir("train"), lora)
+        self.policy = first_policy if number == 1 else str(trained_model(out / f"round-{number - 1}" / "train", lora))
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / {"tokenize": "shards", "ref": "shards"}.get(stage, stage)
@@ -184,7 +193,7 @@ def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> 
     from train.eval import compare_policies
     from train.judge import JudgeOptions
 
-    result = compare_policies(str(r.stage_dir("train") / "final"), r.policy, held,
+    result = compare_policies(str(r.trained), r.policy, held,
                               JudgeOptions(reward=config.reward, reward_model=config.reward_model, device=config.device),
                               n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed, device=config.device,
@@ -202,7 +211,8 @@ def iterate(config: IterateConfig, after_stage: Callable[[int, str], None] | Non
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     held, per_round = hold_out(config, out)
-    rounds = [Round(out, number, config.policy) for number in range(1, config.rounds + 1)]
+    lora = bool(config.train.get("lora_r"))
+    rounds = [Round(out, number, config.policy, lora) for number in range(1, config.rounds + 1)]
     for r in rounds:
         runners = _stage_runners(config, r, rounds[:r.number - 1], per_round, held)
         for stage in ROUND_STAGES:

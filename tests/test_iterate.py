@@ -29,11 +29,11 @@ def pool(tmp_path) -> Path:
     return path
 
 
-def _config(pool: Path, model: Path, out: Path) -> IterateConfig:
+def _config(pool: Path, model: Path, out: Path, **train) -> IterateConfig:
     return IterateConfig(prompts=str(pool), policy=str(model), out=str(out), rounds=2, prompts_per_round=6,
                          eval_prompts=3, reward="tests.test_iterate:text_judge", n=3, max_new_tokens=6, device="cpu",
                          keep_truncated=True,  # a random tiny model rarely stops within 6 tokens
-                         train={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "log_every": 1})
+                         train={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "log_every": 1, **train})
 
 
 def _run(config: IterateConfig, after_stage=None):
@@ -90,3 +90,20 @@ def test_a_run_killed_between_stages_resumes_to_the_uninterrupted_result(pool, t
 def _answers(path: Path) -> list:
     """The rows without the policy's path, which names the run directory."""
     return [(row["prompt_id"], row["responses"]) for row in map(json.loads, path.open())]
+
+
+def test_lora_rounds_continue_from_the_merged_model(pool, tiny_model_dir, tmp_path):
+    """Under --lora-r a round's final/ is the adapter alone: the next round samples from, is scored
+    against and trains a new adapter on the merged model, and each eval loads merged models."""
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    rounds = _run(_config(pool, tiny_model_dir, out, lora_r=4, learning_rate=2e-2)).stats["rounds"]
+    merged = [out / f"round-{n}" / "train" / "final-merged" for n in (1, 2)]
+    assert rounds[1]["policy"] == str(merged[0])
+    merged_sha = model_fingerprint(merged[0], str(merged[0]), torch.float32, torch.device("cpu")).weights_sha256
+    assert rounds[1]["policy_weights_sha256"] == merged_sha != rounds[0]["policy_weights_sha256"]  # trained, then merged
+    ref = json.loads((out / "round-2" / "shards" / "manifest.json").read_text())["reference"]
+    assert ref["weights_sha256"] == merged_sha
+    assert not list((out / "round-2" / "train" / "final").glob("model*.safetensors"))  # round 2 trained an adapter too
+    assert [(r["eval"]["policy"], r["eval"]["baseline"]) for r in rounds] == \
+        [(str(merged[0]), str(tiny_model_dir)), (str(merged[1]), str(merged[0]))]
