@@ -1,5 +1,6 @@
-"""--report-to: metrics.jsonl's records in the tracker's own files (TensorBoard here; wandb is not
-installed in the test environment, so only its missing-package error is tested)."""
+"""--report-to: metrics.jsonl's records in the tracker's own files (TensorBoard), a resumed run's
+tracker continuing where the killed one stopped (TensorBoard, W&B offline), and the one-line error
+when a tracker's package is missing."""
 
 from __future__ import annotations
 
@@ -42,6 +43,26 @@ def test_a_resumed_run_replaces_what_the_killed_run_logged_after_its_checkpoint(
     shutil.rmtree(resumed / "final")
     train(_config(shards, tiny_model_dir, resumed, max_steps=4, log_every=1, save_every=2, report_to="tensorboard", resume=True))
     assert _scalars(resumed, "loss") == _logged(resumed, "loss") == _logged(full, "loss")
+
+
+def test_a_resumed_run_continues_its_wandb_run(shards, tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine, whatever the environment says
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    inits = []
+    init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **options: inits.append(options) or init(**options))
+    full = tmp_path / "full"
+    train(_config(shards, tiny_model_dir, full, max_steps=4, log_every=1, save_every=2, report_to="wandb"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, symlinks=True)  # a run killed after step 4, before its final model
+    shutil.rmtree(resumed / "checkpoint-0000004")
+    shutil.rmtree(resumed / "final")
+    train(_config(shards, tiny_model_dir, resumed, max_steps=4, log_every=1, save_every=2, report_to="wandb", resume=True))
+    run_id = (resumed / "wandb" / "run-id").read_text()
+    assert "id" not in inits[0] and inits[1]["id"] == run_id and inits[1]["resume"] == "allow"
+    # Offline, each start writes its own directory, named by the run it belongs to: the same one.
+    assert [p.name.rsplit("-", 1)[1] for p in sorted((resumed / "wandb").glob("offline-run-*"))] == [run_id, run_id]
 
 
 @pytest.mark.parametrize(("tracker", "module"), [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])

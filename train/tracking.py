@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.errors import UserError
+from schemas.io import write_text_atomic
 
 
 def _missing(tracker: str) -> UserError:
@@ -51,7 +52,13 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """A Weights & Biases run in OUT/wandb; offline unless WANDB_MODE says otherwise (the data may
-    not leave the building; `wandb sync OUT/wandb/offline-run-*` uploads it where it may)."""
+    not leave the building; `wandb sync OUT/wandb/offline-run-*` uploads it where it may).
+
+    The run's id is kept in OUT/wandb/run-id, so a resumed training run continues the same W&B run
+    (offline, each start is its own offline-run-* directory under that id, and `wandb sync` puts
+    them together) instead of opening a second one. The steps a killed run logged past its
+    checkpoint stay in the W&B run, which drops any step below the last it holds: the resumed run's
+    repeats of them go, and they are the same numbers (resume is exact), so nothing is lost or doubled."""
 
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
         try:
@@ -59,12 +66,18 @@ class WandbTracker:
         except ImportError:
             raise _missing("wandb") from None
         self._wandb, self._out, self._config = wandb, out, config
+        self._id_file = out / "wandb" / "run-id"
         self._run: Any = None
 
     def start(self, resume_step: int | None) -> None:
+        # "allow", not "must": a run that was offline until now is not on the server yet, and an
+        # online resume of it must create it there rather than fail.
+        resumed = {"id": self._id_file.read_text().strip(), "resume": "allow"} \
+            if resume_step is not None and self._id_file.is_file() else {}
         self._run = self._wandb.init(dir=str(self._out), name=self._out.name, config=self._config,
                                      project=os.environ.get("WANDB_PROJECT", "prefdata"),
-                                     mode=os.environ.get("WANDB_MODE", "offline"))
+                                     mode=os.environ.get("WANDB_MODE", "offline"), **resumed)
+        write_text_atomic(self._id_file, self._run.id)
 
     def log(self, record: dict[str, Any]) -> None:
         self._run.log(_scalars(record), step=record["step"])
