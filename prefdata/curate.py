@@ -52,6 +52,7 @@ from prefdata.neardup import (
     shares_shingle,
     shingles,
     signatures,
+    strip_roles,
     text_sizes,
 )
 from schemas.errors import UserError
@@ -208,13 +209,9 @@ def _contaminated(frame: pl.DataFrame, config: CurateConfig, eval_grams: np.ndar
     if eval_grams is None:
         return hit
     for column in ("prompt_norm", "chosen_norm", "rejected_norm"):
-        hit |= shares_shingle(_strip_roles(frame[column]), config.decontaminate_ngram, eval_grams)
+        # Evaluation items are plain text: compare against message contents, not role tags.
+        hit |= shares_shingle(strip_roles(frame[column]), config.decontaminate_ngram, eval_grams)
     return hit
-
-
-def _strip_roles(texts: pl.Series) -> pl.Series:
-    """Evaluation items are plain text: compare against message contents, not role tags."""
-    return texts.str.replace_all(r"(^|\n)(system|user|assistant): ", " ").str.replace_all(r"\s+", " ").str.strip_chars()
 
 
 NARROW_INPUT = ["id", "prompt", "chosen", "rejected", "source", "source_row", "chosen_score", "rejected_score", "prompt_cluster"]

@@ -1,13 +1,15 @@
 """Near-duplicate prompt clusters: comparison text, stable shingle hashes, MinHash (rensa), LSH.
 
 How two prompts are compared (README "Near-duplicate prompts"):
-  * comparison text: the folded prompt (curate's NFKC + case fold + collapsed whitespace) with
-    contractions expanded ("what's" → "what is", "don't" → "do not") and punctuation removed;
-    used for the comparison only, records are written unchanged;
+  * comparison text: the folded prompt (curate's NFKC + case fold + collapsed whitespace) without
+    its role tags, with contractions expanded ("what's" → "what is", "don't" → "do not") and
+    punctuation removed; used for the comparison only, records are written unchanged;
   * short prompts (≤ SHORT_MAX_WORDS words) are sets of word 1- and 2-grams, compared against a
     threshold that follows their length: the Jaccard one changed word (under 12 words) or two
-    changed words leave. A fixed threshold cannot work
-    there: one changed word of five removes 3 of 9 shingles (Jaccard 0.5), of fifty 3 of 99;
+    changed words leave, never below SHORT_THRESHOLD_FLOOR. A fixed threshold cannot work
+    there: one changed word of five removes 3 of 9 shingles (Jaccard 0.5), of fifty 3 of 99.
+    Prompts of up to TINY_MAX_WORDS words are held to the configured threshold instead: there one
+    changed word is the request itself ("hi" / "thanks", "tell me a joke" / "a story");
   * long prompts (≥ LONG_MIN_WORDS words) are sets of word `ngram`-grams against the configured
     threshold, as before. Prompts in between are in both; their edges are unioned, so a pair
     whose lengths differ by a few words is always compared in one scheme.
@@ -52,11 +54,22 @@ if rensa.RMinHash.ALGORITHM_VERSION != RENSA_ALGORITHM:
 SHORT_MAX_WORDS = 150
 LONG_MIN_WORDS = 120  # overlap: prompts of 120–150 words are compared in both schemes
 TWO_EDITS_FROM_WORDS = 12  # below this, two changed words are as much as a template's variable part
+# One changed word is the whole request of a one- to four-word prompt ("hi" / "thanks", "continue" /
+# "stop", "tell me a joke" / "tell me a story"): these get no edit allowance, only --threshold, so
+# what merges them is folding (case, punctuation, contractions, whitespace).
+TINY_MAX_WORDS = 4
+# The least a short prompt's threshold can be: what one changed word leaves in a five-word prompt
+# ((9 − 3) / (9 + 3)), the shortest the one-edit rule is meant for. It binds on texts whose repeated
+# words shrink the shingle set ("the the the the the"), which would otherwise come out at 0, match
+# every prompt, and lay the LSH out as 128 one-row bands (0.5 gives 32 bands of 4 rows).
+SHORT_THRESHOLD_FLOOR = 0.5
 PREFILTER_SIGMAS = 3.0  # MinHash only preselects: a true pair at the threshold passes with 99.9%
 
 
 # ---------------------------------------------------------------------------------------------
 # Comparison text and stable hashes
+
+ROLE_TAG = r"(^|\n)(system|user|assistant): "  # how curate's normalised messages start each turn
 
 _CONTRACTIONS = [  # applied in order: irregular forms before the generic suffixes
     (r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"), (r"\bshan't\b", "shall not"),
@@ -66,10 +79,17 @@ _CONTRACTIONS = [  # applied in order: irregular forms before the generic suffix
 ]
 
 
+def strip_roles(texts: pl.Series) -> pl.Series:
+    """Curate's normalised messages without their role tags: a prompt's words are what it asks,
+    and a role word would make every one-word prompt share a third of its shingles."""
+    return texts.str.replace_all(ROLE_TAG, " ").str.replace_all(r"\s+", " ").str.strip_chars()
+
+
 def comparison_text(folded: pl.Series) -> pl.Series:
-    """The text near-duplicates are judged on: contractions expanded, punctuation (Unicode class
-    P) removed, single spaces. Symbols stay ("2+2" is not "2-2"). Input is already case-folded."""
-    text = folded.fill_null("").str.replace_all(r"[’‘ʼ`]", "'")
+    """The text near-duplicates are judged on: role tags dropped, contractions expanded,
+    punctuation (Unicode class P) removed, single spaces. Symbols stay ("2+2" is not "2-2").
+    Input is already case-folded."""
+    text = strip_roles(folded.fill_null("")).str.replace_all(r"[’‘ʼ`]", "'")
     for pattern, replacement in _CONTRACTIONS:
         text = text.str.replace_all(pattern, replacement)
     return text.str.replace_all(r"\p{P}+", " ").str.replace_all(r"\s+", " ").str.strip_chars()
@@ -194,11 +214,13 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 def short_thresholds(n_words: np.ndarray, set_size: np.ndarray, threshold: float) -> np.ndarray:
     """Jaccard threshold for word 1+2-gram sets of `set_size` distinct shingles: the Jaccard left
     by e scattered changed words, each swapping 3 shingles ((s−3e)/(s+3e)), e = 1 under
-    TWO_EDITS_FROM_WORDS words and 2 from there, never above the configured `threshold`.
+    TWO_EDITS_FROM_WORDS words and 2 from there, never below SHORT_THRESHOLD_FLOOR nor above the
+    configured `threshold`; prompts of up to TINY_MAX_WORDS words get `threshold` itself.
     Inserted, deleted or adjacent changed words swap fewer shingles and stay above it."""
     size = np.maximum(set_size, 1).astype(np.float64)
     edits = np.where(n_words < TWO_EDITS_FROM_WORDS, 1, 2)
-    return np.minimum(threshold, np.clip((size - 3 * edits) / (size + 3 * edits), 0.0, 1.0))
+    allowance = np.clip((size - 3 * edits) / (size + 3 * edits), SHORT_THRESHOLD_FLOOR, 1.0)
+    return np.minimum(threshold, np.where(n_words <= TINY_MAX_WORDS, 1.0, allowance))
 
 
 def candidate_pairs(signatures: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

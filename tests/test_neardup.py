@@ -1,5 +1,6 @@
-"""Near-duplicate prompts as a person would judge them (issue 15), scored on a labelled set built
-here, deterministically: short, long and templated prompts with known duplicate groups.
+"""Near-duplicate prompts as a person would judge them (issues 15 and 24), scored on a labelled set
+built here, deterministically: one- to four-word chat prompts, short, long and templated prompts
+with known duplicate groups.
 
 `labelled_set()` is also what benchmarks/bench_neardup.py scores datasketch and rensa on.
 """
@@ -14,7 +15,15 @@ import polars as pl
 import pytest
 
 from prefdata.curate import CurateConfig, _fold, curate
-from prefdata.neardup import comparison_text, prompt_clusters, word_hashes
+from prefdata.neardup import (
+    SHORT_THRESHOLD_FLOOR,
+    comparison_text,
+    lsh_bands,
+    prompt_clusters,
+    short_thresholds,
+    text_sizes,
+    word_hashes,
+)
 from tests.records_factory import make_record, write_records_dir
 
 FUNCTION_WORDS = "the a of to and in for on with that this my your it is be as at by from or an".split()
@@ -22,6 +31,14 @@ SYLLABLES = "ka lo mi ner sol tra ven qui dor pas ble mon ric tel ura fen gal ho
 OPENERS = ["what is", "how do i", "can you explain why", "please describe", "i am trying to understand",
            "it is unclear to me why", "do not just list", "you are an expert so tell me", "tell me"]
 CONTRACTIONS = {"what is": "what's", "i am": "I'm", "it is": "it's", "do not": "don't", "you are": "you're"}
+# One- to four-word prompts as real chat logs hold them: greetings, "continue", single nouns, short
+# requests. Each is its own prompt; several differ from another by one word, which in a prompt
+# this short is the request itself ("hi" / "thanks", "tell me a joke" / "tell me a story").
+TINY_PROMPTS = ["Hi", "Hello", "Hey there", "Thanks", "Thank you", "Good morning", "Good night", "Continue", "Go on",
+                "Keep going", "Stop", "Yes", "No", "Why?", "How?", "Python", "Recipes", "Weather", "Bitcoin", "Paris",
+                "Tell me a joke", "Tell me a story", "Write a poem", "Write a song", "Explain recursion", "Explain closures",
+                "Translate this", "Summarize this", "What's up?", "Who are you?", "What is love?", "Help me", "Help me please",
+                "Are you there?", "I'm bored", "Don't stop", "Let's chat", "More please", "Try again", "Go ahead"]
 TEMPLATES = ["Translate to French: {}", "Translate the following sentence into German: {}", "Fix the grammar in this sentence: {}",
              "What is the sentiment of this review? {}", "Write a short poem about {}", "Summarize this article: {}"]
 
@@ -91,6 +108,9 @@ def _combined(rng, text):
     return _case(rng, _punctuation(rng, _contract(rng, text)))
 
 
+# What folding removes, and so all a one- to four-word prompt's duplicates may differ by.
+TINY_EDITS = {"punctuation": _punctuation, "case": _case, "contraction": _contract, "whitespace": _whitespace,
+              "combined": _combined}
 EDITS = {"one_word": lambda rng, t: _replace_word(rng, t, 1), "two_words": lambda rng, t: _replace_word(rng, t, 2),
          "insert": _insert_word, "delete": _delete_word, "punctuation": _punctuation, "case": _case,
          "contraction": _contract, "whitespace": _whitespace, "combined": _combined}
@@ -108,12 +128,18 @@ class LabelledSet:
         self.kind.append(kind)
 
 
-def labelled_set(seed: int = 0, short_bases: int = 240, long_bases: int = 60, per_template: int = 20) -> LabelledSet:
-    """Short (5–30 words) and long (40–150 words) prompts, each with a few edited variants, plus
-    templated prompts that share only their template. Two-word edits only from 12 words on: in a
-    shorter prompt two words are as much as a template's variable part."""
+def labelled_set(seed: int = 0, short_bases: int = 240, long_bases: int = 60, per_template: int = 20,
+                 tiny: bool = True) -> LabelledSet:
+    """One- to four-word chat prompts (TINY_PROMPTS), each with two folding variants; short (5–30
+    words) and long (40–150 words) prompts, each with a few edited variants; templated prompts
+    that share only their template. Two-word edits only from 12 words on: in a shorter prompt two
+    words are as much as a template's variable part."""
     rng = random.Random(seed)
     data = LabelledSet()
+    for b, base in enumerate(TINY_PROMPTS if tiny else []):
+        data.add(base, -1 - b, "tiny")
+        for kind in rng.sample(list(TINY_EDITS), 2):
+            data.add(TINY_EDITS[kind](rng, base), -1 - b, f"tiny:{kind}")
     for b in range(short_bases + long_bases):
         base = _sentence(rng, rng.randint(5, 30) if b < short_bases else rng.randint(40, 150))
         data.add(base, b, "base")
@@ -151,8 +177,7 @@ def _our_labels(data: LabelledSet) -> np.ndarray:
 
 def test_comparison_text_expands_contractions_and_drops_punctuation():
     folded = fold_as_curate(["What’s the capital of France?", "I can't; you won't!", "2+2 = 4, isn't it?"])
-    assert comparison_text(folded).to_list() == ["user what is the capital of france", "user i can not you will not",
-                                                 "user 2+2 = 4 is not it"]
+    assert comparison_text(folded).to_list() == ["what is the capital of france", "i can not you will not", "2+2 = 4 is not it"]
 
 
 def test_word_hashes_are_xxh64_with_seed_zero():
@@ -166,6 +191,46 @@ def test_labelled_set_precision_and_recall():
     labels, truth = _our_labels(data), np.array(data.group)
     precision, recall = pair_scores(labels, truth)
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+def test_one_to_four_word_prompts_merge_exactly_when_they_fold_alike():
+    """Issue 24: every one- and two-word prompt landed in one cluster (the role word made up most of
+    its shingles, and its length-adapted threshold came out as 0). Folding variants merge; prompts
+    with different words, however short, do not."""
+    data = labelled_set()
+    tiny = np.flatnonzero([k.startswith("tiny") for k in data.kind])
+    labels, truth = _our_labels(data), np.array(data.group)
+    precision, recall = pair_scores(labels[tiny], truth[tiny])
+    assert (precision, recall) == (1.0, 1.0)
+    # Nor does a tiny prompt join any longer prompt of the set.
+    assert not set(labels[tiny]) & set(np.delete(labels, tiny))
+
+
+def test_short_prompts_do_not_move_the_lsh_layout():
+    """The bands are laid out for the smallest threshold present: one-word prompts and texts of
+    one repeated word must not pull it under the floor (it was 0: 128 one-row bands)."""
+    def layout(texts):
+        n_words, sizes = text_sizes(comparison_text(fold_as_curate(texts)))
+        thresholds = short_thresholds(n_words, sizes, 0.8)
+        return float(thresholds.min()), lsh_bands(float(thresholds.min()), 128)
+
+    data = labelled_set(tiny=False)
+    without = layout(data.texts)
+    assert without[0] >= SHORT_THRESHOLD_FLOOR
+    assert layout(data.texts + ["Hi", "Thanks", "ok", "the the the the the the", "?"]) == without == (0.5, (32, 4))
+
+
+def test_one_word_prompts_keep_their_own_clusters_through_curate(tmp_path):
+    """The issue's run: 20 one-word prompts, 3 records each (written as people write them),
+    curated by default, were one cluster of 60 and an empty eval split."""
+    words = ["Hi", "Thanks", "Continue", "Hello", "Yes", "No", "Stop", "Why", "Python", "Weather", "Paris", "Help",
+             "Again", "More", "Bitcoin", "Recipes", "Sorry", "Ok", "Cool", "Bye"]
+    records = [make_record(form, f"answer {i} {k}", f"other {i} {k}", row=3 * i + k)
+               for i, word in enumerate(words) for k, form in enumerate([word, word.lower() + "!", f"  {word.upper()} ?"])]
+    src = write_records_dir(tmp_path / "in", {"records": records}, stage="ingest")
+    manifest = curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), eval_fraction=0.3))
+    assert manifest.stats["prompt_clusters"] == 20 and manifest.stats["largest_cluster"] == 3
+    assert 0 < manifest.stats["eval"] < 60
 
 
 @pytest.mark.parametrize("kind", list(EDITS))
