@@ -208,8 +208,11 @@ def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, d
     model_state, optim_state = get_state_dict(unwrap(scorer), optimizer, options=_state_options())
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=dist.world == 1)
+    # Not strict: under LoRA the frozen base is absent from `state` by design (`_state_options`),
+    # and load_state_dict would call each base weight missing. Every trainable key is there: dcp.load
+    # filled exactly the keys get_state_dict listed, and fails on any the checkpoint lacks.
     set_state_dict(unwrap(scorer), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_state_options())
+                   options=_state_options(strict=False))
     rng = torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

@@ -1,0 +1,89 @@
+"""Exact resume: a two-process run (DDP, FSDP2, LoRA) killed mid-way and resumed from its last
+checkpoint logs the same numbers and ends with the same weights as the run that was never
+stopped; the checkpoint it was writing when it died is never picked up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import _metrics, shards  # noqa: F401  (shards is a fixture)
+from tests.test_train_scale import _common, _torchrun, _weights
+from train.parallel import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# How each kind of run differs from a two-process DDP run of `_common`'s settings.
+RUNS = {
+    "ddp": [],
+    "fsdp": ["--parallelism", "fsdp"],
+    # Adapter dropout draws from every process's generators: the resumed steps see the same
+    # masks only if each rank gets its own generator states back.
+    "lora": ["--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "2e-2"],
+}
+
+# `python -m train ARGS…` whose rank 0 dies by SIGKILL (nothing flushed, nothing cleaned up) just as
+# it would write checkpoint STEP's trainer state: every process has written its model, optimizer
+# and generator states, so the checkpoint lacks only that last file and its rename into place.
+KILL_AT_CHECKPOINT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+
+    import torch
+
+    from train import parallel
+    from train.__main__ import main
+
+    step, argv = int(sys.argv[1]), sys.argv[2:]
+    save = torch.save
+
+    def save_or_die(obj, target, *args, **kwargs):  # target: a path, or a file DCP writes into
+        if isinstance(target, (str, os.PathLike)) and Path(target).name == parallel.STATE_FILE \
+                and Path(target).parent.name.endswith(f"checkpoint-{step:07d}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(obj, target, *args, **kwargs)
+
+    torch.save = save_or_die
+    main(argv)
+""")
+
+
+def _killed_at_checkpoint(port: int, step: int, script_dir: Path, *args: str) -> None:
+    script = script_dir / "kill_at_checkpoint.py"
+    script.write_text(KILL_AT_CHECKPOINT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                          str(script), str(step), *args], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0 and "SIGKILL" in run.stderr, run.stderr[-3000:]
+
+
+def _records(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock rate, which no two runs share."""
+    return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in _metrics(out)]
+
+
+@pytest.mark.parametrize(("run", "port"), [("ddp", 29561), ("fsdp", 29564), ("lora", 29567)])
+def test_a_two_process_run_killed_mid_way_resumes_to_the_same_losses_and_weights(shards, tiny_model_dir, tmp_path,  # noqa: F811
+                                                                                  run, port):
+    args = _common(shards, tiny_model_dir, "--batch-size", "4", "--save-every", "2", *RUNS[run])
+    whole = tmp_path / "whole"
+    _torchrun(port, *args, "--out", str(whole))
+
+    killed = tmp_path / "killed"
+    _killed_at_checkpoint(port + 1, 4, tmp_path, *args, "--out", str(killed))
+    assert not (killed / "final").exists() and [r["step"] for r in _metrics(killed) if "loss" in r] == [1, 2, 3, 4]
+    assert list(killed.glob(".tmp-checkpoint-0000004/rng-*.pt"))  # checkpoint 4 was half-written …
+    assert latest_checkpoint(killed) == killed / "checkpoint-0000002"  # … and is not what a resume reads
+
+    _torchrun(port + 2, *args, "--resume", "--out", str(killed))
+    assert _records(killed) == _records(whole)
+    assert not list(killed.glob(".tmp-*"))
+    for folder in ("final", "final-merged") if run == "lora" else ("final",):
+        resumed, uninterrupted = _weights(killed / folder), _weights(whole / folder)
+        assert resumed.keys() == uninterrupted.keys() and resumed
+        for name, value in uninterrupted.items():
+            assert torch.equal(resumed[name], value), f"{folder}/{name}"
