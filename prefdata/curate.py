@@ -4,7 +4,9 @@ Order of the steps (each reported in the manifest):
   1. read every input, order by (source, source_row, id) so nothing depends on input order;
   2. degenerate pairs: identical after normalisation, empty answer, tied scores, score margin
      below --min-margin, answers outside --min-chars / --max-chars;
-  3. exact duplicates of the whole normalised pair: the first by (source, source_row) is kept;
+  3. contradicting labels: the same pair with chosen and rejected swapped (after normalisation)
+     is resolved by majority of its records; the minority, and both sides of a tie, are dropped;
+     then exact duplicates of the whole normalised pair: the first by (source, source_row) is kept;
   4. decontamination against evaluation sets (shared word n-grams);
   5. near-duplicate prompt clusters (prefdata.neardup: word 1+2-grams with a length-adapted
      threshold for short prompts, word n-grams for long ones; MinHash LSH) and --max-pairs-per-prompt;
@@ -72,7 +74,7 @@ _SPILL_SCHEMA = CURATE_DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append
 # chunk_rows or on how the inputs were split into files.
 ROW_GROUP_ROWS = 65_536
 DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "tie", "low_margin", "too_short", "too_long")
-DROP_REASONS = (*DEGENERATE_REASONS, "duplicate", "contaminated", "prompt_cap")
+DROP_REASONS = (*DEGENERATE_REASONS, "conflicting_label", "duplicate", "contaminated", "prompt_cap")
 _REASON = pl.Enum(DROP_REASONS)
 TRAIN, EVAL, DROPPED = 0, 1, 2
 _OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped.parquet"}
@@ -165,10 +167,16 @@ def _key128(texts: pl.Series) -> np.ndarray:
 
 
 def _pair_text() -> pl.Expr:
-    """The normalised (prompt, chosen, rejected) as one string, lengths first so it splits one way only."""
-    lengths = [pl.col(c).str.len_chars().cast(pl.String) for c in ("prompt_norm", "chosen_norm", "rejected_norm")]
-    return pl.concat_str([*lengths, pl.lit(""), pl.col("prompt_norm"), pl.col("chosen_norm"), pl.col("rejected_norm")],
-                         separator=":")
+    """The normalised prompt and its two answers, in either order, as one string (the smaller answer
+    first, lengths first so it splits one way only): a pair and its swapped twin get one key, and
+    `_swapped()` says which way round each record has them."""
+    parts = [pl.col("prompt_norm"), pl.min_horizontal("chosen_norm", "rejected_norm"), pl.max_horizontal("chosen_norm", "rejected_norm")]
+    return pl.concat_str([*(p.str.len_chars().cast(pl.String) for p in parts), pl.lit(""), *parts], separator=":")
+
+
+def _swapped() -> pl.Expr:
+    """Does the record prefer the larger of its two normalised answers (the pair key's second)?"""
+    return (pl.col("chosen_norm") > pl.col("rejected_norm")).fill_null(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +237,8 @@ class _Narrow:
     margin: np.ndarray  # chosen_score − rejected_score, −inf when a score is missing
     reason: np.ndarray  # index into DROP_REASONS, −1 while the record is kept
     contaminated: np.ndarray
-    pair_key: np.ndarray  # [n, 2] uint64, zero for records already dropped
+    pair_key: np.ndarray  # [n, 2] uint64 of the pair in either order, zero for records already dropped
+    swapped: np.ndarray  # bool: which way round the record prefers the pair's answers
     prompt_key: np.ndarray
     prior: pa.Array  # prompt_cluster from an earlier curate run, or null
 
@@ -251,6 +260,7 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     prompt = comparison_text(kept["prompt_norm"]) if config.near_dup else kept["prompt_norm"]
     pair_key, prompt_key = np.zeros((frame.height, 2), np.uint64), np.zeros((frame.height, 2), np.uint64)
     pair_key[live] = _key128(kept.select(_pair_text()).to_series())
+    swapped = frame.select(_swapped()).to_series().to_numpy()
     prompt_key[live] = _key128(prompt)
     encoded = pc.dictionary_encode(table.column("source")).combine_chunks()
     code_of = np.array([sources.setdefault(name, len(sources)) for name in encoded.dictionary.to_pylist()] or [0], np.int32)
@@ -260,7 +270,7 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
         "source_row": frame["source_row"].to_numpy(),
         "margin": (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).to_numpy(),
         "reason": reason, "contaminated": _contaminated(frame, config, eval_grams),
-        "pair_key": pair_key, "prompt_key": prompt_key,
+        "pair_key": pair_key, "swapped": swapped, "prompt_key": prompt_key,
         "prior": table.column("prompt_cluster").combine_chunks().cast(pa.string()),
     }
     texts = None
@@ -345,24 +355,38 @@ def _reorder(narrow: _Narrow, order: np.ndarray) -> _Narrow:
 # Decide: steps 3–6 on the narrow table (one row per record, in output order)
 
 
-def _first_of_key(keys: np.ndarray) -> np.ndarray:
-    """For each of m [hi, lo] keys, the index of the first entry with the same key."""
+def _first_of_key(keys: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+    """For each of m [hi, lo] keys, the index of the first entry with the same key (and, when
+    given, the same `side`)."""
     m = len(keys)
     if m == 0:
         return np.empty(0, np.int64)
-    order = np.lexsort((np.arange(m), keys[:, 1], keys[:, 0]))
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)])
+    side = np.zeros(m, bool) if side is None else side
+    order = np.lexsort((np.arange(m), side, keys[:, 1], keys[:, 0]))
+    sorted_keys, sorted_side = keys[order], side[order]
+    starts = np.flatnonzero(np.r_[True, (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1) | (sorted_side[1:] != sorted_side[:-1])])
     first = np.empty(m, np.int64)
     first[order] = np.repeat(order[starts], np.diff(np.r_[starts, m]))
     return first
+
+
+def _conflicting_labels(narrow: _Narrow) -> None:
+    """Among live rows, records of one pair preferred both ways round (multi-annotator dumps: Arena,
+    HelpSteer2, SHP) are resolved by majority: each record is a vote, the minority's records are
+    dropped as `conflicting_label`, and on a tie all of them (nothing says which way is right)."""
+    live = np.flatnonzero(narrow.reason < 0)
+    _, group = np.unique(_first_of_key(narrow.pair_key[live]), return_inverse=True)
+    side = narrow.swapped[live].astype(np.int64)
+    votes = np.bincount(2 * group + side, minlength=2 * (group.max(initial=-1) + 1)).reshape(-1, 2)
+    own, other = votes[group, side], votes[group, 1 - side]
+    narrow.reason[live[(other > 0) & (own <= other)]] = DROP_REASONS.index("conflicting_label")
 
 
 def _exact_duplicates(narrow: _Narrow) -> np.ndarray:
     """Among live rows, every pair whose normalised (prompt, chosen, rejected) was seen at an
     earlier row is dropped; returns the row each points at (−1 for the others)."""
     live = np.flatnonzero(narrow.reason < 0)
-    first = live[_first_of_key(narrow.pair_key[live])]
+    first = live[_first_of_key(narrow.pair_key[live], narrow.swapped[live])]
     later = first != live
     duplicate_row = np.full(len(narrow.reason), -1, np.int64)
     duplicate_row[live[later]] = first[later]
@@ -508,6 +532,7 @@ class _Decisions:
 
 def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
     reason = narrow.reason
+    _conflicting_labels(narrow)
     duplicate_row = _exact_duplicates(narrow)
     reason[narrow.contaminated & (reason < 0)] = DROP_REASONS.index("contaminated")
     live_rows = np.flatnonzero(reason < 0)

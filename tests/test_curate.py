@@ -50,6 +50,26 @@ def test_exact_duplicates_and_degenerate_pairs(tmp_path):
     assert _read(tmp_path, "train.parquet")["id"].to_list() == [keep.id]
 
 
+@pytest.mark.parametrize("chunk_rows", [200_000, 2])
+def test_contradicting_labels_resolved_by_majority(tmp_path, chunk_rows):
+    """Issue 24, item 8: one pair preferred both ways round (after normalisation) by different
+    annotators. Two votes to one: the one is dropped; one to one: both are; the majority's own
+    repeats are then exact duplicates as before."""
+    majority = [make_record("Which is kinder?", "Say thanks.", "Ignore them.", row=1),
+                make_record("which is  KINDER?", "Say  thanks.", "IGNORE them.", row=2)]  # the same vote, folded
+    minority = make_record("Which is kinder?", "Ignore them.", "say thanks.", row=3)
+    tie = [make_record("Tea or coffee?", "Tea.", "Coffee.", row=4), make_record("Tea or coffee?", "coffee.", "tea.", row=5)]
+    unrelated = make_record("Tea or coffee?", "Tea.", "Water.", row=6)  # shares an answer, not the pair
+    src = write_records_dir(tmp_path / "in", {"records": [*majority, minority, *tie, unrelated]}, stage="ingest")
+    manifest = _run(tmp_path, [src], eval_fraction=0.0, chunk_rows=chunk_rows)
+    assert manifest.counts.dropped == {"conflicting_label": 3, "duplicate": 1}
+    assert manifest.counts.read == 6 and manifest.counts.kept == 2
+    dropped = _read(tmp_path, "dropped.parquet")
+    reason_of = dict(zip(dropped["source_row"].to_list(), dropped["drop_reason"].to_list()))
+    assert reason_of == {2: "duplicate", 3: "conflicting_label", 4: "conflicting_label", 5: "conflicting_label"}
+    assert sorted(_read(tmp_path, "train.parquet")["source_row"].to_list()) == [1, 6]
+
+
 def test_char_bounds(tmp_path):
     recs = [make_record(f"q{i}", "a" * n, "b" * 5, row=i) for i, n in enumerate([2, 10, 50])]
     src = write_records_dir(tmp_path / "in", {"records": recs}, stage="ingest")
