@@ -128,7 +128,9 @@ def run_precompute_ref(config: Any) -> None:
 def run_generate(config: Any) -> None:
     from train.generate import generate, summary_lines
 
-    print("\n".join(summary_lines(generate(config))))
+    lines = summary_lines(generate(config))
+    if _is_rank0():
+        print("\n".join(lines))
 
 
 def run_judge(config: Any) -> None:
@@ -146,7 +148,9 @@ def run_iterate(config: Any) -> None:
 def run_eval(config: Any) -> None:
     from train.eval import evaluate_policy, summary_line
 
-    print(summary_line(evaluate_policy(config)))
+    result = evaluate_policy(config)
+    if _is_rank0():
+        print(summary_line(result))
 
 
 def run_inspect(config: Any) -> None:

@@ -249,10 +249,23 @@ def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
 
 def test_length_grouped_sampler_resumes_exactly_from_a_position():
     sampler = LengthGroupedSampler(np.arange(1, 21), batch_size=3, seed=0, window_batches=2)
-    it = sampler.iter_from()
-    uninterrupted = [next(it) for _ in range(20)]  # crosses two epoch boundaries (7 batches each)
-    epoch, index, _ = uninterrupted[9]
-    resumed = sampler.iter_from(epoch, index)
-    tail = [next(resumed) for _ in range(11)]
-    assert [(e, i, b.tolist()) for e, i, b in tail] == [(e, i, b.tolist()) for e, i, b in uninterrupted[9:]]
-    assert (epoch, index) == (1, 2)
+    steps = sampler.steps_from(0, 0, accumulation=2)
+    uninterrupted = [next(steps) for _ in range(12)]  # crosses two epoch boundaries (7 batches: 4 steps each)
+    _, position, _ = uninterrupted[5]
+    resumed = sampler.steps_from(*position, accumulation=2)
+    tail = [next(resumed) for _ in range(6)]
+    as_lists = lambda steps: [(e, p, [b.tolist() for b in batches]) for e, p, batches in steps]  # noqa: E731
+    assert as_lists(tail) == as_lists(uninterrupted[6:])
+    assert position == (1, 4) and [e for e, _, _ in uninterrupted] == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_each_epoch_uses_every_pair_once_whatever_the_accumulation():
+    """An epoch's last step holds the batches left over, never the next epoch's."""
+    sampler = LengthGroupedSampler(np.arange(1, 14), batch_size=6, seed=0)  # 13 pairs: batches of 6, 6, 1
+    steps = sampler.steps_from(0, 0, accumulation=2)
+    for epoch in range(2):
+        (first_epoch, _, first), (second_epoch, after, second) = next(steps), next(steps)
+        assert first_epoch == second_epoch == epoch and after == (epoch + 1, 0)
+        assert len(first) == 2 and len(second) == 1
+        assert sorted(np.concatenate(first + second).tolist()) == list(range(13))
+    assert sampler.steps_per_epoch(2) == 2

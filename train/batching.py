@@ -310,11 +310,18 @@ class LengthGroupedSampler:
         batches = [grouped[i : i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
-    def iter_from(self, epoch: int = 0, batch_index: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(epoch, batch_index, rows) from a saved position onwards, epoch after epoch, forever;
-        the caller stops at its step budget and saves the position of the next batch."""
+    def steps_from(self, epoch: int, batch_index: int,
+                   accumulation: int) -> Iterator[tuple[int, tuple[int, int], list[np.ndarray]]]:
+        """Optimizer steps from a saved position onwards, epoch after epoch, forever: each step
+        `accumulation` consecutive batches of one epoch (its last step holds what is left), as
+        (its epoch, the position of the batch after it, which a checkpoint saves, its batches). A
+        step never reaches into the next epoch, so every pair is used exactly once per epoch."""
         while True:
             batches = self.epoch_batches(epoch)
-            for index in range(batch_index, len(batches)):
-                yield epoch, index, batches[index]
+            for start in range(batch_index, len(batches), accumulation):
+                end = min(start + accumulation, len(batches))
+                yield epoch, ((epoch, end) if end < len(batches) else (epoch + 1, 0)), batches[start:end]
             epoch, batch_index = epoch + 1, 0
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        return -(-len(self) // accumulation)

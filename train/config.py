@@ -65,6 +65,10 @@ class TrainConfig(BaseModel):
     attn_implementation: str | None = Field(
         None, description="Passed to from_pretrained: sdpa, eager, flex_attention, … (default: flex_attention for --packing "
         "on CUDA, else transformers' default, sdpa).")
+    disable_dropout: bool = Field(
+        True, description="Train with the model's dropout off (TRL's default): the stored reference was scored without "
+        "it, so dropout would make the policy's log-probs noisy against a noise-free reference. --no-disable-dropout "
+        "keeps the model's own rates in the training forward (held-out scoring is always without dropout).")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
     compile: bool = Field(False, description="torch.compile the model.")
     window_batches: int = Field(64, gt=0, description="Length grouping: pairs are sorted within windows of this many batches.")

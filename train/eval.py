@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,11 +43,12 @@ from schemas.render import (
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
 from train.device import select_device, select_dtype
+from train.distributed import Dist
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
-from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, padding_id, same_weights
 from train.tracking import open_tracker
 
 
@@ -67,7 +69,10 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(32, gt=0, description="Longest completion sampled.")
     max_prompts: int | None = Field(None, gt=0, description="Use the first N distinct eval prompts.")
     batch_tokens: int = Field(16_384, gt=0, description="Padded tokens per scoring forward pass.")
-    seed: int = Field(0, description="Sampling seed.")
+    seed: int = Field(0, description="Sampling seed (under torchrun, process r samples with seed + r).")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        "auto", description="auto: CUDA if present, else MPS, else CPU; under torchrun each process takes its LOCAL_RANK's GPU "
+        "and a share of the batches and prompts.")
     chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Also send eval.json's numbers to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
@@ -92,17 +97,25 @@ class EvalConfig(BaseModel):
 TIE_TOLERANCE = 1e-3
 
 
-def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, batch_tokens: int) -> dict[str, float]:
-    """Implicit-reward accuracy and mean margin over the whole split, against the stored reference."""
-    accuracy = margin = 0.0
-    for rows in token_budget_batches(data.columns.pair_lengths, batch_tokens):
-        logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id))
-        ref_chosen, ref_rejected = (torch.from_numpy(x) for x in data.ref_logps(rows))
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, batch_tokens: int,
+                       dist: Dist) -> dict[str, float]:
+    """Implicit-reward accuracy and mean margin over the whole split, against the stored reference;
+    each process scores every world-th batch and the sums are added up."""
+    device = _model_device(model)
+    totals = torch.zeros(2, dtype=torch.float64)  # won pairs, margin summed over pairs
+    for rows in token_budget_batches(data.columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
+        logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
+        ref_chosen, ref_rejected = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
         _, metrics = preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
                                      logps.rejected_tokens, {"sigmoid": 1.0}, LossParams(beta=beta))
         logratio_margin = (logps.chosen - ref_chosen) - (logps.rejected - ref_rejected)
-        accuracy += (logratio_margin > TIE_TOLERANCE).sum().item()
-        margin += metrics["rewards/margins"].item() * len(rows)
+        totals += torch.tensor([(logratio_margin > TIE_TOLERANCE).sum().item(), metrics["rewards/margins"].item() * len(rows)],
+                               dtype=torch.float64)
+    accuracy, margin = dist.sum(totals).tolist()
     return {"accuracy": accuracy / len(data), "margin": margin / len(data), "pairs": len(data)}
 
 
@@ -123,7 +136,21 @@ def sample(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer:
     A completion without EOS within max_new_tokens stays cut there: its log-prob
     is then that of the truncated sequence, which is exactly what was sampled."""
     return sample_completions(model, prompts, n or config.samples, config.temperature, 1.0, config.max_new_tokens,
-                              stop_ids, tokenizer.pad_token_id)
+                              stop_ids, padding_id(tokenizer))
+
+
+def sample_shared(model: Any, prompts: list[np.ndarray], config: EvalConfig, tokenizer: Any, stop_ids: list[int],
+                  dist: Dist, n: int | None = None) -> list[np.ndarray]:
+    """`sample` with the prompts shared out: each process samples every world-th prompt, and every
+    process gets all the completions back, prompt-major in prompt order."""
+    per_prompt = n or config.samples
+    mine = prompts[dist.rank::dist.world]
+    gathered = dist.gather_objects(sample(model, mine, config, tokenizer, stop_ids, n) if mine else [])
+    by_prompt: list[list[np.ndarray]] = [[] for _ in prompts]
+    for rank, completions in enumerate(gathered):
+        for j, prompt in enumerate(range(rank, len(prompts), dist.world)):
+            by_prompt[prompt] = completions[j * per_prompt:(j + 1) * per_prompt]
+    return [c for group in by_prompt for c in group]
 
 
 def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], pad_id: int,
@@ -137,17 +164,27 @@ def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np
                       "chosen_input_ids": answers, "rejected_input_ids": answers})
     columns = TokenColumns.from_table(table)
     result = np.zeros(len(completions), dtype=np.float32)
+    device = _model_device(model)
     for rows in token_budget_batches(columns.pair_lengths, batch_tokens):
-        result[rows] = sequence_logps(model, collate_pairs(columns, rows, pad_id)).chosen.numpy()
+        result[rows] = sequence_logps(model, collate_pairs(columns, rows, pad_id).to(device)).chosen.float().cpu().numpy()
     return result
 
 
 def sequence_kl(policy: Any, reference: Any, prompts: list[np.ndarray], policy_samples: list[np.ndarray],
-                pad_id: int, batch_tokens: int) -> float:
-    """KL(π‖π_ref) ≈ mean over y ~ π of log π(y|x) − log π_ref(y|x) (an unbiased estimate)."""
-    policy_logps = completion_logps(policy, prompts, policy_samples, pad_id, batch_tokens)
-    reference_logps = completion_logps(reference, prompts, policy_samples, pad_id, batch_tokens)
-    return float(np.mean(policy_logps - reference_logps))
+                pad_id: int, batch_tokens: int, dist: Dist) -> float:
+    """KL(π‖π_ref) ≈ mean over y ~ π of log π(y|x) − log π_ref(y|x) (an unbiased estimate); each
+    process scores the samples of every world-th prompt."""
+    per_prompt = len(policy_samples) // len(prompts)
+    mine = range(dist.rank, len(prompts), dist.world)
+    samples = [policy_samples[p * per_prompt + j] for p in mine for j in range(per_prompt)]
+    total = torch.zeros(2, dtype=torch.float64)  # Σ log-ratio, samples
+    if samples:
+        share = [prompts[p] for p in mine]
+        ratios = (completion_logps(policy, share, samples, pad_id, batch_tokens)
+                  - completion_logps(reference, share, samples, pad_id, batch_tokens))
+        total += torch.tensor([float(ratios.astype(np.float64).sum()), len(samples)], dtype=torch.float64)
+    ratio_sum, count = dist.sum(total).tolist()
+    return ratio_sum / count
 
 
 def prompt_messages(shards: str, record_ids: list[str]) -> list[list[dict]]:
@@ -220,7 +257,8 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     manifest, _, data = open_shards(config.shards, need_ref=True)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
-    device = torch.device("cpu")
+    dist = Dist.start(config.device, timedelta(hours=2))
+    device = dist.device
     policy, tokenizer = load_causal_lm(model_dir(config.policy), config.policy, torch.float32, device)
     reference_dir = model_dir(config.reference)
     # Accuracy uses the stored reference log-probs, KL the --reference model: they must be one model.
@@ -236,21 +274,23 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     stop_ids = stop_token_ids(renderer, policy.generation_config.eos_token_id)
     policy.eval()
     reference.eval()
-    pad_id = tokenizer.pad_token_id
+    pad_id = padding_id(tokenizer)
     with torch.inference_mode():
         result: dict[str, Any] = {"policy": config.policy, **preference_metrics(policy, data, config.beta, pad_id,
-                                                                                config.batch_tokens)}
+                                                                                config.batch_tokens, dist)}
         prompts, first_rows = eval_prompts(data, config.max_prompts)
-        torch.manual_seed(config.seed)
-        samples = {"policy": sample(policy, prompts, config, tokenizer, stop_ids),
-                   "reference": sample(reference, prompts, config, tokenizer, stop_ids)}
-        result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens)
+        torch.manual_seed(config.seed + dist.rank)  # each process samples its own prompts
+        samples = {"policy": sample_shared(policy, prompts, config, tokenizer, stop_ids, dist),
+                   "reference": sample_shared(reference, prompts, config, tokenizer, stop_ids, dist)}
+        result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens, dist)
         if config.baseline:
             baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, torch.float32, device)
             check_tokenizer(model_dir(config.baseline), config.baseline, manifest.tokenizer)
-            samples["baseline"] = sample(baseline.eval(), prompts, config, tokenizer, stop_ids)
+            samples["baseline"] = sample_shared(baseline.eval(), prompts, config, tokenizer, stop_ids, dist)
         if config.best_of:
-            samples["best_of"] = sample(reference, prompts, config, tokenizer, stop_ids, n=config.best_of)
+            samples["best_of"] = sample_shared(reference, prompts, config, tokenizer, stop_ids, dist, n=config.best_of)
+    if not dist.is_main:  # rank 0 judges and writes
+        return {}
     texts = tokenizer.batch_decode(samples["policy"], skip_special_tokens=True)
     if judge is not None:
         result.update(_judged(judge, prompt_messages(config.shards, list(data.ids[first_rows])), tokenizer, samples, config))
@@ -325,7 +365,7 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
     prompts = [p for p, reason in zip(prompts, reasons) if reason is None]
     prompt_ids = [np.asarray(ids) for ids in rendered_ids if ids is not None]
     stop_ids = stop_token_ids(renderer, models[0][0].generation_config.eos_token_id)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = padding_id(tokenizer)
     # Batched as generate batches (its defaults), bounded by the same token budget.
     sampling = Sampling(n, temperature, top_p, max_new_tokens, *(GenerateConfig.model_fields[f].default
                                                                  for f in ("batch_size", "batch_tokens")))
@@ -339,7 +379,7 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
                                                        max_new_tokens, stop_ids, pad_id)]
             samples.append(completions)
             scores.append(judged_scores(judge, prompts, tokenizer, completions, judge_options.batch_size))
-        kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384)
+        kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384, Dist(0, 1, torch_device))
     return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts),
             "prompts_refused_by_template": refused, "samples": n,
             "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])), "kl": kl,

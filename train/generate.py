@@ -21,6 +21,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -42,8 +43,9 @@ from schemas.render import (
     prompt_token_ids,
     stop_token_ids,
 )
-from train.device import select_device, select_dtype
-from train.models import load_causal_lm, model_dir, model_fingerprint
+from train.device import select_dtype
+from train.distributed import Dist
+from train.models import load_causal_lm, model_dir, model_fingerprint, padding_id
 
 GENERATIONS_FILE = "generations.jsonl"
 CHUNKS_DIR = "chunks"
@@ -238,7 +240,7 @@ def generation_batches(lengths: list[int], sampling: Sampling) -> list[range]:
 def answer_prompts(model: Any, tokenizer: Any, ids: list[list[int]], sampling: Sampling, stop_ids: list[int]) -> list[list[dict]]:
     """`sampling.n` answers to each prompt (token ids, as `prompt_token_ids` renders them), each
     ending at the first of `stop_ids`: per prompt, a list of {"text", "finish_reason", "tokens"}."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    pad_id = padding_id(tokenizer)
     answers = []
     for rows in generation_batches([len(i) for i in ids], sampling):
         batch = [np.asarray(ids[i]) for i in rows]
@@ -276,7 +278,8 @@ def generate(config: GenerateConfig) -> Manifest:
     prompts, dropped = distinct_prompts(raw, seen_prompt_ids(config.exclude_prompts), config.max_prompts)
     if not prompts:
         raise UserError(f"{config.prompts}: no prompts left to answer ({dict(dropped) or 'the input is empty'})")
-    device = select_device(config.device)
+    dist = Dist.start(config.device, timedelta(hours=12))  # the last barrier waits for the slowest process
+    device = dist.device
     dtype = select_dtype(config.dtype, device)
     policy_dir = model_dir(config.policy)
     model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
@@ -290,8 +293,13 @@ def generate(config: GenerateConfig) -> Manifest:
     chunks.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(order), config.chunk_prompts)
     began, generated_tokens, timed = time.perf_counter(), 0, False
-    with progress("generate", total=len(order)) as bar, torch.inference_mode():
-        for number, start in enumerate(starts):
+    # Under torchrun process r answers chunks r, r + W, …; a chunk's seed is its number's, so the
+    # answers do not depend on how many processes there are.
+    mine = [number for number in range(len(starts)) if number % dist.world == dist.rank]
+    with progress("generate", total=sum(len(order[starts[n]:starts[n] + config.chunk_prompts]) for n in mine)) as bar, \
+            torch.inference_mode():
+        for number in mine:
+            start = starts[number]
             path = chunks / f"chunk-{number:05d}.jsonl"
             part = order[start:start + config.chunk_prompts]
             if not path.is_file():  # a finished chunk of a killed run is kept
@@ -303,9 +311,13 @@ def generate(config: GenerateConfig) -> Manifest:
                 timed = True
             bar.advance(len(part))
     seconds = time.perf_counter() - began
-    return _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
-                   model_fingerprint(policy_dir, config.policy, dtype, device),
-                   generated_tokens / seconds if timed else None)
+    dist.barrier()  # every chunk written
+    if dist.is_main:
+        _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
+                model_fingerprint(policy_dir, config.policy, dtype, device),
+                dist.world * generated_tokens / seconds if timed else None)  # rank 0's rate × processes
+    dist.barrier()
+    return Manifest.read(out, stages=("generate",))
 
 
 def _check_shards_template_kwargs(config: GenerateConfig) -> None:

@@ -30,11 +30,19 @@ from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
 from train.data import SplitData, open_shards
-from train.device import select_device
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
-from train.losses import REFERENCE_FREE_LOSSES, preference_loss, reference_free_loss, sft_loss
-from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_dir, model_fingerprint, same_weights
+from train.losses import REFERENCE_FREE_LOSSES, Denominators, preference_loss, reference_free_loss, sft_loss
+from train.models import (
+    attention_kernel,
+    check_tokenizer,
+    disable_dropout,
+    load_causal_lm,
+    model_dir,
+    model_fingerprint,
+    padding_id,
+    same_weights,
+)
 from train.tracking import Tracker, open_tracker
 
 
@@ -119,20 +127,55 @@ class MetricsLog:
             self.tracker.close()
 
 
+class MetricsWindow:
+    """The steps since the last metrics record. Each micro-batch adds its share of its step's
+    means (`step_denominators`), so a step's shares summed over micro-batches and processes are
+    that step's means over all its pairs, and the record is their average over the window's
+    steps: the numbers one process would log on the same global batches."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.tokens = self.computed = self.padded = 0
+        self.start = time.perf_counter()
+
+    def add(self, shares: dict[str, torch.Tensor], weight: float, batch: PairBatch | None) -> None:
+        # Every process adds every name, a stand-in batch's at weight 0, so the sums line up across processes.
+        for name, value in shares.items():
+            self.sums[name] = self.sums.get(name, 0.0) + weight * value.item()
+        if batch is not None:
+            self.tokens += batch.real_tokens
+            self.computed += batch.computed_tokens
+            self.padded += batch.padded_tokens
+
+    def summary(self, dist: Dist) -> dict[str, float]:
+        """The window's means and throughput over all processes (a collective)."""
+        names = list(self.sums)
+        totals = dist.sum(torch.tensor([self.sums[n] for n in names] + [self.tokens, self.computed, self.padded],
+                                       dtype=torch.float64)).tolist()
+        tokens, computed, padded = totals[len(names):]
+        return {**{name: total / self.steps for name, total in zip(names, totals)}, "tokens": int(tokens),
+                "tokens_per_s": tokens / (time.perf_counter() - self.start), "computed_tokens": int(computed),
+                "padding_efficiency": computed / max(padded, 1)}
+
+
 # ---------------------------------------------------------------------------------------------
 # One batch: loss and metrics
 
 
 def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitData, ref_model: Any,
-               autocast: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               autocast: Any, denominators: Denominators | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's loss and metrics on one batch: means over the batch, or with `denominators`
+    this batch's share of a larger mean (`step_denominators`)."""
     with autocast():
         logps = sequence_logps(scorer, batch)
     if config.objective == "sft":
-        loss = sft_loss(logps.chosen, logps.chosen_tokens)
-        return loss, {"logps/chosen": logps.chosen.detach().mean()}
+        loss = sft_loss(logps.chosen, logps.chosen_tokens, denominators)
+        chosen = logps.chosen.detach()
+        return loss, {"logps/chosen": chosen.mean() if denominators is None else chosen.sum() / denominators.pairs}
     if config.objective in REFERENCE_FREE_LOSSES:
         return reference_free_loss(config.objective, logps.chosen, logps.rejected, logps.chosen_tokens,
-                                   logps.rejected_tokens, config.loss_params)
+                                   logps.rejected_tokens, config.loss_params, denominators)
     if ref_model is not None:
         with torch.inference_mode(), autocast():
             ref = sequence_logps(ref_model, batch)
@@ -140,7 +183,15 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
     else:
         ref_chosen, ref_rejected = (torch.from_numpy(x).to(logps.chosen.device) for x in data.ref_logps(batch.rows))
     return preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
-                           logps.rejected_tokens, config.loss, config.loss_params, config.sft_weight)
+                           logps.rejected_tokens, config.loss, config.loss_params, config.sft_weight, denominators)
+
+
+def step_denominators(columns: Any, micro_batches: list[np.ndarray]) -> Denominators:
+    """The pairs and chosen tokens of a whole optimizer step, every micro-batch on every process:
+    each process's loss is its rows' share of the step's mean, so the gradients the processes
+    average (× world) are the gradient of the one-process step, however unevenly the pairs fall."""
+    rows = np.concatenate(micro_batches)
+    return Denominators(pairs=float(len(rows)), chosen_tokens=float(columns.chosen.lengths[rows].sum()))
 
 
 def _inference_view(scorer: Any) -> Any:
@@ -178,28 +229,35 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, co
     """The policy starts from the reference model: its log-probs on a few rows must be the stored
     ones. If not, the shards were scored with another model (or an older copy of this one).
 
-    The two sides may come from different numerics (reference stored in bf16, policy in fp32, or
-    the reverse): the looser of the two dtypes' tolerances applies. A different model is off by
-    far more than bf16 rounding."""
+    Scored as precompute-ref scored them, without dropout. The two sides may come from different
+    numerics (reference stored in bf16, policy in fp32, or the reverse): the coarser dtype's
+    tolerance applies, which grows with the answer's length (`reference_check_tolerance`)."""
     from train.device import DTYPES
-    from train.reference import VERIFY_TOLERANCE
+    from train.reference import reference_check_tolerance
 
     rows = np.arange(min(config.check_reference_rows, len(data)))
     if not len(rows):
         return
     model = _inference_view(scorer)
+    model.eval()
     # no_grad, not inference_mode: FSDP would keep the weights it gathers here as inference
     # tensors and refuse to gather into them again in the first training step.
     with torch.no_grad(), autocast():
         logps = sequence_logps(model, collate(data.columns, rows).to(device))
     parallel.reshard(model)
-    stored_chosen, stored_rejected = data.ref_logps(rows)
-    atol, rtol = max(VERIFY_TOLERANCE[DTYPES[stored_dtype]], VERIFY_TOLERANCE[compute_dtype])
-    ok = np.allclose(logps.chosen.float().cpu().numpy(), stored_chosen, atol=atol, rtol=rtol) and \
-        np.allclose(logps.rejected.float().cpu().numpy(), stored_rejected, atol=atol, rtol=rtol)
-    if not ok:
-        raise UserError(f"{config.shards}: stored reference log-probs do not match {config.model} on rows "
-                        f"{list(data.ids[rows])}; the shards are stale: re-run prefdata precompute-ref --force")
+    model.train()
+    for answer, policy, stored, tokens in (("chosen", logps.chosen, data.ref_logps(rows)[0], logps.chosen_tokens),
+                                           ("rejected", logps.rejected, data.ref_logps(rows)[1], logps.rejected_tokens)):
+        tokens = tokens.cpu().numpy()
+        gap = np.abs(policy.float().cpu().numpy() - stored)
+        allowed = np.maximum(reference_check_tolerance(DTYPES[stored_dtype], tokens),
+                             reference_check_tolerance(compute_dtype, tokens))
+        if not (gap <= allowed).all():  # `not <=`: a NaN fails too
+            worst = int(np.argmax(gap / allowed))
+            raise UserError(f"{config.shards}: stored reference log-probs do not match {config.model} on rows "
+                            f"{list(data.ids[rows])} ({answer} of row {data.ids[rows][worst]}: {gap[worst]:.3g} nats over "
+                            f"{tokens[worst]} tokens, {allowed[worst]:.3g} allowed); the shards are stale: re-run "
+                            "prefdata precompute-ref --force")
 
 
 def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest,
@@ -211,6 +269,8 @@ def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, ma
     model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device,
                                       attention_kernel(config.attn_implementation, config.packing, device),
                                       weights=parallel.loads_weights(dist, config.parallelism))
+    if config.disable_dropout:
+        disable_dropout(model)  # before any adapter: --lora-dropout is the adapters' own, as asked
     peft_model = None
     if config.lora_r:
         if config.needs_reference and not same_weights(manifest.reference, policy_fingerprint):
@@ -258,10 +318,10 @@ def _save_final(config: TrainConfig, scorer: Any, peft_model: Any, model: Any, t
 
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
-    device = select_device(config.device)
+    dist = Dist.start(config.device, timedelta(minutes=30))
+    device = dist.device
     if config.cpu_offload and device.type == "cpu":
         raise UserError("--cpu-offload moves FSDP shards from a GPU to host memory; on the CPU they are there already: drop it")
-    dist = Dist.start("nccl" if device.type == "cuda" else "gloo", timedelta(minutes=30))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -282,7 +342,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Hashed once (cached per file): the LoRA base check and the step-0 check both compare it.
     policy_fingerprint = model_fingerprint(policy_dir, config.model, torch.float32, device)
     model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, policy_fingerprint, dist)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
     shared = config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest)
@@ -309,59 +369,55 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # 82% real tokens instead of 95% on the HH bench rows).
     sampler = LengthGroupedSampler(train_data.columns.batch_lengths(collate.shared)[0], config.batch_size * dist.world,
                                    seed=config.seed, window_batches=config.window_batches)
-    steps_per_epoch = max(1, len(sampler) // config.gradient_accumulation_steps)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch(config.gradient_accumulation_steps)))
     trainable = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = lr_scheduler(config, optimizer, total_steps)
     position = load_run_checkpoint(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
-    batches = sampler.iter_from(position.epoch, position.batch_index)
+    steps = sampler.steps_from(position.epoch, position.batch_index, config.gradient_accumulation_steps)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None, tracker)
     if dist.is_main:
         config.save(out)
 
     # --- steps -------------------------------------------------------------------------------
-    window: list[dict[str, float]] = []
-    tokens = computed = padded = 0
-    window_start = time.perf_counter()
+    window, epoch = MetricsWindow(), position.epoch
     with progress("train", total=total_steps) as bar:
         bar.advance(position.step)
         while position.step < total_steps:
-            for micro in range(config.gradient_accumulation_steps):
-                epoch, index, global_rows = next(batches)
+            epoch, (position.epoch, position.batch_index), micro_batches = next(steps)
+            denominators = step_denominators(train_data.columns, micro_batches)
+            for micro, global_rows in enumerate(micro_batches):
                 rows = global_rows[dist.rank::dist.world]
-                batch = collate(train_data.columns, rows).to(device)
-                with parallel.gradient_sync(scorer, enabled=micro == config.gradient_accumulation_steps - 1):
-                    loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast)
-                    if not torch.isfinite(loss):
+                # A process with no pair here (an epoch's last batch can hold fewer pairs than there
+                # are processes) still runs a forward and backward, of a stand-in row weighted 0:
+                # DDP's gradient all-reduce and FSDP's weight gathers need every process.
+                weight = 1.0 if len(rows) else 0.0
+                batch = collate(train_data.columns, rows if len(rows) else global_rows[:1]).to(device)
+                with parallel.gradient_sync(scorer, enabled=micro == len(micro_batches) - 1):
+                    loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast, denominators)
+                    if weight and not torch.isfinite(loss):
                         raise TrainingDiverged(f"loss is {loss.item()} at step {position.step + 1}, rows {list(train_data.ids[rows])}; "
                                                "lower --learning-rate or --beta, or check these rows")
-                    (loss / config.gradient_accumulation_steps).backward()
-                window.append({"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
-                tokens += batch.real_tokens
-                computed += batch.computed_tokens
-                padded += batch.padded_tokens
-                position.epoch, position.batch_index = (epoch, index + 1)
+                    # DDP and FSDP average the processes' gradients; each loss is its rows' share
+                    # of the step's mean, so world × the average is the whole step's gradient.
+                    (loss * (weight * dist.world)).backward()
+                window.add({"loss": loss, **metrics}, weight, batch if weight else None)
             grad_norm = parallel.clip_gradients(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position.step += 1
 
+            window.steps += 1
             if position.step % config.log_every == 0 or position.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                means = dict(zip(means, dist.mean(torch.tensor(list(means.values()), dtype=torch.float64)).tolist()))
-                record = {"step": position.step, "epoch": position.epoch, **means, "grad_norm": grad_norm,
-                          "learning_rate": scheduler.get_last_lr()[0], "tokens": dist.world * tokens,
-                          "tokens_per_s": dist.world * tokens / elapsed, "computed_tokens": dist.world * computed,
-                          "padding_efficiency": computed / max(padded, 1), "prefix_sharing": collate.shared,
+                record = {"step": position.step, "epoch": epoch, **window.summary(dist), "grad_norm": grad_norm,
+                          "learning_rate": scheduler.get_last_lr()[0], "prefix_sharing": collate.shared,
                           "packing": collate.packed}
                 log.write(record)
-                bar.advance(0, loss=f"{means['loss']:.4f}", acc=f"{means.get('rewards/accuracies', float('nan')):.2f}",
+                bar.advance(0, loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}",
                             tok_s=f"{record['tokens_per_s']:,.0f}")
-                window, tokens, computed, padded, window_start = [], 0, 0, 0, time.perf_counter()
+                window = MetricsWindow()
             bar.advance(1)
             if eval_data is not None and config.eval_every and position.step % config.eval_every == 0:
                 log.write({"step": position.step, **evaluate(config, scorer, eval_data, ref_model, collate, device, dist, autocast)})
@@ -381,7 +437,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from train.plots import plot_curves
 
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-        _write_train_manifest(config, manifest, train_data, position, final_eval, out)
+        _write_train_manifest(config, manifest, train_data, position, epoch, final_eval, out)
     dist.barrier()
     return {"steps": position.step, **final_eval}
 
@@ -393,8 +449,8 @@ def train_and_report(config: TrainConfig) -> None:
         print("train: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
-def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position,
-                    final_eval: dict[str, Any], out: Path) -> None:
+def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position, epoch: int,
+                          final_eval: dict[str, Any], out: Path) -> None:
     import transformers
 
     from schemas.manifest import MANIFEST_NAME
@@ -409,7 +465,7 @@ def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: Spl
                  *([config.report_to] if config.report_to != "none" else [])],  # the tracker's directory
         tokenizer=shards.tokenizer,
         reference=shards.reference,
-        stats={"steps": position.step, "epochs_started": position.epoch + 1, **final_eval,
+        stats={"steps": position.step, "epochs_started": epoch + 1, **final_eval,
                # rank 0's high-water mark of tensors on the GPU (what the memory model predicts)
                **({"peak_device_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if torch.cuda.is_available() else {})},
         versions={"torch": torch.__version__, "transformers": transformers.__version__},

@@ -5,7 +5,10 @@ Notation for every function (B = pairs in the batch, all tensors float32, shape 
     rejected_logratios = log πθ(yl|x) − log πref(yl|x)
     chosen_tokens / rejected_tokens = completion token counts (for length-normalised losses)
 Each returns the per-pair loss, shape [B]; the trainer takes the mean (and the weighted sum when
-several losses are combined, as TRL's `loss_type=[...]`, `loss_weights=[...]`).
+several losses are combined, as TRL's `loss_type=[...]`, `loss_weights=[...]`). A mean divides by
+the batch's own pairs (and chosen tokens, for token-mean terms), or by `Denominators` the caller
+gives: the trainer passes its whole optimizer step's, so that a step's gradient and metrics are
+the same however its pairs are split over micro-batches and processes.
 
 Where we differ from TRL 1.x on purpose: `sigmoid` honours `label_smoothing` (conservative DPO,
 as the original DPO code and OpenRLHF do); TRL 1.x ignores label_smoothing for `sigmoid`. With
@@ -30,6 +33,19 @@ class LossParams:
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5  # SimPO's target margin γ
     cpo_alpha: float = 1.0  # weight of CPO's NLL term
+
+
+@dataclass(frozen=True)
+class Denominators:
+    """What the means divide by instead of the batch's own counts (see the module docstring)."""
+
+    pairs: float
+    chosen_tokens: float
+
+
+def _mean(values: Tensor, denominators: Denominators | None) -> Tensor:
+    """Mean over pairs of a [B] tensor: over the batch, or a share of a larger mean."""
+    return values.mean() if denominators is None else values.sum() / denominators.pairs
 
 
 def sigmoid(chosen_logratios: Tensor, rejected_logratios: Tensor, p: LossParams, **_: Tensor) -> Tensor:
@@ -167,32 +183,41 @@ def _nll_weight(name: str, params: LossParams) -> float:
 
 
 def reference_free_loss(name: str, chosen_logps: Tensor, rejected_logps: Tensor, chosen_tokens: Tensor,
-                        rejected_tokens: Tensor, params: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
+                        rejected_tokens: Tensor, params: LossParams,
+                        denominators: Denominators | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """mean(preference term) + NLL weight · token-mean NLL(yw), and metrics. Rewards are TRL's for
     these methods: β·log πθ (length-averaged for SimPO and ORPO, which compare averages)."""
     lengths = {"chosen_tokens": chosen_tokens.to(chosen_logps.dtype), "rejected_tokens": rejected_tokens.to(chosen_logps.dtype)}
-    loss = REFERENCE_FREE_LOSSES[name](chosen_logps, rejected_logps, params, **lengths).mean()
-    nll = sft_loss(chosen_logps, lengths["chosen_tokens"])
+    loss = _mean(REFERENCE_FREE_LOSSES[name](chosen_logps, rejected_logps, params, **lengths), denominators)
+    nll = sft_loss(chosen_logps, lengths["chosen_tokens"], denominators)
     loss = loss + _nll_weight(name, params) * nll
     with torch.no_grad():
         averaged = name in ("simpo", "orpo")
         chosen = _mean_logps(chosen_logps, lengths["chosen_tokens"]) if averaged else chosen_logps
         rejected = _mean_logps(rejected_logps, lengths["rejected_tokens"]) if averaged else rejected_logps
         chosen_rewards, rejected_rewards = params.beta * chosen.detach(), params.beta * rejected.detach()
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean(),
-            "nll": nll.detach(),
-        }
+        metrics = {**_reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, denominators),
+                   "nll": nll.detach()}
     return loss, metrics
 
 
-def sft_loss(chosen_logps: Tensor, chosen_tokens: Tensor) -> Tensor:
+def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, rejected_logps: Tensor,
+                    denominators: Denominators | None) -> dict[str, Tensor]:
+    return {
+        "rewards/chosen": _mean(chosen_rewards, denominators),
+        "rewards/rejected": _mean(rejected_rewards, denominators),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards, denominators),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).float(), denominators),
+        "logps/chosen": _mean(chosen_logps.detach(), denominators),
+        "logps/rejected": _mean(rejected_logps.detach(), denominators),
+    }
+
+
+def sft_loss(chosen_logps: Tensor, chosen_tokens: Tensor, denominators: Denominators | None = None) -> Tensor:
     """Token-mean negative log-likelihood of the chosen completions over the batch (TRL's `sft`
     loss type and RPO's NLL term): −Σ log πθ(yw) / Σ |yw|. Scalar."""
-    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
+    tokens = chosen_tokens.sum().clamp(min=1) if denominators is None else denominators.chosen_tokens
+    return -chosen_logps.sum() / tokens
 
 
 def preference_loss(
@@ -205,6 +230,7 @@ def preference_loss(
     losses: dict[str, float],
     params: LossParams,
     sft_weight: float = 0.0,
+    denominators: Denominators | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Σ_k weight_k · mean(loss_k) + sft_weight · NLL(chosen), and the usual DPO metrics.
 
@@ -217,18 +243,10 @@ def preference_loss(
     lengths = {"chosen_tokens": chosen_tokens.to(chosen_logps.dtype), "rejected_tokens": rejected_tokens.to(chosen_logps.dtype)}
     loss = chosen_logps.new_zeros(())
     for name, weight in losses.items():
-        loss = loss + weight * PAIR_LOSSES[name](chosen_logratios, rejected_logratios, params, **lengths).mean()
+        loss = loss + weight * _mean(PAIR_LOSSES[name](chosen_logratios, rejected_logratios, params, **lengths), denominators)
     if sft_weight:
-        loss = loss + sft_weight * sft_loss(chosen_logps, lengths["chosen_tokens"])
+        loss = loss + sft_weight * sft_loss(chosen_logps, lengths["chosen_tokens"], denominators)
     with torch.no_grad():
         chosen_rewards = params.beta * chosen_logratios.detach()
         rejected_rewards = params.beta * rejected_logratios.detach()
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps/chosen": chosen_logps.detach().mean(),
-            "logps/rejected": rejected_logps.detach().mean(),
-        }
-    return loss, metrics
+    return loss, _reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, denominators)

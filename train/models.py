@@ -119,6 +119,29 @@ def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, devic
     return model, load_model_tokenizer(directory, name_or_path)
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id padded positions hold, for every stage that pads (train, precompute-ref, generate,
+    eval). Padding is masked out of attention and scoring, so any id in the vocabulary serves; a
+    tokenizer without a pad token (GPT-2, Llama 3 base) pads with its EOS, which `generate`
+    also accepts as padding, and 0 where it has neither."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off wherever a model keeps it: `nn.Dropout` modules (GPT-2, OPT, Phi) and the float
+    rates attention layers read at call time (Llama's and Qwen's `attention_dropout`, passed to
+    SDPA while the module is training)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def check_scoring_matches_forward(model: Any, name_or_path: str) -> None:
     """train/logprobs.py skips the model's forward (it projects only scored positions), so an
     architecture that transforms its logits in a way we do not repeat would be scored wrongly,

@@ -87,7 +87,7 @@ def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device,
         set_model_state_dict(scorer, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         # Buffers computed at construction (rotary frequencies) are not in a state dict.
         for buffer in scorer.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+            dist.broadcast(buffer)
     return scorer
 
 
@@ -117,7 +117,7 @@ def wrap(scorer: torch.nn.Module, model: torch.nn.Module, parallelism: str, devi
         # too, through buckets of 250 MB that raise the peak of a LoRA run by that much.
         for param in scorer.parameters():
             if param.requires_grad:
-                torch.distributed.broadcast(param.data, src=0)
+                dist.broadcast(param.data)
         # Gradients as views into DDP's all-reduce buckets: without it the buckets are a second
         # copy of every gradient (4 bytes per parameter more).
         return torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None,

@@ -40,10 +40,10 @@ from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
 from train import parallel
 from train.batching import Collator, TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.data import read_shard
-from train.device import dtype_name, select_device, select_dtype
+from train.device import dtype_name, select_dtype
 from train.distributed import Dist
 from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
-from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_fingerprint, same_weights
+from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_fingerprint, padding_id, same_weights
 from train.models import model_dir as resolve_model_dir
 
 MARKERS_DIR = ".precompute-ref"
@@ -52,6 +52,19 @@ MARKERS_DIR = ".precompute-ref"
 # changes only padding, so any gap is rounding: tiny in float32, a few hundredths per token in
 # half precision, summed over hundreds of tokens.
 VERIFY_TOLERANCE = {torch.float32: (1e-3, 1e-5), torch.float16: (0.25, 1e-2), torch.bfloat16: (1.0, 2e-2)}
+
+# The trainer's step-0 check: how far the policy's re-score of an answer may be from the stored
+# reference value, (nats per answer, nats per √token). Rounding errors of half precision are
+# independent from token to token (each is one softmax's), so their sum grows as √tokens, while a
+# reference of another model (or a stale copy) is off on every token: a shift of 0.05 nats per
+# token is 25 nats on a 500-token answer, against 0.5 + 0.35·√500 ≈ 8.3 allowed in bfloat16.
+REFERENCE_CHECK_TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.float16: (0.1, 0.1), torch.bfloat16: (0.5, 0.35)}
+
+
+def reference_check_tolerance(dtype: torch.dtype, tokens: np.ndarray) -> np.ndarray:
+    """Nats allowed between a stored and a re-scored log-prob sum of answers of `tokens` tokens."""
+    per_answer, per_root_token = REFERENCE_CHECK_TOLERANCE[dtype]
+    return per_answer + per_root_token * np.sqrt(np.asarray(tokens, dtype=np.float64))
 
 
 class PrecomputeRefConfig(BaseModel):
@@ -109,9 +122,11 @@ class PrecomputeResult:
 
 
 def _load_model(model_dir: Path, config: PrecomputeRefConfig, dtype: torch.dtype, compute_device: torch.device,
-                load_device: torch.device, weights: bool = True) -> Any:
+                load_device: torch.device, weights: bool = True) -> tuple[Any, Any]:
+    """(the model in eval mode, its tokenizer)."""
     kernel = attention_kernel(config.attn_implementation, config.packing, compute_device)
-    return load_causal_lm(model_dir, config.model, dtype, load_device, kernel, weights)[0].eval()
+    model, tokenizer = load_causal_lm(model_dir, config.model, dtype, load_device, kernel, weights)
+    return model.eval(), tokenizer
 
 
 def same_reference(a: ModelFingerprint | None, b: ModelFingerprint) -> bool:
@@ -231,22 +246,19 @@ class _LazyReference:
         self.sharded = config.parallelism == "fsdp"
         self._model: Any = None
         self._scoring: Any = None
+        self.pad_id = 0
 
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = _load_model(self.model_dir, self.config, self.dtype, self.device,
-                                      torch.device("cpu") if self.sharded else self.device,
-                                      parallel.loads_weights(self.ranks, self.config.parallelism))
+            self._model, tokenizer = _load_model(self.model_dir, self.config, self.dtype, self.device,
+                                                 torch.device("cpu") if self.sharded else self.device,
+                                                 parallel.loads_weights(self.ranks, self.config.parallelism))
+            self.pad_id = padding_id(tokenizer)
             self._scoring = self._model
             if self.sharded:  # weights already in the reference dtype: no mixed-precision policy
                 self._scoring = parallel.shard(SequenceScorer(self._model), self._model, self.device, None, False, self.ranks)
         return self._model
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.model.config.get_text_config().pad_token_id
-        return pad if pad is not None else 0  # masked out anyway; only has to be a valid index
 
     def score_shard(self, shards_dir: Path, name: str, verify_rows: np.ndarray, reference: ModelFingerprint,
                     bar: Any) -> ShardScore | None:
@@ -287,12 +299,11 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
     upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
     if not upstream.shards or upstream.tokenizer is None:
         raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
-    # gloo even on GPUs unless the model is sharded: then the only collective is a barrier. The
-    # timeout is long because a rank with shorter shards waits there for the others; a crashed
-    # rank does not leave the rest hanging, since torchrun stops every worker when one fails.
-    device = select_device(config.device)
-    backend = "cpu:gloo,cuda:nccl" if config.parallelism == "fsdp" and device.type == "cuda" else "gloo"
-    ranks = Dist.start(backend, timedelta(days=1))
+    # The timeout is long because a rank with shorter shards waits at the last barrier for the
+    # others; a crashed rank does not leave the rest hanging, since torchrun stops every worker
+    # when one fails.
+    ranks = Dist.start(config.device, timedelta(days=1))
+    device = ranks.device
     dtype = select_dtype(config.dtype, device)
     model_dir = resolve_model_dir(config.model)
     reference = model_fingerprint(model_dir, config.model, dtype, device)

@@ -1,0 +1,162 @@
+"""Every model stage under torchrun, as the first multi-GPU run would start it, emulated on the
+CPU with gloo: uneven data (13 training pairs over 3 processes, 2 pairs each per batch, so the
+last global batch leaves two processes without a pair), equality with one process on the same
+global batches, and every collective recorded (tests/collective_probe.py) to show it crosses
+ranks through train/distributed.py on a device its backend serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from prefdata.tokenize import TokenizeConfig, tokenize
+from tests.records_factory import write_records_dir
+from tests.test_train import _config, _learnable, _metrics
+from tests.test_train_scale import _weights
+from train.distributed import Dist, backend_for, served_devices
+from train.eval import EvalConfig, evaluate_policy
+from train.generate import GENERATIONS_FILE, GenerateConfig, generate
+from train.loop import train
+from train.reference import PrecomputeRefConfig, precompute_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PAIRS = 13
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_model_dir, tmp_path_factory) -> Path:
+    """13 training and 5 eval pairs in shards of 5 rows (train 5 + 5 + 3, eval 5): no count is a
+    multiple of 2 or 3. `unscored/` beside the scored `shards/`."""
+    root = tmp_path_factory.mktemp("uneven")
+    write_records_dir(root / "records", {"train": _learnable(TRAIN_PAIRS), "eval": _learnable(5, offset=1000)})
+    tokenize(TokenizeConfig(input_dir=str(root / "records"), tokenizer=str(tiny_model_dir), out=str(root / "unscored"),
+                            rows_per_shard=5))
+    shutil.copytree(root / "unscored", root / "shards")
+    precompute_ref(PrecomputeRefConfig(shards=str(root / "shards"), model=str(tiny_model_dir)))
+    return root
+
+
+def _torchrun(processes: int, probe: Path, *module_and_args: str) -> None:
+    env = {**os.environ, "COLLECTIVE_PROBE_DIR": str(probe), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                          "-m", "tests.collective_probe", *module_and_args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _check_collectives(probe, processes)
+
+
+def _check_collectives(probe: Path, processes: int) -> None:
+    """Each process's collectives: made by train/distributed.py or by torch itself (DDP, FSDP,
+    DCP), never elsewhere in our code; each on devices its backend serves; the backend the one
+    `backend_for` picks for this device."""
+    files = sorted(probe.glob("rank-*.jsonl"))
+    assert len(files) == processes
+    for path in files:
+        calls = [json.loads(line) for line in path.read_text().splitlines()]
+        ours = [c for c in calls if c["caller"].startswith(str(ROOT)) and "site-packages" not in c["caller"]]
+        assert ours, f"{path.name}: no collective went through train/distributed.py"
+        assert {Path(c["caller"]).relative_to(ROOT).as_posix() for c in ours} == {"train/distributed.py"}, ours
+        for call in calls:
+            assert call["backend"] == backend_for(torch.device("cpu")), call
+            assert set(call["devices"]) <= served_devices(call["backend"]), call
+
+
+def _ref_columns(shards: Path) -> dict[str, np.ndarray]:
+    tables = [pa.ipc.open_file(path).read_all() for path in sorted(shards.glob("*.arrow"))]
+    return {name: np.concatenate([t.column(name).to_numpy() for t in tables]) for name in ("ref_chosen_logps", "ref_rejected_logps")}
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_precompute_ref_on_three_processes_equals_one_process(uneven, tiny_model_dir, tmp_path, parallelism):
+    shards = tmp_path / "shards"
+    shutil.copytree(uneven / "unscored", shards)
+    _torchrun(3, tmp_path / "probe", "prefdata", "precompute-ref", str(shards), "--model", str(tiny_model_dir),
+              "--parallelism", parallelism, "--batch-tokens", "64")
+    for name, values in _ref_columns(uneven / "shards").items():
+        np.testing.assert_allclose(_ref_columns(shards)[name], values, atol=1e-5, err_msg=name)
+
+
+def _args(shards: Path, model: Path, out: Path, **options: object) -> list[str]:
+    flags = {"shards": shards, "model": model, "out": out, "learning_rate": 5e-3, "beta": 0.5, "epochs": 1, "log_every": 1,
+             "seed": 0, "warmup_steps": 1, "eval_every": 1, "eval_batch_tokens": 40, **options}
+    return [part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
+@pytest.mark.parametrize(("options", "steps"), [
+    ({"parallelism": "ddp"}, 3),
+    ({"parallelism": "fsdp"}, 3),
+    # Two micro-batches per step: the epoch's second step holds its last batch alone (one pair).
+    ({"parallelism": "ddp", "lora_r": 4, "learning_rate": 2e-2, "gradient_accumulation_steps": 2}, 2),
+], ids=["ddp", "fsdp", "lora-accumulated"])
+def test_train_on_three_processes_equals_one_process_on_the_same_global_batches(uneven, tiny_model_dir, tmp_path,
+                                                                                 options, steps):
+    """Global batches of 6 pairs: 6, 6 and 1. One process takes all 6; three take 2 each, and in
+    the last batch two of them none."""
+    one = tmp_path / "one"
+    single = {k: v for k, v in options.items() if k != "parallelism"}
+    train(_config(uneven / "shards", tiny_model_dir, one, batch_size=6, max_steps=None, epochs=1, log_every=1, warmup_steps=1,
+                  eval_every=1, eval_batch_tokens=40, **single))
+    three = tmp_path / "three"
+    _torchrun(3, tmp_path / "probe", "train", *_args(uneven / "shards", tiny_model_dir, three, batch_size=2, **options))
+    logged_one, logged_three = _metrics(one), _metrics(three)
+    assert [m["step"] for m in logged_one] == [m["step"] for m in logged_three]
+    assert max(m["step"] for m in logged_one) == steps  # one epoch: every pair once, the short batch included
+    assert sum(m.get("tokens", 0) for m in logged_three) == sum(m.get("tokens", 0) for m in logged_one)
+    for a, b in zip(logged_one, logged_three, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "eval/loss", "eval/pairs"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    final = "final" if "lora_r" not in options else "final-merged"
+    for name, value in _weights(one / final).items():
+        torch.testing.assert_close(_weights(three / final)[name], value, atol=5e-5, rtol=1e-4)
+
+
+def test_generate_and_eval_on_two_processes(uneven, tiny_model_dir, tmp_path):
+    one = tmp_path / "generate-one"
+    options = {"n": 2, "max_new_tokens": 6, "chunk_prompts": 3, "split": "all"}
+    generate(GenerateConfig(prompts=str(uneven / "records"), policy=str(tiny_model_dir), out=str(one), **options))
+    two = tmp_path / "generate-two"
+    # In a file: torchrun's own parser would take `--n` for an abbreviation of its options.
+    (tmp_path / "generate.yaml").write_text("".join(f"{k}: {v}\n" for k, v in options.items()))
+    _torchrun(2, tmp_path / "probe-generate", "prefdata", "generate", str(uneven / "records"), "--policy", str(tiny_model_dir),
+              "--out", str(two), "--config", str(tmp_path / "generate.yaml"))
+    # A chunk's seed is its number's: the same answers whichever process wrote it.
+    assert (two / GENERATIONS_FILE).read_text() == (one / GENERATIONS_FILE).read_text()
+
+    single = evaluate_policy(EvalConfig(shards=str(uneven / "shards"), policy=str(tiny_model_dir), reference=str(tiny_model_dir),
+                                        out=str(tmp_path / "eval-one"), batch_tokens=40, samples=2, max_new_tokens=6))
+    _torchrun(2, tmp_path / "probe-eval", "prefdata", "eval", str(uneven / "shards"), "--policy", str(tiny_model_dir),
+              "--reference", str(tiny_model_dir), "--out", str(tmp_path / "eval-two"), "--batch-tokens", "40",
+              "--samples", "2", "--max-new-tokens", "6")
+    shared = json.loads((tmp_path / "eval-two" / "eval.json").read_text())
+    assert shared["pairs"] == single["pairs"] == 5
+    assert shared["accuracy"] == single["accuracy"] and shared["margin"] == pytest.approx(single["margin"], abs=1e-6)
+    assert shared["samples"] == single["samples"] == 2 * single["prompts"]
+    assert shared["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference: every log-ratio is 0
+
+
+def test_a_cuda_run_binds_its_gpu_and_uses_gloo_beside_nccl(monkeypatch):
+    """What `Dist.start` does on a GPU node, with torch's CUDA and process-group calls recorded."""
+    calls: dict[str, object] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, timeout: calls.setdefault("backend", backend))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "11")  # second node
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    dist = Dist.start("auto", timedelta(minutes=1))
+    assert dist.device == torch.device("cuda", 3) and (dist.rank, dist.world) == (11, 8)
+    assert calls == {"set_device": torch.device("cuda", 3), "backend": "cpu:gloo,cuda:nccl"}
+    assert served_devices(calls["backend"]) == {"cpu", "cuda"}  # the CPU metric totals cross through gloo
+    assert backend_for(torch.device("cpu")) == "gloo" and served_devices("nccl") == {"cuda"}
