@@ -1,20 +1,24 @@
 """Exact resume: a two-process run (DDP, FSDP2, LoRA) killed mid-way and resumed from its last
 checkpoint logs the same numbers and ends with the same weights as the run that was never
-stopped; the checkpoint it was writing when it died is never picked up."""
+stopped; the checkpoint it was writing when it died is never picked up. And each process's
+random generators, its GPU's included, travel with the checkpoint."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from schemas.errors import UserError
 from tests.test_train import _metrics, shards  # noqa: F401  (shards is a fixture)
 from tests.test_train_scale import _common, _torchrun, _weights
-from train.parallel import latest_checkpoint
+from train.parallel import latest_checkpoint, restore_rng_state, rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +91,41 @@ def test_a_two_process_run_killed_mid_way_resumes_to_the_same_losses_and_weights
         assert resumed.keys() == uninterrupted.keys() and resumed
         for name, value in uninterrupted.items():
             assert torch.equal(resumed[name], value), f"{folder}/{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Random generators
+
+
+def _draws() -> tuple:
+    return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
+
+
+def test_the_cpu_generators_come_back_and_no_gpu_state_is_kept_off_the_gpu(tmp_path):
+    state = rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    torch.save(state, tmp_path / "rng-0.pt")  # through the file, as a checkpoint keeps it
+    expected = _draws()
+    restore_rng_state(torch.load(tmp_path / "rng-0.pt", weights_only=False), torch.device("cpu"), tmp_path)
+    assert _draws() == expected
+
+
+def test_a_gpu_process_saves_and_restores_its_own_gpu_generator(tmp_path, monkeypatch):
+    """CUDA cannot run here: torch.cuda's two generator calls are stood in for, to show which GPU's
+    state is read, kept and set back."""
+    gpu = torch.device("cuda", 1)
+    generators = {gpu: torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[torch.device(device)].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: generators.__setitem__(torch.device(device), state))
+
+    torch.save(rng_state(gpu), tmp_path / "rng-1.pt")
+    generators[gpu] = torch.zeros(16, dtype=torch.uint8)  # the GPU drew on after the checkpoint
+    restore_rng_state(torch.load(tmp_path / "rng-1.pt", weights_only=False), gpu, tmp_path)
+    assert torch.equal(generators[gpu], torch.arange(16, dtype=torch.uint8))
+
+
+def test_a_checkpoint_without_gpu_state_is_refused_by_a_gpu_run_in_one_line(tmp_path):
+    """Written on the CPU, or before the GPU's generator was kept: loads on the CPU (the test
+    above), but a GPU run could not continue it exactly."""
+    with pytest.raises(UserError, match=r"^--resume: .* holds no CUDA random state .*; start without --resume$"):
+        restore_rng_state(rng_state(torch.device("cpu")), torch.device("cuda", 0), tmp_path)

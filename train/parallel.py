@@ -9,8 +9,9 @@
   master weights; on CPU everything stays fp32. `cpu_offload` keeps the shards in host memory.
 
 Checkpoints go through `torch.distributed.checkpoint` for both: each process writes its own
-shard of the model and optimizer state into one directory (a single process writes it whole),
-renamed into place by rank 0 once every process has written, so a checkpoint is whole or absent.
+shard of the model and optimizer state, and its random generators (its GPU's included), into one
+directory (a single process writes it whole), renamed into place by rank 0 once every process has
+written, so a checkpoint is whole or absent.
 The final model is gathered to rank 0 as one full state dict and saved with `save_pretrained`.
 """
 
@@ -171,6 +172,30 @@ def _state_options(**extra: Any) -> Any:
     return StateDictOptions(ignore_frozen_params=True, **extra)
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator this process draws from: Python's, NumPy's, torch's CPU one and, on a
+    GPU, that GPU's own (dropout masks of CUDA tensors come from it, not from the CPU's)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device, checkpoint: Path) -> None:
+    """`rng_state`'s generators back as they were. A checkpoint written without a GPU's state (on
+    the CPU, or by a version that saved the CPU's alone) cannot continue a GPU run exactly."""
+    if device.type == "cuda":
+        if "cuda" not in state:
+            from schemas.errors import UserError
+
+            raise UserError(f"--resume: {checkpoint} holds no CUDA random state (written on the CPU or by an older "
+                            f"prefdata), so a run on {device} cannot continue it exactly; start without --resume")
+        torch.cuda.set_rng_state(state["cuda"], device)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     done = sorted(p for p in out.glob("checkpoint-*") if (p / STATE_FILE).is_file())
     return done[-1] if done else None
@@ -188,8 +213,7 @@ def save_checkpoint(final: Path, scorer: torch.nn.Module, optimizer: Any, traine
     dist.barrier()
     model_state, optim_state = get_state_dict(unwrap(scorer), optimizer, options=_state_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "state", no_dist=dist.world == 1)
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-               tmp / f"rng-{dist.rank}.pt")
+    torch.save(rng_state(dist.device), tmp / f"rng-{dist.rank}.pt")
     dist.barrier()
     if dist.is_main:
         torch.save(trainer_state, tmp / STATE_FILE)
@@ -213,10 +237,7 @@ def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, d
     # filled exactly the keys get_state_dict listed, and fails on any the checkpoint lacks.
     set_state_dict(unwrap(scorer), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_state_options(strict=False))
-    rng = torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    restore_rng_state(torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False), dist.device, checkpoint)
     return torch.load(checkpoint / STATE_FILE, weights_only=False)
 
 
