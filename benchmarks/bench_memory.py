@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_memory.py [--quick | --size large] [--variants …] [--procs 2] [--steps 4] [--json PATH]
 
 A Llama of ~100M parameters (~15M with --quick) built from a config, the same rows
-(LLaMA-Factory's dpo_en_demo, tokenized by prefdata, reference precomputed once), float32, CPU,
-`--procs` processes under torchrun (gloo), `BATCH_SIZE` pairs per process per step, sigmoid loss,
+(LLaMA-Factory's dpo_en_demo, tokenized by prefdata, reference precomputed once), float32, on
+the GPUs where torch sees CUDA (each process its LOCAL_RANK's, NCCL beside gloo: the trainer's own
+`Dist` choice) and else the CPU (gloo), `--procs` processes under torchrun, `BATCH_SIZE` pairs per
+process per step, sigmoid loss,
 activation checkpointing on for every variant (TRL's default; `--no-gradient-checkpointing`
 turns it off on both sides), so the table measures the training state more than activations:
 
@@ -15,7 +17,8 @@ turns it off on both sides), so the table measures the training state more than 
     trl-lora        TRL DPOTrainer(precompute_ref_log_probs=True, peft_config=LoraConfig(r=16, all-linear))
 
 Peak RSS is each process's own `ru_maxrss` (model load, data, optimizer state, activations);
-the table shows the largest over the processes. Every variant runs with glibc's mmap threshold
+the table shows the largest over the processes; on CUDA also each process's peak of allocated
+GPU memory (`torch.cuda.max_memory_allocated`). Every variant runs with glibc's mmap threshold
 fixed (`MALLOC_MMAP_THRESHOLD_=131072`): by default glibc raises the threshold after large frees,
 so the buffers FSDP gathers and frees layer by layer are then served from the heap and never
 returned, and RSS measures the allocator instead of the training state (FSDP2 measured above
@@ -90,7 +93,7 @@ def _ours(variant: str, model: Path, shards: Path, steps: int, out: Path, checkp
 
     options = {"ours-ddp": {}, "ours-fsdp": {"parallelism": "fsdp"}, "ours-lora": {"lora_r": LORA_R, "lora_alpha": 2 * LORA_R}}
     config = TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=BATCH_SIZE, max_steps=steps,
-                         log_every=1, learning_rate=LEARNING_RATE, device="cpu", dtype="float32",
+                         log_every=1, learning_rate=LEARNING_RATE, device="auto", dtype="float32",
                          gradient_checkpointing=checkpointing, **options[variant])
     train(config)
     if os.environ.get("RANK", "0") != "0":
@@ -105,7 +108,7 @@ def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpo
     from trl import DPOConfig
 
     args = DPOConfig(output_dir=str(out), precompute_ref_log_probs=True, per_device_train_batch_size=BATCH_SIZE,
-                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, report_to="none",
+                     max_steps=steps, learning_rate=LEARNING_RATE, bf16=False, use_cpu=not _cuda(), report_to="none",
                      disable_tqdm=True, save_strategy="no", logging_steps=steps, gradient_checkpointing=checkpointing)
     peft_config = None
     if variant == "trl-lora":
@@ -120,6 +123,12 @@ def _trl(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpo
     trainer.train()
     # TRL counts tokens over all processes (its counter is gathered), so rank 0's figure is the job's.
     return window.tokens_per_s if os.environ.get("RANK", "0") == "0" else None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _rss_mib() -> float:
@@ -143,7 +152,8 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path, ch
     tokens_per_s = run(variant, model, shards, steps, out / "run", checkpointing)
     rank = int(os.environ.get("RANK", "0"))
     result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": tokens_per_s,
-              "baseline_rss_mib": baseline}
+              "baseline_rss_mib": baseline,
+              "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None}
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
 
 
@@ -160,7 +170,8 @@ def run_variant(variant: str, model: Path, shards: Path, steps: int, procs: int,
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(procs)]
     return {"peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "tokens_per_s": ranks[0]["tokens_per_s"],
             "above_baseline_mib": max(r["peak_rss_mib"] - r["baseline_rss_mib"] for r in ranks),
-            "rss_per_rank_mib": [r["peak_rss_mib"] for r in ranks], "baseline_rss_mib": [r["baseline_rss_mib"] for r in ranks]}
+            "rss_per_rank_mib": [r["peak_rss_mib"] for r in ranks], "baseline_rss_mib": [r["baseline_rss_mib"] for r in ranks],
+            "peak_device_mib": max((r["peak_device_mib"] or 0) for r in ranks) if _cuda() else None}
 
 
 def compare(model: Path, shards: Path, steps: int, procs: int, work: Path, checkpointing: bool,
@@ -190,13 +201,15 @@ def rows(results: dict[str, dict]) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"{report['procs']} processes (gloo, CPU), Llama {report['parameters'] / 1e6:.0f}M parameters from a config, "
+    where = "NCCL + gloo, one GPU each" if _cuda() else "gloo, CPU"
+    lines = [f"{report['procs']} processes ({where}), Llama {report['parameters'] / 1e6:.0f}M parameters from a config, "
              f"{report['steps']} steps of {BATCH_SIZE} pairs per process, float32, activation checkpointing "
              f"{'on' if report['gradient_checkpointing'] else 'off'} for every variant.", "",
-             "| variant | peak RSS per process (MiB, max over processes) | of which above the imports | tokens/s (all processes) |",
-             "|---|---|---|---|"]
+             "| variant | peak RSS per process (MiB, max over processes) | of which above the imports | peak GPU MiB | "
+             "tokens/s (all processes) |", "|---|---|---|---|---|"]
     for variant, result in report["results"].items():
-        lines.append(f"| {variant} | {result['peak_rss_mib']:,.0f} | {result['above_baseline_mib']:,.0f} | "
+        device = f"{result['peak_device_mib']:,.0f}" if result.get("peak_device_mib") else "—"
+        lines.append(f"| {variant} | {result['peak_rss_mib']:,.0f} | {result['above_baseline_mib']:,.0f} | {device} | "
                      f"{result['tokens_per_s']:,.0f} |")
     lines += ["", "| peak RSS ratio | whole process | above the imports | target |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['value']:.2f} | {r['above_baseline']:.2f} | {r['target']} |" for r in report["rows"]]

@@ -11,6 +11,11 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      FlexAttention, and --packing (FlexAttention, auto on CUDA): log-probs within
                      the step-0 check's float32 tolerance of SDPA's, and the scoring rate of each;
                      then train --packing (FlexAttention forward and backward) in bf16
+    iterate eval     the on-policy loop's eval stage (compare_policies: sample, judge, KL) on cuda:0
+    multi-GPU        with ≥ 2 GPUs: train DDP and FSDP2 in float32 on every GPU beside one GPU on the
+                     same global batches (losses equal within float32 reduction order), and
+                     precompute-ref on every GPU beside one (the same stored values); with one GPU,
+                     one row saying these need two
     bench            benchmarks/run_all.py --quick on the GPU → bench-cuda.md / bench-cuda.json
 
 Each training run must start at loss log 2 (within bf16 rounding) and end lower. A stage that
@@ -64,7 +69,7 @@ def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: s
     timed = [m for m in metrics if m["step"] > 1]
     tokens_per_s = sum(m["tokens"] for m in timed) / sum(m["tokens"] / m["tokens_per_s"] for m in timed)
     return {"stage": name, "seconds": seconds, "tokens_per_s": tokens_per_s, "first_loss": first, "last_loss": last,
-            "peak_device_memory_mib": stats.get("peak_device_memory_mib")}
+            "peak_device_memory_mib": stats.get("peak_device_memory_mib"), "compiled_graphs": stats.get("compiled_graphs")}
 
 
 def _ref_logps(shards: Path) -> dict[str, Any]:
@@ -118,6 +123,71 @@ def _precompute(model: Path, shards: Path) -> dict:
             "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]}
 
 
+def _torchrun(gpus: int, *module_and_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "-m", *module_and_args]
+
+
+# Losses of the same global batches on 1 and on N GPUs differ only in the order float32 sums add up.
+MULTI_GPU_LOSS_TOLERANCE = 1e-4
+
+
+def _multi_gpu_train(gpus: int, model: Path, shards: Path, work: Path, parallelism: str) -> dict:
+    """One GPU with N × 8 pairs per batch beside N GPUs with 8 each: the same global batches."""
+    runs = {}
+    for count in (1, gpus):
+        out = work / f"{parallelism}-{count}gpu"
+        _run(f"train {parallelism} {count} GPU", _torchrun(count, "train", "--shards", str(shards), "--model", str(model),
+                                                           "--out", str(out), *TRAIN_ARGS, "--max-steps", "8", "--dtype",
+                                                           "float32", "--parallelism", parallelism,
+                                                           "--batch-size", str(8 * gpus // count)))
+        runs[count] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    worst = max(abs(a - b) for a, b in zip(runs[1], runs[gpus], strict=True))
+    if worst > MULTI_GPU_LOSS_TOLERANCE:
+        raise StageFailed(f"train {parallelism} on {gpus} GPUs: losses differ from one GPU's by up to {worst:.3g}")
+    return {"stage": f"train {parallelism} {gpus} GPUs = 1 GPU (fp32)", "seconds": float("nan"), "tokens_per_s": float("nan"),
+            "first_loss": runs[gpus][0], "last_loss": runs[gpus][-1], "max_loss_diff": worst}
+
+
+def _multi_gpu_precompute(gpus: int, model: Path, shards: Path, work: Path) -> dict:
+    """precompute-ref on every GPU (each its share of the shards) stores one GPU's values."""
+    values = {}
+    for count in (1, gpus):
+        copy = work / f"precompute-{count}gpu"
+        shutil.copytree(shards, copy)
+        _run(f"precompute-ref {count} GPU", _torchrun(count, "prefdata", "precompute-ref", str(copy), "--model", str(model),
+                                                      "--dtype", "float32", "--force"))
+        values[count] = _ref_logps(copy)
+    worst = max(float(abs(values[1][c] - values[gpus][c]).max()) for c in values[1])
+    if worst > 1e-3:
+        raise StageFailed(f"precompute-ref on {gpus} GPUs: stored values differ from one GPU's by up to {worst:.3g}")
+    return {"stage": f"precompute-ref {gpus} GPUs = 1 GPU (fp32)", "seconds": float("nan"), "tokens_per_s": float("nan"),
+            "max_abs_diff": worst}
+
+
+def _multi_gpu(gpus: int, model: Path, shards: Path, work: Path) -> list[dict]:
+    if gpus < 2:
+        return [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": f"needs 2 GPUs; {gpus} visible"}]
+    return [_multi_gpu_train(gpus, model, shards, work, "ddp"), _multi_gpu_train(gpus, model, shards, work, "fsdp"),
+            _multi_gpu_precompute(gpus, model, shards, work)]
+
+
+def _iterate_eval(policy: Path, baseline: Path, records: Path) -> dict:
+    """iterate's eval stage on cuda:0: both models sample, the demo's lexicon judge scores, KL."""
+    import pyarrow.parquet as pq
+
+    from train.eval import compare_policies
+    from train.judge import JudgeOptions
+
+    prompts = pq.read_table(records / "records.parquet", columns=["prompt"]).column("prompt").to_pylist()[:16]
+    start = time.perf_counter()
+    result = compare_policies(str(policy), str(baseline), prompts, JudgeOptions(reward="demo.data:lexicon_reward", device="cuda"),
+                              n=2, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=0, device="cuda", chat_template_kwargs={})
+    if not math.isfinite(result["kl"]):
+        raise StageFailed(f"iterate eval on CUDA: KL is {result['kl']}")
+    return {"stage": "iterate eval (cuda:0)", "seconds": time.perf_counter() - start, "tokens_per_s": float("nan"),
+            "kl": result["kl"]}
+
+
 def _bench_quick(out: Path) -> dict:
     """The bench-quick table on the GPU (bench-cuda.md); its own figures are in that file."""
     seconds = _run("bench-quick", [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(out)])
@@ -139,14 +209,15 @@ def run_stages(stages: list[tuple[str, Callable[[], dict | list[dict]]]]) -> tup
 
 
 def report_lines(results: list[dict], header: str) -> list[str]:
-    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) |",
-             "|---|---|---|---|---|---|"]
+    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) | compiled graphs |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['stage']} | failed: {r['error']} | | | | |")
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['stage']} | {'failed: ' + r['error'] if 'error' in r else r['skipped']} | | | | | |")
             continue
         lines.append(f"| {r['stage']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} | {r.get('first_loss', float('nan')):.4f} | "
-                     f"{r.get('last_loss', float('nan')):.4f} | {r.get('peak_device_memory_mib') or '—'} |")
+                     f"{r.get('last_loss', float('nan')):.4f} | {r.get('peak_device_memory_mib') or '—'} | "
+                     f"{r.get('compiled_graphs', '—')} |")
     return lines
 
 
@@ -176,6 +247,8 @@ def main() -> None:
                                           "--learning-rate", "1e-4")),
             ("packing", lambda: _packing(model, shards, work)),
             ("train packed (flex)", lambda: _train("train packed (flex)", gpus, model, shards, work / "packed", "--packing")),
+            ("iterate eval", lambda: _iterate_eval(work / "ddp" / "final", model, work / "records")),
+            ("multi-GPU", lambda: _multi_gpu(gpus, model, shards, work)),
         ])
     if not args.no_bench:
         bench_rows, bench_failures = run_stages([("bench-quick", lambda: _bench_quick(args.out))])

@@ -53,8 +53,16 @@ def test_gpu_check_goes_on_past_a_failed_stage_and_reports_it():
     assert [r["stage"] for r in results] == ["train fsdp", "train ddp"] and results[1] == ok
     assert len(failures) == 1 and "train fsdp failed (exit 1)" in failures[0] and "fsdp broke" in failures[0]
     lines = report_lines(results, "header")
-    assert "| train fsdp | failed: train fsdp failed (exit 1): | | | | |" in lines
-    assert "| train ddp | 12 | 9,000 | 0.6931 | 0.5000 | — |" in lines
+    assert "| train fsdp | failed: train fsdp failed (exit 1): | | | | | |" in lines
+    assert "| train ddp | 12 | 9,000 | 0.6931 | 0.5000 | — | — |" in lines
+
+
+def test_gpu_check_on_one_gpu_says_the_multi_gpu_stages_need_two_in_one_row(tmp_path):
+    from benchmarks.gpu_check import _multi_gpu, report_lines
+
+    rows = _multi_gpu(1, tmp_path / "model", tmp_path / "shards", tmp_path)
+    assert rows == [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": "needs 2 GPUs; 1 visible"}]
+    assert report_lines(rows, "header")[-1] == "| multi-GPU (DDP, FSDP2, precompute-ref) | needs 2 GPUs; 1 visible | | | | | |"
 
 
 def test_bounds_count_each_sides_tokens_and_flops_by_hand():

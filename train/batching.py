@@ -193,14 +193,15 @@ class PairBatch:
 
 
 def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: bool = False,
-                  packed: bool = False) -> PairBatch:
+                  packed: bool = False, bucketed: bool = False) -> PairBatch:
     """Build the padded tensors for `rows`. `pad_id` only fills masked positions, so its value never
     changes a result; it must just be a valid embedding index. `packed` (with `shared`): the
-    batch is ONE row, its pairs back to back, no padding at all."""
+    batch is ONE row, its pairs back to back, without padding, or with `bucketed` padded up to
+    `packed_width`."""
     rows = np.asarray(rows, dtype=np.int64)
     if shared:
         bins = [list(range(len(rows)))] if packed else [[k] for k in range(len(rows))]
-        return _collate_shared(columns, rows, bins, pad_id)
+        return _collate_shared(columns, rows, bins, pad_id, packed and bucketed)
     n = len(rows)
     width = int(columns.pair_lengths[rows].max())
     ids = np.full((2 * n, width), pad_id, dtype=np.int64)
@@ -224,17 +225,35 @@ class Collator:
     pad_id: int
     shared: bool = False
     packed: bool = False
+    bucketed: bool = False  # packed rows padded to `packed_width`: for a compiled kernel (FlexAttention)
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
-        return collate_pairs(columns, rows, self.pad_id, self.shared, self.packed)
+        return collate_pairs(columns, rows, self.pad_id, self.shared, self.packed, self.bucketed)
 
 
-def _collate_shared(columns: TokenColumns, rows: np.ndarray, bins: list[list[int]], pad_id: int) -> PairBatch:
+FLEX_TILE = 128  # FlexAttention's default block size
+
+
+def packed_width(tokens: int) -> int:
+    """The width a packed row of `tokens` tokens is padded to: whole FlexAttention tiles, and past
+    8 tiles one of 4 widths per doubling (at most a quarter more than its tokens). A packed row's length
+    changes every batch, and the compiled attention kernel is rebuilt for every new shape (past
+    dynamo's recompile limit it falls back to eager); so it meets O(log T) shapes, not one per batch."""
+    tiles = -(-tokens // FLEX_TILE)
+    if tiles > 8:
+        step = 2 ** (tiles.bit_length() - 1 - 2)  # 4 steps per doubling
+        tiles = -(-tiles // step) * step
+    return tiles * FLEX_TILE
+
+
+def _collate_shared(columns: TokenColumns, rows: np.ndarray, bins: list[list[int]], pad_id: int,
+                    bucketed: bool = False) -> PairBatch:
     """Each bin (pair places k, output rows k and B + k) becomes one row: its pairs back to back,
-    each [prompt, chosen, rejected] with positions from 0."""
+    each [prompt, chosen, rejected] with positions from 0; `bucketed`: padded to `packed_width`."""
     n = len(rows)
     lengths = columns.shared_lengths[rows]
     width = max(int(lengths[b].sum()) for b in bins)
+    width = packed_width(width) if bucketed else width
     ids = np.full((len(bins), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(bins), width), dtype=np.int64)
     segments = np.full((len(bins), width), -1, dtype=np.int8)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from train.batching import PairBatch
+from train.batching import FLEX_TILE, PairBatch
 
 LOGITS_CHUNK_BYTES = 64 << 20
 
@@ -164,9 +164,6 @@ def allowed_positions(segments: torch.Tensor, pair: torch.Tensor) -> torch.Tenso
     return allowed[:, None]
 
 
-FLEX_TILE = 128  # FlexAttention's default block size
-
-
 def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
     """The same rule as a FlexAttention `BlockMask`: evaluated per (query, key) inside the kernel,
     and tiles where it is False everywhere (other pairs, the future) are skipped, not computed.
@@ -219,25 +216,38 @@ def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
 SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take an arbitrary mask
 
 
-def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:
-    """Whether the prefix-shared layout gives the padded layout's numbers for this model and these
-    pairs: its attention takes a custom mask, and no sliding window cuts a pair's context (a
-    custom mask replaces the model's window, so it must not matter: every pair within it)."""
+def prefix_sharing_obstacle(model: torch.nn.Module, pair_lengths: np.ndarray) -> str | None:
+    """Why the prefix-shared layout would not give the padded layout's numbers for this model and
+    these pairs, or None where it does: its attention must take a custom mask, and no sliding
+    window may cut a pair's context (a custom mask replaces the model's window, so it must not
+    matter: every pair within it)."""
     config = model.config
     if config._attn_implementation not in SHARING_ATTENTION:
-        return False
-    window = getattr(config.get_text_config(), "sliding_window", None)
-    uses_window = window is not None and getattr(config.get_text_config(), "use_sliding_window", True) is not False
-    return not uses_window or not len(pair_lengths) or int(pair_lengths.max()) <= window
+        return f"its attention {config._attn_implementation} takes no mask"
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    uses_window = window is not None and getattr(text_config, "use_sliding_window", True) is not False
+    longest = int(pair_lengths.max()) if len(pair_lengths) else 0
+    if uses_window and longest > window:
+        return f"a pair of {longest} tokens exceeds its sliding window of {window}"
+    return None
 
 
-def check_packing(packing: bool, shared: bool, prefix_sharing: str) -> None:
-    """Packing places prefix-shared pairs side by side: without that layout there is nothing to pack."""
+def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:
+    return prefix_sharing_obstacle(model, pair_lengths) is None
+
+
+def check_packing(packing: bool, shared: bool, prefix_sharing: str, model: torch.nn.Module,
+                  pair_lengths: np.ndarray) -> None:
+    """Packing places prefix-shared pairs side by side: without that layout there is nothing to pack.
+    The refusal names the architecture and what stops it, so the user knows whether a flag
+    (--prefix-sharing, --attn-implementation) or the model itself is the reason."""
     if packing and not shared:
         from schemas.errors import UserError
 
-        why = "--prefix-sharing off" if prefix_sharing == "off" else "its attention takes no mask, or a pair exceeds its window"
-        raise UserError(f"--packing needs the prefix-shared layout, which this run cannot use ({why}); drop --packing")
+        why = "--prefix-sharing off" if prefix_sharing == "off" else prefix_sharing_obstacle(model, pair_lengths)
+        raise UserError(f"--packing needs the prefix-shared layout, which {model.config.model_type} "
+                        f"({type(model).__name__}) cannot use in this run ({why}); drop --packing")
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:

@@ -346,8 +346,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
     shared = config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest)
-    check_packing(config.packing, shared, config.prefix_sharing)
-    collate = Collator(pad_id, shared=shared, packed=config.packing)
+    check_packing(config.packing, shared, config.prefix_sharing, model, longest)
+    collate = Collator(pad_id, shared=shared, packed=config.packing,
+                       bucketed=model.config._attn_implementation == "flex_attention")
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
@@ -449,6 +450,12 @@ def train_and_report(config: TrainConfig) -> None:
         print("train: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: SplitData, position: Position, epoch: int,
                           final_eval: dict[str, Any], out: Path) -> None:
     import transformers
@@ -467,7 +474,10 @@ def _write_train_manifest(config: TrainConfig, shards: Manifest, train_data: Spl
         reference=shards.reference,
         stats={"steps": position.step, "epochs_started": epoch + 1, **final_eval,
                # rank 0's high-water mark of tensors on the GPU (what the memory model predicts)
-               **({"peak_device_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if torch.cuda.is_available() else {})},
+               **({"peak_device_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if torch.cuda.is_available() else {}),
+               # graphs torch.compile built (FlexAttention's kernel, --compile): one per shape met, so
+               # packed rows must meet few shapes (`packed_width`)
+               "compiled_graphs": _compiled_graphs()},
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
     ).write(out)
 

@@ -270,14 +270,15 @@ class _LazyReference:
         _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
         # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
         shared = self.config.prefix_sharing == "auto" and prefix_sharing_exact(self.model, columns.pair_lengths)
-        check_packing(self.config.packing, shared, self.config.prefix_sharing)
+        check_packing(self.config.packing, shared, self.config.prefix_sharing, self.model, columns.pair_lengths)
         lengths, rows_per_pair = columns.batch_lengths(shared)
         batches = token_budget_batches(lengths, self.config.batch_tokens, rows_per_pair)
         shares = parallel.equal_shares(batches, self.ranks, True) if self.sharded else [(rows, True) for rows in batches]
         start = time.perf_counter()
         # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
         with torch.no_grad():
-            collate = Collator(self.pad_id, shared, packed=shared and self.config.packing)
+            collate = Collator(self.pad_id, shared, packed=shared and self.config.packing,
+                               bucketed=self.model.config._attn_implementation == "flex_attention")
             chosen, rejected = _score_batches(self._scoring, columns, shares, collate, self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
