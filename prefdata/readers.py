@@ -36,7 +36,8 @@ import orjson
 
 from schemas.errors import UserError
 from schemas.io import sha256_file
-from schemas.manifest import InputFile
+from schemas.manifest import MANIFEST_NAME, QUARANTINE_FILE, InputFile, Manifest
+from schemas.records import RECORD_FILES
 
 INVALID_JSON = "invalid_json"
 INVALID_UTF8 = "invalid_utf8"
@@ -186,6 +187,8 @@ def _resolve_one(spec: str, split: str | None) -> list[tuple[str, str, str | Non
     if os.path.isdir(spec):
         if _is_saved_dataset(spec):
             return [(spec, "saved", None, part) for part in _saved_splits(spec, split)]
+        if os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
+            return [_file_entry(f) for f in _stage_output_files(spec)]
         files = _directory_files(spec)
         if not files:
             raise UserError(f"{spec}: directory holds no .jsonl/.json/.csv/.parquet file (optionally .gz/.zst/.bz2)")
@@ -224,7 +227,32 @@ def _directory_files(directory: str) -> list[str]:
 
     for root, dirs, names in os.walk(directory, onerror=fail):
         dirs.sort()
+        if MANIFEST_NAME in names:  # a stage's output inside the folder: its data, not its manifest
+            dirs.clear()
+            files.extend(_stage_output_files(root))
+            continue
         files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and _file_kind(n))
+    return files
+
+
+# What a stage writes about the rows it refused: a listing for people, not data for the next stage.
+REFUSED_ROW_FILES = (QUARANTINE_FILE, "dropped.parquet")
+
+
+def _stage_output_files(directory: str) -> list[str]:
+    """A prefdata stage's output read as the next stage reads it: the data files its manifest
+    lists (a record set's records, the judge's judged.jsonl), not the manifest, quarantine or
+    drop list beside them."""
+    manifest = Manifest.read(directory)
+    names = list(RECORD_FILES.get(manifest.stage, manifest.outputs))
+    files = [os.path.join(directory, name) for name in names if name not in REFUSED_ROW_FILES and _file_kind(name)]
+    if not files:
+        raise UserError(f"{directory}: a prefdata {manifest.stage} output holds no rows ingest reads; pass a raw dump, "
+                        "a record set or the judge's output")
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"{missing[0]}: listed in {os.path.join(directory, MANIFEST_NAME)} but missing; "
+                        f"re-run prefdata {manifest.stage}")
     return files
 
 

@@ -196,6 +196,45 @@ def test_ingest_pairs_judged_answers_as_pairs_promises(tmp_path, pairs, keep_tru
     assert manifest.stats["skipped"].get("truncated_response", 0) == (0 if keep_truncated else 1)
 
 
+def test_ingest_reads_a_stage_output_directory_as_its_data_files(tmp_path):
+    """`prefdata ingest runs/judged`: the judge's judged.jsonl, not its manifest or quarantine, as if
+    the file were named; and the same inside a folder ingest walks."""
+    from prefdata.ingest import IngestConfig, ingest
+
+    gen = _write_generations(tmp_path / "gen", [
+        [{"text": "a longer answer", "finish_reason": "stop"}, {"text": "short", "finish_reason": "stop"},
+         {"text": "boom", "finish_reason": "stop"}],
+        [{"text": "one", "finish_reason": "stop"}, {"text": "three words here", "finish_reason": "stop"}],
+    ])
+    judged = tmp_path / "runs" / "judged"
+    judge(JudgeConfig(generations=str(gen), out=str(judged), reward="tests.test_generate_judge:length_reward"))
+    assert (judged / QUARANTINE_FILE).read_text()  # the refused answer is there, and must not be read as data
+    by_file = ingest(IngestConfig(inputs=[str(judged / JUDGED_FILE)], out=str(tmp_path / "by-file"), workers=1))
+    for name, spec in (("by-dir", judged), ("by-parent", tmp_path / "runs")):
+        manifest = ingest(IngestConfig(inputs=[str(spec)], out=str(tmp_path / name), workers=1))
+        assert [Path(i.path).name for i in manifest.inputs] == [JUDGED_FILE], name
+        assert manifest.counts == by_file.counts and manifest.counts.kept == 2
+        assert (tmp_path / name / "records.parquet").read_bytes() == (tmp_path / "by-file" / "records.parquet").read_bytes()
+
+
+def test_ingest_of_a_stage_output_without_rows_it_reads_is_one_line(tmp_path):
+    from prefdata.ingest import IngestConfig, ingest
+    from schemas.manifest import Counts, Manifest
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "dropped.parquet").write_bytes(b"")
+    Manifest(stage="tokenize", package_version="t", config={}, counts=Counts(read=0, kept=0),
+             outputs=["train-00000.arrow", "dropped.parquet"]).write(shards)
+    with pytest.raises(UserError, match=r"shards: a prefdata tokenize output holds no rows ingest reads"):
+        ingest(IngestConfig(inputs=[str(shards)], out=str(tmp_path / "out"), workers=1))
+    (tmp_path / "judged").mkdir()
+    Manifest(stage="judge", package_version="t", config={}, counts=Counts(read=0, kept=0),
+             outputs=[JUDGED_FILE, QUARANTINE_FILE]).write(tmp_path / "judged")
+    with pytest.raises(UserError, match=rf"{JUDGED_FILE}: listed in .*manifest.json but missing; re-run prefdata judge"):
+        ingest(IngestConfig(inputs=[str(tmp_path / "judged")], out=str(tmp_path / "out"), workers=1))
+
+
 def test_generation_batches_respect_the_count_and_the_token_budget():
     from train.generate import Sampling, generation_batches
 
