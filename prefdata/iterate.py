@@ -65,7 +65,7 @@ class IterateConfig(BaseModel):
     keep_truncated: bool = Field(False, description="Also pair answers cut at --max-new-tokens.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Curate: share of each round's pairs held out as its eval split.")
     max_length: int = Field(1024, gt=1, description="Tokenize: prompt + answer tokens.")
-    max_prompt_length: int = Field(512, gt=0, description="Tokenize: prompt tokens.")
+    max_prompt_length: int | None = Field(None, gt=0, description="Tokenize: prompt tokens (default: half of --max-length).")
     chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     train: dict[str, Any] = Field({}, description="Training options for every round (TrainConfig fields, e.g. "
                                   "{learning_rate: 5e-7, beta: 0.1, max_steps: 200}).")
@@ -82,6 +82,13 @@ class IterateConfig(BaseModel):
     def _one_judge(self) -> IterateConfig:
         if (self.reward is None) == (self.reward_model is None):
             raise UserError("iterate: give exactly one judge, --reward module:function or --reward-model PATH")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_length(self) -> IterateConfig:
+        from prefdata.tokenize import prompt_length_limit
+
+        self.max_prompt_length = prompt_length_limit(self.max_length, self.max_prompt_length)
         return self
 
 

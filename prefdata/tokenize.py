@@ -43,6 +43,12 @@ EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 
 
+def prompt_length_limit(max_length: int, max_prompt_length: int | None) -> int:
+    """--max-prompt-length as given, else half of --max-length: a fixed default would refuse
+    `--max-length` at or below it, and half leaves the answers as much room as the prompt."""
+    return max_prompt_length if max_prompt_length is not None else max_length // 2
+
+
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,7 +60,7 @@ class TokenizeConfig(BaseModel):
     system_turn: SystemTurn = Field("fold", description="For a chat template without a system role: fold the system turn "
                                     "into the first user turn, or drop the record (system_not_supported).")
     max_length: int = Field(1024, gt=1, description="Prompt + completion tokens, per answer.")
-    max_prompt_length: int = Field(512, gt=0, description="Prompt tokens.")
+    max_prompt_length: int | None = Field(None, gt=0, description="Prompt tokens (default: half of --max-length).")
     overflow: Literal["drop", "truncate"] = Field("drop", description="drop: pairs that do not fit are dropped (too_long); "
                                                   "truncate: cut them.")
     rows_per_shard: int = Field(50_000, gt=0, description="Rows per Arrow file.")
@@ -65,6 +71,7 @@ class TokenizeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _lengths(self) -> TokenizeConfig:
+        self.max_prompt_length = prompt_length_limit(self.max_length, self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
             raise UserError(
                 f"--max-prompt-length ({self.max_prompt_length}) must be smaller than --max-length "

@@ -40,6 +40,15 @@ def _run(config: IterateConfig, after_stage=None):
     return iterate(config, after_stage)
 
 
+def test_prompt_limit_follows_max_length_unless_given(pool, tmp_path):
+    from train.options import build_config
+
+    flags = {"prompts": str(pool), "policy": "m", "out": str(tmp_path / "it"), "reward": "tests.test_iterate:text_judge"}
+    assert build_config(IterateConfig, {}, {**flags, "max_length": 512}).max_prompt_length == 256
+    assert build_config(IterateConfig, {}, flags).max_prompt_length == 512
+    assert build_config(IterateConfig, {}, {**flags, "max_length": 512, "max_prompt_length": 100}).max_prompt_length == 100
+
+
 def test_two_rounds_chain_their_manifests_and_never_reuse_a_prompt(pool, tiny_model_dir, tmp_path):
     out = tmp_path / "it"
     manifest = _run(_config(pool, tiny_model_dir, out))

@@ -167,6 +167,20 @@ def test_bad_options(records_dir, chat_tokenizer_dir, base_tokenizer_dir, tmp_pa
     assert not (tmp_path / "s").exists()
 
 
+def test_prompt_limit_defaults_to_half_of_max_length(records_dir, chat_tokenizer_dir, tmp_path):
+    from train.options import build_config
+
+    # `prefdata tokenize --max-length 512`: the flag alone, as the command line builds the config
+    config = build_config(TokenizeConfig, {}, {"input_dir": str(records_dir), "tokenizer": str(chat_tokenizer_dir),
+                                               "out": str(tmp_path / "s"), "max_length": 512, "max_prompt_length": None})
+    assert config.max_prompt_length == 256
+    manifest = tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s"),
+                                       max_length=41))
+    assert (manifest.config["max_length"], manifest.config["max_prompt_length"]) == (41, 20)  # what ran is saved
+    assert TokenizeConfig(input_dir="r", tokenizer="t", out="o").max_prompt_length == 512  # the old default at 1024
+    assert TokenizeConfig(input_dir="r", tokenizer="t", out="o", max_length=512, max_prompt_length=400).max_prompt_length == 400
+
+
 def test_directory_without_tokenizer_or_records(tmp_path, chat_tokenizer_dir, records_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no tokenizer files"):
