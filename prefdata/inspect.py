@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,12 +52,18 @@ def length_quantiles(files: list[Path], is_shard: bool) -> dict[str, dict[str, i
     return {part: {stat: int(row[f"{part}.{stat}"] or 0) for stat in [*QUANTILES, "max"]} for part in PARTS}
 
 
-def _schema_and_rows(path: Path) -> tuple[list[str], int]:
-    if path.suffix == ".arrow":
-        reader = ipc.open_file(str(path))
-        return [f"{f.name}: {f.type}" for f in reader.schema], sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-    meta = pq.ParquetFile(path)
-    return [f"{f.name}: {f.type}" for f in meta.schema_arrow], meta.metadata.num_rows
+def _schema_and_rows(path: Path, stage: str) -> tuple[list[str], int]:
+    try:
+        if path.suffix == ".arrow":
+            reader = ipc.open_file(str(path))
+            return ([f"{f.name}: {f.type}" for f in reader.schema],
+                    sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)))
+        meta = pq.ParquetFile(path)
+        return [f"{f.name}: {f.type}" for f in meta.schema_arrow], meta.metadata.num_rows
+    except pa.ArrowInvalid as exc:  # cut short (a copy or a disk that stopped mid-file) or overwritten
+        cause = str(exc).splitlines()[0]
+        raise UserError(f"{path}: not a readable {'Arrow' if path.suffix == '.arrow' else 'Parquet'} file ({cause}); "
+                        f"it is truncated or corrupted: re-run prefdata {stage}") from None
 
 
 def _samples(files: list[Path], manifest: Manifest, n: int, seed: int) -> list[dict[str, Any]]:
@@ -100,7 +107,7 @@ def inspect_dir(directory: str | Path, sample: int = 0, seed: int = 0) -> dict[s
     if missing:
         raise UserError(f"{directory}: {', '.join(missing)} listed in the manifest but missing; re-run prefdata {manifest.stage}")
     is_shard = bool(manifest.shards)
-    per_file = {f.name: _schema_and_rows(f) for f in files}
+    per_file = {f.name: _schema_and_rows(f, manifest.stage) for f in files}
     report: dict[str, Any] = {
         "directory": str(directory),
         "stage": manifest.stage,

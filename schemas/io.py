@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from schemas.errors import UserError
+
+# A write that ran out of room: the disk, or the user's quota on it.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(UserError):
+    """A stage's write ran out of disk space: one line naming the file, instead of the writer's
+    OSError traceback (pyarrow's carries the errno but no file name)."""
+
+    def __init__(self, path: Path, kept: Path) -> None:
+        self.path = path
+        super().__init__(f"{path}: not written, no space left on device; free space on its disk and run again "
+                         f"(the previous {kept} is unchanged)")
 
 
 @contextmanager
@@ -30,6 +46,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise NoSpaceError(final, final) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -136,5 +156,19 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except NoSpaceError as exc:  # a file written with atomic_path inside: name it where it would have landed
+        raise NoSpaceError(_landing(exc.path, tmp, final), final) from None
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # The file when the error names it (Python's own writes); pyarrow's writers name none, so
+        # then the stage output the run was writing.
+        raise NoSpaceError(_landing(exc.filename, tmp, final) if exc.filename else final, final) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _landing(path: str | os.PathLike[str], tmp: Path, final: Path) -> Path:
+    """Where a file written under atomic_dir's temporary directory would have landed; any other path as it is."""
+    path = Path(path)
+    return final / path.relative_to(tmp) if path.is_relative_to(tmp) else path

@@ -75,3 +75,52 @@ def test_cli_unknown_format_of_a_real_file(tmp_path, realdata, monkeypatch, caps
     assert len(err) == 1
     assert err[0].startswith(f"prefdata: error: {path}: no known preference format has columns [messages]")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_output(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    argv = ["prefdata", "ingest", str(FIXTURES / "hh.jsonl"), "--out", str(out), "--workers", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*_args, **_kwargs):  # what pyarrow raises: the errno, no file name
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if not line.startswith("[ingest]")] == [
+        f"prefdata: error: {out}: not written, no space left on device; free space on its disk and run again "
+        f"(the previous {out} is unchanged)"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+
+
+def test_a_full_disk_names_the_file_a_whole_file_write_was_writing(tmp_path, monkeypatch):
+    import errno
+
+    from schemas.io import NoSpaceError, atomic_dir, write_text_atomic
+
+    def fsync(_fd):  # the last step of an atomic file write, where a full disk shows at the latest
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_text_atomic(tmp_path / "judged.jsonl", "old\n")
+    monkeypatch.setattr("os.fsync", fsync)
+    with pytest.raises(NoSpaceError, match=rf"^{tmp_path / 'judged.jsonl'}: not written, no space left on device"):
+        write_text_atomic(tmp_path / "judged.jsonl", "new\n")
+    assert (tmp_path / "judged.jsonl").read_text() == "old\n"
+    with pytest.raises(NoSpaceError, match=rf"^{tmp_path / 'stage' / 'manifest.json'}: not written, .*"
+                                           rf"\(the previous {tmp_path / 'stage'} is unchanged\)$"):
+        with atomic_dir(tmp_path / "stage") as tmp:
+            write_text_atomic(tmp / "manifest.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judged.jsonl"]

@@ -64,3 +64,14 @@ def test_missing_shard_is_one_line_error(shards):
         inspect_dir(shard_dir)
     out = subprocess.run([sys.executable, "-m", "prefdata", "inspect", str(shard_dir.parent / "nothing")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("name", "stage"), [("train-00000.arrow", "tokenize"), ("train.parquet", "curate")])
+def test_truncated_file_is_one_line_naming_it(shards, name, stage):
+    src, shard_dir = shards
+    path = (shard_dir if stage == "tokenize" else src) / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy that stopped half way
+    out = subprocess.run([sys.executable, "-m", "prefdata", "inspect", str(path.parent)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"prefdata: error: {path}: not a readable ")
+    assert f"truncated or corrupted: re-run prefdata {stage}" in out.stderr
