@@ -51,7 +51,7 @@ DEMO_OUT ?= runs/demo
 demo: $(STAMP)
 	$(PY) -m demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
 
-# Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → bench.json, bench.md.
+# Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → benchmarks/results/bench.json, bench.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
@@ -59,7 +59,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
 
 # On a CUDA machine: precompute-ref, train (DDP, FSDP2, LoRA) on all visible GPUs with a ~100M model in bf16,
-# and the bench-quick table on the GPU (bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.
+# and the bench-quick table on the GPU (benchmarks/results/bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
 

@@ -21,7 +21,7 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
 Each training run must start at loss log 2 (within bf16 rounding) and end lower. A stage that
 fails is a row with its error and the check goes on (the first GPU time is scarce: one broken
 stage must not cost the others' figures); the command then exits 1. Results: gpu-check.md and
-gpu-check.json in --out.
+gpu-check.json in --out (benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def report_lines(results: list[dict], header: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-bench", action="store_true", help="skip the bench-quick table")
     args = parser.parse_args()
     import torch

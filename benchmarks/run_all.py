@@ -20,7 +20,7 @@ Rows (ours | peer):
     generate        prefdata generate | a plain model.generate loop, one prompt at a time; judge in
                     responses/s with a reward model and with a function (bench_generate.py)
 Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
-peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out.
+peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out (benchmarks/results/).
 TRL and psutil come from the optional `.[bench]` extra.
 """
 
@@ -39,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Generated tables live apart from the code that makes them (docs/benchmarks.md reads them).
+RESULTS = ROOT / "benchmarks" / "results"
 
 from benchmarks import (  # noqa: E402
     bench_bounds,
@@ -328,7 +330,7 @@ def _fmt(value: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
-    parser.add_argument("--out", type=Path, default=ROOT)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -339,7 +341,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
         report = run("quick" if args.quick else "full", Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
-    # A GPU run writes its own files, so the README's CPU and GPU tables never overwrite each other.
+    # A GPU run writes its own files, so the CPU and GPU tables never overwrite each other.
     stem = "bench" if report["machine"]["device"] == "cpu" else "bench-cuda"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))
