@@ -54,7 +54,7 @@ def prepare(work: Path, rows: int, max_length: int, dump: Path = DUMP) -> tuple[
 
 
 def bench_device() -> str:
-    """Where the model stages run: the GPU when the machine has one (README keeps that table apart)."""
+    """Where the model stages run: the GPU when the machine has one (docs/benchmarks.md keeps that table apart)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

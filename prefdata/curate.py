@@ -14,7 +14,7 @@ Order of the steps (each reported in the manifest):
 Normalisation for comparisons is NFKC, case-folded, whitespace collapsed; the records themselves
 are written unchanged.
 
-Memory is bounded by `chunk_rows`, not by the input (README "Curate at scale"):
+Memory is bounded by `chunk_rows`, not by the input (docs/curate.md, "Curate at scale"):
   pass 1 streams the inputs `chunk_rows` records at a time and keeps one narrow row per record
          (id, sort keys, score margin, per-record drop reason, 128-bit keys of the normalised pair
          and prompt); prompt comparison texts go to a spill file on disk;
@@ -87,7 +87,7 @@ class CurateConfig(BaseModel):
     out: str = Field(description="Directory for train/eval/dropped.parquet and manifest.json.")
     near_dup: bool = Field(True, description="Cluster near-duplicate prompts (MinHash LSH).")
     ngram: int = Field(5, gt=0, description="Word n-gram size of the MinHash shingles for prompts of 120+ words "
-                       "(shorter prompts: word 1+2-grams, see README).")
+                       "(shorter prompts: word 1+2-grams, see docs/curate.md).")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at which prompts are near-duplicates; also caps "
                              "the length-adapted threshold of short prompts.")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")

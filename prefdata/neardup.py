@@ -1,6 +1,6 @@
 """Near-duplicate prompt clusters: comparison text, stable shingle hashes, MinHash (rensa), LSH.
 
-How two prompts are compared (README "Near-duplicate prompts"):
+How two prompts are compared (docs/curate.md, "Near-duplicate prompts"):
   * comparison text: the folded prompt (curate's NFKC + case fold + collapsed whitespace) without
     its role tags, with contractions expanded ("what's" → "what is", "don't" → "do not") and
     punctuation removed; used for the comparison only, records are written unchanged;

@@ -4,7 +4,7 @@ prompt to exactly the text the shards were made from and stop where a completion
 
 The tokenizer's own chat template where it has one, else a plain template for base models. What a
 chat template does is learned once, from a probe conversation rendered with and without the
-generation prompt (README "Tokenize", the table of families):
+generation prompt (docs/tokenize.md, the table of families):
 
   * end of turn: the special tokens the template renders right after an assistant answer
     (`<end_of_turn>` for Gemma, `<|end|><|endoftext|>` for Phi-4-mini, `<|eot_id|>` for Llama 3),
