@@ -82,9 +82,10 @@ def test_policy_logps_equal_trl_and_differ_from_reference(trl):
         trl_chosen, trl_rejected = _trl_policy_logps(trainer, batch).chunk(2)
     np.testing.assert_allclose(logps.chosen.numpy(), trl_chosen.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(logps.rejected.numpy(), trl_rejected.numpy(), atol=1e-4, rtol=0)
-    # The perturbation made a policy that is not the reference: every log-ratio is far from 0.
-    assert (logps.chosen - refs[0]).abs().min() > 0.05
-    assert (logps.rejected - refs[1]).abs().min() > 0.05
+    # The perturbation made a policy that is not the reference: log-ratios far from 0 (a random
+    # perturbation can leave one row's near 0, so the mean over the batch is what is asked of it).
+    assert (logps.chosen - refs[0]).abs().mean() > 0.2
+    assert (logps.rejected - refs[1]).abs().mean() > 0.2
 
 
 @pytest.mark.parametrize("name", sorted(PAIR_LOSSES))

@@ -171,9 +171,10 @@ def completion_logps(model: Any, prompts: list[np.ndarray], completions: list[np
 
 
 def sequence_kl(policy: Any, reference: Any, prompts: list[np.ndarray], policy_samples: list[np.ndarray],
-                pad_id: int, batch_tokens: int, dist: Dist) -> float:
-    """KL(π‖π_ref) ≈ mean over y ~ π of log π(y|x) − log π_ref(y|x) (an unbiased estimate); each
-    process scores the samples of every world-th prompt."""
+                pad_id: int, batch_tokens: int, dist: Dist | None = None) -> float:
+    """KL(π‖π_ref) ≈ mean over y ~ π of log π(y|x) − log π_ref(y|x) (an unbiased estimate); under
+    torchrun (`dist`) each process scores the samples of every world-th prompt."""
+    dist = dist or Dist(0, 1, _model_device(policy))
     per_prompt = len(policy_samples) // len(prompts)
     mine = range(dist.rank, len(prompts), dist.world)
     samples = [policy_samples[p * per_prompt + j] for p in mine for j in range(per_prompt)]
@@ -251,14 +252,15 @@ def plot_reward_vs_kl(points: list[dict[str, Any]], path: Path) -> None:
 
 def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`."""
+    dist = Dist.start(config.device, timedelta(hours=2))
+    device = dist.device
+    # Rank 0 judges and reports; both fail (a missing package) before any model loads.
     options = config.judge_options()
-    judge = build_judge(options)[0] if options else None
-    tracker = open_tracker(config.report_to, Path(config.out), config.model_dump())  # a missing package fails before any model loads
+    judge = build_judge(options)[0] if options and dist.is_main else None
+    tracker = open_tracker(config.report_to, Path(config.out), config.model_dump()) if dist.is_main else None
     manifest, _, data = open_shards(config.shards, need_ref=True)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
-    dist = Dist.start(config.device, timedelta(hours=2))
-    device = dist.device
     policy, tokenizer = load_causal_lm(model_dir(config.policy), config.policy, torch.float32, device)
     reference_dir = model_dir(config.reference)
     # Accuracy uses the stored reference log-probs, KL the --reference model: they must be one model.
@@ -379,7 +381,7 @@ def compare_policies(policy: str, baseline: str, prompts: list[list[dict]], judg
                                                        max_new_tokens, stop_ids, pad_id)]
             samples.append(completions)
             scores.append(judged_scores(judge, prompts, tokenizer, completions, judge_options.batch_size))
-        kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384, Dist(0, 1, torch_device))
+        kl = sequence_kl(models[0][0], models[1][0], prompt_ids, samples[0], pad_id, 16_384)
     return {"policy": policy, "baseline": baseline, "judge": judge_options.name, "prompts": len(prompts),
             "prompts_refused_by_template": refused, "samples": n,
             "reward": float(np.nanmean(scores[0])), "baseline_reward": float(np.nanmean(scores[1])), "kl": kl,
