@@ -4,8 +4,11 @@ backend string the process group was started with, and which file called it are 
 $COLLECTIVE_PROBE_DIR/rank-N.jsonl when the process exits.
 
 What a CPU run can show of a GPU run's failures: a collective our code makes outside the one
-owner of ranks (train/distributed.py), or on a tensor whose device the backend does not serve
-(NCCL alone and a CPU tensor: the first multi-GPU run's crash)."""
+owner of ranks (train/distributed.py), where the backend is chosen for every device at once. It
+cannot show a CPU tensor sent through NCCL itself: on the CPU the backend is gloo and every tensor
+is a CPU tensor, so the device check only holds the line (a meta or MPS tensor would fail it); that
+the CUDA plan's backend serves the CPU is tests/test_multiprocess.py's CUDA plan test. DDP's
+gradient all-reduce runs in C++ and is not seen here."""
 
 from __future__ import annotations
 

@@ -132,31 +132,67 @@ def test_generate_and_eval_on_two_processes(uneven, tiny_model_dir, tmp_path):
     # A chunk's seed is its number's: the same answers whichever process wrote it.
     assert (two / GENERATIONS_FILE).read_text() == (one / GENERATIONS_FILE).read_text()
 
-    single = evaluate_policy(EvalConfig(shards=str(uneven / "shards"), policy=str(tiny_model_dir), reference=str(tiny_model_dir),
-                                        out=str(tmp_path / "eval-one"), batch_tokens=40, samples=2, max_new_tokens=6))
-    _torchrun(2, tmp_path / "probe-eval", "prefdata", "eval", str(uneven / "shards"), "--policy", str(tiny_model_dir),
-              "--reference", str(tiny_model_dir), "--out", str(tmp_path / "eval-two"), "--batch-tokens", "40",
-              "--samples", "2", "--max-new-tokens", "6")
+    # A policy that is not the reference: every margin and log-ratio is something to add up.
+    policy = tmp_path / "policy"
+    train(_config(uneven / "shards", tiny_model_dir, policy, batch_size=6, max_steps=3, learning_rate=2e-2, warmup_steps=0))
+    options = {"batch_tokens": 40, "samples": 2, "max_new_tokens": 6}
+    single = evaluate_policy(EvalConfig(shards=str(uneven / "shards"), policy=str(policy / "final"), reference=str(tiny_model_dir),
+                                        out=str(tmp_path / "eval-one"), **options))
+    _torchrun(2, tmp_path / "probe-eval", "prefdata", "eval", str(uneven / "shards"), "--policy", str(policy / "final"),
+              "--reference", str(tiny_model_dir), "--out", str(tmp_path / "eval-two"),
+              *[part for k, v in options.items() for part in (f"--{k.replace('_', '-')}", str(v))])
     shared = json.loads((tmp_path / "eval-two" / "eval.json").read_text())
     assert shared["pairs"] == single["pairs"] == 5
+    assert abs(single["margin"]) > 1e-3 and 0 < single["accuracy"]  # the trained policy moved
     assert shared["accuracy"] == single["accuracy"] and shared["margin"] == pytest.approx(single["margin"], abs=1e-6)
     assert shared["samples"] == single["samples"] == 2 * single["prompts"]
-    assert shared["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference: every log-ratio is 0
+    # Each process samples its own prompts under its own seed: the estimates differ, neither is 0.
+    assert abs(shared["kl"]) > 1e-3 and abs(single["kl"]) > 1e-3
+
+
+class _Ranks(Dist):
+    """`world` processes in one: each rank's share computed here, as all_gather_object would collect it."""
+
+    def __init__(self, world: int, share) -> None:
+        super().__init__(0, world, torch.device("cpu"))
+        object.__setattr__(self, "share", share)
+
+    def gather_objects(self, value):
+        return [self.share(rank) for rank in range(self.world)]
+
+
+def test_shared_samples_come_back_prompt_major_in_prompt_order(monkeypatch):
+    """Each process samples every world-th prompt; the gathered completions are put back per prompt."""
+    import train.eval as eval_module
+
+    prompts = [np.array([p]) for p in range(7)]
+    per_prompt = 2
+    fake_sample = lambda model, share, config, tokenizer, stop_ids, n=None: [  # noqa: E731
+        np.array([int(p[0]), j]) for p in share for j in range(per_prompt)]
+    monkeypatch.setattr(eval_module, "sample", fake_sample)
+    ranks = _Ranks(3, lambda rank: fake_sample(None, prompts[rank::3], None, None, None))
+    config = EvalConfig(shards="s", policy="p", reference="r", out="o", samples=per_prompt)
+    completions = eval_module.sample_shared(None, prompts, config, None, [], ranks)
+    assert [c.tolist() for c in completions] == [[p, j] for p in range(7) for j in range(per_prompt)]
 
 
 def test_a_cuda_run_binds_its_gpu_and_uses_gloo_beside_nccl(monkeypatch):
     """What `Dist.start` does on a GPU node, with torch's CUDA and process-group calls recorded."""
     calls: dict[str, object] = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.__setitem__("set_device", device))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda backend, timeout: calls.setdefault("backend", backend))
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("RANK", "11")  # second node
+                        lambda backend, timeout: calls.__setitem__("backend", backend))
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "11")  # the second node of two, 8 GPUs each
     monkeypatch.setenv("LOCAL_RANK", "3")
     dist = Dist.start("auto", timedelta(minutes=1))
-    assert dist.device == torch.device("cuda", 3) and (dist.rank, dist.world) == (11, 8)
+    assert dist.device == torch.device("cuda", 3) and (dist.rank, dist.world) == (11, 16)
     assert calls == {"set_device": torch.device("cuda", 3), "backend": "cpu:gloo,cuda:nccl"}
+    # A process that sees one GPU (Slurm's --gpus-per-task=1): that one, whatever its LOCAL_RANK.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert Dist.start("cuda", timedelta(minutes=1)).device == torch.device("cuda", 0) == calls["set_device"]
     assert served_devices(calls["backend"]) == {"cpu", "cuda"}  # the CPU metric totals cross through gloo
     assert backend_for(torch.device("cpu")) == "gloo" and served_devices("nccl") == {"cuda"}

@@ -129,3 +129,9 @@ def test_a_checkpoint_without_gpu_state_is_refused_by_a_gpu_run_in_one_line(tmp_
     above), but a GPU run could not continue it exactly."""
     with pytest.raises(UserError, match=r"^--resume: .* holds no CUDA random state .*; start without --resume$"):
         restore_rng_state(rng_state(torch.device("cpu")), torch.device("cuda", 0), tmp_path)
+    # A run that draws no GPU random numbers (dropout off, the default) continues it: nothing to set.
+    cpu_generator = torch.get_rng_state()
+    torch.rand(3)
+    restore_rng_state({**rng_state(torch.device("cpu")), "torch": cpu_generator}, torch.device("cuda", 0), tmp_path,
+                      gpu_random_used=False)
+    assert torch.equal(torch.get_rng_state(), cpu_generator)

@@ -24,7 +24,8 @@ def select_device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: torch sees no CUDA device; use --device auto or --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # Modulo the GPUs this process sees: one GPU per process (Slurm's --gpus-per-task=1) is cuda:0 for each.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if name == "mps":
         if not _mps_available():
             raise UserError("--device mps: torch sees no MPS device; use --device auto or --device cpu")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from schemas.errors import UserError
 from train.device import select_device
 
 
@@ -46,6 +47,8 @@ class Dist:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and device.type == "mps":
+            raise UserError("torchrun on MPS: no process-group backend carries MPS tensors; run one process, or --device cpu")
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group(backend_for(device), timeout=timeout)
         return cls(int(os.environ.get("RANK", "0")), world, device)
@@ -76,6 +79,7 @@ class Dist:
         torch.distributed.all_gather_object(gathered, value)
         return gathered
 
-    def barrier(self) -> None:
+    def barrier(self, timeout: timedelta | None = None) -> None:
+        """`timeout`: longer than the group's, where the others wait on rank 0's own long work."""
         if self.world > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(timeout=timeout)

@@ -95,8 +95,12 @@ def save_run_checkpoint(out: Path, position: Position, scorer: Any, optimizer: A
                              {"position": position.__dict__, "scheduler": scheduler.state_dict()}, dist)
 
 
-def load_run_checkpoint(checkpoint: Path, scorer: Any, optimizer: Any, scheduler: Any, dist: Dist) -> Position:
-    state = parallel.load_checkpoint(checkpoint, scorer, optimizer, dist)
+def load_run_checkpoint(config: TrainConfig, checkpoint: Path, scorer: Any, optimizer: Any, scheduler: Any,
+                        dist: Dist) -> Position:
+    # Dropout is the only GPU random draw in a step: without it a checkpoint lacking the GPU's
+    # generator (an older one) still continues exactly.
+    state = parallel.load_checkpoint(checkpoint, scorer, optimizer, dist,
+                                     gpu_random_used=not config.disable_dropout or config.lora_dropout > 0)
     scheduler.load_state_dict(state["scheduler"])
     return Position(**state["position"])
 
@@ -257,7 +261,7 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, co
             raise UserError(f"{config.shards}: stored reference log-probs do not match {config.model} on rows "
                             f"{list(data.ids[rows])} ({answer} of row {data.ids[rows][worst]}: {gap[worst]:.3g} nats over "
                             f"{tokens[worst]} tokens, {allowed[worst]:.3g} allowed); the shards are stale: re-run "
-                            "prefdata precompute-ref --force")
+                            "prefdata precompute-ref --force (or, if they are this model's, --check-reference-rows 0)")
 
 
 def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest,
@@ -375,7 +379,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = lr_scheduler(config, optimizer, total_steps)
-    position = load_run_checkpoint(resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
+    position = load_run_checkpoint(config, resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     steps = sampler.steps_from(position.epoch, position.batch_index, config.gradient_accumulation_steps)
     log = MetricsLog(out / "metrics.jsonl", dist.is_main, position.step if resume_from else None, tracker)
     if dist.is_main:
@@ -439,7 +443,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         _write_train_manifest(config, manifest, train_data, position, epoch, final_eval, out)
-    dist.barrier()
+    # Rank 0 alone has been saving the gathered model (and, under LoRA, a merged copy): a 70B model
+    # on a network filesystem can take longer than the group's 30-minute timeout.
+    dist.barrier(timeout=timedelta(hours=12))
     return {"steps": position.step, **final_eval}
 
 

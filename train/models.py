@@ -130,16 +130,26 @@ def padding_id(tokenizer: Any) -> int:
     return 0
 
 
+def _is_dropout_rate(name: str, value: Any) -> bool:
+    # `*dropout*` (attention_dropout, hidden_dropout), GPT-2's `*_pdrop`, OPT's `layerdrop`
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off wherever a model keeps it: `nn.Dropout` modules (GPT-2, OPT, Phi) and the float
-    rates attention layers read at call time (Llama's and Qwen's `attention_dropout`, passed to
-    SDPA while the module is training)."""
+    """Dropout off wherever a model keeps it: dropout modules (GPT-2, OPT, Phi), the float rates
+    layers keep as attributes and read at call time (Llama's and Qwen's `attention_dropout`, passed
+    to SDPA while training), and the rates some read from their config at call time (Falcon's
+    `hidden_dropout`), in the config of every sub-model."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
+            if _is_dropout_rate(name, value):
                 setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        for name, value in (list(vars(config).items()) if config is not None and hasattr(config, "to_dict") else []):
+            if _is_dropout_rate(name, value):
+                setattr(config, name, 0.0)
 
 
 def check_scoring_matches_forward(model: Any, name_or_path: str) -> None:

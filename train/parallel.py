@@ -85,6 +85,12 @@ def shard(scorer: torch.nn.Module, model: torch.nn.Module, device: torch.device,
     if dist.world > 1:
         if not dist.is_main:
             scorer.to_empty(device=torch.device("cpu") if cpu_offload else device)
+            # fully_shard moved rank 0's buffers to `device` whatever the offload policy (it offloads
+            # parameters only): the broadcast below needs them on the same device on every rank.
+            for module in scorer.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and buffer.device != device:
+                        module._buffers[name] = torch.empty_like(buffer, device=device)
         set_model_state_dict(scorer, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         # Buffers computed at construction (rotary frequencies) are not in a state dict.
         for buffer in scorer.buffers():
@@ -181,16 +187,18 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: dict[str, Any], device: torch.device, checkpoint: Path) -> None:
+def restore_rng_state(state: dict[str, Any], device: torch.device, checkpoint: Path, gpu_random_used: bool = True) -> None:
     """`rng_state`'s generators back as they were. A checkpoint written without a GPU's state (on
-    the CPU, or by a version that saved the CPU's alone) cannot continue a GPU run exactly."""
-    if device.type == "cuda":
-        if "cuda" not in state:
-            from schemas.errors import UserError
-
-            raise UserError(f"--resume: {checkpoint} holds no CUDA random state (written on the CPU or by an older "
-                            f"prefdata), so a run on {device} cannot continue it exactly; start without --resume")
+    the CPU, or by a version that saved the CPU's alone) cannot continue a GPU run that draws GPU
+    random numbers (dropout) exactly; one that draws none continues it as it was."""
+    if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "cuda" and gpu_random_used:
+        from schemas.errors import UserError
+
+        raise UserError(f"--resume: {checkpoint} holds no CUDA random state (written on the CPU or by an older "
+                        f"prefdata), and this run's dropout draws on {device}'s, so it cannot continue it exactly; "
+                        "start without --resume")
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -223,9 +231,10 @@ def save_checkpoint(final: Path, scorer: torch.nn.Module, optimizer: Any, traine
     dist.barrier()
 
 
-def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, dist: Dist) -> dict[str, Any]:
+def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, dist: Dist,
+                    gpu_random_used: bool = True) -> dict[str, Any]:
     """Model and optimizer state into the (already wrapped) scorer and optimizer, this process's
-    RNG state; returns the trainer state rank 0 saved."""
+    RNG state (`restore_rng_state`); returns the trainer state rank 0 saved."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -237,7 +246,8 @@ def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, d
     # filled exactly the keys get_state_dict listed, and fails on any the checkpoint lacks.
     set_state_dict(unwrap(scorer), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_state_options(strict=False))
-    restore_rng_state(torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False), dist.device, checkpoint)
+    restore_rng_state(torch.load(checkpoint / f"rng-{dist.rank}.pt", weights_only=False), dist.device, checkpoint,
+                      gpu_random_used)
     return torch.load(checkpoint / STATE_FILE, weights_only=False)
 
 
