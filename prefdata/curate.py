@@ -17,12 +17,13 @@ are written unchanged.
 Memory is bounded by `chunk_rows`, not by the input (docs/curate.md, "Curate at scale"):
   pass 1 streams the inputs `chunk_rows` records at a time and keeps one narrow row per record
          (id, sort keys, score margin, per-record drop reason, 128-bit keys of the normalised pair
-         and prompt); prompt comparison texts go to a spill file on disk;
+         and prompt); prompt comparison texts go to a spill file on disk (prefdata.spill);
   decide runs steps 2–6 on the narrow table; near-duplicate signatures live on disk and are read a
          band of columns at a time (prefdata.neardup.SignatureFile);
   pass 2 streams the inputs again and writes each record where it was decided, in (source,
          source_row, id) order: directly when the inputs are already in that order, otherwise
-         through a bucket sort on disk (one bucket of `chunk_rows` records in memory at a time).
+         through a bucket sort on disk (prefdata.spill.bucket_sort: one bucket of `chunk_rows`
+         records in memory at a time).
 Every step decides exactly what the single-frame version decided (tests/test_curate_chunked.py).
 """
 
@@ -57,6 +58,7 @@ from prefdata.neardup import (
     strip_roles,
     text_sizes,
 )
+from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
@@ -279,36 +281,10 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     return columns, texts
 
 
-class _IpcSpill:
-    """Arrow IPC file of record batches on the spill disk; read back batch by batch, not mapped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self._writer, self._sink = path, None, None
-
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self._sink = pa.OSFile(str(self.path), "wb")
-            self._writer = pa.ipc.new_file(self._sink, table.schema)
-        self._writer.write_table(table)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
-
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        if self._writer is None:
-            return
-        with pa.OSFile(str(self.path), "rb") as source:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-
-
-def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, _IpcSpill]:
+def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill]:
     """(narrow table in output order, input position of each row, prompt texts)."""
     eval_grams = _eval_grams(config)
-    texts = _IpcSpill(spill / "prompts.arrow")
+    texts = IpcSpill(spill / "prompts.arrow")
     chunks: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
     pos = 0
@@ -394,7 +370,7 @@ def _exact_duplicates(narrow: _Narrow) -> np.ndarray:
     return duplicate_row
 
 
-def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateConfig, prompts: _IpcSpill, n_records: int,
+def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateConfig, prompts: IpcSpill, n_records: int,
                    spill: Path) -> np.ndarray:
     """Cluster label per live row (a live index of one of its members): identical prompt keys
     first, then near-duplicate clusters over the distinct prompts.
@@ -410,7 +386,7 @@ def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateC
     return nodes[node_labels][np.searchsorted(nodes, first)]
 
 
-def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: _IpcSpill, config: CurateConfig,
+def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: IpcSpill, config: CurateConfig,
                           spill: Path) -> np.ndarray:
     """prefdata.neardup.prompt_clusters over the distinct prompts (nodes, in first-row order),
     read from the spill a chunk at a time: signatures to disk, then LSH a band at a time, then
@@ -421,7 +397,7 @@ def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: _IpcSpi
     n_words, size_estimate = np.zeros(n_nodes, np.int64), np.zeros(n_nodes, np.int64)
     stores = {kind: SignatureFile(spill / f"signatures-{kind}.bin", config.num_perm) for kind, _ in scheme_members(n_words[:0])}
     slots: dict[str, list[np.ndarray]] = {kind: [] for kind in stores}  # node of each stored signature, in store order
-    node_texts = _IpcSpill(spill / "node_texts.arrow")
+    node_texts = IpcSpill(spill / "node_texts.arrow")
     try:
         for batch in prompts.batches():
             node = node_of_pos[batch.column("pos").to_numpy()]
@@ -452,7 +428,7 @@ def _near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: _IpcSpi
     return components(n_nodes, np.concatenate(sources), np.concatenate(targets))
 
 
-def _texts_of(node_texts: _IpcSpill, nodes: np.ndarray, n_nodes: int) -> pl.Series:
+def _texts_of(node_texts: IpcSpill, nodes: np.ndarray, n_nodes: int) -> pl.Series:
     """Comparison texts of `nodes` (ascending), gathered from one scan of the spill."""
     wanted = np.zeros(n_nodes, bool)
     wanted[nodes] = True
@@ -530,7 +506,7 @@ class _Decisions:
         return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
 
 
-def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: _IpcSpill, spill: Path) -> _Decisions:
+def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: IpcSpill, spill: Path) -> _Decisions:
     reason = narrow.reason
     _conflicting_labels(narrow)
     duplicate_row = _exact_duplicates(narrow)
@@ -632,7 +608,7 @@ def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig,
         for table in annotated:
             _route(table, outputs)
     else:
-        for table in _bucket_sort(annotated, len(decisions.dest), config.chunk_rows, spill):
+        for table in bucket_sort(annotated, len(decisions.dest), config.chunk_rows, spill):
             _route(table, outputs)
     for output in outputs.values():
         output.close()
@@ -644,34 +620,6 @@ def _annotated_chunks(inputs: list[InputFile], decisions: _Decisions, chunk_rows
     for table in _input_chunks(inputs, chunk_rows, CURATED_COLUMNS):
         yield _annotate(table, decisions.row_of_pos[pos:pos + table.num_rows], decisions)
         pos += table.num_rows
-
-
-def _bucket_sort(chunks: Iterator[pa.Table], n_rows: int, bucket_rows: int, spill: Path) -> Iterator[pa.Table]:
-    """Tables in any row order → tables in row order, `bucket_rows` rows at a time. Each chunk is
-    sorted and written to disk as one record batch per bucket of rows it touches; then each
-    bucket's pieces are read back from every chunk file, sorted and yielded."""
-    pieces: list[tuple[_IpcSpill, dict[int, int]]] = []  # per chunk file: bucket → batch number
-    for i, table in enumerate(chunks):
-        table = table.take(pc.sort_indices(table.column("row")))
-        rows = table.column("row").to_numpy()
-        buckets = rows // bucket_rows
-        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-        file, index = _IpcSpill(spill / f"rows-{i:06d}.arrow"), {}
-        for number, (lo, hi) in enumerate(zip(starts, np.r_[starts[1:], len(rows)])):
-            file.write(table.slice(lo, hi - lo))
-            index[int(buckets[lo])] = number
-        file.close()
-        pieces.append((file, index))
-    for bucket in range((n_rows + bucket_rows - 1) // bucket_rows):
-        parts = [_read_batch(file, index[bucket]) for file, index in pieces if bucket in index]
-        if parts:
-            table = pa.Table.from_batches(parts, schema=_SPILL_SCHEMA)
-            yield table.take(pc.sort_indices(table.column("row")))
-
-
-def _read_batch(spill: _IpcSpill, number: int) -> pa.RecordBatch:
-    with pa.OSFile(str(spill.path), "rb") as source:
-        return pa.ipc.open_file(source).get_batch(number)
 
 
 # ---------------------------------------------------------------------------------------------
