@@ -5,7 +5,8 @@
 The record set is generated straight into Arrow (not through pydantic): this measures curate, not
 the generator, and is reused from --workdir when it is already there with the same size. 5% of
 pairs are exact duplicates and 10% of prompts are near-duplicates (one word changed), so every step
-has work to do. Curate runs in a fresh process, so the peak RSS (getrusage ru_maxrss) is its own.
+has work to do. Curate runs in a fresh process and reports its own peak RSS (VmHWM: ru_maxrss would carry the
+generating parent's peak).
 --shuffled writes the records out of (source, source_row) order, so curate's pass 2 goes through its
 on-disk bucket sort. Issue 15 target on this 2-core machine: 10M records under 6 GiB, at no less
 than 12.8k records/s; memory follows --chunk-rows, not --rows.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 from schemas.manifest import Counts, Manifest  # noqa: E402
 from schemas.records import RECORD_SCHEMA  # noqa: E402
 
@@ -75,7 +76,7 @@ def run_curate(src: Path, out: Path, chunk_rows: int | None) -> dict:
     manifest = curate(CurateConfig(inputs=[str(src)], out=str(out), **options))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "records_per_s": manifest.counts.read / seconds, "chunk_rows": manifest.config.get("chunk_rows"),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gib": peak_rss_mib() / 1024,
             "read": manifest.counts.read, "dropped": manifest.counts.dropped, "stats": manifest.stats}
 
 

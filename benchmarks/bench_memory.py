@@ -16,7 +16,7 @@ turns it off on both sides), so the table measures the training state more than 
     trl-precompute  TRL DPOTrainer(precompute_ref_log_probs=True), full fine-tuning
     trl-lora        TRL DPOTrainer(precompute_ref_log_probs=True, peft_config=LoraConfig(r=16, all-linear))
 
-Peak RSS is each process's own `ru_maxrss` (model load, data, optimizer state, activations);
+Peak RSS is each process's own high-water mark (VmHWM; model load, data, optimizer state, activations);
 the table shows the largest over the processes; on CUDA also each process's peak of allocated
 GPU memory (`torch.cuda.max_memory_allocated`). Every variant runs with glibc's mmap threshold
 fixed (`MALLOC_MMAP_THRESHOLD_=131072`): by default glibc raises the threshold after large frees,
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from benchmarks.bench_precompute import (  # noqa: E402
     trl_token_ids,
     trl_trainer,
 )
+from benchmarks.process_memory import peak_rss_mib, rss_mib  # noqa: E402
 
 VARIANTS = ("ours-ddp", "ours-fsdp", "ours-lora", "trl-precompute", "trl-lora")
 BATCH_SIZE = 2
@@ -131,11 +131,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _rss_mib() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path, checkpointing: bool) -> None:
     """Peak RSS, and the RSS after the imports each side needs (python, torch, transformers, and
     TRL or our trainer): what the run adds above it is the model, optimizer state and activations."""
@@ -148,10 +143,10 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path, ch
     else:
         from trl import DPOTrainer  # noqa: F401
         run = _trl
-    baseline = _rss_mib()
+    baseline = rss_mib()
     tokens_per_s = run(variant, model, shards, steps, out / "run", checkpointing)
     rank = int(os.environ.get("RANK", "0"))
-    result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens_per_s": tokens_per_s,
+    result = {"peak_rss_mib": peak_rss_mib(), "tokens_per_s": tokens_per_s,
               "baseline_rss_mib": baseline,
               "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None}
     (out / f"rank-{rank}.json").write_text(json.dumps(result))

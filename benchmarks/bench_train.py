@@ -17,8 +17,9 @@ Headlines: ours ÷ trl-precompute and ours ÷ trl-live (both without checkpointi
 trl-precompute-ckpt (both with). Rows and model come from `bench_precompute.prepare`, on two row
 sets (`--rows-set`): `uniform` (LLaMA-Factory's dpo_en_demo, long answers) and `hh` (real
 multi-turn HH-RLHF helpful-base rows: long prompts, short answers); TRL trains on exactly our
-shards' token ids. Each run is its own subprocess (peak RSS is that process's
-`ru_maxrss`: model loads, data and TRL's precompute pass included); the four alternate, and each
+shards' token ids. Each run is its own subprocess (peak RSS is that process's own high-water mark,
+VmHWM, not ru_maxrss, which carries the parent's peak into the child: model loads, data and TRL's
+precompute pass included); the variants alternate, and each
 figure is the median over --repeats. Tokens/s = real tokens (prompt twice + both answers) of the
 batches trained on ÷ the time of training steps 2..N: step 1 (first-call warm-up: optimizer state,
 lazy imports) is left out, and so are model loading, our step-0 reference check, TRL's precompute
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +52,7 @@ from benchmarks.bench_precompute import (  # noqa: E402
     trl_trainer,
 )
 from benchmarks.bench_precompute import run_ours as precompute_ours  # noqa: E402
+from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 
 VARIANTS = ("ours", "ours-unshared", "ours-packed", "ours-live", "ours-ckpt", "trl-precompute", "trl-live", "trl-precompute-ckpt")
 BATCH_SIZE = 8
@@ -95,14 +96,14 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path, precompute: bool
 
 
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
-    """One variant in this process; adds this process's peak RSS."""
+    """One variant in this process; adds this process's own peak RSS."""
     checkpointing = variant.endswith("-ckpt")
     if variant.startswith("ours"):
         result = train_ours(model, shards, steps, out, live=variant == "ours-live", checkpointing=checkpointing,
                             sharing=variant != "ours-unshared", packing=variant == "ours-packed")
     else:
         result = train_trl(model, shards, steps, out, precompute=variant.startswith("trl-precompute"), checkpointing=checkpointing)
-    return {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
 def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path) -> dict:

@@ -81,3 +81,25 @@ def test_bounds_count_each_sides_tokens_and_flops_by_hand():
     assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
     assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 12 * 20 == 4320
     assert result.ratios()["sharing"] == 15 / 11 and result.ratios()["flops"] == 4320 / 2784
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents_it_inherits():
+    """A parent whose peak is 300 MiB starts two children: one allocating nothing, one 100 MiB.
+    ru_maxrss reports the parent's 300 MiB in both (what every HH train variant showed); the
+    children's own peaks are theirs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = ("import resource, sys; from benchmarks.process_memory import peak_rss_mib\n"
+             "held = bytearray(int(sys.argv[1]) * 2**20); held[::4096] = b'x' * len(held[::4096])\n"
+             "print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    parent = ("import subprocess, sys\n"
+              "peak = bytearray(300 * 2**20); peak[::4096] = b'x' * len(peak[::4096]); del peak\n"
+              f"for mib in (0, 100): print(subprocess.run([sys.executable, '-c', {child!r}, str(mib)], capture_output=True,"
+              " text=True, check=True).stdout, end='')")
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    (idle, idle_inherited), (busy, busy_inherited) = (map(float, line.split()) for line in done.stdout.splitlines())
+    assert idle_inherited >= 300 and busy_inherited >= 300  # the trap: ru_maxrss carries the parent's peak
+    assert idle < 100 and 100 <= busy < 200
