@@ -11,8 +11,9 @@ Rows (ours | peer):
     precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
     train           our trainer, precomputed and live reference, and with gradient checkpointing (TRL's
                     default) | TRL DPOTrainer, live and precompute
-    MFU             achieved FLOP/s (2·params·tokens inference, 6·params·tokens training) ÷ this
-                    machine's dense float32 matmul FLOP/s, measured in this run
+    MFU             model FLOPs of the real tokens (6·params per token, the same count for ours and TRL)
+                    per second ÷ this machine's dense float32 matmul FLOP/s, measured in this run; and
+                    ours over the tokens it computes (a shared prompt once)
     near-dup        curate's near-duplicate rule | datasketch, rensa at their usual settings, on the
                     labelled set of tests/test_neardup.py (precision, recall, seconds)
     memory          peak RSS per process of DDP, FSDP2, LoRA | TRL DPOTrainer precompute, with
@@ -261,13 +262,23 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
                  limits.padded_tokens_trl, "TRL precompute", "—", False),
              row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9,
                  "TRL precompute", "—", False)]
-    params = _parameters(model)
-    # MFU counts the FLOPs actually computed: ours' computed tokens (the shared prompt once).
-    # TRL's side counts its real tokens, not its padding nor its full-vocabulary head: a lower bound.
-    rows += [row(stage, "MFU (ours: computed tokens; TRL: real tokens, padding not counted)",
-                 6 * params * train["ours"]["computed_tokens_per_s"] / flops,
-                 6 * params * tps["trl-precompute"] / flops, "TRL precompute", "—")]
+    rows += mfu_rows(stage, _parameters(model), flops, train)
     return rows, train
+
+
+def mfu_rows(stage: str, params: int, matmul_flops: float, train: dict[str, dict]) -> list[dict]:
+    """Model FLOPs utilisation of training: 6·params FLOPs per token (forward 2, backward 4) over the
+    dense matmul FLOP/s measured in the same run. One definition on both sides, the model FLOPs of
+    the real tokens (prompt twice + both answers), so the MFU ratio is the tokens/s ratio; TRL's
+    padding and full-vocabulary head are work it does, not model FLOPs of its tokens. What ours
+    computes (a shared prompt once) is a second row."""
+    def mfu(tokens_per_s: float) -> float:
+        return 6 * params * tokens_per_s / matmul_flops
+
+    return [row(stage, "MFU, model FLOPs of the real tokens (6·params each)", mfu(train["ours"]["tokens_per_s"]),
+                mfu(train["trl-precompute"]["tokens_per_s"]), "TRL precompute", "—"),
+            row(stage, "MFU of the tokens ours computes (shared prompt once)", mfu(train["ours"]["computed_tokens_per_s"]),
+                None, "—", "—")]
 
 
 def _tokenize_input(work: Path, rows: int) -> Path:

@@ -1,6 +1,6 @@
 """The benchmark table's arithmetic (the measurements themselves live in `make bench`, never in tests)."""
 
-from benchmarks.run_all import SIZES, markdown, row
+from benchmarks.run_all import SIZES, markdown, mfu_rows, row
 
 
 def test_ratio_above_one_means_better_for_us_for_rates_and_for_memory():
@@ -103,3 +103,12 @@ def test_peak_rss_is_the_childs_own_not_the_parents_it_inherits():
     (idle, idle_inherited), (busy, busy_inherited) = (map(float, line.split()) for line in done.stdout.splitlines())
     assert idle_inherited >= 300 and busy_inherited >= 300  # the trap: ru_maxrss carries the parent's peak
     assert idle < 100 and 100 <= busy < 200
+
+
+def test_mfu_counts_the_same_model_flops_per_real_token_on_both_sides():
+    """Ours 4,000 real tokens/s (3,000 computed: the shared prompt once), TRL 1,000: the MFU ratio
+    is the tokens/s ratio, and the computed-token figure is its own row."""
+    train = {"ours": {"tokens_per_s": 4_000.0, "computed_tokens_per_s": 3_000.0}, "trl-precompute": {"tokens_per_s": 1_000.0}}
+    real, computed = mfu_rows("train [hh]", params=1_000_000, matmul_flops=1e11, train=train)
+    assert (real["ours"], real["peer"], real["ratio"]) == (6e6 * 4_000 / 1e11, 6e6 * 1_000 / 1e11, 4.0)
+    assert computed["ours"] == 6e6 * 3_000 / 1e11 and computed["peer"] is None
