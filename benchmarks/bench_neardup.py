@@ -2,17 +2,25 @@
 
     .venv/bin/python benchmarks/bench_neardup.py [--speed-rows 100000] [--json bench_neardup.json]
 
-Quality: the labelled set of tests/test_neardup.py (short, long and templated prompts with known
-duplicate groups), scored as pairwise precision and recall, plus the fraction of same-template
-prompt pairs merged. Every method sees the prompts as curate folds them (NFKC, case-folded,
-whitespace collapsed, "user: " turn prefix).
+Quality, on two labelled sets, scored as pairwise precision and recall:
+  generated  the labelled set of tests/test_neardup.py (one- to four-word chat prompts, short, long
+             and templated prompts with known duplicate groups), plus the fraction of same-template
+             prompt pairs merged; its groups follow the edits that built it;
+  reviewed   tests/fixtures/neardup/reviewed_pairs.jsonl: chat-style prompt pairs, each labelled by a
+             reader (is one prompt redundant beside the other: the same request?), independently of
+             any method's rule: paraphrases that are duplicates, one-word changes that are not.
+Every method gets the same text: the prompts as curate folds them (NFKC, case-folded, whitespace
+collapsed, "user: " turn prefix), then prefdata's comparison text (role tags dropped, contractions
+expanded, punctuation removed), and the same 0.8 threshold. The peers get prefdata's LSH layout for
+that threshold (`lsh_bands(0.8, 128)`: 14 bands of 9 rows), with as many permutations as the
+bands use (126), since rensa needs bands × rows = permutations.
   prefdata             prefdata.neardup.prompt_clusters, the curate defaults (ngram 5, threshold 0.8, 128 perms)
   prefdata (previous)  word 5-grams, numpy multiply-shift MinHash, LSH, estimated Jaccard ≥ 0.8: the code
                        this replaced
-  datasketch           MinHash(num_perm=128) of the words, MinHashLSH(threshold=0.8): every LSH
+  datasketch           MinHash of the words, MinHashLSH(threshold=0.8, params=(14, 9)): every LSH
                        candidate is a duplicate (its README's usage)
-  rensa                RMinHash(128, seed=42) of the words, RMinHashLSH(0.8, 128, 8 bands), candidates
-                       kept when the estimated Jaccard ≥ 0.8 (its deduplicator's rule)
+  rensa                RMinHash(seed=42) of the words, RMinHashLSH(0.8, num_bands=14), candidates kept
+                       when the estimated Jaccard ≥ 0.8 (its deduplicator's rule)
 Clusters are the connected components of the duplicate pairs in every case.
 
 Speed: MinHash signatures of the same shingle hashes (synthetic prompts of 10–60 words), numpy
@@ -34,10 +42,22 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefdata.neardup import components, lsh_bands, minhash, prompt_clusters, shingles, short_shingles  # noqa: E402
+from prefdata.neardup import (  # noqa: E402
+    comparison_text,
+    components,
+    lsh_bands,
+    minhash,
+    prompt_clusters,
+    shingles,
+    short_shingles,
+)
 from tests.test_neardup import TEMPLATES, fold_as_curate, labelled_set, pair_scores  # noqa: E402
 
 NUM_PERM, THRESHOLD = 128, 0.8
+# The peers' LSH: prefdata's layout for the threshold, every permutation in a band.
+PEER_BANDS, PEER_ROWS = lsh_bands(THRESHOLD, NUM_PERM)
+PEER_PERM = PEER_BANDS * PEER_ROWS
+REVIEWED_PAIRS = ROOT / "tests" / "fixtures" / "neardup" / "reviewed_pairs.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,9 +114,9 @@ def previous_labels(folded: pl.Series) -> np.ndarray:
 def datasketch_labels(folded: pl.Series) -> np.ndarray:
     from datasketch import MinHash, MinHashLSH
 
-    lsh, sketches = MinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM), []
-    for i, text in enumerate(folded.to_list()):
-        sketch = MinHash(num_perm=NUM_PERM)
+    lsh, sketches = MinHashLSH(threshold=THRESHOLD, num_perm=PEER_PERM, params=(PEER_BANDS, PEER_ROWS)), []
+    for i, text in enumerate(comparison_text(folded).to_list()):
+        sketch = MinHash(num_perm=PEER_PERM)
         sketch.update_batch([w.encode() for w in text.split()])
         lsh.insert(i, sketch)
         sketches.append(sketch)
@@ -107,9 +127,9 @@ def datasketch_labels(folded: pl.Series) -> np.ndarray:
 def rensa_labels(folded: pl.Series) -> np.ndarray:
     from rensa import RMinHash, RMinHashLSH
 
-    lsh, sketches = RMinHashLSH(threshold=THRESHOLD, num_perm=NUM_PERM, num_bands=8), []
-    for i, text in enumerate(folded.to_list()):
-        sketch = RMinHash(num_perm=NUM_PERM, seed=42)
+    lsh, sketches = RMinHashLSH(threshold=THRESHOLD, num_perm=PEER_PERM, num_bands=PEER_BANDS), []
+    for i, text in enumerate(comparison_text(folded).to_list()):
+        sketch = RMinHash(num_perm=PEER_PERM, seed=42)
         sketch.update(text.split())
         lsh.insert(i, sketch)
         sketches.append(sketch)
@@ -141,8 +161,23 @@ def template_merge_rate(labels: np.ndarray, kinds: list[str]) -> float:
     return merged / total
 
 
+def reviewed_pairs() -> list[dict]:
+    """The reader-labelled pairs: {"a", "b", "duplicate", "why"} per line."""
+    return [json.loads(line) for line in REVIEWED_PAIRS.read_text().splitlines() if line.strip()]
+
+
+def reviewed_scores(labels_of, pairs: list[dict]) -> tuple[float, float]:
+    """Precision and recall of `labels_of` (folded texts → cluster labels) on the labelled pairs,
+    all texts clustered together as curate would see them."""
+    texts = sorted({text for pair in pairs for text in (pair["a"], pair["b"])})
+    label = dict(zip(texts, labels_of(fold_as_curate(texts))))
+    merged = np.array([label[pair["a"]] == label[pair["b"]] for pair in pairs])
+    duplicate = np.array([pair["duplicate"] for pair in pairs])
+    return (merged & duplicate).sum() / max(merged.sum(), 1), (merged & duplicate).sum() / max(duplicate.sum(), 1)
+
+
 def quality() -> list[dict]:
-    data = labelled_set()
+    data, pairs = labelled_set(), reviewed_pairs()
     folded, truth = fold_as_curate(data.texts), np.array(data.group)
     rows = []
     for name, method in METHODS.items():
@@ -150,8 +185,11 @@ def quality() -> list[dict]:
         labels = method(folded)
         seconds = time.perf_counter() - start
         precision, recall = pair_scores(labels, truth)
+        reviewed_precision, reviewed_recall = reviewed_scores(method, pairs)
         rows.append({"method": name, "texts": len(folded), "precision": float(precision), "recall": float(recall),
-                     "template_pairs_merged": template_merge_rate(labels, data.kind), "seconds": seconds})
+                     "template_pairs_merged": template_merge_rate(labels, data.kind), "seconds": seconds,
+                     "reviewed_pairs": len(pairs), "reviewed_precision": float(reviewed_precision),
+                     "reviewed_recall": float(reviewed_recall)})
     return rows
 
 
@@ -191,10 +229,11 @@ def run(speed_rows: int = 100_000) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| near-dup method | precision | recall | template pairs merged | seconds |", "|---|---:|---:|---:|---:|"]
+    lines = ["| near-dup method | generated set: precision | recall | template pairs merged | seconds "
+             "| reviewed pairs: precision | recall |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["quality"]:
         lines.append(f"| {r['method']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['template_pairs_merged']:.1%} "
-                     f"| {r['seconds']:.2f} |")
+                     f"| {r['seconds']:.2f} | {r['reviewed_precision']:.3f} | {r['reviewed_recall']:.3f} |")
     lines += ["", "| step | method | texts | shingles | seconds |", "|---|---|---:|---:|---:|"]
     for r in report["speed"]:
         shingle_count = f"{r['shingles']:,}" if r["shingles"] is not None else "—"

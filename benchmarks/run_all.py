@@ -14,8 +14,9 @@ Rows (ours | peer):
     MFU             model FLOPs of the real tokens (6·params per token, the same count for ours and TRL)
                     per second ÷ this machine's dense float32 matmul FLOP/s, measured in this run; and
                     ours over the tokens it computes (a shared prompt once)
-    near-dup        curate's near-duplicate rule | datasketch, rensa at their usual settings, on the
-                    labelled set of tests/test_neardup.py (precision, recall, seconds)
+    near-dup        curate's near-duplicate rule | datasketch, rensa on the same comparison text, threshold
+                    and LSH layout, on the labelled set of tests/test_neardup.py and on reader-labelled
+                    pairs (tests/fixtures/neardup/reviewed_pairs.jsonl): precision, recall, seconds
     memory          peak RSS per process of DDP, FSDP2, LoRA | TRL DPOTrainer precompute, with
                     peft_config; ~100M-parameter Llama, 2 processes (bench_memory.py)
     generate        prefdata generate | a plain model.generate loop, one prompt at a time; judge in
@@ -328,7 +329,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['stage']} | {r['metric']} | {_fmt(r['ours'])} | {r['peer_name']} | {peer} | {ratio} | {r['target']} |")
     lines += ["", "Ratios are ours ÷ peer for rates and peer ÷ ours for memory (above 1 is better for us)."]
     if "neardup" in report:
-        lines += ["", "Near-duplicate prompts (labelled set of tests/test_neardup.py):", "", bench_neardup.markdown(report["neardup"])]
+        lines += ["", "Near-duplicate prompts (the generated labelled set of tests/test_neardup.py; reader-labelled pairs):", "",
+                  bench_neardup.markdown(report["neardup"])]
     if "memory" in report:
         lines += ["", "Training memory at model scale (bench_memory.py):", "", bench_memory.markdown(report["memory"])]
     return "\n".join(lines) + "\n"

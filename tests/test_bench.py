@@ -112,3 +112,39 @@ def test_mfu_counts_the_same_model_flops_per_real_token_on_both_sides():
     real, computed = mfu_rows("train [hh]", params=1_000_000, matmul_flops=1e11, train=train)
     assert (real["ours"], real["peer"], real["ratio"]) == (6e6 * 4_000 / 1e11, 6e6 * 1_000 / 1e11, 4.0)
     assert computed["ours"] == 6e6 * 3_000 / 1e11 and computed["peer"] is None
+
+
+def test_neardup_peers_compare_prefdatas_comparison_text():
+    """A contraction and the punctuation are what curate's comparison text folds away: on the raw
+    folded texts ("user: what's … france?") the peers' word sets share 3 of 10 words."""
+    from benchmarks.bench_neardup import datasketch_labels, rensa_labels
+    from tests.test_neardup import fold_as_curate
+
+    folded = fold_as_curate(["What's the capital of France?", "what is the capital of france", "Tell me a joke"])
+    for labels in (datasketch_labels(folded), rensa_labels(folded)):
+        assert labels.tolist() == [0, 0, 2]
+
+
+def test_neardup_peers_band_their_lsh_for_the_threshold():
+    """Twenty pairs at word Jaccard 0.905 (19 shared words of 21), above the 0.8 threshold: banded
+    for 0.8, both peers find every one (8 bands of 16 rows, rensa's earlier layout, proposes a
+    pair at this Jaccard only 83% of the time)."""
+    from benchmarks.bench_neardup import datasketch_labels, rensa_labels
+    from tests.test_neardup import fold_as_curate
+
+    texts = []
+    for pair in range(20):
+        shared = " ".join(f"p{pair}w{k}" for k in range(19))
+        texts += [f"{shared} p{pair}a", f"{shared} p{pair}b"]
+    for labels in (datasketch_labels(fold_as_curate(texts)), rensa_labels(fold_as_curate(texts))):
+        assert (labels[0::2] == labels[1::2]).all() and len(set(labels.tolist())) == 20
+
+
+def test_reviewed_pairs_score_a_methods_merges_against_the_readers_labels():
+    from benchmarks.bench_neardup import reviewed_pairs, reviewed_scores
+
+    pairs = reviewed_pairs()
+    duplicates = sum(p["duplicate"] for p in pairs)
+    assert 0 < duplicates < len(pairs)  # both labels, so precision and recall both mean something
+    assert reviewed_scores(lambda folded: [0] * len(folded), pairs) == (duplicates / len(pairs), 1.0)
+    assert reviewed_scores(lambda folded: list(range(len(folded))), pairs) == (0.0, 0.0)
