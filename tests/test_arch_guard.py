@@ -22,6 +22,7 @@ from transformers import (
 
 import train.logprobs as logprobs
 from schemas.errors import UserError
+from train.arch_guard import forward_disagreement
 from train.models import check_scoring_matches_forward, load_causal_lm
 
 CPU = torch.device("cpu")
@@ -80,7 +81,7 @@ def test_known_architectures_pass_the_guard(arch, dtype, chat_tokenizer_dir, tmp
     directory = _save(ARCHITECTURES[arch](), chat_tokenizer_dir, tmp_path / arch)
     model, _ = load_causal_lm(directory, arch, dtype, CPU)
     assert model.dtype == dtype
-    diff, tolerance = logprobs.forward_disagreement(model)
+    diff, tolerance = forward_disagreement(model)
     assert diff <= tolerance
 
 

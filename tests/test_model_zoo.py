@@ -34,7 +34,8 @@ from train.config import TrainConfig
 from train.data import open_shards
 from train.eval import EvalConfig, evaluate_policy
 from train.generate import GENERATIONS_FILE, GenerateConfig, generate
-from train.logprobs import prefix_sharing_exact, sequence_logps
+from train.layouts import prefix_sharing_exact
+from train.logprobs import sequence_logps
 from train.loop import train
 from train.models import load_causal_lm, padding_id
 from train.reference import PrecomputeRefConfig, precompute_ref

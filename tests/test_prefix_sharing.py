@@ -10,7 +10,9 @@ import torch
 from tests.test_logprobs import _columns, _random_columns
 from tests.test_train import shards  # noqa: F401  (a fixture)
 from train.batching import collate_pairs
-from train.logprobs import allowed_positions, prefix_sharing_exact, sequence_logps, shared_attention_mask
+from train.layouts import prefix_sharing_exact
+from train.logprobs import sequence_logps
+from train.masks import allowed_positions, shared_attention_mask
 
 
 def _tiny(arch: str, vocab: int = 96, attn: str = "sdpa", max_positions: int = 128):
@@ -121,7 +123,7 @@ def _long_columns(n: int, seed: int):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_flex_tiles_cover_every_allowed_position_and_full_tiles_need_no_rule(packed):
-    from train.logprobs import FLEX_TILE
+    from train.batching import FLEX_TILE
 
     columns = _long_columns(10, seed=15)
     layout = collate_pairs(columns, np.arange(10), pad_id=0, shared=True, packed=packed).shared

@@ -16,11 +16,14 @@ Prefix sharing (`collate_pairs(..., shared=True)`): instead of the two padded ro
 restart at the end of the prompt for the rejected part and a block mask keeps rejected tokens from
 attending to chosen ones, so every answer token sees the context it sees in the padded layout; the
 first rejected token is scored from the last prompt token's hidden state. The prompt goes through
-the model once, forward and backward. Used where it is exact (`prefix_sharing_exact`: attention
-that takes an arbitrary mask, no sliding window shorter than a pair); equal to the padded layout
-within float32 rounding (tests/test_prefix_sharing.py). The mask is dense for SDPA and eager
-attention, a FlexAttention `BlockMask` (masked tiles skipped) where the model runs FlexAttention:
-packed rows on CUDA (`train.models.attention_kernel`).
+the model once, forward and backward. Used where it is exact (train/layouts.py,
+`prefix_sharing_exact`: attention that takes an arbitrary mask, no sliding window shorter than a
+pair); equal to the padded layout within float32 rounding (tests/test_prefix_sharing.py). The mask
+(train/masks.py) is dense for SDPA and eager attention, a FlexAttention `BlockMask` (masked tiles
+skipped) where the model runs FlexAttention: packed rows on CUDA (`train.models.attention_kernel`).
+
+Because the model's own forward is skipped, `_final_logits` repeats the logit transforms some
+architectures apply there; train/arch_guard.py catches an architecture with one it does not know.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from train.batching import FLEX_TILE, PairBatch
+from train.batching import PairBatch
+from train.masks import shared_attention_mask
 
 LOGITS_CHUNK_BYTES = 64 << 20
 
@@ -137,119 +140,6 @@ class SequenceScorer(torch.nn.Module):
         return per_position.masked_scatter(targets, token_logps)
 
 
-def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_implementation: str,
-                          dtype: torch.dtype) -> Any:
-    """The prefix-shared layout's attention rule (`allowed_positions`) in the form the kernel
-    takes: a `BlockMask` for FlexAttention, else an additive [R, 1, T, T] mask in the model's
-    dtype, for SDPA too. SDPA turns a boolean mask into this additive one inside every call: per
-    layer, forward and backward, and under autograd each layer keeps its own copy for backward;
-    built once here, every layer reads the same tensor (3.7% faster HH training steps on CPU,
-    the same values: a masked score is 0 after the softmax either way)."""
-    if attn_implementation == "flex_attention":
-        return _flex_block_mask(segments, pair)
-    allowed = allowed_positions(segments, pair)
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def allowed_positions(segments: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
-    """[R, 1, T, T] bool, True where a query may attend to a key: causal, block-diagonal over the
-    pairs packed into a row, padding never attended to, and rejected tokens (segment 2) never
-    attending to chosen ones (segment 1). A padding query attends to itself, so no softmax row is
-    empty (an empty one is NaN, and NaN spreads into gradients even where nothing reads it)."""
-    length = segments.shape[1]
-    query, key = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    allowed = causal & (key >= 0) & (pair[:, :, None] == pair[:, None, :]) & ~((query == 2) & (key == 1))
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
-    return allowed[:, None]
-
-
-def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
-    """The same rule as a FlexAttention `BlockMask`: evaluated per (query, key) inside the kernel,
-    and tiles where it is False everywhere (other pairs, the future) are skipped, not computed.
-
-    The tiles are found from each tile's range of pair ids, O((T / 128)²), instead of by
-    `create_block_mask`, which evaluates the rule at all T² points (int64 intermediates of T²
-    elements: gigabytes for a 16k-token packed row). A pair's tokens are contiguous, so a query
-    tile can see a key tile only if their pair ranges overlap (or it is the diagonal: padding
-    attends to itself). A tile below the diagonal is full (no rule needed inside) when both tiles
-    hold one and the same pair, no padding, and no rejected query meets a chosen key."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    segment = segments.long()
-
-    def allowed(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        same_pair_causal = (key <= query) & (pair[row, query] == pair[row, key]) & (segment[row, key] >= 0)
-        rejected_on_chosen = (segment[row, query] == 2) & (segment[row, key] == 1)
-        return (same_pair_causal & ~rejected_on_chosen) | (query == key)
-
-    rows, length = segments.shape
-    tiles = -(-length // FLEX_TILE)
-
-    def by_tile(per_token: torch.Tensor) -> torch.Tensor:  # [rows, T] → [rows, tiles, FLEX_TILE], -1 past the end
-        return torch.nn.functional.pad(per_token, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
-
-    tiled, tiled_segment = by_tile(pair), by_tile(segment)
-    real = tiled >= 0
-    low = torch.where(real, tiled, torch.iinfo(torch.int64).max).amin(-1)  # [rows, tiles]; no real token: an empty range
-    high = torch.where(real, tiled, -1).amax(-1)
-    q_low, q_high, k_low, k_high = low[:, :, None], high[:, :, None], low[:, None, :], high[:, None, :]
-    index = torch.arange(tiles, device=pair.device)
-    below, diagonal = index[None, :] < index[:, None], index[None, :] == index[:, None]  # [q tile, kv tile]
-    needed = ((torch.maximum(q_low, k_low) <= torch.minimum(q_high, k_high)) & below) | diagonal
-    one_pair = real.all(-1) & (low == high)
-    has_chosen, has_rejected = (tiled_segment == 1).any(-1), (tiled_segment == 2).any(-1)
-    full = (below & one_pair[:, :, None] & one_pair[:, None, :] & (q_low == k_low)
-            & ~(has_rejected[:, :, None] & has_chosen[:, None, :]))
-    partial = needed & ~full
-
-    def blocks(marked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # per query tile: how many kv tiles are marked, and their indices first (a stable sort puts True first)
-        order = torch.argsort((~marked).to(torch.int8), dim=-1, stable=True)
-        return marked.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
-
-    (partial_count, partial_index), (full_count, full_index) = blocks(partial), blocks(full)
-    return BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=FLEX_TILE,
-                                    mask_mod=allowed, seq_lengths=(length, length))
-
-
-SHARING_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take an arbitrary mask
-
-
-def prefix_sharing_obstacle(model: torch.nn.Module, pair_lengths: np.ndarray) -> str | None:
-    """Why the prefix-shared layout would not give the padded layout's numbers for this model and
-    these pairs, or None where it does: its attention must take a custom mask, and no sliding
-    window may cut a pair's context (a custom mask replaces the model's window, so it must not
-    matter: every pair within it)."""
-    config = model.config
-    if config._attn_implementation not in SHARING_ATTENTION:
-        return f"its attention {config._attn_implementation} takes no mask"
-    text_config = config.get_text_config()
-    window = getattr(text_config, "sliding_window", None)
-    uses_window = window is not None and getattr(text_config, "use_sliding_window", True) is not False
-    longest = int(pair_lengths.max()) if len(pair_lengths) else 0
-    if uses_window and longest > window:
-        return f"a pair of {longest} tokens exceeds its sliding window of {window}"
-    return None
-
-
-def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:
-    return prefix_sharing_obstacle(model, pair_lengths) is None
-
-
-def check_packing(packing: bool, shared: bool, prefix_sharing: str, model: torch.nn.Module,
-                  pair_lengths: np.ndarray) -> None:
-    """Packing places prefix-shared pairs side by side: without that layout there is nothing to pack.
-    The refusal names the architecture and what stops it, so the user knows whether a flag
-    (--prefix-sharing, --attn-implementation) or the model itself is the reason."""
-    if packing and not shared:
-        from schemas.errors import UserError
-
-        why = "--prefix-sharing off" if prefix_sharing == "off" else prefix_sharing_obstacle(model, pair_lengths)
-        raise UserError(f"--packing needs the prefix-shared layout, which {model.config.model_type} "
-                        f"({type(model).__name__}) cannot use in this run ({why}); drop --packing")
-
-
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     """Chosen and rejected log-probs of `batch` (already on the model's device, right-padded as
     `collate_pairs` makes it) in one forward.
@@ -267,40 +157,3 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     return SequenceLogps(chosen, rejected, chosen_tokens, rejected_tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# The architecture guard: `_final_logits` repeats the transforms we know; this catches the rest.
-
-GUARD_TOKENS = 16
-
-
-def _guard_row(vocab_size: int, device: torch.device) -> torch.Tensor:
-    # Fixed pseudo-random ids: the same row on every run and rank, spread over the vocabulary.
-    generator = torch.Generator().manual_seed(13)
-    return torch.randint(0, vocab_size, (1, GUARD_TOKENS), generator=generator).to(device)
-
-
-def forward_disagreement(model: torch.nn.Module) -> tuple[float, float]:
-    """(largest |Δ| between our per-token log-probs and those of the model's own `forward` +
-    float32 `log_softmax` on one short row, the tolerance the model's dtype allows).
-
-    Both paths run the same backbone on the same row, so they can differ only in what happens
-    after the last hidden state: the head's rounding (same matmul, other shape) and any logit
-    transform. A transform we repeat in `_final_logits` in float32 while the model does it in its
-    own dtype rounds each logit a few times at that dtype's epsilon, hence a tolerance of a few
-    epsilon × the largest logit; a transform we do not repeat at all is far beyond it."""
-    embeddings = model.get_input_embeddings()
-    ids = _guard_row(embeddings.num_embeddings, embeddings.weight.device)
-    was_training = model.training
-    model.eval()  # dropout would make two passes of one row differ
-    try:
-        with torch.no_grad():
-            ours = SequenceScorer(model).position_logps(ids, torch.ones_like(ids, dtype=torch.bool))[0]
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            theirs = logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-    finally:
-        model.train(was_training)
-    eps = torch.finfo(embeddings.weight.dtype).eps
-    tolerance = 1e-4 + 4 * eps * float(logits.abs().max())
-    return float((ours - theirs).abs().max()), tolerance

@@ -31,7 +31,8 @@ from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budg
 from train.config import TrainConfig
 from train.data import SplitData, open_shards
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
+from train.layouts import check_packing, prefix_sharing_exact
+from train.logprobs import SequenceScorer, sequence_logps
 from train.losses import REFERENCE_FREE_LOSSES, Denominators, preference_loss, reference_free_loss, sft_loss
 from train.models import (
     attention_kernel,

@@ -157,7 +157,7 @@ def check_scoring_matches_forward(model: Any, name_or_path: str) -> None:
     architecture that transforms its logits in a way we do not repeat would be scored wrongly,
     and neither --verify nor the step-0 check could tell (both use the same function). One
     16-token row through both paths tells: two forwards of 16 tokens, once per load."""
-    from train.logprobs import forward_disagreement
+    from train.arch_guard import forward_disagreement
 
     if any(p.device.type == "meta" for p in model.parameters()):
         return  # no weights to run yet (deferred init); the caller checks once they exist

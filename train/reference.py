@@ -42,7 +42,8 @@ from train.batching import Collator, TokenColumns, collate_pairs, processed_toke
 from train.data import read_shard
 from train.device import dtype_name, select_dtype
 from train.distributed import Dist
-from train.logprobs import SequenceScorer, check_packing, prefix_sharing_exact, sequence_logps
+from train.layouts import check_packing, prefix_sharing_exact
+from train.logprobs import SequenceScorer, sequence_logps
 from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_fingerprint, padding_id, same_weights
 from train.models import model_dir as resolve_model_dir
 
