@@ -1,7 +1,7 @@
 """`make demo` = `python -m demo [--quick] [--out DIR] [--config FILE] [any DemoConfig field]`."""
 
 from demo.pipeline import DemoConfig, run_demo
-from train.options import command, run_command
+from train.cli import command, run_command
 
 SUMMARY = ("The DPO paper's sentiment experiment in miniature on generated data, every stage of the pipeline, "
            "then on-policy rounds.")

@@ -1,5 +1,5 @@
 """`prefdata` command line: one command per stage, each made from the stage's pydantic config
-(train/options.py: one default per field, `--config FILE`, flags over file).
+(train/cli.py: one default per field, `--config FILE`, flags over file).
 
 A command is built only when it runs (or shows its help): `prefdata --help` lists them from the
 table below without importing any stage, and the model-side stages (torch) are imported only by
@@ -59,7 +59,7 @@ def _load(path: str) -> Any:
 
 
 def build_command(name: str) -> Any:
-    from train.options import command
+    from train.cli import command
 
     stage = STAGES[name]
     return command(_load(stage.config), _load(stage.run), name, stage.help, stage.arguments, stage.renames)

@@ -15,7 +15,7 @@ import yaml
 from prefdata.cli import STAGES, build_command
 from prefdata.ingest import IngestConfig
 from schemas.errors import UserError
-from train.options import build_config
+from train.cli import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,7 +41,7 @@ def _run(config: IterateConfig, after_stage=None):
 
 
 def test_prompt_limit_follows_max_length_unless_given(pool, tmp_path):
-    from train.options import build_config
+    from train.cli import build_config
 
     flags = {"prompts": str(pool), "policy": "m", "out": str(tmp_path / "it"), "reward": "tests.test_iterate:text_judge"}
     assert build_config(IterateConfig, {}, {**flags, "max_length": 512}).max_prompt_length == 256

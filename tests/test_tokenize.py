@@ -168,7 +168,7 @@ def test_bad_options(records_dir, chat_tokenizer_dir, base_tokenizer_dir, tmp_pa
 
 
 def test_prompt_limit_defaults_to_half_of_max_length(records_dir, chat_tokenizer_dir, tmp_path):
-    from train.options import build_config
+    from train.cli import build_config
 
     # `prefdata tokenize --max-length 512`: the flag alone, as the command line builds the config
     config = build_config(TokenizeConfig, {}, {"input_dir": str(records_dir), "tokenizer": str(chat_tokenizer_dir),

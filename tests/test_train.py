@@ -168,7 +168,7 @@ def test_divergence_stops_with_step_and_rows(shards, tiny_model_dir, tmp_path):
 
 def parse_args(argv: list[str]) -> TrainConfig:
     """The config `python -m train ARGV` would run with."""
-    from train.options import command
+    from train.cli import command
 
     parsed: list[TrainConfig] = []
     command(TrainConfig, parsed.append, "train", "").main(args=argv, standalone_mode=False)

@@ -1,7 +1,7 @@
 """`python -m train …` (or `make train`, or under `torchrun`): `prefdata train` under another name;
 the flags are TrainConfig's fields (train/config.py)."""
 
-from train.options import command, run_command
+from train.cli import command, run_command
 
 
 def main(argv: list[str] | None = None) -> None:

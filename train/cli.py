@@ -8,8 +8,11 @@
   them); a flag given on the command line wins over the file.
 - The config is validated once, by pydantic; its first complaint is a one-line UserError.
 
-It lives in `train` (both packages' entry points use it, and `train` must not import
-`prefdata`); it imports only typer, pydantic and yaml, so building a data-side command stays fast.
+The commands themselves are declared where their programs start: every `prefdata` command in
+prefdata/cli.py's table of stages, `python -m train` in train/__main__.py, `python -m demo` in
+demo/__main__.py. This layer lives in `train` because all three use it and `train` must not
+import `prefdata`, while `schemas` holds the contracts (pyarrow + pydantic) and no CLI library.
+It imports only typer, pydantic and yaml, never torch, so building a data-side command stays fast.
 """
 
 from __future__ import annotations
