@@ -1,20 +1,26 @@
 """Generate and judge throughput (issue 16): `prefdata generate` beside a plain `model.generate`
-loop, and `prefdata judge` in responses/s.
+loop, one prompt per call and batched, and `prefdata judge` in responses/s.
 
     .venv/bin/python benchmarks/bench_generate.py [--quick] [--json PATH]
 
 The model and prompts of bench_precompute (a ~4M-parameter Llama, LLaMA-Factory's dpo_en_demo
-prompts, chat template), float32, on the GPU if there is one. Both sides sample the same prompts
+prompts, chat template), float32, on the GPU if there is one. Every side samples the same prompts
 `SAMPLES` times with the same settings (temperature 1, top-k off, top-p 1, the same
-max_new_tokens, stop at EOS):
+max_new_tokens) and stops on the same tokens (schemas.render.stop_token_ids: the template's end of
+turn, the tokenizer's EOS, the generation config's):
 
-    ours    prefdata generate: prompts sorted by length, BATCH prompts × SAMPLES per call
-    plain   a loop over the prompts, one `model.generate(ids, num_return_sequences=SAMPLES)` each:
-            what a script without batching does
+    ours          prefdata generate: prompts sorted by length, batches bounded by BATCH prompts and a
+                  token budget (--batch-tokens)
+    loop          the prompts in input order, one `model.generate(num_return_sequences=SAMPLES)` per
+                  prompt: what a script without batching does
+    loop batched  the prompts in input order, BATCH per call, left-padded: what a script that batches does
 
-Tokens/s = generated tokens (up to and including the stop token) over the sampling time, the
-model already loaded on both sides. Judge: responses/s of `prefdata judge` with a reward model of
-the same size (the same Llama with a one-output head) and with a Python function.
+The same work is inside every timer: rendering and tokenizing the prompts come before it (ours
+renders before its sampling loop, the loops with the same renderer), and inside it are sampling,
+cutting each answer after its first stop token, decoding, and writing one JSON line per prompt.
+Tokens/s = generated tokens (up to and including the stop token) over that time, the model already
+loaded. Judge: responses/s of `prefdata judge` with a reward model of the same size (the same Llama
+with a one-output head) and with a Python function.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from benchmarks.bench_precompute import bench_device, prepare  # noqa: E402
 
 SAMPLES = 4
 BATCH = 16
+PEERS = {"loop": "model.generate loop, 1 prompt per call", "loop_batched": f"model.generate loop, {BATCH} prompts per call"}
 SIZES = {"full": dict(prompts=64, max_new_tokens=64), "quick": dict(prompts=16, max_new_tokens=32)}
 
 
@@ -45,25 +52,50 @@ def ours(model: Path, records: Path, out: Path, prompts: int, max_new_tokens: in
     return {"tokens_per_s": manifest.stats["tokens_per_s"], "responses": manifest.stats["responses"]}
 
 
-def plain(model_path: Path, generations: Path, max_new_tokens: int) -> dict:
-    """The same prompts (read back from ours' output), one generate call per prompt."""
+def loop(model_path: Path, records: Path, generations: Path, out: Path, prompts: int, max_new_tokens: int,
+         batch: int) -> dict:
+    """The prompts ours answered, in input order, `batch` per `model.generate` call (1: one prompt
+    at a time), timed over the work ours' timer covers (see the module docstring)."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from schemas.records import prompt_hash
+    from schemas.render import make_renderer, prompt_token_ids, stop_token_ids
+    from train.generate import distinct_prompts, raw_prompts
+    from train.models import padding_id
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(bench_device()).eval()
-    prompts = [json.loads(line)["prompt"] for line in generations.read_text().splitlines()]
+    answered = {json.loads(line)["prompt_id"] for line in generations.read_text().splitlines()}
+    messages = [m for m in distinct_prompts(raw_prompts(str(records), "train")[0], set(), prompts)[0]
+                if prompt_hash(m) in answered]
+    renderer = make_renderer(tokenizer, "auto")
+    ids, _ = prompt_token_ids(renderer, messages)
+    stop_ids = stop_token_ids(renderer, model.generation_config.eos_token_id)
+    pad_id = padding_id(tokenizer)
     generated, start = 0, time.perf_counter()
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            out = model.generate(**ids.to(model.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=SAMPLES,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, ids["input_ids"].shape[1]:].cpu():
-                stops = (row == tokenizer.eos_token_id).nonzero()
-                generated += int(stops[0]) + 1 if len(stops) else len(row)
-    return {"tokens_per_s": generated / (time.perf_counter() - start)}
+    with torch.inference_mode(), open(out, "w", encoding="utf-8") as fh:
+        for first in range(0, len(ids), batch):
+            rows = ids[first:first + batch]
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            sampled = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                     num_return_sequences=SAMPLES, eos_token_id=stop_ids, pad_token_id=pad_id)
+            answers = []
+            for row in sampled[:, width:].cpu().numpy():
+                stops = np.flatnonzero(np.isin(row, stop_ids))
+                answers.append(row[: stops[0] + 1] if len(stops) else row)
+            texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+            responses = [{"text": t.strip(), "finish_reason": "stop" if np.isin(a[-1:], stop_ids).any() else "length",
+                          "tokens": len(a)} for t, a in zip(texts, answers)]
+            for j, prompt in enumerate(messages[first:first + batch]):
+                fh.write(json.dumps({"prompt": prompt, "responses": responses[j * SAMPLES:(j + 1) * SAMPLES]},
+                                    ensure_ascii=False) + "\n")
+            generated += sum(len(a) for a in answers)
+    return {"tokens_per_s": generated / (time.perf_counter() - start), "prompts_per_call": batch}
 
 
 def length_reward(text: str) -> float:
@@ -94,19 +126,22 @@ def run(quick: bool, work: Path | None = None) -> dict:
     result = {"samples": SAMPLES, "batch": BATCH, **size, "device": bench_device(),
               "ours": ours(model, records, work / "generated", size["prompts"], size["max_new_tokens"])}
     generations = work / "generated" / "generations.jsonl"
-    result["plain"] = plain(model, generations, size["max_new_tokens"])
+    for name, batch in (("loop", 1), ("loop_batched", BATCH)):
+        result[name] = loop(model, records, generations, work / f"{name}.jsonl", size["prompts"], size["max_new_tokens"], batch)
     result["judge_responses_per_s"] = judge_rates(model, generations, work)
     return result
 
 
 def markdown(result: dict) -> str:
-    ratio = result["ours"]["tokens_per_s"] / result["plain"]["tokens_per_s"]
     answered = result["ours"]["responses"] // result["samples"]  # prompts too long for the model are left out
     lines = [f"{answered} prompts × {result['samples']} samples, ≤ {result['max_new_tokens']} new tokens, "
              f"{result['device']}, float32.", "",
-             "| stage | ours | plain model.generate loop | ratio |", "|---|---|---|---|",
-             f"| generate, tokens/s | {result['ours']['tokens_per_s']:,.0f} | {result['plain']['tokens_per_s']:,.0f} | {ratio:.2f}× |"]
-    lines += [f"| judge ({name}), responses/s | {rate:,.0f} | — | — |" for name, rate in result["judge_responses_per_s"].items()]
+             "| stage | ours | peer | peer value | ratio |", "|---|---|---|---|---|"]
+    for name, peer in PEERS.items():
+        ratio = result["ours"]["tokens_per_s"] / result[name]["tokens_per_s"]
+        lines.append(f"| generate, tokens/s | {result['ours']['tokens_per_s']:,.0f} | {peer} | "
+                     f"{result[name]['tokens_per_s']:,.0f} | {ratio:.2f}× |")
+    lines += [f"| judge ({name}), responses/s | {rate:,.0f} | — | — | — |" for name, rate in result["judge_responses_per_s"].items()]
     return "\n".join(lines) + "\n"
 
 
