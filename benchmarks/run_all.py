@@ -5,7 +5,8 @@
 Rows (ours | peer):
     ingest          prefdata ingest | datasets load_dataset("json") + map splitting the HH transcripts into
                     messages, worker processes = cores on both sides (bench_ingest.py)
-    curate          prefdata curate (exact + near dedupe + split); no peer does the same work
+    curate          prefdata curate (exact + near dedupe + split) on uniform random prompts and on real chat
+                    prompts resampled with edits (bench_curate.py); no peer does the same work
     tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template, one
                     process and num_proc = cores; both timed as whole processes
     precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
@@ -19,8 +20,9 @@ Rows (ours | peer):
                     pairs (tests/fixtures/neardup/reviewed_pairs.jsonl): precision, recall, seconds
     memory          peak RSS per process of DDP, FSDP2, LoRA | TRL DPOTrainer precompute, with
                     peft_config; ~100M-parameter Llama, 2 processes (bench_memory.py)
-    generate        prefdata generate | a plain model.generate loop, one prompt at a time; judge in
-                    responses/s with a reward model and with a function (bench_generate.py)
+    generate        prefdata generate | a plain model.generate loop, one prompt per call and batched,
+                    same stop tokens and the same work timed; judge in responses/s with a reward model
+                    and with a function (bench_generate.py)
 Each measured command is its own subprocess (peak RSS summed over its process tree); ours and the
 peer alternate; figures are medians over the repetitions. Writes bench.json and bench.md in --out (benchmarks/results/).
 TRL and psutil come from the optional `.[bench]` extra.
@@ -57,10 +59,11 @@ from benchmarks import (  # noqa: E402
 from schemas.cpus import usable_cpus  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
-    "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, tokenize_rows=50_000, model_rows=300,
-                 max_length=768, train_steps=None, repeats=3, train_repeats=3, neardup_speed_rows=100_000),  # train_steps None: one epoch
-    "quick": dict(ingest_rows=50_000, curate_rows=50_000, tokenize_rows=20_000, model_rows=80,
-                  max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000),
+    "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, curate_realistic_rows=(1_000_000, 10_000_000),
+                 tokenize_rows=50_000, model_rows=300, max_length=768, train_steps=None, repeats=3, train_repeats=3,
+                 neardup_speed_rows=100_000),  # train_steps None: one epoch
+    "quick": dict(ingest_rows=50_000, curate_rows=50_000, curate_realistic_rows=(50_000,), tokenize_rows=20_000,
+                  model_rows=80, max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000),
 }
 
 
@@ -182,8 +185,9 @@ def run(size: str, work: Path) -> dict:
     bench_curate.generate(work / "records", sizes["curate_rows"])
     curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(work / "records")]}, repeats)["ours"]
     n = sizes["curate_rows"]
-    rows += [row("curate", "records/s", n / curate["seconds"], None, "—", "1M records < 120 s"),
-             row("curate", "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 4 GiB", False)]
+    rows += [row("curate [uniform random prompts]", "records/s", n / curate["seconds"], None, "—", "1M records < 120 s"),
+             row("curate [uniform random prompts]", "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 4 GiB", False)]
+    rows += curate_realistic(work, sizes["curate_realistic_rows"], repeats)
 
     model, _ = bench_precompute.prepare(work / "model-work", sizes["model_rows"], sizes["max_length"])
     tokenize_input = _tokenize_input(work, sizes["tokenize_rows"])
@@ -209,14 +213,31 @@ def run(size: str, work: Path) -> dict:
         set_rows, train_runs[rows_set] = model_stages(work / f"model-{rows_set}", rows_set, sizes, repeats, flops)
         rows += set_rows
     generated = bench_generate.run(quick=size == "quick", work=work / "generate")
-    rows += [row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated["plain"]["tokens_per_s"],
-                 "plain model.generate loop", "faster than the loop"),
+    rows += [*(row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated[name]["tokens_per_s"], peer,
+                   "faster than the loop") for name, peer in bench_generate.PEERS.items()),
              *(row(f"judge ({name})", "responses/s", rate, None, "—", "—")
                for name, rate in generated["judge_responses_per_s"].items())]
     neardup = bench_neardup.run(speed_rows=sizes["neardup_speed_rows"])
     memory = bench_memory.run(quick=size == "quick", procs=2, steps=3, work=work / "memory")
     return {"size": size, "machine": machine(), "matmul_gflops": flops / 1e9, "model_parameters": params,
             "sizes": sizes, "rows": rows, "train_runs": train_runs, "neardup": neardup, "memory": memory}
+
+
+def curate_realistic(work: Path, sizes: tuple[int, ...], repeats: int) -> list[dict]:
+    """Curate on real chat prompts resampled with edits (bench_curate.generate_realistic), at each
+    size; a size above a million runs once (ten million records take ~10 minutes a run here)."""
+    pool = bench_curate.real_pool(work)
+    rows = []
+    for n in sizes:
+        records = work / f"records-realistic-{n}"
+        bench_curate.generate_realistic(records, n, pool)
+        command = [sys.executable, bench_curate.__file__, "--child", str(records)]
+        curate = alternate({"ours": command}, repeats if n <= 1_000_000 else 1)["ours"]
+        shutil.rmtree(records)  # ten million records are gigabytes of parquet
+        stage = f"curate [real chat prompts, {n:,} records]"
+        rows += [row(stage, "records/s", n / curate["seconds"], None, "—", "—"),
+                 row(stage, "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 6 GiB at 10M", False)]
+    return rows
 
 
 def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: float) -> tuple[list[dict], dict]:

@@ -148,3 +148,19 @@ def test_reviewed_pairs_score_a_methods_merges_against_the_readers_labels():
     assert 0 < duplicates < len(pairs)  # both labels, so precision and recall both mean something
     assert reviewed_scores(lambda folded: [0] * len(folded), pairs) == (duplicates / len(pairs), 1.0)
     assert reviewed_scores(lambda folded: list(range(len(folded))), pairs) == (0.0, 0.0)
+
+
+def test_realistic_curate_prompts_run_from_one_word_up_and_repeat_like_chat(realdata, tmp_path):
+    """Real chat prompts resampled with edits: one-word prompts among them, most prompts new, and
+    the rest repeats, near-duplicates and duplicate pairs (uniform prompts have none this short)."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.bench_curate import _folded, generate_realistic, real_pool
+
+    pool = real_pool(tmp_path)
+    assert pool.repeat_rate[True] > pool.repeat_rate[False]  # "Thanks." recurs, long requests do not
+    generate_realistic(tmp_path / "records", 3_000, pool)
+    prompts = pq.read_table(tmp_path / "records" / "records.parquet", columns=["prompt"])["prompt"].to_pylist()
+    words = [len(_folded(p).split()) for p in prompts]
+    assert min(words) == 1 and 0.03 < sum(w <= 4 for w in words) / len(words) < 0.3
+    assert 0.7 < len({_folded(p) for p in prompts}) / len(prompts) < 0.95
