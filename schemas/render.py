@@ -307,6 +307,22 @@ def prompt_token_ids(renderer: Renderer, prompts: Sequence[list[dict]]) -> tuple
     return [bos + next(encoded) if t is not None else None for t in rendered.texts], rendered.reasons
 
 
+def conversation_token_ids(renderer: Renderer, prompts: Sequence[list[dict]],
+                           answers: Sequence[str]) -> tuple[list[list[int] | None], list[str | None]]:
+    """Each prompt followed by its answer as `prefdata tokenize` stores a pair's row:
+    `prompt_input_ids` + the answer's completion ids (ending at the template's end of turn, EOS
+    after it only where the template renders none) — what a reward model trained on the shards
+    read — and for each the reason the template refused it (None where it did not)."""
+    prompt_ids, prompt_reasons = prompt_token_ids(renderer, prompts)
+    completions = renderer.completions(prompts, renderer.prompts(prompts).texts,
+                                       [[{"role": "assistant", "content": answer}] for answer in answers])
+    kept = [t for t in completions.texts if t is not None]
+    encoded = iter(renderer.tokenizer(kept, add_special_tokens=False).input_ids if kept else [])
+    answer_ids = [next(encoded) + list(renderer.appended_ids) if t is not None else None for t in completions.texts]
+    reasons = [p or c for p, c in zip(prompt_reasons, completions.reasons)]
+    return [p + a if reason is None else None for p, a, reason in zip(prompt_ids, answer_ids, reasons)], reasons
+
+
 def stop_token_ids(renderer: Renderer, generation_eos: int | list[int] | None) -> list[int]:
     """The ids a sampled answer ends at: the template's end of turn, the tokenizer's EOS, and the
     model's generation-config EOS ids. generate and eval both stop on this set, so a sample ends

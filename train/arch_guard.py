@@ -13,7 +13,7 @@ from train.logprobs import SequenceScorer
 GUARD_TOKENS = 16
 
 
-def _guard_row(vocab_size: int, device: torch.device) -> torch.Tensor:
+def guard_row(vocab_size: int, device: torch.device) -> torch.Tensor:
     # Fixed pseudo-random ids: the same row on every run and rank, spread over the vocabulary.
     generator = torch.Generator().manual_seed(13)
     return torch.randint(0, vocab_size, (1, GUARD_TOKENS), generator=generator).to(device)
@@ -29,7 +29,7 @@ def forward_disagreement(model: torch.nn.Module) -> tuple[float, float]:
     own dtype rounds each logit a few times at that dtype's epsilon, hence a tolerance of a few
     epsilon × the largest logit; a transform we do not repeat at all is far beyond it."""
     embeddings = model.get_input_embeddings()
-    ids = _guard_row(embeddings.num_embeddings, embeddings.weight.device)
+    ids = guard_row(embeddings.num_embeddings, embeddings.weight.device)
     was_training = model.training
     model.eval()  # dropout would make two passes of one row differ
     try:

@@ -22,8 +22,9 @@ class TrainConfig(BaseModel):
     shards: str = Field(description="Shards from prefdata precompute-ref (or tokenize, for objectives without a reference).")
     model: str = Field(description="The starting policy: a directory (save_pretrained) or Hub name.")
     out: str = Field(description="Directory for checkpoints, final/, metrics.jsonl, curves.png, manifest.json.")
-    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo"] = Field(
-        "dpo", description="sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free; only dpo reads a reference.")
+    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo", "reward"] = Field(
+        "dpo", description="sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free; reward: a Bradley–Terry reward "
+        "model (a one-output sequence classifier started from --model); only dpo reads a reference.")
     loss: dict[str, float] = Field({"sigmoid": 1.0}, description="Pair losses with weights: sigmoid, or sigmoid:1,sft:0.5.")
     beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO / EXO: assumed share of flipped labels.")
@@ -31,6 +32,8 @@ class TrainConfig(BaseModel):
     simpo_gamma: float = Field(0.5, ge=0, description="Objective simpo: target reward margin γ.")
     cpo_alpha: float = Field(1.0, ge=0, description="Objective cpo: weight of the NLL term.")
     sft_weight: float = Field(0.0, ge=0, description="RPO: add this weight × NLL on chosen to the preference loss.")
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0, description="Objective reward: add this weight × mean((r_chosen + r_rejected)²), keeping rewards near 0.")
     reference: Literal["precomputed", "live"] = Field("precomputed", description="Where π_ref comes from.")
     reference_model: str | None = Field(None, description="Live reference model (default: --model).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch per process.")
@@ -116,6 +119,8 @@ class TrainConfig(BaseModel):
         if self.parallelism == "fsdp" and self.reference == "live" and self.needs_reference:
             raise ValueError("--parallelism fsdp reads the stored reference; run prefdata precompute-ref "
                              "--parallelism fsdp instead of --reference live")
+        if self.objective == "reward" and self.lora_r:
+            raise ValueError("--objective reward trains the whole classifier; --lora-r is not supported for reward models yet")
         if self.lora_r and self.reference == "live":
             raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
         return self

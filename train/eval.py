@@ -57,7 +57,7 @@ class EvalConfig(BaseModel):
 
     shards: str = Field(description="Output of prefdata precompute-ref; its eval split is used.")
     policy: str = Field(description="The trained model directory (e.g. OUT/final).")
-    reference: str = Field(description="The reference model the shards were scored with.")
+    reference: str | None = Field(None, description="The reference model the shards were scored with (not for a reward model).")
     out: str = Field(description="Directory for eval.json and reward_vs_kl.png.")
     reward: str | None = Field(None, description="Judge: a reward function, module:function (f(prompt_messages, text) or f(text)).")
     reward_model: str | None = Field(None, description="Judge: a sequence-classification reward model.")
@@ -80,6 +80,8 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _judge_for_judged_metrics(self) -> EvalConfig:
+        if self.reference is None and not is_reward_model(self.policy):
+            raise UserError("eval: --reference is needed for a policy (the model the shards' reference log-probs came from)")
         if self.reward is not None and self.reward_model is not None:
             raise UserError("eval: give one judge, --reward or --reward-model, not both")
         if (self.baseline or self.best_of) and self.reward is None and self.reward_model is None:
@@ -250,9 +252,74 @@ def plot_reward_vs_kl(points: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def is_reward_model(path: str) -> bool:
+    """A one-output sequence classifier (what `--objective reward` trains), not a causal LM."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir(path))
+    except (OSError, ValueError):
+        return False  # not loadable: load_causal_lm says why in one line
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
+# Calibration buckets: pairs sorted by |margin|, cut into this many equal groups.
+CALIBRATION_BUCKETS = 5
+
+
+def calibration(margins: np.ndarray) -> list[dict[str, float]]:
+    """Accuracy by |margin| bucket beside what a calibrated Bradley–Terry model expects there,
+    the mean of σ(|margin|) (the probability it gives its own preferred answer)."""
+    order = np.argsort(np.abs(margins), kind="stable")
+    buckets = []
+    for part in np.array_split(order, min(CALIBRATION_BUCKETS, len(margins))):
+        size = np.abs(margins[part])
+        buckets.append({"low": float(size.min()), "high": float(size.max()), "pairs": len(part),
+                        "accuracy": float((margins[part] > 0).mean()), "expected": float((1 / (1 + np.exp(-size))).mean())})
+    return buckets
+
+
+def reward_model_metrics(model: Any, data: SplitData, pad_id: int, batch_tokens: int, dist: Dist) -> dict[str, Any]:
+    """Pairwise accuracy (chosen scored above rejected), mean margin and calibration over the whole
+    split; each process scores every world-th batch."""
+    from train.rewards import RewardScorer, pair_rewards
+
+    scorer, device = RewardScorer(model), _model_device(model)
+    margins = np.zeros(len(data), dtype=np.float64)
+    for rows in token_budget_batches(data.columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
+        chosen, rejected = pair_rewards(scorer, collate_pairs(data.columns, rows, pad_id).to(device))
+        margins[rows] = (chosen - rejected).double().cpu().numpy()
+    margins = dist.sum(torch.from_numpy(margins)).numpy()  # each row scored by one process, 0 on the others
+    buckets = calibration(margins)
+    return {"kind": "reward_model", "accuracy": float((margins > 0).mean()), "margin": float(margins.mean()),
+            "pairs": len(data), "calibration": buckets,
+            "calibration_gap": float(np.average([abs(b["accuracy"] - b["expected"]) for b in buckets],
+                                                weights=[b["pairs"] for b in buckets]))}
+
+
+def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
+    from train.rewards import load_reward_model
+
+    _, _, data = open_shards(config.shards, need_ref=False)
+    if data is None or not len(data):
+        raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
+    model, tokenizer = load_reward_model(model_dir(config.policy), config.policy, torch.float32, dist.device)
+    with torch.inference_mode():
+        result = {"policy": config.policy, **reward_model_metrics(model.eval(), data, padding_id(tokenizer),
+                                                                  config.batch_tokens, dist)}
+    if dist.is_main:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "eval.json", json.dumps({**result, "config": config.model_dump()}, indent=2))
+    return result
+
+
 def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
-    """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`."""
+    """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`. A
+    reward model is evaluated as one (`evaluate_reward_model`)."""
     dist = Dist.start(config.device, timedelta(hours=2))
+    if is_reward_model(config.policy):
+        return evaluate_reward_model(config, dist)
     device = dist.device
     # Rank 0 judges and reports; both fail (a missing package) before any model loads.
     options = config.judge_options()
@@ -338,6 +405,9 @@ def _judged(judge: Judge, messages: list[list[dict]], tokenizer: Any, samples: d
 
 
 def summary_line(result: dict[str, Any]) -> str:
+    if result.get("kind") == "reward_model":
+        return (f"eval reward model {result['policy']}: pairwise accuracy {result['accuracy']:.3f}, mean margin "
+                f"{result['margin']:.3f} ({result['pairs']} pairs); calibration gap {result['calibration_gap']:.3f}")
     line = (f"eval {result['policy']}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} "
             f"({result['pairs']} pairs); KL {result['kl']:.3f} ({result['samples']} samples)")
     if "reward" in result:

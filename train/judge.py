@@ -40,6 +40,7 @@ from schemas.render import make_renderer
 from train.device import select_device, select_dtype
 from train.generate import GENERATIONS_FILE
 from train.models import model_dir, model_fingerprint
+from train.rewards import SCORED_AT
 
 JUDGED_FILE = "judged.jsonl"
 EMPTY_RESPONSE = "empty_response"
@@ -159,6 +160,10 @@ def reward_model_judge(config: JudgeOptions) -> tuple[Judge, dict[str, Any]]:
     model.config.pad_token_id = tokenizer.pad_token_id  # where each row's last real token is
     tokenizer.truncation_side = "left"  # keep the answer, lose the oldest turns
     renderer = make_renderer(tokenizer, "auto")
+    if getattr(model.config, "reward_scored_at", None) == SCORED_AT:
+        judge = _shard_layout_judge(model, renderer, config, device)
+        return judge, {"reward_model": model_fingerprint(directory, config.reward_model, dtype, device).model_dump(),
+                       "scored_at": SCORED_AT}
 
     def judge(prompts: list[list[dict]], texts: list[str]) -> list[Score]:
         rendered = renderer.conversations(prompts, texts)
@@ -178,6 +183,38 @@ def reward_model_judge(config: JudgeOptions) -> tuple[Judge, dict[str, Any]]:
 
     fingerprint = model_fingerprint(directory, config.reward_model, dtype, device)
     return judge, {"reward_model": fingerprint.model_dump()}
+
+
+def _shard_layout_judge(model: Any, renderer: Any, config: JudgeOptions, device: torch.device) -> Judge:
+    """A reward model `prefdata train --objective reward` made: each answer's ids as tokenize
+    stores a pair's row (`conversation_token_ids`), the reward read at its last token, as in
+    training (`RewardScorer`); longer rows lose their oldest tokens."""
+    from schemas.render import conversation_token_ids
+    from train.models import padding_id
+    from train.rewards import RewardScorer
+
+    scorer, pad = RewardScorer(model), padding_id(renderer.tokenizer)
+
+    def judge(prompts: list[list[dict]], texts: list[str]) -> list[Score]:
+        ids, reasons = conversation_token_ids(renderer, prompts, texts)
+        scores: list[Score] = [JudgeError(f"chat template: {reason}") if reason else 0.0 for reason in reasons]
+        order = [i for i in np.argsort([len(row or []) for row in ids], kind="stable") if reasons[i] is None]
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            kept = [ids[i][-config.max_length:] for i in rows]
+            width = max(len(row) for row in kept)
+            batch = torch.full((len(kept), width), pad, dtype=torch.long)
+            real = torch.zeros((len(kept), width), dtype=torch.bool)
+            for j, row in enumerate(kept):
+                batch[j, :len(row)] = torch.tensor(row)
+                real[j, :len(row)] = True
+            with torch.inference_mode():
+                values = scorer(batch.to(device), real.to(device)).cpu().tolist()
+            for i, value in zip(rows, values):
+                scores[i] = value if math.isfinite(value) else JudgeError(f"reward model gave {value}")
+        return scores
+
+    return judge
 
 
 # ---------------------------------------------------------------------------------------------

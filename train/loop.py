@@ -33,7 +33,7 @@ from train.data import SplitData, open_shards
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
-from train.losses import REFERENCE_FREE_LOSSES, Denominators, preference_loss, reference_free_loss, sft_loss
+from train.losses import REFERENCE_FREE_LOSSES, Denominators, preference_loss, reference_free_loss, reward_loss, sft_loss
 from train.models import (
     attention_kernel,
     check_tokenizer,
@@ -44,6 +44,7 @@ from train.models import (
     padding_id,
     same_weights,
 )
+from train.rewards import RewardScorer, load_reward_model, pair_rewards
 from train.tracking import Tracker, open_tracker
 
 
@@ -172,6 +173,10 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
                autocast: Any, denominators: Denominators | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective's loss and metrics on one batch: means over the batch, or with `denominators`
     this batch's share of a larger mean (`step_denominators`)."""
+    if config.objective == "reward":
+        with autocast():
+            chosen, rejected = pair_rewards(scorer, batch)
+        return reward_loss(chosen, rejected, config.center_rewards_coefficient, denominators)
     with autocast():
         logps = sequence_logps(scorer, batch)
     if config.objective == "sft":
@@ -267,13 +272,14 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, co
 
 def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, manifest: Manifest,
                  policy_fingerprint: ModelFingerprint, dist: Dist) -> tuple[Any, Any, Any]:
-    """(causal LM, its peft wrapper or None, tokenizer). Full fp32 master weights; under FSDP
-    loaded on the CPU by rank 0 alone (`parallel.loads_weights`), since `fully_shard` moves only
-    each process's shard to the device."""
+    """(causal LM — or the reward model, for `--objective reward` —, its peft wrapper or None,
+    tokenizer). Full fp32 master weights; under FSDP loaded on the CPU by rank 0 alone
+    (`parallel.loads_weights`), since `fully_shard` moves only each process's shard to the device."""
     load_device = torch.device("cpu") if config.parallelism == "fsdp" else device
-    model, tokenizer = load_causal_lm(policy_dir, config.model, torch.float32, load_device,
-                                      attention_kernel(config.attn_implementation, config.packing, device),
-                                      weights=parallel.loads_weights(dist, config.parallelism))
+    load = load_reward_model if config.objective == "reward" else load_causal_lm
+    model, tokenizer = load(policy_dir, config.model, torch.float32, load_device,
+                            attention_kernel(config.attn_implementation, config.packing, device),
+                            weights=parallel.loads_weights(dist, config.parallelism))
     if config.disable_dropout:
         disable_dropout(model)  # before any adapter: --lora-dropout is the adapters' own, as asked
     peft_model = None
@@ -348,7 +354,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     policy_fingerprint = model_fingerprint(policy_dir, config.model, torch.float32, device)
     model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, policy_fingerprint, dist)
     pad_id = padding_id(tokenizer)
-    # Prefix sharing where it gives the padded layout's numbers (train/logprobs.py), for every pair.
+    # Prefix sharing where it gives the padded layout's numbers (train/layouts.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
     shared = config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest)
     check_packing(config.packing, shared, config.prefix_sharing, model, longest)
@@ -361,7 +367,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device,
                                       attention_kernel(config.attn_implementation, config.packing, device))
 
-    scorer: Any = SequenceScorer(model)
+    scorer: Any = RewardScorer(model) if config.objective == "reward" else SequenceScorer(model)
     if config.compile:
         scorer.compile()  # in place: the module stays a SequenceScorer, which sequence_logps and DDP expect
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)

@@ -250,3 +250,22 @@ def preference_loss(
         chosen_rewards = params.beta * chosen_logratios.detach()
         rejected_rewards = params.beta * rejected_logratios.detach()
     return loss, _reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, denominators)
+
+
+def reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, center_rewards_coefficient: float = 0.0,
+                denominators: Denominators | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley–Terry: mean −log σ(r(x, yw) − r(x, yl)), plus `center_rewards_coefficient` ·
+    mean((r(x, yw) + r(x, yl))²), which keeps the rewards near 0 (Eisenstein et al. 2023; TRL's
+    `center_rewards_coefficient`). Same formulas as TRL's RewardTrainer.
+
+    Shapes: chosen_rewards, rejected_rewards [B] float32. Returns the scalar loss and metrics:
+    rewards/chosen, rewards/rejected (means), rewards/margins, rewards/accuracies."""
+    loss = _mean(-F.logsigmoid(chosen_rewards - rejected_rewards), denominators)
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * _mean((chosen_rewards + rejected_rewards) ** 2, denominators)
+    with torch.no_grad():
+        chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
+        metrics = {"rewards/chosen": _mean(chosen, denominators), "rewards/rejected": _mean(rejected, denominators),
+                   "rewards/margins": _mean(chosen - rejected, denominators),
+                   "rewards/accuracies": _mean((chosen > rejected).float(), denominators)}
+    return loss, metrics

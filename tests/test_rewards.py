@@ -1,0 +1,190 @@
+"""Reward models (train/rewards.py): each answer scored at its last token, the same in the padded and
+the prefix-shared layouts and the same as the model's own forward; the Bradley–Terry loss by hand
+and equal to TRL's RewardTrainer on identical ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_logprobs import _random_columns
+from tests.test_train import _config, _metrics, shards  # noqa: F401  (shards is a fixture)
+from train.batching import collate_pairs
+from train.loop import train
+from train.losses import reward_loss
+from train.rewards import RewardScorer, pair_rewards, reward_disagreement
+
+
+def _tiny_reward_model(arch: str, vocab: int = 96):
+    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=0,
+                  initializer_range=0.2)  # positions matter enough for a wrong layout to show
+    config = {"llama": lambda: LlamaConfig(**common), "qwen2": lambda: Qwen2Config(**common),
+              "gemma2": lambda: Gemma2Config(**common, head_dim=8, attn_logit_softcapping=5.0, sliding_window=64)}[arch]()
+    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def _own_forward_rewards(model, columns, rows):
+    """The model's own forward on each answer alone (prompt + answer, no padding at all)."""
+    rewards = []
+    for answer in (columns.chosen, columns.rejected):
+        for row in rows:
+            ids = torch.as_tensor(np.concatenate([columns.prompt.row(row), answer.row(row)]), dtype=torch.long)[None]
+            rewards.append(model(input_ids=ids).logits[0, 0].float())
+    return torch.stack(rewards).chunk(2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("layout", ["padded", "shared", "packed"])
+def test_rewards_equal_the_models_own_forward_in_every_layout(arch, layout):
+    model = _tiny_reward_model(arch)
+    columns = _random_columns(7, vocab=96, seed=21)  # answers 1–8 tokens: uneven padding both ways
+    rows = np.arange(7)
+    batch = collate_pairs(columns, rows, pad_id=0, shared=layout != "padded", packed=layout == "packed")
+    with torch.inference_mode():
+        chosen, rejected = pair_rewards(RewardScorer(model), batch)
+        expected_chosen, expected_rejected = _own_forward_rewards(model, columns, rows)
+    torch.testing.assert_close(chosen, expected_chosen, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, expected_rejected, atol=1e-5, rtol=1e-5)
+    assert (chosen - rejected).abs().max() > 1e-3  # the two answers are told apart
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_shared_reward_gradients_equal_the_padded_layout(arch):
+    columns = _random_columns(5, vocab=96, seed=22)
+    grads = []
+    for shared in (False, True):
+        model = _tiny_reward_model(arch)
+        chosen, rejected = pair_rewards(RewardScorer(model), collate_pairs(columns, np.arange(5), pad_id=0, shared=shared))
+        loss, _ = reward_loss(chosen, rejected, center_rewards_coefficient=0.01)
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_reward_loss_by_hand():
+    """Rewards chosen (2, 0), rejected (1, 1): margins 1 and −1. Loss = mean(−log σ(1), −log σ(−1))
+    = mean(0.31326, 1.31326) = 0.81326; centering 0.1 · mean((3)², (1)²) = 0.5 → 1.31326.
+    Accuracy ½, margin 0."""
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    loss, metrics = reward_loss(chosen, rejected)
+    assert loss.item() == pytest.approx(0.81326, abs=1e-5)
+    loss, metrics = reward_loss(chosen, rejected, center_rewards_coefficient=0.1)
+    assert loss.item() == pytest.approx(1.31326, abs=1e-5)
+    assert metrics["rewards/accuracies"].item() == 0.5 and metrics["rewards/margins"].item() == 0.0
+    assert metrics["rewards/chosen"].item() == 1.0 and metrics["rewards/rejected"].item() == 1.0
+
+
+def test_the_guard_sees_a_head_we_do_not_reproduce():
+    model = _tiny_reward_model("llama")
+    diff, tolerance = reward_disagreement(model)
+    assert diff <= tolerance
+    original = model.forward
+
+    def tempered(*args, **kwargs):  # a model whose own forward scales its reward
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = tempered
+    diff, tolerance = reward_disagreement(model)
+    assert diff > tolerance
+
+
+def test_reward_model_trains_on_the_dpo_shards_and_loads_as_a_classifier(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    """From the causal LM checkpoint, on shards without reference columns: held-out accuracy rises
+    to the preference the data holds, and final/ is a sequence classifier the judge can load."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    train(_config(shards.parent / "unscored", tiny_model_dir, out, objective="reward", max_steps=16, log_every=1,
+                  eval_every=4, learning_rate=5e-3, center_rewards_coefficient=0.01))
+    logged = _metrics(out)
+    losses = [m["loss"] for m in logged if "loss" in m]
+    evals = [m for m in logged if "eval/rewards/accuracies" in m]
+    assert np.mean(losses[-4:]) < losses[0] - 0.1
+    assert evals[-1]["eval/rewards/accuracies"] == 1.0
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] + 0.5
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.num_labels == 1 and model.config.reward_scored_at == "completion_end"
+
+    # prefdata eval on it: the trainer's last held-out figures, and calibration by margin bucket.
+    from train.eval import EvalConfig, evaluate_policy, summary_line
+
+    result = evaluate_policy(EvalConfig(shards=str(shards.parent / "unscored"), policy=str(out / "final"),
+                                        out=str(tmp_path / "eval")))
+    final = logged[-1]
+    assert result["kind"] == "reward_model" and result["pairs"] == final["eval/pairs"] == 16
+    assert result["accuracy"] == pytest.approx(final["eval/rewards/accuracies"])
+    assert result["margin"] == pytest.approx(final["eval/rewards/margins"], abs=1e-4)
+    assert sum(b["pairs"] for b in result["calibration"]) == 16
+    assert [b["low"] for b in result["calibration"]] == sorted(b["low"] for b in result["calibration"])
+    assert "pairwise accuracy 1.000" in summary_line(result)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_loss_accuracy_and_rewards_equal_trl_reward_trainer_on_identical_ids(shards, tiny_model_dir, tmp_path, shared):  # noqa: F811
+    """TRL 1.16's RewardTrainer.compute_loss on the shards' own rows (prompt + answer ids, its
+    collator padding them) beside ours, the same classifier on both sides."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from train.data import open_shards
+    from train.rewards import load_reward_model
+
+    ours, tokenizer = load_reward_model(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    theirs, _ = load_reward_model(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    theirs.load_state_dict(ours.state_dict())  # the same new head on both sides
+    placeholder = Dataset.from_list([{"chosen": "a good answer", "rejected": "a bad one"}])
+    trainer = RewardTrainer(model=theirs.eval(), args=RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True,
+                                                                   center_rewards_coefficient=0.01),
+                            train_dataset=placeholder, processing_class=tokenizer)
+    _, data, _ = open_shards(str(shards.parent / "unscored"), need_ref=False)
+    rows = np.arange(12)
+    columns = data.columns
+    batch = trainer.data_collator([{"chosen_ids": np.concatenate([columns.prompt.row(i), columns.chosen.row(i)]).tolist(),
+                                    "rejected_ids": np.concatenate([columns.prompt.row(i), columns.rejected.row(i)]).tolist()}
+                                   for i in rows])
+    with torch.no_grad():
+        trl_loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        chosen, rejected = pair_rewards(RewardScorer(ours.eval()), collate_pairs(columns, rows, pad_id=0, shared=shared))
+        loss, metrics = reward_loss(chosen, rejected, center_rewards_coefficient=0.01)
+    trl_chosen, trl_rejected = outputs.logits.squeeze(-1).chunk(2)
+    torch.testing.assert_close(chosen, trl_chosen, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rejected, trl_rejected, atol=1e-4, rtol=1e-4)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-4)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(trainer._metrics["eval"]["accuracy"][-1], abs=1e-6)
+    assert metrics["rewards/margins"].item() == pytest.approx(trainer._metrics["eval"]["margin"][-1], abs=1e-4)
+    assert (chosen - rejected).abs().max() > 1e-4  # a new head already tells the answers apart
+
+
+def test_judge_scores_an_answer_as_the_reward_model_read_it_in_training(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    """A reward model this trainer made (`reward_scored_at`): the judge renders each (prompt,
+    answer) to the ids tokenize stored for that pair, so its score is the training-time reward."""
+    import pyarrow.parquet as pq
+
+    from train.data import open_shards
+    from train.judge import JudgeOptions, build_judge
+    from train.rewards import load_reward_model
+
+    model, tokenizer = load_reward_model(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    judge, info = build_judge(JudgeOptions(reward_model=str(tmp_path / "rm"), device="cpu", dtype="float32"))
+    assert info["scored_at"] == "completion_end"
+
+    _, data, _ = open_shards(str(shards.parent / "unscored"), need_ref=False)
+    records = pq.read_table(shards.parent / "records" / "train.parquet").to_pylist()
+    by_id = {r["id"]: r for r in records}
+    rows = np.arange(6)
+    wanted = [by_id[data.ids[i]] for i in rows]
+    scores = judge([r["prompt"] for r in wanted], [r["chosen"][0]["content"] for r in wanted])
+    with torch.inference_mode():
+        expected, _ = pair_rewards(RewardScorer(model.eval()), collate_pairs(data.columns, rows, pad_id=0))
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)

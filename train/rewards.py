@@ -1,0 +1,141 @@
+"""Reward models on the same shards: a one-output sequence classifier scores each answer at its
+own last token (the end-of-turn token the shards' completions end with), read from the backbone's
+hidden state there through the classifier's head.
+
+Both layouts of `train.batching.collate_pairs`:
+- padded: rows [prompt + chosen] then [prompt + rejected], right-padded; each row's last
+  completion token is its last real token;
+- prefix-shared: one row [prompt, chosen, rejected] per pair under the shared mask, positions
+  restarting for the rejected answer, so each answer's last token sees exactly the context it
+  sees in the padded layout (the prompt runs once).
+
+A model trained here records `reward_scored_at = "completion_end"` in its config, so `prefdata
+judge` scores answers with the ids tokenize stores (`schemas.render.conversation_token_ids`),
+ending where training read the reward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas.errors import UserError
+from train.batching import PairBatch
+from train.masks import shared_attention_mask
+from train.models import _first_line, load_model_tokenizer
+
+SCORED_AT = "completion_end"  # the config attribute value: rewards read at each completion's last token
+
+
+def reward_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The classifier's output layer (transformers names it `score` for decoder models)."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise UserError(f"{type(model).__name__}: no one-output `score` head; a reward model is a sequence classifier "
+                        "with num_labels 1 over a decoder (LlamaForSequenceClassification, Qwen2ForSequenceClassification, …)")
+    return head
+
+
+def _last_completion_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """[R] the last True position of each row of a [R, T] mask."""
+    length = completion_mask.shape[1]
+    return length - 1 - completion_mask.flip(1).int().argmax(dim=1)
+
+
+class RewardScorer(torch.nn.Module):
+    """A reward model seen as "rows → one reward per answer": [2B] float32, chosen then rejected
+    (the order of the padded layout). A Module so DDP/FSDP can wrap it, as `SequenceScorer`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, source: torch.Tensor | None = None,
+                row_of: torch.Tensor | None = None, pair: torch.Tensor | None = None) -> torch.Tensor:
+        if segments is None:
+            # Right-padded and causal: a real token sees only real tokens, so no mask is needed (as
+            # for log-probs), and each row's reward is read at its last completion token.
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            last = hidden[rows, _last_completion_positions(completion_mask)]
+        else:
+            mask = shared_attention_mask(segments, pair, self.model.config._attn_implementation, self.model.dtype)
+            hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                           use_cache=False).last_hidden_state
+            batch_index, position = completion_mask.nonzero(as_tuple=True)
+            flat = batch_index * input_ids.shape[1] + position
+            answers = 2 * (int(pair.max()) + 1)
+            # Each answer's last token: the largest flat position among its completion tokens.
+            last_flat = torch.full((answers,), -1, dtype=flat.dtype, device=flat.device).scatter_reduce(
+                0, row_of[batch_index, position], flat, reduce="amax")
+            last = hidden.reshape(-1, hidden.shape[-1])[last_flat]
+        return reward_head(self.model)(last).squeeze(-1).float()
+
+
+def pair_rewards(scorer: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen rewards [B], rejected rewards [B]) of `batch`, through `scorer` (a RewardScorer, or
+    DDP/FSDP around one)."""
+    shared = batch.shared
+    if shared is None:
+        rewards = scorer(batch.input_ids, batch.completion_mask)
+    else:
+        rewards = scorer(batch.input_ids, batch.completion_mask, shared.position_ids, shared.segments, shared.source,
+                         shared.row_of, shared.pair)
+    chosen, rejected = rewards.chunk(2)
+    return chosen, rejected
+
+
+def reward_disagreement(model: torch.nn.Module) -> tuple[float, float]:
+    """(|our reward − the model's own forward's| on one 16-token row, the tolerance of its dtype):
+    the same backbone and head, so anything beyond rounding is a transform we do not repeat."""
+    from train.arch_guard import guard_row
+
+    embeddings = model.get_input_embeddings()
+    ids = guard_row(embeddings.num_embeddings, embeddings.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = RewardScorer(model)(ids, torch.ones_like(ids, dtype=torch.bool))
+            theirs = model(input_ids=ids, use_cache=False).logits[:, 0].float()
+    finally:
+        model.train(was_training)
+    eps = torch.finfo(embeddings.weight.dtype).eps
+    return float((ours - theirs).abs().max()), 1e-4 + 4 * eps * float(theirs.abs().max())
+
+
+def load_reward_model(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
+                      attn_implementation: str | None = None, weights: bool = True) -> tuple[Any, Any]:
+    """(a one-output sequence classifier on `device`, its tokenizer). A causal LM checkpoint starts
+    one: its backbone, and a new head transformers initialises small (normal, σ = the config's
+    initializer_range); a reward model continues with its own head. The pad id is set so the
+    model's own forward (and `judge`) find each row's last real token."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from train.models import padding_id
+
+    tokenizer = load_model_tokenizer(directory, name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "num_labels": 1, "pad_token_id": padding_id(tokenizer)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if weights:
+            model = AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(directory, num_labels=1, pad_token_id=kwargs["pad_token_id"])
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    except Exception as exc:  # an architecture without a sequence-classification class, corrupt files: one line
+        raise UserError(f"model {name_or_path}: cannot load it as a reward model: {_first_line(exc)}") from None
+    model.config.reward_scored_at = SCORED_AT
+    reward_head(model)
+    if weights:
+        model = model.to(device)
+        diff, tolerance = reward_disagreement(model)
+        if not diff <= tolerance:
+            raise UserError(f"model {name_or_path}: {type(model).__name__} computes its reward in a way train/rewards.py "
+                            f"does not reproduce (differs by {diff:.3g} > {tolerance:.3g}); use a supported architecture")
+    return model, tokenizer
