@@ -188,3 +188,22 @@ def test_judge_scores_an_answer_as_the_reward_model_read_it_in_training(shards, 
     with torch.inference_mode():
         expected, _ = pair_rewards(RewardScorer(model.eval()), collate_pairs(data.columns, rows, pad_id=0))
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+
+
+def test_a_lora_reward_model_learns_and_its_adapter_and_merged_model_agree(shards, tiny_model_dir, tmp_path):  # noqa: F811
+    """Adapters on the frozen backbone and the new head trained whole (peft's SEQ_CLS task):
+    final/ is the adapter, final-merged/ a plain classifier giving the same rewards."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "lora-rm"
+    train(_config(shards.parent / "unscored", tiny_model_dir, out, objective="reward", max_steps=16, log_every=1,
+                  lora_r=8, lora_alpha=16, learning_rate=2e-2))
+    losses = [m["loss"] for m in _metrics(out) if "loss" in m]
+    assert np.mean(losses[-4:]) < losses[0] - 0.1
+    assert not list((out / "final").glob("model*.safetensors"))  # the adapter (and head) alone
+    adapter = AutoPeftModelForSequenceClassification.from_pretrained(out / "final", num_labels=1).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "final-merged").eval()
+    ids = torch.tensor([[1, 5, 9, 30, 41, 7], [2, 8, 8, 19, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)

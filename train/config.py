@@ -119,8 +119,6 @@ class TrainConfig(BaseModel):
         if self.parallelism == "fsdp" and self.reference == "live" and self.needs_reference:
             raise ValueError("--parallelism fsdp reads the stored reference; run prefdata precompute-ref "
                              "--parallelism fsdp instead of --reference live")
-        if self.objective == "reward" and self.lora_r:
-            raise ValueError("--objective reward trains the whole classifier; --lora-r is not supported for reward models yet")
         if self.lora_r and self.reference == "live":
             raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
         return self

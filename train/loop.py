@@ -319,7 +319,9 @@ def _save_final(config: TrainConfig, scorer: Any, peft_model: Any, model: Any, t
         with atomic_dir(out / "final-merged") as tmp:
             # Unsharded, rank 0's base is whole and the run is over: merge into it, instead of a
             # second copy of the base (4 bytes per parameter more at the very end of the run).
-            save_merged(None if parallel.is_sharded(scorer) else peft_model, policy_dir, out / "final", tmp)
+            load = load_reward_model if config.objective == "reward" else load_causal_lm
+            fresh_base = lambda: load(policy_dir, config.model, torch.float32, torch.device("cpu"))[0]  # noqa: E731
+            save_merged(None if parallel.is_sharded(scorer) else peft_model, fresh_base, out / "final", tmp)
             tokenizer.save_pretrained(tmp)
 
 

@@ -29,12 +29,18 @@ def _peft() -> Any:
     return peft
 
 
+def _is_reward_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def add_adapter(model: torch.nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str] | None,
                 seed: int) -> Any:
     """The peft model around `model` (changed in place: its Linear layers now carry adapters);
-    only adapter weights are trainable. The seed fixes the adapters' A matrices."""
+    only adapter weights are trainable — and a reward model's head, which a causal LM checkpoint
+    starts new (peft's SEQ_CLS task trains `score` whole). The seed fixes the adapters' A matrices."""
     peft = _peft()
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+    task = "SEQ_CLS" if _is_reward_model(model) else "CAUSAL_LM"
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task,
                              # peft's "all-linear": every Linear of the decoder, never the LM head
                              target_modules=target_modules or "all-linear")
     torch.manual_seed(seed)
@@ -50,14 +56,11 @@ def save_adapter(peft_model: Any, trainable_state: dict[str, torch.Tensor], out_
     peft_model.save_pretrained(out_dir, state_dict=state)
 
 
-def save_merged(trained: Any | None, base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+def save_merged(trained: Any | None, base: Any, adapter_dir: Path, out_dir: Path) -> None:
     """The base with the adapter merged in: what serving stacks load. `trained`: the peft model
-    as training left it, merged in place (the run is over); None when it is sharded, and a fresh
-    CPU copy of the base takes the saved adapter instead."""
+    as training left it, merged in place (the run is over); None when it is sharded, and `base()`,
+    a fresh CPU copy of the base model, takes the saved adapter instead."""
     peft = _peft()
     if trained is None:
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        trained = peft.PeftModel.from_pretrained(base, adapter_dir)
+        trained = peft.PeftModel.from_pretrained(base(), adapter_dir)
     trained.merge_and_unload().save_pretrained(out_dir)

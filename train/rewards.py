@@ -31,8 +31,8 @@ SCORED_AT = "completion_end"  # the config attribute value: rewards read at each
 
 def reward_head(model: torch.nn.Module) -> torch.nn.Module:
     """The classifier's output layer (transformers names it `score` for decoder models)."""
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+    head = getattr(model, "score", None)  # a Linear, or peft's wrapper of the one it trains whole
+    if not isinstance(head, torch.nn.Module) or getattr(model.config, "num_labels", None) != 1:
         raise UserError(f"{type(model).__name__}: no one-output `score` head; a reward model is a sequence classifier "
                         "with num_labels 1 over a decoder (LlamaForSequenceClassification, Qwen2ForSequenceClassification, …)")
     return head
