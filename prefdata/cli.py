@@ -108,7 +108,13 @@ def run_curate(config: Any) -> None:
 
     from prefdata.curate import curate, summary_table
 
-    Console().print(summary_table(curate(config)))
+    scorer = None
+    if config.score_with is not None:  # label noise: the model side, only when asked for
+        from train.label_scores import load_pair_scorer
+
+        scorer = load_pair_scorer(config.score_with, config.score_reference, beta=config.score_beta,
+                                  batch_size=config.score_batch_size, device=config.score_device, dtype=config.score_dtype)
+    Console().print(summary_table(curate(config, scorer)))
 
 
 def run_tokenize(config: Any) -> None:

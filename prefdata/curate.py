@@ -11,6 +11,10 @@ Order of the steps (each reported in the manifest):
   5. near-duplicate prompt clusters (prefdata.neardup: word 1+2-grams with a length-adapted
      threshold for short prompts, word n-grams for long ones; MinHash LSH) and --max-pairs-per-prompt;
   6. split by a hash of the prompt cluster, so a cluster never straddles train and eval.
+With --score-with (prefdata.label_noise), the pairs still kept after step 4 are scored by a
+reward model (or a policy's implicit reward) before step 5: each gets a `label_margin`, pairs it
+prefers the other way by more than --suspect-margin are flagged `label_suspect`, and with
+--drop-suspect dropped as `suspect_label`. Off, nothing of this runs and the outputs are unchanged.
 Normalisation for comparisons is NFKC, case-folded, whitespace collapsed; the records themselves
 are written unchanged.
 
@@ -34,7 +38,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -42,9 +46,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefdata import __version__
+from prefdata.label_noise import SCORED_COLUMNS, SUSPECT_LABEL, LabelScorer, label_margins, label_stats
 from prefdata.neardup import (
     SignatureFile,
     comparison_text,
@@ -62,21 +67,23 @@ from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
+from schemas.progress import progress
 from schemas.records import RECORD_FILES, RECORD_SCHEMA
+from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, SystemTurn
 
 # train/eval.parquet are records plus the prompt cluster they were split by; a later curate run
 # over them keeps those clusters whole.
 CURATED_SCHEMA = RECORD_SCHEMA.append(pa.field("prompt_cluster", pa.string()))
 CURATE_DROPPED_SCHEMA = CURATED_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("duplicate_of", pa.string()))
 CURATED_COLUMNS = CURATED_SCHEMA.names
-# Pass 2's spilled rows: the dropped layout plus where each row goes.
-_SPILL_SCHEMA = CURATE_DROPPED_SCHEMA.append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
+# With --score-with, every output also carries each pair's margin under the scorer and its flag.
+LABEL_FIELDS = [pa.field("label_margin", pa.float64()), pa.field("label_suspect", pa.bool_())]
 
 # Output row groups have a fixed size, so an output file's bytes depend only on its rows, not on
 # chunk_rows or on how the inputs were split into files.
 ROW_GROUP_ROWS = 65_536
 DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "tie", "low_margin", "too_short", "too_long")
-DROP_REASONS = (*DEGENERATE_REASONS, "conflicting_label", "duplicate", "contaminated", "prompt_cap")
+DROP_REASONS = (*DEGENERATE_REASONS, "conflicting_label", "duplicate", "contaminated", "prompt_cap", SUSPECT_LABEL)
 _REASON = pl.Enum(DROP_REASONS)
 TRAIN, EVAL, DROPPED = 0, 1, 2
 _OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped.parquet"}
@@ -103,6 +110,50 @@ class CurateConfig(BaseModel):
     seed: int = Field(0, description="Seed of the split hash and the MinHash permutations.")
     chunk_rows: int = Field(200_000, gt=0, description="Records held in memory at once in each pass; lower it to reduce peak "
                             "memory. The output does not depend on it.")
+    score_with: str | None = Field(None, description="Label noise: a reward model (e.g. prefdata train --objective reward's "
+                                   "final/), or with --score-reference a policy, scores every kept pair; its margin goes in "
+                                   "a label_margin column and the manifest counts suspects per source (docs/curate.md).")
+    score_reference: str | None = Field(None, description="The policy's reference: --score-with is scored by the implicit "
+                                        "reward beta*(log pi - log pi_ref) of chosen over rejected.")
+    score_beta: float = Field(0.1, gt=0, description="beta of the implicit reward margin (--score-reference).")
+    suspect_margin: float = Field(2.0, ge=0, description="A scored pair whose margin is below minus this (the scorer "
+                                  "prefers the rejected answer by more) is flagged label_suspect.")
+    drop_suspect: bool = Field(False, description="Drop the flagged pairs (reason suspect_label) instead of keeping them.")
+    score_template: Literal["auto", "chat", "plain"] = Field("auto", description="Scoring renders records as prefdata "
+                                                             "tokenize --template does, with the scorer's tokenizer.")
+    score_chat_template_kwargs: ChatTemplateKwargs = Field({}, description="Scoring: " + CHAT_TEMPLATE_KWARGS_HELP)
+    score_system_turn: SystemTurn = Field("fold", description="Scoring: as prefdata tokenize --system-turn.")
+    score_max_length: int = Field(2048, gt=1, description="Scoring: pairs longer than this are cut as prefdata tokenize "
+                                  "--overflow truncate cuts them (prompt from the left, to half of it).")
+    score_batch_size: int = Field(16, gt=0, description="Pairs per scoring forward pass.")
+    score_device: str = Field("auto", description="Scoring: auto, cuda, mps or cpu.")
+    score_dtype: str = Field("auto", description="Scoring: auto (bfloat16 on a GPU that has it, else float32), float32, "
+                             "bfloat16, float16.")
+
+    @model_validator(mode="after")
+    def _scoring(self) -> CurateConfig:
+        if self.score_with is None:
+            given = [name for name, on in (("--score-reference", self.score_reference is not None),
+                                           ("--drop-suspect", self.drop_suspect)) if on]
+            if given:
+                raise UserError(f"{' and '.join(given)} need --score-with (a reward model, or a policy with --score-reference)")
+        return self
+
+    @property
+    def scored(self) -> bool:
+        return self.score_with is not None
+
+
+def _spill_schema(scored: bool) -> pa.Schema:
+    """Pass 2's spilled rows: the dropped layout plus where each row goes."""
+    return _output_schema(DROPPED, scored).append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
+
+
+def _output_schema(dest: int, scored: bool) -> pa.Schema:
+    schema = CURATE_DROPPED_SCHEMA if dest == DROPPED else CURATED_SCHEMA
+    for label_field in LABEL_FIELDS if scored else []:
+        schema = schema.append(label_field)
+    return schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +332,9 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     return columns, texts
 
 
-def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill]:
-    """(narrow table in output order, input position of each row, prompt texts)."""
+def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
+    """(narrow table in output order, input position of each row, prompt texts, source names by
+    the codes in `_Narrow.source`)."""
     eval_grams = _eval_grams(config)
     texts = IpcSpill(spill / "prompts.arrow")
     chunks: list[dict[str, Any]] = []
@@ -300,7 +352,7 @@ def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[
         chunks.append(_narrow_chunk(empty, 0, config, eval_grams, sources)[0])
     narrow = _Narrow(**{name: _concat([chunk.pop(name) for chunk in chunks]) for name in list(chunks[0])})
     order = _output_order(narrow, sources)
-    return _reorder(narrow, order), order, texts
+    return _reorder(narrow, order), order, texts, list(sources)
 
 
 def _concat(parts: list) -> Any:
@@ -500,23 +552,37 @@ class _Decisions:
     cluster_row: np.ndarray  # row naming the prompt cluster, -1 for rows dropped before clustering
     ids: pa.Array
     stats: dict[str, Any]
+    label_margin: np.ndarray | None = None  # --score-with: the scorer's margin per row, NaN where not scored
+    label_suspect: np.ndarray | None = None  # bool per row: margin < −suspect_margin
 
     @property
     def in_order(self) -> bool:
         return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
 
 
-def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: IpcSpill, spill: Path) -> _Decisions:
+def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: IpcSpill, spill: Path,
+            labels_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> _Decisions:
+    """Steps 3–6. `labels_of(row_of_pos, wanted)` (--score-with) gives each row's label margin,
+    scoring the rows still kept after decontamination; the suspects among them are dropped before
+    clustering with --drop-suspect, so the cap and the split see only the pairs that stay."""
     reason = narrow.reason
     _conflicting_labels(narrow)
     duplicate_row = _exact_duplicates(narrow)
     reason[narrow.contaminated & (reason < 0)] = DROP_REASONS.index("contaminated")
+    n = len(reason)
+    row_of_pos = np.empty(n, np.int64)
+    row_of_pos[order] = np.arange(n)
+    label_margin = label_suspect = None
+    if labels_of is not None:
+        label_margin = labels_of(row_of_pos, reason < 0)
+        label_suspect = label_margin < -config.suspect_margin  # NaN (not scored) compares False
+        if config.drop_suspect:
+            reason[label_suspect & (reason < 0)] = DROP_REASONS.index(SUSPECT_LABEL)
     live_rows = np.flatnonzero(reason < 0)
     labels = _prompt_labels(narrow.prompt_key[live_rows], order[live_rows], config, prompts, len(order), spill)
     labels = _link_prior_clusters(pl.Series(pc.take(narrow.prior, pa.array(live_rows))),
                                   lambda: pl.Series(pc.take(narrow.ids, pa.array(live_rows))), labels)
     cluster_of_live, rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
-    n = len(reason)
     cluster_row = np.full(n, -1, np.int64)
     cluster_row[live_rows] = cluster_of_live
     if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
@@ -526,10 +592,8 @@ def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: I
     eval_cluster = _is_eval(pc.take(narrow.ids, pa.array(clusters)), config)
     dest = np.full(n, DROPPED, np.int8)
     dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
-    row_of_pos = np.empty(n, np.int64)
-    row_of_pos[order] = np.arange(n)
     return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, narrow.ids,
-                      _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)))
+                      _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)), label_margin, label_suspect)
 
 
 def _stats(dest: np.ndarray, kept: np.ndarray, cluster_of_kept: np.ndarray, eval_cluster: np.ndarray, n_clusters: int) -> dict[str, Any]:
@@ -549,7 +613,7 @@ def _stats(dest: np.ndarray, kept: np.ndarray, cluster_of_kept: np.ndarray, eval
 
 
 def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Table:
-    """A chunk of input records (curated columns) with its decisions, in _SPILL_SCHEMA."""
+    """A chunk of input records (curated columns) with its decisions, in `_spill_schema`."""
     cluster_row, duplicate_row, reason = decisions.cluster_row[rows], decisions.duplicate_row[rows], decisions.reason[rows]
     # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
     cluster = pc.if_else(pa.array(cluster_row >= 0), pc.take(decisions.ids, pa.array(cluster_row, mask=cluster_row < 0)),
@@ -558,9 +622,15 @@ def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Ta
     columns["prompt_cluster"] = cluster
     columns["drop_reason"] = pc.take(pa.array(DROP_REASONS), pa.array(reason, mask=reason < 0))
     columns["duplicate_of"] = pc.take(decisions.ids, pa.array(duplicate_row, mask=duplicate_row < 0))
+    scored = decisions.label_margin is not None
+    if scored:
+        margin = decisions.label_margin[rows]
+        unscored = np.isnan(margin)
+        columns["label_margin"] = pa.array(margin, mask=unscored)
+        columns["label_suspect"] = pa.array(decisions.label_suspect[rows], mask=unscored)
     columns["row"] = pa.array(rows)
     columns["dest"] = pa.array(decisions.dest[rows])
-    return pa.table(columns).cast(_SPILL_SCHEMA)
+    return pa.table(columns).cast(_spill_schema(scored))
 
 
 class _ParquetOutput:
@@ -601,8 +671,7 @@ def _route(table: pa.Table, outputs: dict[int, _ParquetOutput]) -> None:
 
 
 def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig, out_dir: Path, spill: Path) -> dict[int, int]:
-    outputs = {code: _ParquetOutput(out_dir / name, CURATE_DROPPED_SCHEMA if code == DROPPED else CURATED_SCHEMA)
-               for code, name in _OUTPUT_NAMES.items()}
+    outputs = {code: _ParquetOutput(out_dir / name, _output_schema(code, config.scored)) for code, name in _OUTPUT_NAMES.items()}
     annotated = _annotated_chunks(inputs, decisions, config.chunk_rows)
     if decisions.in_order:  # the inputs are already in output order: stream straight through
         for table in annotated:
@@ -626,16 +695,36 @@ def _annotated_chunks(inputs: list[InputFile], decisions: _Decisions, chunk_rows
 # The stage
 
 
-def curate(config: CurateConfig) -> Manifest:
+def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
+    """The stage. With `config.score_with`, `scorer` is the model that scores the pairs
+    (`train.label_scores.load_pair_scorer`; the `prefdata curate` command builds it, since this
+    package never imports the model side)."""
+    if config.scored and scorer is None:
+        raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
+                        "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
     inputs = _inputs(config.inputs)
     with atomic_dir(config.out) as out_dir:
         # Spill files live inside the output's temporary directory: a failed or killed run leaves
         # them where atomic_dir leaves its partial output, never beside the finished one.
         spill = out_dir / ".spill"
         spill.mkdir()
-        narrow, order, prompts = _pass1(inputs, config, spill)
-        decisions = _decide(narrow, order, config, prompts, spill)
-        del narrow, order
+        narrow, order, prompts, source_names = _pass1(inputs, config, spill)
+        refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
+
+        def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+            with progress("score labels", total=int(wanted.sum())) as bar:
+                margins, why = label_margins(_input_chunks(inputs, config.chunk_rows, SCORED_COLUMNS), row_of_pos, wanted,
+                                             scorer, config, bar)
+            refused.update(why)
+            return margins
+
+        source = narrow.source
+        decisions = _decide(narrow, order, config, prompts, spill, labels_of if config.scored else None)
+        if decisions.label_margin is not None:
+            dropped = decisions.reason == DROP_REASONS.index(SUSPECT_LABEL) if config.drop_suspect else None
+            decisions.stats["label_noise"] = label_stats(decisions.label_margin, source, source_names, decisions.label_suspect,
+                                                         dropped, config, scorer, refused)
+        del narrow, order, source
         written = _pass2(inputs, decisions, config, out_dir, spill)
         shutil.rmtree(spill)
         counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
@@ -670,4 +759,8 @@ def summary_table(manifest: Manifest) -> Any:
     table.add_row("train", f"{manifest.stats['train']:,}")
     table.add_row("eval", f"{manifest.stats['eval']:,}")
     table.add_row("prompt clusters (largest)", f"{manifest.stats['prompt_clusters']:,} ({manifest.stats['largest_cluster']})")
+    labels = manifest.stats.get("label_noise")
+    if labels:
+        table.add_row("label margin: scored (scorer agrees)", f"{labels['scored']:,} ({labels['agree']:,})")
+        table.add_row(f"label margin: suspect (< -{labels['suspect_margin']:g})", f"{labels['suspect']:,}")
     return table
