@@ -1,7 +1,7 @@
 """The most that prefix sharing, less padding and scoring only the answers can buy on one epoch of
 the bench's training batches: the bounds the measured train ratios are read against (issue 14).
 
-    .venv/bin/python benchmarks/bench_bounds.py SHARDS MODEL
+    .venv/bin/python benchmarks/bench_bounds.py SHARDS MODEL [--objective dpo|reward]
 
 Counted over one epoch in batches of `bench_train.BATCH_SIZE` pairs, as each side builds them:
     ours  the trainer's own order (`LengthGroupedSampler` over the prefix-shared row lengths, seed 0),
@@ -11,6 +11,13 @@ FLOPs of a training step (backward = 2× forward): 2 × decoder parameters per p
 attention 4 × T² × hidden per row and layer (both sides pass a mask, and a dense masked kernel
 computes all of T × T); the LM head 2 × hidden × vocabulary per position it projects: ours only the
 answer tokens, and each twice (its chunk is recomputed in backward), TRL every position.
+
+`--objective reward` (`bounds(..., objective="reward")`): the same decoder work on each side (ours
+the same prefix-shared, length-grouped rows; TRL's `RewardTrainer` the same random batches of two
+padded rows per pair), no LM head, and a one-output score head (2 × hidden FLOPs per position it
+projects): ours at 2 positions per pair (each answer's last token), TRL at every position it pads
+to (the classifier scores every position, then picks each row's last real one); 3 × forward for
+forward and backward on both sides, since nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -74,8 +81,14 @@ def _decoder_flops(shape: Shape, rows: int, width: int) -> float:
     return 3 * forward
 
 
-def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE) -> Bounds:
-    """From the train split's token columns: the row lengths each layout builds are theirs."""
+OBJECTIVES = ("dpo", "reward")
+
+
+def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE, objective: str = "dpo") -> Bounds:
+    """From the train split's token columns: the row lengths each layout builds are theirs.
+    `objective` picks the head: "dpo" the LM head, "reward" a one-output score head."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: one of {OBJECTIVES}")
     shared, padded_pair = columns.shared_lengths, columns.pair_lengths
     ours = LengthGroupedSampler(shared, batch_size, seed=0).epoch_batches(0)
     order = np.random.default_rng(0).permutation(len(columns))
@@ -83,31 +96,37 @@ def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE) ->
 
     ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
     trl_padded = sum(2 * len(b) * int(padded_pair[b].max()) for b in trl)
-    head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
-    # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in backward,
-    # and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
-    ours_flops = (sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
-                  + 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum()))
-    trl_flops = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) + 3 * head * 2 * len(b) * int(padded_pair[b].max())
-                    for b in trl)
+    decoder_ours = sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
+    decoder_trl = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) for b in trl)
+    if objective == "dpo":
+        head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
+        # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in
+        # backward, and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
+        head_ours = 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum())
+    else:
+        head = 2 * shape.hidden  # one output
+        head_ours = 3 * head * 2 * len(columns)  # each answer's last token, no recompute
+    head_trl = 3 * head * trl_padded  # every padded position of both rows
+    ours_flops, trl_flops = decoder_ours + head_ours, decoder_trl + head_trl
     return Bounds(real_tokens=int(columns.real_tokens.sum()), shared_tokens=int(shared.sum()),
                   prompt_tokens=int(2 * columns.prompt.lengths.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
                   flops_ours=ours_flops, flops_trl=trl_flops)
 
 
-def shard_bounds(shards: Path, model: Path) -> Bounds:
+def shard_bounds(shards: Path, model: Path, objective: str = "dpo") -> Bounds:
     from train.data import open_shards
 
     _, train_split, _ = open_shards(shards, need_ref=False)
-    return bounds(train_split.columns, Shape.of(model))
+    return bounds(train_split.columns, Shape.of(model), objective=objective)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", type=Path)
     parser.add_argument("model", type=Path)
+    parser.add_argument("--objective", choices=OBJECTIVES, default="dpo", help="dpo: the LM head; reward: a one-output score head")
     args = parser.parse_args()
-    result = shard_bounds(args.shards, args.model)
+    result = shard_bounds(args.shards, args.model, args.objective)
     print(json.dumps({**asdict(result), **result.ratios()}, indent=2))
 
 
