@@ -12,6 +12,9 @@ Rows (ours | peer):
     precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
     train           our trainer, precomputed and live reference, and with gradient checkpointing (TRL's
                     default) | TRL DPOTrainer, live and precompute
+    train reward    --objective reward (prefix-shared rows) | TRL RewardTrainer (two padded rows per pair),
+                    same model, rows, batch, float32, no checkpointing either side (bench_reward.py), beside
+                    the FLOP bound of the two layouts (bench_bounds.py, objective reward)
     MFU             model FLOPs of the real tokens (6·params per token, the same count for ours and TRL)
                     per second ÷ this machine's dense float32 matmul FLOP/s, measured in this run; and
                     ours over the tokens it computes (a shared prompt once)
@@ -54,6 +57,7 @@ from benchmarks import (  # noqa: E402
     bench_memory,
     bench_neardup,
     bench_precompute,
+    bench_reward,
     bench_train,
 )
 from schemas.cpus import usable_cpus  # noqa: E402
@@ -285,7 +289,10 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
              row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9,
                  "TRL precompute", "—", False)]
     rows += mfu_rows(stage, _parameters(model), flops, train)
-    return rows, train
+    # The reward model on the same rows and model: ours --objective reward beside TRL's RewardTrainer.
+    reward = bench_reward.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"], work)
+    rows += bench_reward.table_rows(rows_set, reward, bench_bounds.shard_bounds(shards, model, objective="reward"), row)
+    return rows, {**train, **reward}
 
 
 def mfu_rows(stage: str, params: int, matmul_flops: float, train: dict[str, dict]) -> list[dict]:

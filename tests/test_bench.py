@@ -1,5 +1,7 @@
 """The benchmark table's arithmetic (the measurements themselves live in `make bench`, never in tests)."""
 
+import pytest
+
 from benchmarks.run_all import SIZES, markdown, mfu_rows, row
 
 
@@ -81,6 +83,48 @@ def test_bounds_count_each_sides_tokens_and_flops_by_hand():
     assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
     assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 12 * 20 == 4320
     assert result.ratios()["sharing"] == 15 / 11 and result.ratios()["flops"] == 4320 / 2784
+
+
+def test_reward_bounds_count_the_score_head_at_two_positions_per_pair_against_every_padded_one():
+    """The same two pairs, model and batches as above, objective reward: the decoder work is the
+    same on each side, and no LM head; the one-output head (2·2 = 4 FLOPs per projection, 3× for
+    forward and backward, no recompute) runs at 2 positions per pair for ours (4 positions), at
+    every padded position for TRL (20)."""
+    from benchmarks.bench_bounds import Shape, bounds
+    from tests.test_logprobs import _columns
+
+    columns = _columns([[1, 1, 1], [1]], [[2], [2, 2]], [[3, 3], [3, 3]])
+    result = bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="reward")
+    assert (result.padded_tokens_ours, result.padded_tokens_trl) == (12, 20)
+    assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 3 * 4 * 4 == 2496
+    assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 4 * 20 == 3840
+    assert result.ratios()["flops"] == 3840 / 2496
+    with pytest.raises(ValueError, match="objective"):
+        bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="kto")
+
+
+def test_reward_rows_say_what_each_side_ran_and_read_the_bound_as_the_target():
+    from benchmarks.bench_bounds import Bounds
+    from benchmarks.bench_reward import OURS, PEER, table_rows
+
+    results = {"ours-reward": {"tokens_per_s": 6_000.0, "peak_rss_mib": 500.0},
+               "trl-reward": {"tokens_per_s": 2_000.0, "peak_rss_mib": 750.0}}
+    limits = Bounds(real_tokens=150, shared_tokens=110, prompt_tokens=80, padded_tokens_ours=120, padded_tokens_trl=200,
+                    flops_ours=2.5e9, flops_trl=5e9)
+    speed, memory, tokens, flops = table_rows("hh", results, limits, row)
+    assert speed["stage"] == memory["stage"] == "train reward model [hh], no checkpointing either side"
+    assert OURS in speed["metric"] and "prefix-shared" in OURS and speed["peer_name"] == PEER and "RewardTrainer" in PEER
+    assert (speed["ratio"], speed["target"]) == (3.0, "≥ 2.00× (FLOP bound)")
+    assert (memory["ratio"], memory["target"]) == (1.5, "≤ TRL")
+    assert tokens["ratio"] == 200 / 120 and (flops["ours"], flops["peer"], flops["ratio"]) == (2.5, 5.0, 2.0)
+
+
+def test_trl_reward_rows_are_prompt_plus_answer_ids_of_our_shards(monkeypatch):
+    from benchmarks import bench_reward
+
+    ids = {"prompt_ids": [[1, 2], [3]], "chosen_ids": [[4], [5, 6]], "rejected_ids": [[7, 8], [9]]}
+    monkeypatch.setattr(bench_reward, "trl_token_ids", lambda shards: ids)
+    assert bench_reward.trl_rows(None) == {"chosen": [[1, 2, 4], [3, 5, 6]], "rejected": [[1, 2, 7, 8], [3, 9]]}
 
 
 def test_peak_rss_is_the_childs_own_not_the_parents_it_inherits():

@@ -1,0 +1,162 @@
+"""Reward-model training throughput and memory: `--objective reward` against TRL 1.x
+`RewardTrainer` (issue 26, item 6).
+
+    .venv/bin/python benchmarks/bench_reward.py [--rows 200] [--max-length 768] [--steps N] [--repeats 3] [--rows-set uniform|hh]
+
+Like for like, as `bench_train.py` for DPO: the same rows (`bench_precompute.prepare`: the same
+~4M-parameter Llama checkpoint and tokenizer; TRL trains on exactly our shards' token ids), a
+one-output sequence classifier made from that checkpoint on both sides (the backbone loaded, a new
+score head), batch 8 pairs, float32, the same learning rate, one epoch by default, and no
+activation checkpointing on either side (RewardConfig's default turns it on; it is set off here):
+    ours-reward  `train()` with objective reward: one prefix-shared row [prompt, chosen, rejected]
+                 per pair, the trainer's length-grouped batches, each answer scored at its last token
+    trl-reward   TRL `RewardTrainer`: two rows per pair (prompt + chosen, prompt + rejected, its
+                 `DataCollatorForPreference` padding them), random batches, the classifier's own
+                 forward (the score head at every position, read at each row's last real token)
+Each run is its own subprocess, alternating; its peak RSS is that process's own high-water mark
+(VmHWM, `process_memory.py`). Tokens/s = real tokens (prompt twice + both answers: TRL's own
+counter, attention-mask sums) ÷ the time of steps 2..N (step 1's warm-up, loading and saving left
+out on both sides). The FLOP bound for this layout against TRL's on the same batches is
+`bench_bounds.py --objective reward`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare, trl_step_window, trl_token_ids  # noqa: E402
+from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE, epoch_steps  # noqa: E402
+from benchmarks.process_memory import peak_rss_mib  # noqa: E402
+
+VARIANTS = ("ours-reward", "trl-reward")
+# What each side runs, for the table's rows.
+OURS = "ours --objective reward (prefix-shared rows, length-grouped, scored at 2 positions per pair)"
+PEER = "TRL RewardTrainer (2 padded rows per pair, random batches)"
+
+
+def train_ours(model: Path, shards: Path, steps: int, out: Path) -> dict:
+    """Our trainer with objective reward, logging every step; steps 2..N are the timed window."""
+    from train.config import TrainConfig
+    from train.loop import train
+
+    config = TrainConfig(shards=str(shards), model=str(model), out=str(out), objective="reward", batch_size=BATCH_SIZE,
+                         max_steps=steps, log_every=1, learning_rate=LEARNING_RATE, gradient_checkpointing=False,
+                         prefix_sharing="auto", device=bench_device(), dtype="float32")
+    train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > 1]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    return {"tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+            "computed_tokens_per_s": sum(r["computed_tokens"] for r in timed) / seconds}
+
+
+def trl_rows(shards: Path) -> dict[str, list]:
+    """Our shards' pairs as RewardTrainer's pre-tokenized columns: prompt + answer ids per side."""
+    ids = trl_token_ids(shards)
+    return {side: [p + a for p, a in zip(ids["prompt_ids"], ids[f"{side}_ids"])] for side in ("chosen", "rejected")}
+
+
+def train_trl(model: Path, shards: Path, steps: int, out: Path) -> dict:
+    """TRL's `train()`, timed by a callback from the end of step 1 to the end of step N over the
+    real tokens TRL counts itself."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from train.models import padding_id
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    classifier = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32,
+                                                                    pad_token_id=padding_id(tokenizer))
+    rows = trl_rows(shards)
+    dataset = Dataset.from_dict({"chosen_ids": rows["chosen"], "rejected_ids": rows["rejected"]})
+    args = RewardConfig(output_dir=str(out), per_device_train_batch_size=BATCH_SIZE, max_steps=steps, learning_rate=LEARNING_RATE,
+                        bf16=False, use_cpu=bench_device() == "cpu", gradient_checkpointing=False, max_length=None,
+                        report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=steps)
+    trainer = RewardTrainer(model=classifier, args=args, train_dataset=dataset, processing_class=tokenizer)
+    window = trl_step_window(trainer, steps)
+    trainer.train()
+    return {"tokens_per_s": window.tokens_per_s}
+
+
+def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
+    """One variant in this process; adds this process's own peak RSS."""
+    result = train_ours(model, shards, steps, out) if variant == "ours-reward" else train_trl(model, shards, steps, out)
+    return {**result, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
+    command = [sys.executable, __file__, "--child", variant, "--model", str(model), "--shards", str(shards),
+               "--steps", str(steps), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> dict[str, dict]:
+    """Both variants `repeats` times, alternating; per variant the median of each figure and the runs."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    for repeat in range(repeats):
+        for variant in VARIANTS:
+            runs[variant].append(run_in_subprocess(variant, model, shards, steps, work))
+            print(f"repeat {repeat + 1}: {variant} {runs[variant][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    return {variant: {key: statistics.median(run[key] for run in results) for key in results[0]} | {"runs": results}
+            for variant, results in runs.items()}
+
+
+def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dict]:
+    """The bench table's rows for one row set: tokens/s and peak RSS beside TRL's (targets: at least
+    the FLOP bound of `limits`, a `bench_bounds.Bounds` for objective reward; memory ≤ TRL's), and
+    the bound's own rows. `row` is run_all.row."""
+    stage = f"train reward model [{rows_set}], no checkpointing either side"
+    bound = limits.ratios()["flops"]
+    ours, trl = results["ours-reward"], results["trl-reward"]
+    return [row(stage, f"tokens/s, {OURS}", ours["tokens_per_s"], trl["tokens_per_s"], PEER, f"≥ {bound:.2f}× (FLOP bound)"),
+            row(stage, "peak RSS MiB", ours["peak_rss_mib"], trl["peak_rss_mib"], PEER, "≤ TRL", False),
+            row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
+                PEER, "—", False),
+            row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
+    add_child_arguments(parser, VARIANTS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
+        return
+    from benchmarks.bench_bounds import shard_bounds
+
+    with tempfile.TemporaryDirectory(prefix="bench-reward-") as tmp:
+        model, shards = prepare(Path(tmp), args.rows, args.max_length, DUMPS[args.rows_set])
+        steps = args.steps or epoch_steps(shards)
+        results = compare(model, shards, steps, args.repeats, Path(tmp))
+        limits = shard_bounds(shards, model, objective="reward")
+    print(f"{args.rows_set} rows, {steps} steps of {BATCH_SIZE} pairs, float32 {bench_device()}, no checkpointing either side, "
+          f"medians of {args.repeats} alternating runs")
+    for variant in VARIANTS:
+        print(f"{variant:12s} {results[variant]['tokens_per_s']:9,.0f} tokens/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
+    ratio = results["ours-reward"]["tokens_per_s"] / results["trl-reward"]["tokens_per_s"]
+    print(f"ours/TRL {ratio:.2f}x; FLOP bound {limits.ratios()['flops']:.2f}x; "
+          f"peak RSS TRL/ours {results['trl-reward']['peak_rss_mib'] / results['ours-reward']['peak_rss_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
