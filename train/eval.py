@@ -49,6 +49,7 @@ from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_resp
 from train.logprobs import sequence_logps
 from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, padding_id, same_weights
+from train.rewards import is_reward_model
 from train.tracking import open_tracker
 
 
@@ -250,17 +251,6 @@ def plot_reward_vs_kl(points: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def is_reward_model(path: str) -> bool:
-    """A one-output sequence classifier (what `--objective reward` trains), not a causal LM."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir(path))
-    except (OSError, ValueError):
-        return False  # not loadable: load_causal_lm says why in one line
-    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
 
 
 # Calibration buckets: pairs sorted by |margin|, cut into this many equal groups.

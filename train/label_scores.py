@@ -24,16 +24,7 @@ from schemas.fingerprint import tokenizer_fingerprint
 from train.batching import TOKEN_COLUMNS, TokenColumns, collate_pairs
 from train.device import dtype_name, select_device, select_dtype
 from train.models import load_causal_lm, model_dir, model_fingerprint, padding_id
-
-
-def _is_sequence_classifier(directory: Any) -> bool:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError):
-        return False  # not loadable: the loader says why in one line
-    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+from train.rewards import is_reward_model
 
 
 class PairScorer:
@@ -89,7 +80,7 @@ def load_pair_scorer(score_with: str, reference: str | None = None, *, beta: flo
     torch_dtype = select_dtype(dtype, torch_device)
     directory = model_dir(score_with)
     if reference is None:
-        if not _is_sequence_classifier(directory):
+        if not is_reward_model(directory):
             raise UserError(f"--score-with {score_with}: not a reward model (a one-output sequence classifier); give "
                             "--score-reference REF to score with a policy's implicit reward, or train a reward model "
                             "with prefdata train --objective reward")
@@ -98,7 +89,7 @@ def load_pair_scorer(score_with: str, reference: str | None = None, *, beta: flo
         model, tokenizer = load_reward_model(directory, score_with, torch_dtype, torch_device)
         info = {"kind": "reward_model", "model": model_fingerprint(directory, score_with, torch_dtype, torch_device).model_dump()}
         return PairScorer("reward_model", [model.eval()], tokenizer, torch_device, batch_size, beta, info)
-    if _is_sequence_classifier(directory):
+    if is_reward_model(directory):
         raise UserError(f"--score-with {score_with} is a reward model; score with it alone (no --score-reference)")
     ref_directory = model_dir(reference)
     policy, tokenizer = load_causal_lm(directory, score_with, torch_dtype, torch_device)

@@ -29,6 +29,19 @@ from train.models import _first_line, load_model_tokenizer
 SCORED_AT = "completion_end"  # the config attribute value: rewards read at each completion's last token
 
 
+def is_reward_model(name_or_path: str | Path) -> bool:
+    """A sequence classifier (what `--objective reward` trains, or any reward model), not a causal LM."""
+    from transformers import AutoConfig
+
+    from train.models import model_dir
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir(str(name_or_path)))
+    except (OSError, ValueError, UserError):
+        return False  # not loadable: the model's loader says why in one line
+    return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
 def reward_head(model: torch.nn.Module) -> torch.nn.Module:
     """The classifier's output layer (transformers names it `score` for decoder models)."""
     head = getattr(model, "score", None)  # a Linear, or peft's wrapper of the one it trains whole
