@@ -148,13 +148,14 @@ def test_loss_accuracy_and_rewards_equal_trl_reward_trainer_on_identical_ids(sha
     _, data, _ = open_shards(str(shards.parent / "unscored"), need_ref=False)
     rows = np.arange(12)
     columns = data.columns
+    margins = np.linspace(-0.5, 1.0, len(rows), dtype=np.float32)  # TRL's `margin` column
     batch = trainer.data_collator([{"chosen_ids": np.concatenate([columns.prompt.row(i), columns.chosen.row(i)]).tolist(),
-                                    "rejected_ids": np.concatenate([columns.prompt.row(i), columns.rejected.row(i)]).tolist()}
-                                   for i in rows])
+                                    "rejected_ids": np.concatenate([columns.prompt.row(i), columns.rejected.row(i)]).tolist(),
+                                    "margin": float(m)} for i, m in zip(rows, margins)])
     with torch.no_grad():
         trl_loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
         chosen, rejected = pair_rewards(RewardScorer(ours.eval()), collate_pairs(columns, rows, pad_id=0, shared=shared))
-        loss, metrics = reward_loss(chosen, rejected, center_rewards_coefficient=0.01)
+        loss, metrics = reward_loss(chosen, rejected, center_rewards_coefficient=0.01, margin=torch.from_numpy(margins))
     trl_chosen, trl_rejected = outputs.logits.squeeze(-1).chunk(2)
     torch.testing.assert_close(chosen, trl_chosen, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rejected, trl_rejected, atol=1e-4, rtol=1e-4)
@@ -207,3 +208,49 @@ def test_a_lora_reward_model_learns_and_its_adapter_and_merged_model_agree(shard
     ids = torch.tensor([[1, 5, 9, 30, 41, 7], [2, 8, 8, 19, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_reward_loss_with_a_margin_by_hand():
+    """Differences 1 and −1, margins 0.5 and −1: mean(−log σ(0.5), −log σ(0)) = mean(0.474077, 0.693147)."""
+    loss, _ = reward_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), margin=torch.tensor([0.5, -1.0]))
+    assert loss.item() == pytest.approx((0.474077 + 0.693147) / 2, abs=1e-5)
+
+
+def test_margins_come_from_the_records_ratings_and_enter_the_loss(tiny_model_dir, tmp_path):
+    """Records with scores (a rated source): each shard row's margin is its record's
+    chosen_score − rejected_score (0 without scores), and a run with --margin-from-scores starts
+    at the loss those margins give on the same model."""
+    from prefdata.tokenize import TokenizeConfig, tokenize
+    from tests.records_factory import make_record, write_records_dir
+    from tests.test_train import _learnable
+    from train.data import open_shards
+    from train.rewards import score_margins
+
+    records = _learnable(28)
+    rated = [make_record(r.prompt[0].content, r.chosen[0].content, r.rejected[0].content, row=i,
+                         chosen_score=float(i % 5), rejected_score=0.0) for i, r in enumerate(records[:24])]
+    unrated = records[24:]
+    write_records_dir(tmp_path / "records", {"train": rated + unrated, "eval": []})
+    tokenize(TokenizeConfig(input_dir=str(tmp_path / "records"), tokenizer=str(tiny_model_dir), out=str(tmp_path / "shards")))
+    _, data, _ = open_shards(str(tmp_path / "shards"), need_ref=False)
+    expected = {r.id: r.chosen_score - r.rejected_score for r in rated} | {r.id: 0.0 for r in unrated}
+    np.testing.assert_allclose(score_margins(str(tmp_path / "shards"), data.ids), [expected[i] for i in data.ids])
+
+    starts = {}
+    for weight in (0.0, 0.5):
+        out = tmp_path / f"margin-{weight}"
+        train(_config(tmp_path / "shards", tiny_model_dir, out, objective="reward", max_steps=1, batch_size=28, log_every=1,
+                      margin_from_scores=weight))
+        starts[weight] = _metrics(out)[0]["loss"]
+    # The whole split in one batch at the starting model: the loss those margins give.
+    from train.rewards import load_reward_model
+
+    torch.manual_seed(0)  # the new head as the run drew it (train seeds torch with --seed 0 before loading)
+    model, _ = load_reward_model(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    rows = np.arange(len(data))
+    with torch.no_grad():
+        chosen, rejected = pair_rewards(RewardScorer(model.eval()), collate_pairs(data.columns, rows, pad_id=0, shared=True))
+        margins = torch.tensor([0.5 * expected[i] for i in data.ids], dtype=torch.float32)
+        assert starts[0.5] == pytest.approx(reward_loss(chosen, rejected, margin=margins)[0].item(), abs=1e-5)
+        assert starts[0.0] == pytest.approx(reward_loss(chosen, rejected)[0].item(), abs=1e-5)
+    assert starts[0.5] > starts[0.0]  # margins of 0–2 to win by: a harder start

@@ -34,6 +34,9 @@ class TrainConfig(BaseModel):
     sft_weight: float = Field(0.0, ge=0, description="RPO: add this weight × NLL on chosen to the preference loss.")
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="Objective reward: add this weight × mean((r_chosen + r_rejected)²), keeping rewards near 0.")
+    margin_from_scores: float = Field(
+        0.0, ge=0, description="Objective reward: each pair must win by this weight × (chosen_score − rejected_score) of its "
+        "record (its source's ratings; 0 where it has none), inside the sigmoid; 0 = no margin.")
     reference: Literal["precomputed", "live"] = Field("precomputed", description="Where π_ref comes from.")
     reference_model: str | None = Field(None, description="Live reference model (default: --model).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch per process.")
@@ -119,6 +122,8 @@ class TrainConfig(BaseModel):
         if self.parallelism == "fsdp" and self.reference == "live" and self.needs_reference:
             raise ValueError("--parallelism fsdp reads the stored reference; run prefdata precompute-ref "
                              "--parallelism fsdp instead of --reference live")
+        if self.margin_from_scores and self.objective != "reward":
+            raise ValueError("--margin-from-scores is for --objective reward")
         if self.lora_r and self.reference == "live":
             raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
         return self

@@ -46,6 +46,10 @@ class RecordIds:
         for chunk in self._column.chunks:
             yield from chunk.to_pylist()
 
+    @property
+    def column(self) -> pa.ChunkedArray:
+        return self._column
+
 
 class FloatColumn:
     """A float32 column as per-chunk views of the mapped buffers; `take` gathers rows over chunks."""
@@ -76,6 +80,7 @@ class SplitData:
     columns: TokenColumns
     ref_chosen_logps: FloatColumn | None
     ref_rejected_logps: FloatColumn | None
+    score_margins: np.ndarray | None = None  # float32 [N], reward models' --margin-from-scores (train.rewards)
 
     def __len__(self) -> int:
         return len(self.columns)

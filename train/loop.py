@@ -8,6 +8,7 @@ reference model is never run, unless `--reference live` asks for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from train.models import (
     padding_id,
     same_weights,
 )
-from train.rewards import RewardScorer, load_reward_model, pair_rewards
+from train.rewards import RewardScorer, load_reward_model, pair_rewards, score_margins
 from train.tracking import Tracker, open_tracker
 
 
@@ -176,7 +177,8 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
     if config.objective == "reward":
         with autocast():
             chosen, rejected = pair_rewards(scorer, batch)
-        return reward_loss(chosen, rejected, config.center_rewards_coefficient, denominators)
+        margin = None if data.score_margins is None else torch.from_numpy(data.score_margins[batch.rows]).to(chosen.device)
+        return reward_loss(chosen, rejected, config.center_rewards_coefficient, denominators, margin)
     with autocast():
         logps = sequence_logps(scorer, batch)
     if config.objective == "sft":
@@ -347,6 +349,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     needs_stored_ref = config.needs_reference and config.reference == "precomputed"
     manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
+    if config.margin_from_scores:
+        train_data, eval_data = (None if split is None else dataclasses.replace(
+            split, score_margins=config.margin_from_scores * score_margins(config.shards, split.ids))
+            for split in (train_data, eval_data))
     policy_dir = model_dir(config.model)
     check_tokenizer(policy_dir, config.model, manifest.tokenizer)
     resume_from = parallel.latest_checkpoint(out) if config.resume else None

@@ -253,14 +253,16 @@ def preference_loss(
 
 
 def reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, center_rewards_coefficient: float = 0.0,
-                denominators: Denominators | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Bradley–Terry: mean −log σ(r(x, yw) − r(x, yl)), plus `center_rewards_coefficient` ·
-    mean((r(x, yw) + r(x, yl))²), which keeps the rewards near 0 (Eisenstein et al. 2023; TRL's
-    `center_rewards_coefficient`). Same formulas as TRL's RewardTrainer.
+                denominators: Denominators | None = None, margin: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley–Terry: mean −log σ(r(x, yw) − r(x, yl) − m), with m a pair's required margin (0, or
+    from its ratings: Llama 2's margin loss, TRL's `margin` column), plus
+    `center_rewards_coefficient` · mean((r(x, yw) + r(x, yl))²), which keeps the rewards near 0
+    (Eisenstein et al. 2023; TRL's `center_rewards_coefficient`). Same formulas as TRL's RewardTrainer.
 
-    Shapes: chosen_rewards, rejected_rewards [B] float32. Returns the scalar loss and metrics:
-    rewards/chosen, rewards/rejected (means), rewards/margins, rewards/accuracies."""
-    loss = _mean(-F.logsigmoid(chosen_rewards - rejected_rewards), denominators)
+    Shapes: chosen_rewards, rejected_rewards, margin [B] float32. Returns the scalar loss and
+    metrics: rewards/chosen, rewards/rejected (means), rewards/margins, rewards/accuracies."""
+    difference = chosen_rewards - rejected_rewards
+    loss = _mean(-F.logsigmoid(difference if margin is None else difference - margin), denominators)
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * _mean((chosen_rewards + rejected_rewards) ** 2, denominators)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from schemas.errors import UserError
@@ -40,6 +41,24 @@ def is_reward_model(name_or_path: str | Path) -> bool:
     except (OSError, ValueError, UserError):
         return False  # not loadable: the model's loader says why in one line
     return any(name.endswith("ForSequenceClassification") for name in (config.architectures or []))
+
+
+def score_margins(shards: str, ids: Any) -> np.ndarray:
+    """chosen_score − rejected_score of each row's record, float32 [N] in row order (0 where the
+    record has no scores), read from the record set the shards were tokenized from: the shards
+    carry token ids, the records their sources' ratings."""
+    import polars as pl
+
+    from train.generate import record_files
+
+    scores = pl.concat([pl.read_parquet(path, columns=["id", "chosen_score", "rejected_score"])
+                        for path in record_files(Path(shards), "all")]).unique("id").with_columns(found=pl.lit(True))
+    rows = pl.DataFrame({"id": pl.from_arrow(ids.column)}).with_row_index("row")
+    joined = rows.join(scores, on="id", how="left").sort("row")
+    if joined["found"].null_count():
+        raise UserError(f"{shards}: {joined['found'].null_count()} rows' records are not in the record set the shards were "
+                        "tokenized from; re-run tokenize from the current record set")
+    return (joined["chosen_score"] - joined["rejected_score"]).fill_null(0.0).to_numpy().astype(np.float32)
 
 
 def reward_head(model: torch.nn.Module) -> torch.nn.Module:
