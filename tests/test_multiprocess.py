@@ -96,7 +96,9 @@ def _args(shards: Path, model: Path, out: Path, **options: object) -> list[str]:
     ({"parallelism": "fsdp"}, 3),
     # Two micro-batches per step: the epoch's second step holds its last batch alone (one pair).
     ({"parallelism": "ddp", "lora_r": 4, "learning_rate": 2e-2, "gradient_accumulation_steps": 2}, 2),
-], ids=["ddp", "fsdp", "lora-accumulated"])
+    # A reward model sharded: its classifier's layers under FSDP2, the same loop and stand-in rows.
+    ({"parallelism": "fsdp", "objective": "reward"}, 3),
+], ids=["ddp", "fsdp", "lora-accumulated", "reward-fsdp"])
 def test_train_on_three_processes_equals_one_process_on_the_same_global_batches(uneven, tiny_model_dir, tmp_path,
                                                                                  options, steps):
     """Global batches of 6 pairs: 6, 6 and 1. One process takes all 6; three take 2 each, and in
