@@ -201,10 +201,15 @@ def _fold(text: pl.Expr) -> pl.Expr:
     return text.str.normalize("NFKC").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
 
 
-def _normalised(messages: str) -> pl.Expr:
-    """One comparable string per message list, roles kept."""
+def _normalised(messages: str, without_system: bool = False) -> pl.Expr:
+    """One comparable string per message list, roles kept; `without_system`: the user and
+    assistant turns alone, what a prompt asks (near-duplicates are judged on it: a system prompt
+    shared by many records would make every short request behind it look alike)."""
     element = pl.element().struct
-    return _fold(pl.col(messages).list.eval(element.field("role") + ": " + element.field("content")).list.join("\n"))
+    turns = pl.col(messages)
+    if without_system:
+        turns = turns.list.eval(pl.element().filter(element.field("role") != "system"))
+    return _fold(turns.list.eval(element.field("role") + ": " + element.field("content")).list.join("\n"))
 
 
 def _answer_chars(messages: str) -> pl.Expr:
@@ -310,7 +315,8 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     reason = frame["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
     live = np.flatnonzero(reason < 0)
     kept = frame[live]
-    prompt = comparison_text(kept["prompt_norm"]) if config.near_dup else kept["prompt_norm"]
+    prompt = comparison_text(kept.select(_normalised("prompt", without_system=True)).to_series()) if config.near_dup \
+        else kept["prompt_norm"]
     pair_key, prompt_key = np.zeros((frame.height, 2), np.uint64), np.zeros((frame.height, 2), np.uint64)
     pair_key[live] = _key128(kept.select(_pair_text()).to_series())
     swapped = frame.select(_swapped()).to_series().to_numpy()

@@ -220,12 +220,18 @@ def test_short_prompts_do_not_move_the_lsh_layout():
     assert layout(data.texts + ["Hi", "Thanks", "ok", "the the the the the the", "?"]) == without == (0.5, (32, 4))
 
 
-def test_one_word_prompts_keep_their_own_clusters_through_curate(tmp_path):
+SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request briefly, politely and accurately."
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM_PROMPT], ids=["alone", "behind-a-shared-system-prompt"])
+def test_one_word_prompts_keep_their_own_clusters_through_curate(tmp_path, system):
     """The issue's run: 20 one-word prompts, 3 records each (written as people write them),
-    curated by default, were one cluster of 60 and an empty eval split."""
+    curated by default, were one cluster of 60 and an empty eval split. Behind one system prompt
+    (orca-style dumps: most records carry one), its words made every short request look alike."""
     words = ["Hi", "Thanks", "Continue", "Hello", "Yes", "No", "Stop", "Why", "Python", "Weather", "Paris", "Help",
              "Again", "More", "Bitcoin", "Recipes", "Sorry", "Ok", "Cool", "Bye"]
-    records = [make_record(form, f"answer {i} {k}", f"other {i} {k}", row=3 * i + k)
+    prompt = (lambda text: text) if system is None else (lambda text: [("system", system), ("user", text)])
+    records = [make_record(prompt(form), f"answer {i} {k}", f"other {i} {k}", row=3 * i + k)
                for i, word in enumerate(words) for k, form in enumerate([word, word.lower() + "!", f"  {word.upper()} ?"])]
     src = write_records_dir(tmp_path / "in", {"records": records}, stage="ingest")
     manifest = curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), eval_fraction=0.3))
