@@ -126,7 +126,7 @@ class ChatRenderer:
         if _PROBE_ANSWER not in conversation:
             raise UserError("the chat template does not render an assistant answer's text; use --template plain")
         tail = conversation[conversation.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
-        self.end_of_turn = tail[: self._last_special_end(tail)]
+        self.end_of_turn = tail[: self._end_of_turn_end(tail)]
         self.end_of_turn_ids = self._special_ids(self.end_of_turn)
         self.appended_ids = [] if self.end_of_turn_ids else [tokenizer.eos_token_id]
         shared = self._common_prefix(generation, conversation)
@@ -152,9 +152,17 @@ class ChatRenderer:
                 i += len(token)
         return found
 
-    def _last_special_end(self, text: str) -> int:
-        spans = self._occurrences(text)
-        return spans[-1][1] if spans else 0
+    def _end_of_turn_end(self, tail: str) -> int:
+        """Where the end of turn after an answer stops: the first special token and the ones right
+        after it (Phi-4's `<|end|><|endoftext|>`), not text beyond them (Phi-3's `<|end|>\n` and
+        the EOS it renders at the end of a conversation: the model stops at `<|end|>`)."""
+        spans = self._occurrences(tail)
+        end = spans[0][1] if spans else 0
+        for start, stop in spans[1:]:
+            if start != end:
+                break
+            end = stop
+        return end
 
     def _special_ids(self, text: str) -> list[int]:
         return [self.tokenizer.convert_tokens_to_ids(text[a:b]) for a, b in self._occurrences(text)]

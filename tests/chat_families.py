@@ -27,6 +27,13 @@ PHI4_MINI = ChatLayout(
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}",
     "<|endoftext|>", "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
 
+# Phi-3: each turn ends `<|end|>` and a newline; a conversation rendered without a generation
+# prompt also ends with EOS, after that newline (the model stops at `<|end|>`).
+PHI3 = ChatLayout(
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+    "<s>", "<|endoftext|>", ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+
 # DeepSeek-R1 distills: system text right after BOS; the generation prompt opens a <think> block a
 # rendered conversation never has (reasoning is stripped from assistant turns).
 DEEPSEEK_R1 = ChatLayout(
@@ -99,6 +106,7 @@ FAMILIES = [
     Family("chatml", CHATML, True, "<|im_end|>", ("<|im_end|>",), True),
     Family("gemma", GEMMA, True, "<end_of_turn>", ("<eos>", "<end_of_turn>"), False),
     Family("phi4-mini", PHI4_MINI, False, "<|end|><|endoftext|>", ("<|endoftext|>", "<|end|>"), True),
+    Family("phi3", PHI3, True, "<|end|>", ("<|endoftext|>", "<|end|>"), True),
     Family("deepseek-r1", DEEPSEEK_R1, True, "<｜end▁of▁sentence｜>", ("<｜end▁of▁sentence｜>",), True, "shared_prefix"),
     Family("qwen3", QWEN3, False, "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), True),
     Family("qwen3-no-thinking", QWEN3, False, "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), True,
