@@ -41,6 +41,9 @@ from schemas.shard import SHARD_SCHEMA, shard_name
 TOO_LONG = "too_long"
 EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+# Different answers the template renders alike (a DeepSeek-R1 template strips the reasoning before
+# `</think>`): a pair with nothing left to prefer, which curate cannot see in the raw texts.
+IDENTICAL_AFTER_RENDERING = "identical_after_rendering"
 
 
 def prompt_length_limit(max_length: int, max_prompt_length: int | None) -> int:
@@ -152,6 +155,8 @@ def encode_batch(rows: list[dict], renderer: Renderer, encode: Any) -> _Encoded:
     end = renderer.appended_ids  # EOS only where the template renders no end of turn of its own
     for i, c, r in zip(ok, encode([chosen.texts[i] for i in ok]), encode([rejected.texts[i] for i in ok])):
         out.prompt[i], out.chosen[i], out.rejected[i] = bos + distinct_ids[which[i]], c + end, r + end
+        if c == r:
+            out.reason[i] = IDENTICAL_AFTER_RENDERING
     return out
 
 

@@ -205,3 +205,15 @@ def test_generate_refuses_shards_tokenized_with_other_template_options(family_to
                             chat_template_kwargs="enable_thinking=false"))
     with pytest.raises(UserError, match="tokenized with --chat-template-kwargs"):
         generate(GenerateConfig(prompts=str(shards), policy=str(tmp_path / "policy"), out=str(tmp_path / "g")))
+
+
+def test_answers_the_template_renders_alike_are_dropped_with_their_reason(family_tokenizers, tmp_path):
+    """DeepSeek-R1's template keeps only what follows `</think>` in an assistant turn: two answers
+    differing only in their reasoning become one completion, a pair with nothing to prefer."""
+    records = [make_record("Is 7 prime?", "<think>7 has no divisor but 1 and 7</think>Yes.",
+                           "<think>7 is odd, so maybe</think>Yes.", row=1),
+               make_record("Is 9 prime?", "<think>3 divides 9</think>No.", "<think>9 is odd</think>Yes.", row=2)]
+    src = write_records_dir(tmp_path / "in", {"train": records, "eval": []})
+    manifest = tokenize(TokenizeConfig(input_dir=str(src), tokenizer=family_tokenizers(BY_NAME["deepseek-r1"]),
+                                       out=str(tmp_path / "s")))
+    assert manifest.counts.kept == 1 and manifest.counts.dropped == {"identical_after_rendering": 1}
