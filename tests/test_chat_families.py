@@ -217,3 +217,18 @@ def test_answers_the_template_renders_alike_are_dropped_with_their_reason(family
     manifest = tokenize(TokenizeConfig(input_dir=str(src), tokenizer=family_tokenizers(BY_NAME["deepseek-r1"]),
                                        out=str(tmp_path / "s")))
     assert manifest.counts.kept == 1 and manifest.counts.dropped == {"identical_after_rendering": 1}
+
+
+def test_generate_renders_shard_prompts_as_the_shards_were_rendered(family_tokenizers, tmp_path):
+    """Shards tokenized with the plain template and system turns dropped: generate takes both from
+    them (it took its own defaults, and sampled prompts the shards never held); an explicit other
+    template is refused."""
+    from train.generate import GenerateConfig, _rendering
+
+    src = write_records_dir(tmp_path / "in", {"train": RECORDS, "eval": []})
+    tokenize(TokenizeConfig(input_dir=str(src), tokenizer=family_tokenizers(BY_NAME["gemma"]), out=str(tmp_path / "s"),
+                            template="plain", system_turn="drop"))
+    config = GenerateConfig(prompts=str(tmp_path / "s"), policy="unused", out=str(tmp_path / "g"))
+    assert _rendering(config) == ("plain", "drop")
+    with pytest.raises(UserError, match="tokenized with --template plain"):
+        _rendering(config.model_copy(update={"template": "chat"}))

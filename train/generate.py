@@ -273,7 +273,7 @@ def generate(config: GenerateConfig) -> Manifest:
     out = Path(config.out)
     if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
         return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
-    _check_shards_template_kwargs(config)
+    template, system_turn = _rendering(config)
     raw, inputs = raw_prompts(config.prompts, config.split)
     prompts, dropped = distinct_prompts(raw, seen_prompt_ids(config.exclude_prompts), config.max_prompts)
     if not prompts:
@@ -284,7 +284,7 @@ def generate(config: GenerateConfig) -> Manifest:
     policy_dir = model_dir(config.policy)
     model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
     model.eval()
-    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs)
+    renderer = make_renderer(tokenizer, template, config.chat_template_kwargs, system_turn)
     prompts, ids = _rendered(prompts, renderer, dropped)
     prompts, ids = _fitting(prompts, ids, model, config.max_new_tokens, dropped)
     stop_ids = stop_token_ids(renderer, model.generation_config.eos_token_id)
@@ -320,14 +320,23 @@ def generate(config: GenerateConfig) -> Manifest:
     return Manifest.read(out, stages=("generate",))
 
 
-def _check_shards_template_kwargs(config: GenerateConfig) -> None:
-    """Prompts taken from shards are rendered with the template options the shards were made with."""
+def _rendering(config: GenerateConfig) -> tuple[str, str]:
+    """(template, system turn) the prompts are rendered with. Prompts taken from shards are
+    rendered as the shards were (tokenize's template, system-turn rule and template options), so
+    generate samples from the prompts the shards hold; other prompts as the command says."""
     path = Path(config.prompts)
     if path.is_dir():
         manifest = Manifest.read(path)
         if manifest.stage in ("tokenize", "precompute-ref"):
-            check_template_kwargs(config.chat_template_kwargs, shard_tokenize_config(manifest).get("chat_template_kwargs", {}),
+            tokenized = shard_tokenize_config(manifest)
+            check_template_kwargs(config.chat_template_kwargs, tokenized.get("chat_template_kwargs", {}),
                                   f"{config.prompts}: the shards")
+            template = tokenized.get("template", "auto")
+            if config.template not in ("auto", template):
+                raise UserError(f"--template {config.template}: {config.prompts} was tokenized with --template {template}; "
+                                "drop --template")
+            return template, tokenized.get("system_turn", "fold")
+    return config.template, "fold"
 
 
 def _rendered(prompts: list[list[dict]], renderer: Any, dropped: Counter) -> tuple[list[list[dict]], list[list[int]]]:
