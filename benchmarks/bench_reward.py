@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import bench_train  # noqa: E402
 from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare, trl_step_window, trl_token_ids  # noqa: E402
 from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE, epoch_steps  # noqa: E402
 from benchmarks.process_memory import peak_rss_mib  # noqa: E402
@@ -95,25 +94,9 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) ->
     return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path) -> dict:
-    out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
-    command = [sys.executable, __file__, "--child", variant, "--model", str(model), "--shards", str(shards),
-               "--steps", str(steps), "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> dict[str, dict]:
-    """Both variants `repeats` times, alternating; per variant the median of each figure and the runs."""
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
-    for repeat in range(repeats):
-        for variant in VARIANTS:
-            runs[variant].append(run_in_subprocess(variant, model, shards, steps, work))
-            print(f"repeat {repeat + 1}: {variant} {runs[variant][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
-    return {variant: {key: statistics.median(run[key] for run in results) for key in results[0]} | {"runs": results}
-            for variant, results in runs.items()}
+    """Both variants `repeats` times, alternating, each in its own process: bench_train's runner."""
+    return bench_train.compare(model, shards, steps, repeats, work, VARIANTS, __file__)
 
 
 def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dict]:

@@ -106,9 +106,10 @@ def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) ->
     return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path) -> dict:
+def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work: Path, script: str = __file__) -> dict:
+    """`script --child variant` in its own process (its own peak RSS); its last stdout line is the result."""
     out = Path(tempfile.mkdtemp(prefix=f"{variant}-", dir=work))
-    command = [sys.executable, __file__, "--child", variant, "--model", str(model), "--shards", str(shards),
+    command = [sys.executable, script, "--child", variant, "--model", str(model), "--shards", str(shards),
                "--steps", str(steps), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
@@ -116,12 +117,14 @@ def run_in_subprocess(variant: str, model: Path, shards: Path, steps: int, work:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> dict[str, dict]:
-    """Every variant `repeats` times, alternating; per variant the median of each figure and the runs."""
-    runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path, variants: tuple[str, ...] = VARIANTS,
+            script: str = __file__) -> dict[str, dict]:
+    """Every variant `repeats` times, alternating (each run by `script`, this file or another
+    bench's); per variant the median of each figure and the runs."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for repeat in range(repeats):
-        for variant in VARIANTS:
-            runs[variant].append(run_in_subprocess(variant, model, shards, steps, work))
+        for variant in variants:
+            runs[variant].append(run_in_subprocess(variant, model, shards, steps, work, script))
             print(f"repeat {repeat + 1}: {variant} {runs[variant][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     return {variant: {key: statistics.median(run[key] for run in results) for key in results[0]} | {"runs": results}
             for variant, results in runs.items()}

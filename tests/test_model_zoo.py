@@ -28,6 +28,7 @@ from transformers import (
 from prefdata.tokenize import TokenizeConfig, tokenize
 from schemas.errors import UserError
 from tests.records_factory import write_records_dir
+from tests.test_arch_guard import _save
 from tests.test_train import _learnable
 from train.batching import Collator
 from train.config import TrainConfig
@@ -102,27 +103,13 @@ def base_no_pad_tokenizer_dir(base_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
-def _save_model(arch: Architecture, tokenizer_dir: Path, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = arch.config()
-    config.vocab_size = len(tokenizer)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def pipeline(request, chat_tokenizer_dir, base_no_pad_tokenizer_dir, tmp_path_factory) -> Pipeline:
     """A tiny model of one architecture, its records tokenized and scored by it."""
     name, arch = request.param, ARCHITECTURES[request.param]
     root = tmp_path_factory.mktemp(name)
     tokenizer_dir = {"chat": chat_tokenizer_dir, "base_no_pad": base_no_pad_tokenizer_dir}[arch.tokenizer]
-    model = _save_model(arch, tokenizer_dir, root / "model")
+    model = _save(arch.config(), tokenizer_dir, root / "model")
     records = write_records_dir(root / "records", {"train": _learnable(TRAIN_PAIRS),
                                                    "eval": _learnable(EVAL_PAIRS, offset=1000)})
     tokenize(TokenizeConfig(input_dir=str(records), tokenizer=str(model), out=str(root / "shards"), workers=1))

@@ -94,26 +94,34 @@ def attention_kernel(requested: str | None, packing: bool, device: torch.device)
     return kernel
 
 
-def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
-                   attn_implementation: str | None = None, weights: bool = True) -> tuple[Any, Any]:
-    """(model on `device` in `dtype`, tokenizer). Any load failure is a one-line UserError.
+def instantiate(auto_class: Any, directory: Path, name_or_path: str, dtype: torch.dtype, attn_implementation: str | None,
+                weights: bool, what: str = "it", **config_overrides: Any) -> Any:
+    """`auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification) from `directory`,
+    on the CPU, in `dtype`. Any load failure is a one-line UserError.
 
     `weights=False`: the architecture only, its parameters on the meta device (no memory), for
     the FSDP processes that receive their shard of the weights from rank 0 instead of reading
-    the whole model themselves."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    the whole model themselves; built with the same attention kernel and config overrides."""
+    from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-        else:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), **kwargs)
+            return auto_class.from_pretrained(directory, **kwargs, **config_overrides)
+        with torch.device("meta"):
+            return auto_class.from_config(AutoConfig.from_pretrained(directory, **config_overrides), **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
-        raise UserError(f"model {name_or_path}: cannot load it: {_first_line(exc)}") from None
+        raise UserError(f"model {name_or_path}: cannot load {what}: {_first_line(exc)}") from None
+
+
+def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
+                   attn_implementation: str | None = None, weights: bool = True) -> tuple[Any, Any]:
+    """(model on `device` in `dtype`, tokenizer); `weights=False`: on the meta device (`instantiate`)."""
+    from transformers import AutoModelForCausalLM
+
+    model = instantiate(AutoModelForCausalLM, directory, name_or_path, dtype, attn_implementation, weights)
     model = model.to(device) if weights else model
     check_scoring_matches_forward(model, name_or_path)
     return model, load_model_tokenizer(directory, name_or_path)

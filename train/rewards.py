@@ -25,7 +25,7 @@ import torch
 from schemas.errors import UserError
 from train.batching import PairBatch
 from train.masks import shared_attention_mask
-from train.models import _first_line, load_model_tokenizer
+from train.models import load_model_tokenizer
 
 SCORED_AT = "completion_end"  # the config attribute value: rewards read at each completion's last token
 
@@ -145,23 +145,13 @@ def load_reward_model(directory: Path, name_or_path: str, dtype: torch.dtype, de
     one: its backbone, and a new head transformers initialises small (normal, σ = the config's
     initializer_range); a reward model continues with its own head. The pad id is set so the
     model's own forward (and `judge`) find each row's last real token."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from train.models import padding_id
+    from train.models import instantiate, padding_id
 
     tokenizer = load_model_tokenizer(directory, name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dtype, "num_labels": 1, "pad_token_id": padding_id(tokenizer)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        if weights:
-            model = AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
-        else:
-            config = AutoConfig.from_pretrained(directory, num_labels=1, pad_token_id=kwargs["pad_token_id"])
-            with torch.device("meta"):
-                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    except Exception as exc:  # an architecture without a sequence-classification class, corrupt files: one line
-        raise UserError(f"model {name_or_path}: cannot load it as a reward model: {_first_line(exc)}") from None
+    model = instantiate(AutoModelForSequenceClassification, directory, name_or_path, dtype, attn_implementation, weights,
+                        "it as a reward model", num_labels=1, pad_token_id=padding_id(tokenizer))
     model.config.reward_scored_at = SCORED_AT
     reward_head(model)
     if weights:
