@@ -12,7 +12,7 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      the step-0 check's float32 tolerance of SDPA's, and the scoring rate of each;
                      then train --packing (FlexAttention forward and backward) in bf16
     iterate eval     the on-policy loop's eval stage (compare_policies: sample, judge, KL) on cuda:0
-    multi-GPU        with ≥ 2 GPUs: train DDP and FSDP2 in float32 on every GPU beside one GPU on the
+    multi-GPU        with ≥ 2 GPUs: FSDP2 with --cpu-offload on every GPU; train DDP and FSDP2 in float32 on every GPU beside one GPU on the
                      same global batches (losses equal within float32 reduction order), and
                      precompute-ref on every GPU beside one (the same stored values); with one GPU,
                      one row saying these need two
@@ -173,8 +173,12 @@ def _multi_gpu_precompute(gpus: int, model: Path, shards: Path, work: Path) -> d
 def _multi_gpu(gpus: int, model: Path, shards: Path, work: Path) -> list[dict]:
     if gpus < 2:
         return [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": f"needs 2 GPUs; {gpus} visible"}]
+    # --cpu-offload on several GPUs: the non-loading ranks' buffers must reach the GPU before rank 0's
+    # broadcast (parallel.shard), a path one GPU or the CPU never takes.
+    offload = _train("train fsdp cpu-offload", gpus, model, shards, work / "fsdp-offload", "--parallelism", "fsdp",
+                     "--cpu-offload")
     return [_multi_gpu_train(gpus, model, shards, work, "ddp"), _multi_gpu_train(gpus, model, shards, work, "fsdp"),
-            _multi_gpu_precompute(gpus, model, shards, work)]
+            offload, _multi_gpu_precompute(gpus, model, shards, work)]
 
 
 def _iterate_eval(policy: Path, baseline: Path, records: Path) -> dict:

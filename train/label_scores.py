@@ -33,7 +33,7 @@ class PairScorer:
     def __init__(self, kind: str, models: list[Any], tokenizer: Any, device: torch.device, batch_size: int,
                  beta: float, info: dict[str, Any]) -> None:
         self.kind, self.models, self.tokenizer = kind, models, tokenizer
-        self.device, self.batch_size, self.beta, self.info = device, batch_size, beta, info
+        self.device, self.batch_size, self.beta = device, batch_size, beta
         self.pad_id = padding_id(tokenizer)
         # What renders the records: the tokenizer the margins were computed on ids of.
         self.info = {**info, "tokenizer": tokenizer_fingerprint(tokenizer, info.get("model", info.get("policy", {})).get(
