@@ -1,8 +1,9 @@
-"""The preference record: the contract between ingest, curate and tokenize.
+"""The records: the contract between ingest, curate and tokenize.
 
-A record is one comparison: a conversation (`prompt`) and two continuations of it, the preferred
-one (`chosen`) and the other (`rejected`). Text is normalised once, here, so every later stage can
-compare strings byte for byte.
+A preference record is one comparison: a conversation (`prompt`) and two continuations of it, the
+preferred one (`chosen`) and the other (`rejected`). An unpaired record is one continuation
+(`completion`) with a binary label, desirable or not (a thumbs up or down: KTO's data). Text is
+normalised once, here, so every later stage can compare strings byte for byte.
 """
 
 from __future__ import annotations
@@ -80,6 +81,37 @@ class Message(BaseModel):
 MetaValue = str | int | float | bool | None
 
 
+def _check_prompt(prompt: list[Message]) -> None:
+    if not prompt:
+        raise PydanticCustomError(EMPTY_PROMPT, "prompt has no messages")
+    if prompt[-1].role != "user":
+        raise PydanticCustomError(
+            PROMPT_NOT_ENDING_WITH_USER,
+            "prompt must end with a user turn, got {role}",
+            {"role": prompt[-1].role},
+        )
+    if any(m.role == "system" for m in prompt[1:]):
+        raise PydanticCustomError(SYSTEM_NOT_FIRST, "a system message may only open the prompt")
+
+
+def _check_answer(name: str, answer: list[Message]) -> None:
+    if not answer:
+        raise PydanticCustomError(EMPTY_ANSWER, "{name} has no messages", {"name": name})
+    if answer[0].role != "assistant":
+        raise PydanticCustomError(
+            ANSWER_NOT_STARTING_WITH_ASSISTANT,
+            "{name} must start with an assistant turn, got {role}",
+            {"name": name, "role": answer[0].role},
+        )
+
+
+def _fill_or_check_id(record: BaseModel, expected: str) -> None:
+    if not record.id:
+        object.__setattr__(record, "id", expected)
+    elif record.id != expected:
+        raise PydanticCustomError(ID_MISMATCH, "id does not match the record's content")
+
+
 class PreferenceRecord(BaseModel):
     """One validated comparison. `id` is filled in from the content when not given, and checked
     when given (a record edited by hand must not keep its old id)."""
@@ -99,33 +131,38 @@ class PreferenceRecord(BaseModel):
 
     @model_validator(mode="after")
     def _check_shape(self) -> PreferenceRecord:
-        if not self.prompt:
-            raise PydanticCustomError(EMPTY_PROMPT, "prompt has no messages")
-        if self.prompt[-1].role != "user":
-            raise PydanticCustomError(
-                PROMPT_NOT_ENDING_WITH_USER,
-                "prompt must end with a user turn, got {role}",
-                {"role": self.prompt[-1].role},
-            )
-        if any(m.role == "system" for m in self.prompt[1:]):
-            raise PydanticCustomError(SYSTEM_NOT_FIRST, "a system message may only open the prompt")
-        for name, answer in (("chosen", self.chosen), ("rejected", self.rejected)):
-            if not answer:
-                raise PydanticCustomError(EMPTY_ANSWER, "{name} has no messages", {"name": name})
-            if answer[0].role != "assistant":
-                raise PydanticCustomError(
-                    ANSWER_NOT_STARTING_WITH_ASSISTANT,
-                    "{name} must start with an assistant turn, got {role}",
-                    {"name": name, "role": answer[0].role},
-                )
+        _check_prompt(self.prompt)
+        _check_answer("chosen", self.chosen)
+        _check_answer("rejected", self.rejected)
         prompt, chosen, rejected = _pairs(self.prompt), _pairs(self.chosen), _pairs(self.rejected)
         if chosen == rejected:
             raise PydanticCustomError(IDENTICAL_ANSWERS, "chosen and rejected are identical")
-        expected = _pair_id(prompt, chosen, rejected)
-        if not self.id:
-            object.__setattr__(self, "id", expected)
-        elif self.id != expected:
-            raise PydanticCustomError(ID_MISMATCH, "id does not match the record's content")
+        _fill_or_check_id(self, _pair_id(prompt, chosen, rejected))
+        return self
+
+
+class UnpairedRecord(BaseModel):
+    """One completion with a binary label: `label` True is desirable (a thumbs up), False
+    undesirable. Validated like a pair's answers; `id` is the content hash of prompt, completion
+    and label (the same completion labelled both ways is two records, which curate reconciles)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = ""
+    prompt: list[Message]
+    completion: list[Message]
+    label: bool
+    source: str
+    source_format: str
+    source_row: int
+    score: float | None = None  # the rating the label came from, when the source has one
+    meta: dict[str, MetaValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> UnpairedRecord:
+        _check_prompt(self.prompt)
+        _check_answer("completion", self.completion)
+        _fill_or_check_id(self, _stable_hash([_pairs(self.prompt), _pairs(self.completion), self.label]))
         return self
 
 
@@ -154,6 +191,47 @@ RECORD_SCHEMA = pa.schema(
         ("meta", pa.string()),
     ]
 )
+
+# records.parquet, train.parquet, eval.parquet of an unpaired record set.
+UNPAIRED_RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", MESSAGES_TYPE),
+        ("completion", MESSAGES_TYPE),
+        ("label", pa.bool_()),
+        ("source", pa.string()),
+        ("source_format", pa.string()),
+        ("source_row", pa.int64()),
+        ("score", pa.float64()),
+        ("meta", pa.string()),
+    ]
+)
+
+PAIRED, UNPAIRED = "paired", "unpaired"
+
+
+def record_kind(schema: pa.Schema) -> str:
+    """`paired` or `unpaired`, from a record file's columns (a curated file has one more)."""
+    return UNPAIRED if "completion" in schema.names else PAIRED
+
+
+def record_schema(kind: str) -> pa.Schema:
+    return UNPAIRED_RECORD_SCHEMA if kind == UNPAIRED else RECORD_SCHEMA
+
+
+def unpaired_to_table(records: list[UnpairedRecord]) -> pa.Table:
+    """UnpairedRecords → an UNPAIRED_RECORD_SCHEMA table."""
+    columns = {
+        "id": pa.array([r.id for r in records], pa.string()),
+        **{name: _messages_array([getattr(r, name) for r in records]) for name in ("prompt", "completion")},
+        "label": pa.array([r.label for r in records], pa.bool_()),
+        "source": pa.array([r.source for r in records], pa.string()),
+        "source_format": pa.array([r.source_format for r in records], pa.string()),
+        "source_row": pa.array([r.source_row for r in records], pa.int64()),
+        "score": pa.array([r.score for r in records], pa.float64()),
+        "meta": pa.array([_meta_json(r.meta) for r in records], pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=UNPAIRED_RECORD_SCHEMA)
 
 
 def records_to_table(records: list[PreferenceRecord]) -> pa.Table:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+from schemas.shard import PAIRED, TOKEN_COLUMNS, UNPAIRED
 
 
 class ChunkIndex:
@@ -103,13 +103,18 @@ class _ListColumn:
 
 @dataclass(frozen=True, eq=False)
 class TokenColumns:
+    """A shard's token columns. `chosen` and `rejected` are a row's two continuations of its
+    prompt: a pair's answers, or an unpaired row's completion and KL completion
+    (schemas.shard.TOKEN_COLUMNS), laid out and scored alike."""
+
     prompt: _ListColumn
     chosen: _ListColumn
     rejected: _ListColumn
 
     @classmethod
     def from_table(cls, table: pa.Table) -> TokenColumns:
-        return cls(*(_ListColumn.from_arrow(table.column(name)) for name in TOKEN_COLUMNS))
+        kind = UNPAIRED if "completion_input_ids" in table.column_names else PAIRED
+        return cls(*(_ListColumn.from_arrow(table.column(name)) for name in TOKEN_COLUMNS[kind]))
 
     def __len__(self) -> int:
         return len(self.prompt.index)

@@ -23,7 +23,7 @@ import pyarrow.ipc as ipc
 from schemas.errors import UserError
 from schemas.io import sha256_file
 from schemas.manifest import Manifest
-from schemas.shard import REF_COLUMNS, SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
+from schemas.shard import PAIRED, REF_COLUMNS_OF, UNPAIRED, shard_kind
 from train.batching import ChunkIndex, TokenColumns
 
 
@@ -81,12 +81,18 @@ class SplitData:
     ref_chosen_logps: FloatColumn | None
     ref_rejected_logps: FloatColumn | None
     score_margins: np.ndarray | None = None  # float32 [N], reward models' --margin-from-scores (train.rewards)
+    labels: np.ndarray | None = None  # bool [N], unpaired shards only: True where the completion is desirable
 
     def __len__(self) -> int:
         return len(self.columns)
 
+    @property
+    def kind(self) -> str:
+        return PAIRED if self.labels is None else UNPAIRED
+
     def ref_logps(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stored (chosen, rejected) reference log-probs of `rows`, float32 copies of just those rows."""
+        """Stored reference log-probs of `rows`' two continuations (a pair's chosen and rejected, an
+        unpaired row's completion and KL completion), float32 copies of just those rows."""
         if self.ref_chosen_logps is None or self.ref_rejected_logps is None:
             raise ValueError("these shards carry no reference log-probs")
         return self.ref_chosen_logps.take(rows), self.ref_rejected_logps.take(rows)
@@ -97,8 +103,7 @@ def read_shard(path: Path) -> pa.Table:
     # Memory-mapped: the OS pages the file in as batches touch it instead of reading it up front,
     # and the table's buffers point into the mapping (they keep it alive after this returns).
     table = ipc.open_file(pa.memory_map(str(path))).read_all()
-    schema = table.schema.remove_metadata()
-    if not schema.equals(SHARD_SCHEMA) and not schema.equals(SHARD_WITH_REF_SCHEMA):
+    if shard_kind(table.schema) is None:
         raise UserError(f"{path}: not a prefdata shard (columns {table.column_names}); re-run prefdata tokenize")
     return table
 
@@ -117,15 +122,20 @@ def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool)
                             f"re-run prefdata {manifest.stage}")
         tables.append(read_shard(path))
     # Without promotion, concat_tables only chains the files' chunks: no buffer is copied.
+    if len({shard_kind(t.schema) for t in tables}) > 1:
+        raise UserError(f"{shards_dir}: the {split} shards mix paired and unpaired rows; re-run prefdata tokenize")
     table = pa.concat_tables(tables, promote_options="none") if len(tables) > 1 else tables[0]
-    has_ref = all(name in table.column_names for name in REF_COLUMNS)
+    kind = shard_kind(table.schema)
+    has_ref = all(name in table.column_names for name in REF_COLUMNS_OF[kind])
     if need_ref and not has_ref:
         raise UserError(
             f"{shards_dir}: no reference log-probs in the shards; run `prefdata precompute-ref {shards_dir} --model MODEL` "
             "first (or train with --reference live, or --objective sft)"
         )
-    ref = [FloatColumn(table.column(name)) for name in REF_COLUMNS] if has_ref else [None, None]
-    return SplitData(RecordIds(table.column("id")), TokenColumns.from_table(table), *ref)
+    ref = [FloatColumn(table.column(name)) for name in REF_COLUMNS_OF[kind]] if has_ref else [None, None]
+    # One byte a row, decoded once: the loss reads the labels of every batch.
+    labels = table.column("label").to_numpy() if kind == UNPAIRED else None
+    return SplitData(RecordIds(table.column("id")), TokenColumns.from_table(table), *ref, labels=labels)
 
 
 def open_shards(shards_dir: str | Path, need_ref: bool) -> tuple[Manifest, SplitData, SplitData | None]:

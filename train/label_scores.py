@@ -21,7 +21,8 @@ import torch
 
 from schemas.errors import UserError
 from schemas.fingerprint import tokenizer_fingerprint
-from train.batching import TOKEN_COLUMNS, TokenColumns, collate_pairs
+from schemas.shard import PAIRED, TOKEN_COLUMNS
+from train.batching import TokenColumns, collate_pairs
 from train.device import dtype_name, select_device, select_dtype
 from train.models import load_causal_lm, model_dir, model_fingerprint, padding_id
 from train.rewards import is_reward_model
@@ -47,7 +48,7 @@ class PairScorer:
         if n == 0:
             return result
         table = pa.table({name: pa.array(ids, type=pa.list_(pa.int32()))
-                          for name, ids in zip(TOKEN_COLUMNS, (prompt, chosen, rejected))})
+                          for name, ids in zip(TOKEN_COLUMNS[PAIRED], (prompt, chosen, rejected))})
         columns = TokenColumns.from_table(table)
         order = np.argsort(columns.pair_lengths, kind="stable")
         with torch.inference_mode():
