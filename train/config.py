@@ -22,9 +22,10 @@ class TrainConfig(BaseModel):
     shards: str = Field(description="Shards from prefdata precompute-ref (or tokenize, for objectives without a reference).")
     model: str = Field(description="The starting policy: a directory (save_pretrained) or Hub name.")
     out: str = Field(description="Directory for checkpoints, final/, metrics.jsonl, curves.png, manifest.json.")
-    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo", "reward"] = Field(
+    objective: Literal["dpo", "sft", "simpo", "cpo", "orpo", "reward", "kto"] = Field(
         "dpo", description="sft: Preferred-FT on chosen only; simpo, cpo, orpo: reference-free; reward: a Bradley–Terry reward "
-        "model (a one-output sequence classifier started from --model); only dpo reads a reference.")
+        "model (a one-output sequence classifier started from --model); kto: KTO on unpaired shards (one completion and a "
+        "desirable/undesirable label per row); dpo and kto read a reference.")
     loss: dict[str, float] = Field({"sigmoid": 1.0}, description="Pair losses with weights: sigmoid, or sigmoid:1,sft:0.5.")
     beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO / EXO: assumed share of flipped labels.")
@@ -37,6 +38,10 @@ class TrainConfig(BaseModel):
     margin_from_scores: float = Field(
         0.0, ge=0, description="Objective reward: each pair must win by this weight × (chosen_score − rejected_score) of its "
         "record (its source's ratings; 0 where it has none), inside the sigmoid; 0 = no margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="Objective kto: λD, the weight of desirable rows' losses.")
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="Objective kto: λU, the weight of undesirable rows' losses (KTO advises λD·nD/(λU·nU) in "
+        "[1, 4/3]; curate's summary gives the ranges for your data).")
     reference: Literal["precomputed", "live"] = Field("precomputed", description="Where π_ref comes from.")
     reference_model: str | None = Field(None, description="Live reference model (default: --model).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch per process.")
@@ -122,6 +127,8 @@ class TrainConfig(BaseModel):
         if self.parallelism == "fsdp" and self.reference == "live" and self.needs_reference:
             raise ValueError("--parallelism fsdp reads the stored reference; run prefdata precompute-ref "
                              "--parallelism fsdp instead of --reference live")
+        if (self.desirable_weight != 1 or self.undesirable_weight != 1) and self.objective != "kto":
+            raise ValueError("--desirable-weight / --undesirable-weight are for --objective kto")
         if self.margin_from_scores and self.objective != "reward":
             raise ValueError("--margin-from-scores is for --objective reward")
         if self.lora_r and self.reference == "live":
@@ -130,7 +137,7 @@ class TrainConfig(BaseModel):
 
     @property
     def needs_reference(self) -> bool:
-        return self.objective == "dpo"
+        return self.objective in ("dpo", "kto")
 
     @property
     def loss_params(self) -> LossParams:

@@ -27,6 +27,7 @@ from schemas.errors import UserError
 from schemas.io import atomic_dir
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, package_version
 from schemas.progress import progress
+from schemas.shard import PAIRED, UNPAIRED
 from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
@@ -34,7 +35,16 @@ from train.data import SplitData, open_shards
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
-from train.losses import REFERENCE_FREE_LOSSES, Denominators, preference_loss, reference_free_loss, reward_loss, sft_loss
+from train.losses import (
+    REFERENCE_FREE_LOSSES,
+    Denominators,
+    kto_kl,
+    kto_loss,
+    preference_loss,
+    reference_free_loss,
+    reward_loss,
+    sft_loss,
+)
 from train.models import (
     attention_kernel,
     check_tokenizer,
@@ -171,9 +181,11 @@ class MetricsWindow:
 
 
 def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitData, ref_model: Any,
-               autocast: Any, denominators: Denominators | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               autocast: Any, denominators: Denominators | None = None, dist: Dist | None = None,
+               weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective's loss and metrics on one batch: means over the batch, or with `denominators`
-    this batch's share of a larger mean (`step_denominators`)."""
+    this batch's share of a larger mean (`step_denominators`). KTO's KL estimate is over the
+    batch on every process of `dist` (`weight` 0: this process's rows are a stand-in)."""
     if config.objective == "reward":
         with autocast():
             chosen, rejected = pair_rewards(scorer, batch)
@@ -188,22 +200,47 @@ def batch_loss(config: TrainConfig, scorer: Any, batch: PairBatch, data: SplitDa
     if config.objective in REFERENCE_FREE_LOSSES:
         return reference_free_loss(config.objective, logps.chosen, logps.rejected, logps.chosen_tokens,
                                    logps.rejected_tokens, config.loss_params, denominators)
-    if ref_model is not None:
-        with torch.inference_mode(), autocast():
-            ref = sequence_logps(ref_model, batch)
-        ref_chosen, ref_rejected = ref.chosen.clone(), ref.rejected.clone()
-    else:
-        ref_chosen, ref_rejected = (torch.from_numpy(x).to(logps.chosen.device) for x in data.ref_logps(batch.rows))
+    ref_chosen, ref_rejected = _reference_logps(ref_model, batch, data, autocast, logps.chosen.device)
+    if config.objective == "kto":
+        # An unpaired row's two continuations: its completion (chosen slot) and KL completion.
+        weights = torch.full_like(ref_rejected, weight)
+        kl = kto_kl(logps.rejected - ref_rejected, weights, None if dist is None else dist.sum)
+        desirable = torch.from_numpy(data.labels[batch.rows]).to(logps.chosen.device)
+        return kto_loss(logps.chosen - ref_chosen, desirable, kl, config.loss_params, config.desirable_weight,
+                        config.undesirable_weight, denominators)
     return preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
                            logps.rejected_tokens, config.loss, config.loss_params, config.sft_weight, denominators)
 
 
-def step_denominators(columns: Any, micro_batches: list[np.ndarray]) -> Denominators:
-    """The pairs and chosen tokens of a whole optimizer step, every micro-batch on every process:
-    each process's loss is its rows' share of the step's mean, so the gradients the processes
-    average (× world) are the gradient of the one-process step, however unevenly the pairs fall."""
+def _reference_logps(ref_model: Any, batch: PairBatch, data: SplitData, autocast: Any,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs of the batch's two continuations: stored, or from `--reference live`."""
+    if ref_model is None:
+        return tuple(torch.from_numpy(x).to(device) for x in data.ref_logps(batch.rows))
+    with torch.inference_mode(), autocast():
+        ref = sequence_logps(ref_model, batch)
+    return ref.chosen.clone(), ref.rejected.clone()
+
+
+def step_denominators(data: SplitData, micro_batches: list[np.ndarray]) -> Denominators:
+    """The pairs (rows, when unpaired) and chosen tokens of a whole optimizer step, every
+    micro-batch on every process: each process's loss is its rows' share of the step's mean, so
+    the gradients the processes average (× world) are the gradient of the one-process step,
+    however unevenly the pairs fall."""
     rows = np.concatenate(micro_batches)
-    return Denominators(pairs=float(len(rows)), chosen_tokens=float(columns.chosen.lengths[rows].sum()))
+    desirable = int(data.labels[rows].sum()) if data.labels is not None else 0
+    undesirable = len(rows) - desirable if data.labels is not None else 0
+    return Denominators(pairs=float(len(rows)), chosen_tokens=float(data.columns.chosen.lengths[rows].sum()),
+                        desirable=float(desirable), undesirable=float(undesirable))
+
+
+def check_objective_fits(config: TrainConfig, data: SplitData) -> None:
+    """KTO reads unpaired shards, every other objective pairs: the other kind is refused in one line."""
+    wanted = UNPAIRED if config.objective == "kto" else PAIRED
+    if data.kind != wanted:
+        hint = ("train them with --objective kto" if data.kind == UNPAIRED else
+                "KTO needs unpaired shards: ingest the data with --unpaired (pairs split into a desirable and an undesirable row)")
+        raise UserError(f"{config.shards}: {data.kind} shards, but --objective {config.objective} needs {wanted} ones; {hint}")
 
 
 def _inference_view(scorer: Any) -> Any:
@@ -221,7 +258,8 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     model = _inference_view(scorer)
     model.eval()
     batches = token_budget_batches(*data.columns.batch_lengths(collate.shared), config.eval_batch_tokens)
-    names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective != "sft" else [])
+    names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective != "sft" else []) + (
+        ["kl"] if config.objective == "kto" else [])
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
     for rows, counts in parallel.equal_shares(batches, dist, parallel.is_sharded(scorer)):
         batch = collate(data.columns, rows).to(device)
@@ -258,8 +296,10 @@ def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, co
         logps = sequence_logps(model, collate(data.columns, rows).to(device))
     parallel.reshard(model)
     model.train()
-    for answer, policy, stored, tokens in (("chosen", logps.chosen, data.ref_logps(rows)[0], logps.chosen_tokens),
-                                           ("rejected", logps.rejected, data.ref_logps(rows)[1], logps.rejected_tokens)):
+    names = ("completion", "KL completion") if data.kind == UNPAIRED else ("chosen", "rejected")
+    stored_chosen, stored_rejected = data.ref_logps(rows)
+    for answer, policy, stored, tokens in ((names[0], logps.chosen, stored_chosen, logps.chosen_tokens),
+                                           (names[1], logps.rejected, stored_rejected, logps.rejected_tokens)):
         tokens = tokens.cpu().numpy()
         gap = np.abs(policy.float().cpu().numpy() - stored)
         allowed = np.maximum(reference_check_tolerance(DTYPES[stored_dtype], tokens),
@@ -349,6 +389,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     needs_stored_ref = config.needs_reference and config.reference == "precomputed"
     manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
+    check_objective_fits(config, train_data)
     if config.margin_from_scores:
         train_data, eval_data = (None if split is None else dataclasses.replace(
             split, score_margins=config.margin_from_scores * score_margins(config.shards, split.ids))
@@ -406,7 +447,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         bar.advance(position.step)
         while position.step < total_steps:
             epoch, (position.epoch, position.batch_index), micro_batches = next(steps)
-            denominators = step_denominators(train_data.columns, micro_batches)
+            denominators = step_denominators(train_data, micro_batches)
             for micro, global_rows in enumerate(micro_batches):
                 rows = global_rows[dist.rank::dist.world]
                 # A process with no pair here (an epoch's last batch can hold fewer pairs than there
@@ -415,7 +456,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 weight = 1.0 if len(rows) else 0.0
                 batch = collate(train_data.columns, rows if len(rows) else global_rows[:1]).to(device)
                 with parallel.gradient_sync(scorer, enabled=micro == len(micro_batches) - 1):
-                    loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast, denominators)
+                    loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast, denominators, dist, weight)
                     if weight and not torch.isfinite(loss):
                         raise TrainingDiverged(f"loss is {loss.item()} at step {position.step + 1}, rows {list(train_data.ids[rows])}; "
                                                "lower --learning-rate or --beta, or check these rows")

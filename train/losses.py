@@ -37,10 +37,14 @@ class LossParams:
 
 @dataclass(frozen=True)
 class Denominators:
-    """What the means divide by instead of the batch's own counts (see the module docstring)."""
+    """What the means divide by instead of the batch's own counts (see the module docstring).
+    For unpaired rows (KTO) `pairs` counts rows, and `desirable` / `undesirable` the rows of each
+    label, which the per-label metrics average over."""
 
     pairs: float
     chosen_tokens: float
+    desirable: float = 0.0
+    undesirable: float = 0.0
 
 
 def _mean(values: Tensor, denominators: Denominators | None) -> Tensor:
@@ -270,4 +274,48 @@ def reward_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, center_rewards
         metrics = {"rewards/chosen": _mean(chosen, denominators), "rewards/rejected": _mean(rejected, denominators),
                    "rewards/margins": _mean(chosen - rejected, denominators),
                    "rewards/accuracies": _mean((chosen > rejected).float(), denominators)}
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired rows: KTO (Ethayarajh et al. 2024). Inputs per row, shape [B]: the completion's
+# logratio = log πθ(y|x) − log πref(y|x), its label (True: desirable). The KL estimate z0 is a
+# batch scalar from mismatched (prompt, completion) rows (`kto_kl`).
+
+
+def kto_kl(kl_logratios: Tensor, weights: Tensor, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """z0 = max(0, mean of the KL rows' logratios log πθ(y'|x) − log πref(y'|x)), detached (KTO
+    eq. 6; TRL's `kl`). `weights` [B] is 1 for the rows that count, 0 for a stand-in row; `total`
+    sums a [2] tensor (sum, count) over processes, so the mean is over the whole micro-batch
+    however its rows are split. Scalar."""
+    sums = torch.stack([(kl_logratios.detach().float() * weights).sum(), weights.sum()])
+    if total is not None:
+        sums = total(sums)
+    return (sums[0] / sums[1].clamp(min=1)).clamp(min=0)
+
+
+def kto_loss(logratios: Tensor, desirable: Tensor, kl: Tensor, p: LossParams, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0, denominators: Denominators | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """KTO (Ethayarajh et al. 2024, eq. 7; TRL's `loss_type="kto"`): per row
+    λD·(1 − σ(β·(r − z0))) where desirable, λU·(1 − σ(β·(z0 − r))) where not; r = logratio, z0 = kl.
+    The mean is over all rows, as TRL's.
+
+    Shapes: logratios [B] float32, desirable [B] bool, kl scalar. Returns the scalar loss and
+    metrics: kl, rewards/chosen and rewards/rejected (β·r averaged over desirable and undesirable
+    rows), rewards/margins (their difference), rewards/accuracies (rows whose implicit reward β·r
+    has the label's sign: > 0 desirable, < 0 undesirable)."""
+    rewards = p.beta * logratios
+    desirable_losses = desirable_weight * (1 - torch.sigmoid(rewards - p.beta * kl))
+    undesirable_losses = undesirable_weight * (1 - torch.sigmoid(p.beta * kl - rewards))
+    loss = _mean(torch.where(desirable, desirable_losses, undesirable_losses), denominators)
+    with torch.no_grad():
+        rewards, undesirable = rewards.detach(), ~desirable
+        n_desirable = desirable.sum().clamp(min=1) if denominators is None else max(denominators.desirable, 1.0)
+        n_undesirable = undesirable.sum().clamp(min=1) if denominators is None else max(denominators.undesirable, 1.0)
+        chosen = (rewards * desirable).sum() / n_desirable
+        rejected = (rewards * undesirable).sum() / n_undesirable
+        right_sign = torch.where(desirable, rewards > 0, rewards < 0).float()
+        metrics = {"kl": kl.detach() if denominators is None else kl.detach() * (len(logratios) / max(denominators.pairs, 1.0)),
+                   "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+                   "rewards/accuracies": _mean(right_sign, denominators)}
     return loss, metrics

@@ -1,0 +1,155 @@
+"""Issue 27 evidence for the KTO objective: the loss worked out by hand, and loss, KL and rewards
+equal to TRL 1.x `KTOTrainer`'s on its own token ids.
+
+TRL's trainer (precompute_ref_log_probs=True, float32, CPU) tokenizes six unpaired rows, pairs
+each with a mismatched KL completion (its batch rotation) and stores the reference log-probs of
+both. Its policy and our copy of the model are then perturbed identically, so every log-ratio is
+non-zero. TRL's numbers come from its own `compute_loss` on a batch from its own collator; ours
+from `sequence_logps` on the same ids (the completion and the KL completion as a row's two
+continuations, as an unpaired shard stores them) + `kto_kl` + `kto_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import CORPUS
+from tests.test_logprobs import _columns
+from tests.test_train_trl import _perturb
+from train.batching import collate_pairs
+from train.logprobs import sequence_logps
+from train.losses import Denominators, LossParams, kto_kl, kto_loss
+
+BETA = 0.1
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_loss_by_hand():
+    """Three rows, β = 0.1, λD = 1, λU = 2. KL rows' logratios 0.4, 0.6, −0.1: z0 = 0.3.
+    Row 0 desirable, r = 2:    1 − σ(0.1·(2 − 0.3))  = 1 − σ(0.17) = 0.457602
+    Row 1 undesirable, r = −1: 2·(1 − σ(0.1·(0.3 + 1))) = 2·(1 − σ(0.13)) = 0.935092
+    Row 2 desirable, r = 3:    1 − σ(0.27) = 0.432908
+    Loss: the mean over rows, 0.608534. Rewards β·r: desirable mean 0.25, undesirable −0.1."""
+    kl = kto_kl(torch.tensor([0.4, 0.6, -0.1]), torch.ones(3))
+    assert kl.item() == pytest.approx(0.3, abs=1e-7)
+    loss, metrics = kto_loss(torch.tensor([2.0, -1.0, 3.0]), torch.tensor([True, False, True]), kl,
+                             LossParams(beta=BETA), desirable_weight=1.0, undesirable_weight=2.0)
+    assert loss.item() == pytest.approx((0.457602 + 0.935092 + 0.432908) / 3, abs=1e-6)
+    assert loss.item() == pytest.approx(((1 - _sigmoid(0.17)) + 2 * (1 - _sigmoid(0.13)) + (1 - _sigmoid(0.27))) / 3, abs=1e-7)
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.25, abs=1e-7)
+    assert metrics["rewards/rejected"].item() == pytest.approx(-0.1, abs=1e-7)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.35, abs=1e-7)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(1.0)  # every reward has its label's sign
+
+
+def test_kto_kl_is_clamped_at_zero_and_ignores_stand_in_rows():
+    assert kto_kl(torch.tensor([-0.5, 0.1]), torch.ones(2)).item() == 0.0
+    # A stand-in row (weight 0) does not move the mean, whatever its value.
+    assert kto_kl(torch.tensor([0.2, 0.4, 100.0]), torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(0.3)
+    # Across processes the mean is over every process's rows: (0.2 + 0.4 + 0.9) / 3, not the mean of means.
+    other_process = torch.tensor([0.9, 1.0])
+    total = lambda sums: sums + other_process  # noqa: E731  (what Dist.sum adds from a second process)
+    assert kto_kl(torch.tensor([0.2, 0.4]), torch.ones(2), total).item() == pytest.approx(0.5)
+
+
+def test_step_shares_add_up_to_the_whole_step():
+    """Split over two micro-batches with the step's denominators, the shares sum to the one-batch values."""
+    logratios, desirable = torch.tensor([2.0, -1.0, 3.0, -0.5]), torch.tensor([True, False, True, False])
+    kl, params = torch.tensor(0.2), LossParams(beta=BETA)
+    whole_loss, whole = kto_loss(logratios, desirable, kl, params, 1.0, 1.5)
+    step = Denominators(pairs=4, chosen_tokens=0, desirable=2, undesirable=2)
+    parts = [kto_loss(logratios[s], desirable[s], kl, params, 1.0, 1.5, step) for s in (slice(0, 1), slice(1, 4))]
+    assert sum(p[0].item() for p in parts) == pytest.approx(whole_loss.item(), abs=1e-7)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "kl"):
+        assert sum(p[1][name].item() for p in parts) == pytest.approx(whole[name].item(), abs=1e-7), name
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.x KTOTrainer on the same model and ids
+
+LABELS = [True, False, True, True, False, False]
+
+
+def trl_kto_trainer(model_dir, out_dir, batch_size: int = 3):
+    """TRL's `KTOTrainer(precompute_ref_log_probs=True)`, float32 on CPU, over six conversational
+    unpaired rows: its train_dataset holds its token ids (prompt_ids, completion_ids,
+    KL_completion_ids), labels and the reference log-probs it computed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [dict(prompt=[{"role": "user", "content": CORPUS[i]}],
+                 completion=[{"role": "assistant", "content": CORPUS[i + 1][: 12 + 9 * i]}], label=label)
+            for i, label in enumerate(LABELS)]
+    args = KTOConfig(output_dir=str(out_dir), precompute_ref_log_probs=True, per_device_train_batch_size=batch_size,
+                     beta=BETA, desirable_weight=1.0, undesirable_weight=1.4, bf16=False, use_cpu=True, report_to="none")
+    return KTOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=AutoTokenizer.from_pretrained(model_dir))
+
+
+@pytest.fixture(scope="module")
+def trl_kto(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    trainer = trl_kto_trainer(tiny_model_dir, tmp_path_factory.mktemp("trl-kto"))
+    data = trainer.train_dataset
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for model in (trainer.model, ours):
+        _perturb(model)
+        model.eval()
+    return trainer, data, ours
+
+
+def _trl_batch_numbers(trainer, data, rows: list[int]) -> dict[str, float]:
+    trainer._metrics["train"].clear()
+    trainer.model.train()  # `compute_loss` logs under "train" only in training mode; dropout is off in the tiny model
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator([data[i] for i in rows])).item()
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    return {"loss": loss, **{name: logged[name] for name in ("kl", "rewards/chosen", "rewards/rejected")}}
+
+
+def _our_batch_numbers(model, data, rows: list[int]) -> dict[str, float]:
+    """The stored-reference path of `train.loop.batch_loss` for an unpaired shard, on TRL's ids."""
+    pick = lambda name: [data[i][name] for i in rows]  # noqa: E731
+    columns = _columns(pick("prompt_ids"), pick("completion_ids"), pick("KL_completion_ids"))
+    with torch.no_grad():
+        logps = sequence_logps(model, collate_pairs(columns, np.arange(len(rows)), pad_id=0))
+    ref, ref_kl = torch.tensor(pick("ref_logps")), torch.tensor(pick("ref_KL_logps"))
+    kl = kto_kl(logps.rejected - ref_kl, torch.ones(len(rows)))
+    loss, metrics = kto_loss(logps.chosen - ref, torch.tensor(pick("label")), kl, LossParams(beta=BETA), 1.0, 1.4)
+    return {"loss": loss.item(), **{name: metrics[name].item() for name in ("kl", "rewards/chosen", "rewards/rejected")}}
+
+
+# TRL's batches of three: on the first the KL rows' mean logratio is negative (z0 clamped at 0),
+# on the second positive (z0 ≈ 0.17), so both branches of the clamp are compared.
+@pytest.mark.parametrize(("rows", "kl_clamped"), [([0, 1, 2], True), ([3, 4, 5], False)], ids=["kl-clamped", "kl-positive"])
+def test_kto_loss_kl_and_rewards_equal_trl(trl_kto, rows, kl_clamped):
+    trainer, data, ours = trl_kto
+    # TRL's KL completion of each row is another row's completion (its rotation within the batch).
+    assert all(data[i]["KL_completion_ids"] != data[i]["completion_ids"] for i in rows)
+    expected = _trl_batch_numbers(trainer, data, rows)
+    got = _our_batch_numbers(ours, data, rows)
+    assert (expected["kl"] == 0) == kl_clamped and (kl_clamped or expected["kl"] > 0.05)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-4), name
+
+
+def test_stored_kl_and_completion_references_equal_trl(trl_kto, tiny_model_dir):
+    """Our log-prob function on the unperturbed model gives TRL's stored ref_logps and ref_KL_logps."""
+    from transformers import AutoModelForCausalLM
+
+    _, data, _ = trl_kto
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    columns = _columns(data["prompt_ids"], data["completion_ids"], data["KL_completion_ids"])
+    with torch.inference_mode():
+        got = sequence_logps(model, collate_pairs(columns, np.arange(len(columns)), pad_id=0, shared=True))
+    np.testing.assert_allclose(got.chosen.numpy(), np.array(data["ref_logps"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.rejected.numpy(), np.array(data["ref_KL_logps"]), atol=1e-4, rtol=0)
