@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from schemas.manifest import Counts, Manifest
-from schemas.records import PreferenceRecord, records_to_table
+from schemas.records import PreferenceRecord, UnpairedRecord, records_to_table, unpaired_to_table
 
 
 def make_record(prompt, chosen, rejected, row=1, **extra) -> PreferenceRecord:
@@ -30,7 +30,16 @@ def write_records_dir(out: Path, splits: dict[str, list[PreferenceRecord]], stag
     out.mkdir(parents=True, exist_ok=True)
     total = 0
     for stem, records in splits.items():
-        pq.write_table(records_to_table(records), out / f"{stem}.parquet")
+        unpaired = bool(records) and isinstance(records[0], UnpairedRecord)
+        pq.write_table(unpaired_to_table(records) if unpaired else records_to_table(records), out / f"{stem}.parquet")
         total += len(records)
     Manifest(stage=stage, package_version="test", config={}, counts=Counts(read=total, kept=total)).write(out)
     return out
+
+
+def unpaired_from_pairs(pairs: list[PreferenceRecord]) -> list[UnpairedRecord]:
+    """One unpaired record per pair, alternating: the chosen answer as desirable (even rows), the
+    rejected one as undesirable (odd rows), so every prompt appears once."""
+    return [UnpairedRecord(prompt=r.prompt, completion=r.chosen if i % 2 == 0 else r.rejected, label=i % 2 == 0,
+                           source=r.source, source_format=r.source_format, source_row=r.source_row)
+            for i, r in enumerate(pairs)]

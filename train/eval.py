@@ -47,7 +47,6 @@ from train.distributed import Dist
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
-from train.losses import LossParams, preference_loss
 from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, padding_id, same_weights
 from train.rewards import is_reward_model
 from train.tracking import open_tracker
@@ -107,19 +106,30 @@ def _model_device(model: Any) -> torch.device:
 def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, batch_tokens: int,
                        dist: Dist) -> dict[str, float]:
     """Implicit-reward accuracy and mean margin over the whole split, against the stored reference;
-    each process scores every world-th batch and the sums are added up."""
+    each process scores every world-th batch and the sums are added up. Pairs: the chosen answer's
+    reward β·(log πθ − log πref) above the rejected one's. Unpaired rows: the reward's sign is the
+    label's (> 0 desirable, < 0 undesirable), and the margin is the mean reward of desirable rows
+    minus that of undesirable ones."""
     device = _model_device(model)
-    totals = torch.zeros(2, dtype=torch.float64)  # won pairs, margin summed over pairs
+    unpaired = data.labels is not None
+    # right answers; then the log-ratio sum and count of chosen answers (desirable rows), and of rejected (undesirable)
+    totals = torch.zeros(5, dtype=torch.float64)
     for rows in token_budget_batches(data.columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
         logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
-        ref_chosen, ref_rejected = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
-        _, metrics = preference_loss(logps.chosen, logps.rejected, ref_chosen, ref_rejected, logps.chosen_tokens,
-                                     logps.rejected_tokens, {"sigmoid": 1.0}, LossParams(beta=beta))
-        logratio_margin = (logps.chosen - ref_chosen) - (logps.rejected - ref_rejected)
-        totals += torch.tensor([(logratio_margin > TIE_TOLERANCE).sum().item(), metrics["rewards/margins"].item() * len(rows)],
-                               dtype=torch.float64)
-    accuracy, margin = dist.sum(totals).tolist()
-    return {"accuracy": accuracy / len(data), "margin": margin / len(data), "pairs": len(data)}
+        ref_first, ref_second = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
+        first = (logps.chosen - ref_first).double()
+        if unpaired:
+            desirable = torch.from_numpy(data.labels[rows]).to(device)
+            right = torch.where(desirable, first > TIE_TOLERANCE, first < -TIE_TOLERANCE)
+            parts = [right.sum(), (first * desirable).sum(), desirable.sum(), (first * ~desirable).sum(), (~desirable).sum()]
+        else:
+            second = (logps.rejected - ref_second).double()
+            parts = [(first - second > TIE_TOLERANCE).sum(), first.sum(), len(rows), second.sum(), len(rows)]
+        totals += torch.tensor([float(x) for x in parts], dtype=torch.float64)
+    right, first_sum, first_n, second_sum, second_n = dist.sum(totals).tolist()
+    margin = beta * (first_sum / max(first_n, 1) - second_sum / max(second_n, 1))
+    return {"accuracy": right / len(data), "margin": margin, ("rows" if unpaired else "pairs"): len(data),
+            **({"desirable": int(first_n), "undesirable": int(second_n)} if unpaired else {})}
 
 
 def eval_prompts(data: SplitData, max_prompts: int | None) -> tuple[list[np.ndarray], list[int]]:
@@ -398,8 +408,9 @@ def summary_line(result: dict[str, Any]) -> str:
     if result.get("kind") == "reward_model":
         return (f"eval reward model {result['policy']}: pairwise accuracy {result['accuracy']:.3f}, mean margin "
                 f"{result['margin']:.3f} ({result['pairs']} pairs); calibration gap {result['calibration_gap']:.3f}")
+    counted = f"{result['pairs']} pairs" if "pairs" in result else f"{result['rows']} unpaired rows, reward sign"
     line = (f"eval {result['policy']}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} "
-            f"({result['pairs']} pairs); KL {result['kl']:.3f} ({result['samples']} samples)")
+            f"({counted}); KL {result['kl']:.3f} ({result['samples']} samples)")
     if "reward" in result:
         line += f"; reward {result['reward']:.3f} vs reference {result['reference_reward']:.3f}"
     if "win_rate" in result:
