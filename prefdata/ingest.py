@@ -3,7 +3,9 @@
 Two passes over the inputs. The first opens each source and reads its first rows only, to find
 its format (or check the forced one): an input that cannot be used (missing, empty, unknown shape)
 stops the run before anything is written. The second converts every row in worker processes: parse
-(readers), convert (formats), validate (`PreferenceRecord`); this process writes the kept records
+(readers), convert (formats), validate (`PreferenceRecord`, or `UnpairedRecord` for unpaired
+feedback: TRL's unpaired layout, a labelled --map, or any pair or rated source under --unpaired;
+one run writes one kind); this process writes the kept records
 in parquet row groups and every rejected row to quarantine.jsonl with its reason, in input order.
 An uncompressed JSONL file is cut into byte ranges of whole lines that each worker reads itself,
 so this process only orders and writes; other inputs are read here and sent in chunks of rows.
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -45,10 +48,25 @@ from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import QUARANTINE_FILE, Counts, Manifest
 from schemas.progress import progress
-from schemas.records import RECORD_SCHEMA, PreferenceRecord, records_to_table
+from schemas.records import (
+    PAIRED,
+    UNPAIRED,
+    PreferenceRecord,
+    UnpairedRecord,
+    record_schema,
+    records_to_table,
+    unpaired_to_table,
+)
 
 RECORDS_FILE = "records.parquet"
 NO_PAIRS = "no_pairs"
+NO_COMPLETIONS = "no_completions"
+# Per record kind: the model candidates are validated as, how a list of them becomes a table, the
+# prefix of a record that failed in a row that kept others (stats.skipped), and the word for a record.
+_KINDS = {
+    PAIRED: (PreferenceRecord, records_to_table, "pair", NO_PAIRS),
+    UNPAIRED: (UnpairedRecord, unpaired_to_table, "completion", NO_COMPLETIONS),
+}
 
 SAMPLE_ROWS = 10  # parsed rows whose columns decide the format
 PEEK_ROWS = 1000  # rows read at most to find them
@@ -121,6 +139,9 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
     name = config.format if config.format != "auto" else detect_format(source.location, sample)
     columns = frozenset().union(*(row.keys() for row in sample))
     fmt = build_format(name, config.options, columns)
+    if config.options.unpaired and fmt.rated and config.options.score_threshold is None:
+        raise UserError(f"{source.location}: format {name} rates its answers; --unpaired needs --score-threshold T "
+                        "(an answer scored T or more is desirable)")
     missing = fmt.required_columns() - columns
     if sample and missing:
         raise UserError(
@@ -130,26 +151,41 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
     return fmt
 
 
+def _record_kind(sources: list[Source], formats: list[Format], config: IngestConfig) -> str:
+    """The one kind of record this run writes; a UserError for inputs of both kinds, or for a
+    --score-threshold that no input uses."""
+    kinds = {fmt.kind for fmt in formats}
+    if len(kinds) > 1:
+        paired = next(s.location for s, f in zip(sources, formats) if f.kind == PAIRED)
+        raise UserError(f"{paired} holds pairs, other inputs unpaired feedback; add --unpaired to split the pairs into "
+                        "labelled completions, or ingest them apart")
+    if config.options.score_threshold is not None and not any(f.rated for f in formats):
+        raise UserError("--score-threshold: no input rates its answers (UltraFeedback, HelpSteer2, judged, scored --map "
+                        "columns); drop it")
+    return kinds.pop()
+
+
 # ---------------------------------------------------------------- pass 2: rows
 
 
 def _convert_row(
     raw: RawRow, source: Source, fmt: Format, skipped: Counter[str]
-) -> list[PreferenceRecord] | tuple[str, str]:
+) -> list[PreferenceRecord | UnpairedRecord] | tuple[str, str]:
     """The row's validated records, or the (reason, message) it is quarantined with. Parts of the
-    row left out are added to `skipped`: the format's notes, and pairs that failed validation in
+    row left out are added to `skipped`: the format's notes, and records that failed validation in
     a row that kept others."""
     if raw.error:
         return raw.error
+    model, _, noun, nothing = _KINDS[fmt.kind]
     records, failures = [], []
     provenance = {"source": source.name, "source_format": fmt.name, "source_row": raw.number}
     try:
-        for item in fmt.convert(raw.value):  # type: ignore[arg-type]  # no error means a value
+        for item in fmt.candidates(raw.value):  # type: ignore[arg-type]  # no error means a value
             if isinstance(item, Skipped):
                 skipped[item.reason] += item.count
                 continue
             try:
-                records.append(PreferenceRecord.model_validate({**item, **provenance}))
+                records.append(model.model_validate({**item, **provenance}))
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
@@ -157,8 +193,8 @@ def _convert_row(
     except FormatError as exc:
         return exc.reason, exc.message
     if not records:
-        return failures[0] if failures else (NO_PAIRS, f"format {fmt.name} found no pair in this row")
-    skipped.update(f"pair_{reason}" for reason, _ in failures)
+        return failures[0] if failures else (nothing, f"format {fmt.name} found no {noun} in this row")
+    skipped.update(f"{noun}_{reason}" for reason, _ in failures)
     return records
 
 
@@ -178,6 +214,7 @@ class _Chunk:
     prompts: int  # distinct prompts among each kept row's records, summed over rows
     dropped: Counter[str]
     skipped: Counter[str]
+    desirable: int  # unpaired records labelled desirable (0 for pairs)
 
 
 class _Group(NamedTuple):
@@ -201,7 +238,7 @@ def _grouped(rows: Iterable[Row], key: str) -> Iterator[_Group]:
 
 
 def _convert_chunk(source: Source, fmt: Format, items: list[Row | _Group]) -> _Chunk:
-    records: list[PreferenceRecord] = []
+    records: list[Any] = []
     quarantine, dropped, skipped, read, kept, prompts = [], Counter[str](), Counter[str](), 0, 0, 0
     for item in items:
         members = item.rows if isinstance(item, _Group) else [item.parse()]
@@ -214,7 +251,9 @@ def _convert_chunk(source: Source, fmt: Format, items: list[Row | _Group]) -> _C
             records.extend(result)
             kept += len(members)
             prompts += 1 if len(result) == 1 else len({tuple(r.prompt) for r in result})
-    return _Chunk(records_to_table(records), quarantine, read, kept, prompts, dropped, skipped)
+    table = _KINDS[fmt.kind][1](records)
+    desirable = (pc.sum(table["label"]).as_py() or 0) if fmt.kind == UNPAIRED else 0
+    return _Chunk(table, quarantine, read, kept, prompts, dropped, skipped, desirable)
 
 
 def _chunks(items: Iterable[Row | _Group], size: int) -> Iterator[list[Row | _Group]]:
@@ -266,14 +305,14 @@ class _RecordWriter:
     memory stays flat and the file's bytes depend on the records only, not on how they were cut
     into tables (any number of workers, any range size)."""
 
-    def __init__(self, path: Path, row_group_rows: int) -> None:
-        self._path, self._row_group_rows = path, row_group_rows
+    def __init__(self, path: Path, row_group_rows: int, kind: str) -> None:
+        self._path, self._row_group_rows, self._schema = path, row_group_rows, record_schema(kind)
         self._tables: list[pa.Table] = []
         self._pending = 0
         self.written = 0
 
     def __enter__(self) -> _RecordWriter:
-        self._writer = pq.ParquetWriter(self._path, RECORD_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(self._path, self._schema, compression="zstd")
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -309,6 +348,7 @@ class _SourceTally:
     prompts: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
+    desirable: int = 0
 
     def add(self, chunk: _Chunk) -> None:
         self.read += chunk.read
@@ -317,10 +357,15 @@ class _SourceTally:
         self.prompts += chunk.prompts
         self.dropped.update(chunk.dropped)
         self.skipped.update(chunk.skipped)
+        self.desirable += chunk.desirable
 
-    def stats(self) -> dict[str, Any]:
-        return {"format": self.format, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
-                "records": self.records, "prompts": self.prompts, "skipped": dict(self.skipped)}
+    def labels(self) -> dict[str, int]:
+        return {"desirable": self.desirable, "undesirable": self.records - self.desirable}
+
+    def stats(self, kind: str) -> dict[str, Any]:
+        stats = {"format": self.format, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                 "records": self.records, "prompts": self.prompts, "skipped": dict(self.skipped)}
+        return {**stats, "labels": self.labels()} if kind == UNPAIRED else stats
 
 
 def _counts(tallies: list[_SourceTally]) -> Counts:
@@ -329,6 +374,11 @@ def _counts(tallies: list[_SourceTally]) -> Counts:
         dropped.update(t.dropped)
     return Counts(read=sum(t.read for t in tallies), kept=sum(t.kept for t in tallies),
                   dropped=dict(dropped.most_common()))
+
+
+def _labels(tallies: list[_SourceTally]) -> dict[str, int]:
+    desirable = sum(t.desirable for t in tallies)
+    return {"desirable": desirable, "undesirable": sum(t.records for t in tallies) - desirable}
 
 
 def _per_format(tallies: list[_SourceTally]) -> dict[str, dict[str, int]]:
@@ -367,12 +417,13 @@ def _hashing(sources: list[Source]) -> Iterator[list[Future[str] | None]]:
 def ingest(config: IngestConfig) -> Manifest:
     sources = resolve_sources(config.inputs, config.split)
     formats = [_format_for(source, config) for source in sources]
+    kind = _record_kind(sources, formats, config)
     tallies: list[_SourceTally] = []
     left = config.limit  # rows still to read under --limit
     with atomic_dir(config.out) as tmp, _hashing(sources) as hashes:
         with (
             OrderedPool(_convert, config.workers) as converter,
-            _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows) as records,
+            _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows, kind) as records,
             open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
             progress("ingest") as bar,
         ):
@@ -387,11 +438,13 @@ def ingest(config: IngestConfig) -> Manifest:
             counts=_counts(tallies),
             outputs=[RECORDS_FILE, QUARANTINE_FILE],
             stats={
+                "kind": kind,
                 "records": records.written,
                 "prompts": sum(t.prompts for t in tallies),
                 "skipped": dict(sum((t.skipped for t in tallies), Counter()).most_common()),
-                "sources": {s.name: t.stats() for s, t in zip(sources, tallies)},
+                "sources": {s.name: t.stats(kind) for s, t in zip(sources, tallies)},
                 "formats": _per_format(tallies),
+                **({"labels": _labels(tallies)} if kind == UNPAIRED else {}),
             },
             versions={"python": platform.python_version(), "pyarrow": pa.__version__, "pydantic": pydantic.VERSION},
         )
@@ -402,9 +455,11 @@ def ingest(config: IngestConfig) -> Manifest:
 def summary_lines(manifest: Manifest) -> list[str]:
     c, stats = manifest.counts, manifest.stats
     lines = [f"ingest: read {c.read}, kept {c.kept}, quarantined {sum(c.dropped.values())} {json.dumps(c.dropped)}"]
-    if stats["records"] != c.kept or stats["skipped"]:
-        lines.append(f"  {stats['records']} pairs from {stats['prompts']} prompts; "
-                     f"parts of rows left out: {json.dumps(stats['skipped'])}")
+    labels = stats.get("labels")
+    if labels or stats["records"] != c.kept or stats["skipped"]:
+        records = (f"{stats['records']} unpaired completions ({labels['desirable']} desirable, "
+                   f"{labels['undesirable']} undesirable)" if labels else f"{stats['records']} pairs")
+        lines.append(f"  {records} from {stats['prompts']} prompts; parts of rows left out: {json.dumps(stats['skipped'])}")
     for name, entry in manifest.stats["sources"].items():
         lines.append(f"  {name} ({entry['format']}): read {entry['read']}, kept {entry['kept']}")
     return lines

@@ -11,14 +11,17 @@ input order) and never pairs two answers with equal scores:
 `--min-margin X` then keeps pairs whose scores differ by at least X. Sources that rank answers
 (rank 1 = best) are paired on the negated rank. When no pair is left the row is quarantined: with
 `too_few_answers`, `tie` (all scores equal) or `low_margin`.
+
+Under `--unpaired`, rated sources (`scored_candidates`) are not paired: every rated answer becomes
+one completion, desirable when its score reaches `--score-threshold`, with the score kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Generic, NamedTuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
-from prefdata.formats.base import FormatError, PairingRule
+from prefdata.formats.base import Candidate, FormatError, FormatOptions, Messages, PairingRule
 
 TOO_FEW_ANSWERS = "too_few_answers"
 TIE = "tie"
@@ -55,3 +58,31 @@ def pair_up(
         best = max(a.score - b.score for a, b in pairs)
         raise FormatError(LOW_MARGIN, f"no pair differs by --min-margin {min_margin:g} (largest margin {best:g})")
     return kept
+
+
+def scored_candidates(
+    prompt: Messages, answers: Sequence[Scored[T]], completion: Callable[[T], tuple[Messages, dict[str, Any]]],
+    options: FormatOptions, meta: dict[str, Any] | None = None,
+) -> list[Candidate]:
+    """A rated prompt's candidates. `completion(answer)` gives an answer's messages and its own meta
+    (e.g. {"model": …}). Pairs by `--pairs` / `--min-margin`, the scores as chosen_score /
+    rejected_score and each answer's meta prefixed `chosen_` / `rejected_`; under `--unpaired`
+    one completion per answer, labelled by `--score-threshold` (FormatError when there is none)."""
+    meta = meta or {}
+    if options.unpaired:
+        if not answers:
+            raise FormatError(TOO_FEW_ANSWERS, "no scored answer")
+        labelled = []
+        for a in answers:
+            content, own = completion(a.answer)
+            labelled.append({"prompt": prompt, "completion": content, "label": a.score >= options.score_threshold,
+                             "score": a.score, "meta": {**meta, **own}})
+        return labelled
+    pairs = []
+    for chosen, rejected in pair_up(answers, options.pairs, options.min_margin):
+        (chosen_messages, chosen_meta), (rejected_messages, rejected_meta) = completion(chosen.answer), completion(rejected.answer)
+        pairs.append({"prompt": prompt, "chosen": chosen_messages, "rejected": rejected_messages,
+                      "chosen_score": chosen.score, "rejected_score": rejected.score,
+                      "meta": {**meta, **{f"chosen_{k}": v for k, v in chosen_meta.items()},
+                               **{f"rejected_{k}": v for k, v in rejected_meta.items()}}})
+    return pairs

@@ -10,15 +10,27 @@ one row (UltraFeedback, Nectar, OASST trees, …) give several candidates, and m
 answer), which the manifest counts by reason. Formats whose pairs span several rows (OASST flat
 message rows, HelpSteer2 ratings) set `group_by`: the stage hands them one group of consecutive
 rows at a time.
+
+Unpaired candidates (KTO data) have `prompt`, `completion`, `label` (True: desirable) and optionally
+`score`, `meta`; the stage validates them as `UnpairedRecord`s. Formats whose rows hold one labelled
+completion (`unpaired_layout`) give them directly; under `--unpaired` every other format's pairs
+are split by `Format.candidates` into a desirable chosen and an undesirable rejected completion,
+or, for formats whose answers carry absolute ratings (`rated`), into completions labelled by
+`--score-threshold`. Rated formats with several answers per prompt label every rated answer
+(prefdata.pairing.scored_candidates), not only the paired ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.errors import UserError
+from schemas.records import PAIRED, UNPAIRED
 
 # Reason codes for rows that are not even candidate records. Together with the record validators'
 # codes (schemas.records) and the readers' (invalid_json, …) they are what quarantine.jsonl holds.
@@ -28,6 +40,7 @@ WRONG_TYPE = "wrong_type"
 UNSUPPORTED_ROLE = "unsupported_role"
 UNSUPPORTED_CONTENT = "unsupported_content"
 INVALID_LABEL = "invalid_label"  # a preference label that is not one of the format's values
+UNRATED = "unrated"  # an answer without a score where a score decides (pairing, --score-threshold)
 
 Candidate = dict[str, Any]
 Messages = list[dict[str, str]]
@@ -60,7 +73,8 @@ class FormatOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     column_map: dict[str, str] = Field({}, description="Generic table: field=column,… (fields: system, prompt, chosen, "
-                                       "rejected, chosen_score, rejected_score); implies --format tabular.")
+                                       "rejected, chosen_score, rejected_score; unpaired feedback: completion, label, "
+                                       "score); implies --format tabular.")
     pairs: PairingRule = Field("best-vs-worst", description="Several scored answers per prompt: how they become pairs "
                                "(prefdata.pairing).")
     min_margin: float = Field(0.0, ge=0, description="Keep pairs whose scores differ by at least this.")
@@ -70,6 +84,11 @@ class FormatOptions(BaseModel):
     lang: str | None = Field(None, description="OASST: only messages in this language (e.g. en).")
     label: Literal["better", "safer"] = Field("better", description="PKU-SafeRLHF: which preference is the label.")
     keep_truncated: bool = Field(False, description="Judged samples: also pair answers that generation cut at --max-new-tokens.")
+    unpaired: bool = Field(False, description="Write unpaired records (KTO data): each pair's chosen answer a desirable "
+                           "completion, its rejected one an undesirable one; rated sources give one record per rated "
+                           "answer, labelled by --score-threshold.")
+    score_threshold: float | None = Field(None, description="--unpaired on a rated source (UltraFeedback, HelpSteer2, "
+                                          "judged, scored --map columns): an answer scored at least this is desirable.")
 
     @field_validator("column_map", mode="before")
     @classmethod
@@ -80,6 +99,12 @@ class FormatOptions(BaseModel):
         from prefdata.ingest import parse_column_map  # it checks the names against the tabular format's fields
 
         return parse_column_map(value)
+
+    @model_validator(mode="after")
+    def _threshold_needs_unpaired(self) -> FormatOptions:
+        if self.score_threshold is not None and not self.unpaired:
+            raise UserError("--score-threshold labels rated answers for --unpaired; add --unpaired or drop it")
+        return self
 
 
 class Format:
@@ -92,6 +117,10 @@ class Format:
     # For pairs that span rows: consecutive rows with equal values in this column are one group,
     # given to `convert` as {"rows": [row, …]} (the input must keep a group's rows together).
     group_by: ClassVar[str | None] = None
+    # Rows that hold one labelled completion each (TRL's unpaired layout): always unpaired records.
+    unpaired_layout = False
+    # Answers carry absolute scores (ratings, judge scores): under --unpaired, --score-threshold labels them.
+    rated = False
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
         """`columns`: the columns seen in the source's first rows (optional ones decide the layout)."""
@@ -111,6 +140,38 @@ class Format:
 
     def convert(self, row: dict[str, Any]) -> Iterable[Candidate | Skipped]:
         raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        """The records this format gives with these options: `paired` or `unpaired`."""
+        return UNPAIRED if self.unpaired_layout or self.options.unpaired else PAIRED
+
+    def candidates(self, row: dict[str, Any]) -> Iterable[Candidate | Skipped]:
+        """What the stage validates: `convert(row)`, its pairs split into labelled completions
+        when the records are unpaired."""
+        items = self.convert(row)
+        if self.kind == PAIRED or self.unpaired_layout:
+            return items
+        return _split_pairs(items, self.options.score_threshold if self.rated else None)
+
+
+def _split_pairs(items: Iterable[Candidate | Skipped], threshold: float | None) -> Iterator[Candidate | Skipped]:
+    """Each pair candidate as two unpaired ones: chosen desirable, rejected undesirable, or, with a
+    `threshold` (rated formats), each answer desirable when its score reaches it (an answer
+    without a score is `unrated`). Unpaired candidates and notes pass through."""
+    for item in items:
+        if isinstance(item, Skipped) or "completion" in item:
+            yield item
+            continue
+        for side, label in (("chosen", True), ("rejected", False)):
+            score = item.get(f"{side}_score")
+            if threshold is not None:
+                if score is None:
+                    yield Skipped(UNRATED)
+                    continue
+                label = score >= threshold
+            yield {"prompt": item["prompt"], "completion": item[side], "label": label, "score": score,
+                   "meta": item.get("meta", {})}
 
 
 def field(row: dict[str, Any], key: str, where: str = "") -> Any:
@@ -144,6 +205,44 @@ def as_dict(value: Any, where: str) -> dict[str, Any]:
 
 def message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
+
+
+def turns(value: Any, where: str, role: str) -> Messages:
+    """A text (one `role` message) or a list of messages (a conversation)."""
+    if isinstance(value, str):
+        return [message(role, value)]
+    if isinstance(value, list):
+        return messages(value, where)
+    raise FormatError(WRONG_TYPE, f"'{where}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+# Binary feedback labels, compared case-folded with spaces and hyphens read as underscores, emoji
+# variation selectors and skin tones removed. -1/+1 are not read: on a -1/0/+1 scale 0 is neutral,
+# not "down", and a guess would mislabel silently.
+DESIRABLE_LABELS = frozenset({"true", "t", "yes", "y", "1", "up", "thumbs_up", "thumbsup", "👍", "positive", "pos",
+                              "good", "like", "liked", "desirable", "accept", "accepted"})
+UNDESIRABLE_LABELS = frozenset({"false", "f", "no", "n", "0", "down", "thumbs_down", "thumbsdown", "👎", "negative",
+                                "neg", "bad", "dislike", "disliked", "undesirable", "reject", "rejected"})
+_EMOJI_MODIFIERS = dict.fromkeys([0xFE0F, *range(0x1F3FB, 0x1F400)])
+
+
+def parse_label(value: Any, where: str) -> bool:
+    """A binary feedback label → True (desirable) / False; anything else is invalid_label. Booleans,
+    the numbers 1 and 0, and the words of DESIRABLE_LABELS / UNDESIRABLE_LABELS."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (int, float, str)):
+        raise FormatError(WRONG_TYPE, f"'{where}' must be a label (a boolean, 1/0 or a word), got {type(value).__name__}")
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str):
+        word = unicodedata.normalize("NFKC", value).translate(_EMOJI_MODIFIERS).strip().casefold()
+        word = word.replace("-", "_").replace(" ", "_")
+        if word in DESIRABLE_LABELS or word in UNDESIRABLE_LABELS:
+            return word in DESIRABLE_LABELS
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise FormatError(INVALID_LABEL, f"'{where}' is {shown}: not a feedback label (true/false, 1/0, up/down, "
+                      "thumbs_up/thumbs_down, 👍/👎, good/bad, like/dislike, …; docs/ingest-and-formats.md)")
 
 
 def messages(

@@ -4,7 +4,8 @@ helpsteer2: one row per response with 0-4 ratings of helpfulness, correctness, c
 complexity, verbosity; the rows of one prompt follow each other and are paired (`--pairs`,
 `--min-margin`) by `--score helpfulness` (default) or `--score weighted`: the attribute weights
 the Nemotron-4-340B-Reward model card recommends for a single reward, 0.3, 0.74, 0.46, 0.47, -0.33.
-Scores go into chosen_score / rejected_score.
+Scores go into chosen_score / rejected_score; under `--unpaired` every rated row is one
+completion, labelled by `--score-threshold`.
 
 helpsteer2_preference (`preference/preference.jsonl`): `{"prompt", "response_1", "response_2",
 "preference_strength"}`, strength -3..3: negative prefers response_1, positive response_2, 0 is a
@@ -33,7 +34,7 @@ from prefdata.formats.base import (
     message,
     text,
 )
-from prefdata.pairing import LOW_MARGIN, TIE, Scored, pair_up
+from prefdata.pairing import LOW_MARGIN, TIE, Scored, scored_candidates
 from schemas.errors import UserError
 
 TURN_MARKER = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
@@ -77,6 +78,7 @@ class HelpSteer2Format(Format):
     name = "helpsteer2"
     columns = frozenset({"prompt", "response", *WEIGHTS})
     group_by = "prompt"
+    rated = True
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
         super().__init__(options, columns)
@@ -93,9 +95,4 @@ class HelpSteer2Format(Format):
         rows = [as_dict(r, f"rows[{i}]") for i, r in enumerate(row["rows"])]
         scored = [Scored(self._score(r, f"rows[{i}]"), r) for i, r in enumerate(rows)]
         prompt = _prompt(text(field(rows[0], "prompt"), "prompt"))
-        return [{
-            "prompt": prompt,
-            "chosen": answer(text(field(chosen.answer, "response"), "response")),
-            "rejected": answer(text(field(rejected.answer, "response"), "response")),
-            "chosen_score": chosen.score, "rejected_score": rejected.score,
-        } for chosen, rejected in pair_up(scored, self.options.pairs, self.options.min_margin)]
+        return scored_candidates(prompt, scored, lambda r: (answer(text(field(r, "response"), "response")), {}), self.options)

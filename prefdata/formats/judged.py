@@ -3,7 +3,8 @@ prompt, `{"prompt": [msg…], "prompt_id", "responses": [{"text", "finish_reason
 "policy", "judge"}`.
 
 Responses are paired on their scores by `--pairs` and `--min-margin` (prefdata.pairing), like any
-rated source; the scores go into chosen_score / rejected_score, the policy and judge into meta. A
+rated source (under `--unpaired`: one completion per response, labelled by `--score-threshold`);
+the scores go into chosen_score / rejected_score, the policy and judge into meta. A
 response that generation cut at `--max-new-tokens` (`finish_reason: "length"`) is left out and
 counted as `truncated_response` unless ingest runs with `--keep-truncated`: an answer that stops
 mid-sentence is usually judged worse for that alone, and DPO would learn "stop earlier". A
@@ -28,7 +29,7 @@ from prefdata.formats.base import (
     messages,
     text,
 )
-from prefdata.pairing import Scored, pair_up
+from prefdata.pairing import Scored, scored_candidates
 
 UNSCORED = "unscored"
 TRUNCATED_RESPONSE = "truncated_response"
@@ -46,6 +47,7 @@ def _response_score(response: dict[str, Any], where: str) -> float:
 class JudgedFormat(Format):
     name = "judged"
     columns = frozenset({"prompt", "responses"})
+    rated = True
 
     def convert(self, row: dict[str, Any]) -> Iterator[Candidate | Skipped]:
         prompt = messages(field(row, "prompt"), "prompt")
@@ -59,6 +61,4 @@ class JudgedFormat(Format):
                 continue
             scored.append(Scored(score, text(field(response, "text", f"{where}."), f"{where}.text")))
         meta = {"policy": row.get("policy"), "judge": row.get("judge")}
-        for chosen, rejected in pair_up(scored, self.options.pairs, self.options.min_margin):
-            yield {"prompt": prompt, "chosen": answer(chosen.answer), "rejected": answer(rejected.answer),
-                   "chosen_score": chosen.score, "rejected_score": rejected.score, "meta": meta}
+        yield from scored_candidates(prompt, scored, lambda response: (answer(response), {}), self.options, meta)

@@ -24,6 +24,7 @@ from prefdata.formats.pku import PKUSafeRLHFFormat
 from prefdata.formats.shp import SHPFormat
 from prefdata.formats.tabular import TabularFormat
 from prefdata.formats.trl import TRLFormat
+from prefdata.formats.trl_unpaired import TRLUnpairedFormat
 from prefdata.formats.ultrafeedback import UltraFeedbackBinarizedFormat, UltraFeedbackFormat
 from schemas.errors import UserError
 
@@ -32,7 +33,7 @@ FORMATS: dict[str, type[Format]] = {
     for f in (TRLFormat, HHFormat, LlamaFactorySharegptFormat, LlamaFactoryV1Format, OpenAIPreferenceFormat,
               TabularFormat, SHPFormat, OasstTreeFormat, UltraFeedbackFormat, UltraFeedbackBinarizedFormat,
               ArenaHumanPreferenceFormat, ArenaConversationsFormat, NectarFormat, PKUSafeRLHFFormat,
-              HelpSteer2PreferenceFormat, HelpSteer2Format, OasstFlatFormat, JudgedFormat)
+              HelpSteer2PreferenceFormat, HelpSteer2Format, OasstFlatFormat, JudgedFormat, TRLUnpairedFormat)
 }
 
 

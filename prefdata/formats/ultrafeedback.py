@@ -11,7 +11,8 @@ completion is scored by `--score`:
 
 An aspect is sometimes a one-element list instead of an object; it is read the same. A completion
 without a score under the chosen rule is left out and counted as `unrated`. Pairs follow `--pairs`
-and `--min-margin` (prefdata.pairing); the scores go into chosen_score / rejected_score.
+and `--min-margin` (prefdata.pairing); the scores go into chosen_score / rejected_score. Under
+`--unpaired` every rated completion is one record, labelled by `--score-threshold`.
 
 Binarized (HuggingFaceH4/ultrafeedback_binarized): `{"prompt", "chosen": [msg…], "rejected":
 [msg…], "score_chosen", "score_rejected"}`, the conversations including the prompt: the prompt is
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefdata.formats.base import (
+    UNRATED,
     WRONG_TYPE,
     Candidate,
     Format,
@@ -39,10 +41,9 @@ from prefdata.formats.base import (
     split_common_prefix,
     text,
 )
-from prefdata.pairing import TIE, Scored, pair_up
+from prefdata.pairing import TIE, Scored, scored_candidates
 from schemas.errors import UserError
 
-UNRATED = "unrated"
 SCORE_RULES = ("mean-aspects", "overall", "aspect:NAME")
 
 
@@ -81,6 +82,7 @@ def _aspect(annotations: dict[str, Any], name: str, where: str) -> float | None:
 class UltraFeedbackFormat(Format):
     name = "ultrafeedback"
     columns = frozenset({"instruction", "completions"})
+    rated = True
 
     def __init__(self, options: FormatOptions, columns: frozenset[str]) -> None:
         super().__init__(options, columns)
@@ -109,19 +111,17 @@ class UltraFeedbackFormat(Format):
                 yield Skipped(UNRATED)
                 continue
             scored.append(Scored(score, completion))
-        for chosen, rejected in pair_up(scored, self.options.pairs, self.options.min_margin):
-            yield {
-                "prompt": prompt,
-                "chosen": answer(text(field(chosen.answer, "response"), "response")),
-                "rejected": answer(text(field(rejected.answer, "response"), "response")),
-                "chosen_score": chosen.score, "rejected_score": rejected.score,
-                "meta": {"chosen_model": chosen.answer.get("model"), "rejected_model": rejected.answer.get("model")},
-            }
+        yield from scored_candidates(prompt, scored, _response, self.options)
+
+
+def _response(completion: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    return answer(text(field(completion, "response"), "response")), {"model": completion.get("model")}
 
 
 class UltraFeedbackBinarizedFormat(Format):
     name = "ultrafeedback_binarized"
     columns = frozenset({"prompt", "chosen", "rejected", "score_chosen", "score_rejected"})
+    rated = True
 
     def convert(self, row: dict[str, Any]) -> list[Candidate]:
         score_chosen, score_rejected = (_number(field(row, key), key) for key in ("score_chosen", "score_rejected"))
