@@ -12,17 +12,33 @@ continuations, as an unpaired shard stores them) + `kto_kl` + `kto_loss`.
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from prefdata.tokenize import TokenizeConfig, tokenize
+from schemas.errors import UserError
+from schemas.io import sha256_file
+from schemas.manifest import Manifest
 from tests.conftest import CORPUS
+from tests.records_factory import unpaired_from_pairs, write_records_dir
 from tests.test_logprobs import _columns
+from tests.test_train import _config, _learnable, _metrics
 from tests.test_train_trl import _perturb
 from train.batching import collate_pairs
+from train.data import open_shards
+from train.distributed import Dist
+from train.eval import preference_metrics
 from train.logprobs import sequence_logps
+from train.loop import train
 from train.losses import Denominators, LossParams, kto_kl, kto_loss
+from train.reference import PrecomputeRefConfig, precompute_ref
 
 BETA = 0.1
 
@@ -153,3 +169,95 @@ def test_stored_kl_and_completion_references_equal_trl(trl_kto, tiny_model_dir):
         got = sequence_logps(model, collate_pairs(columns, np.arange(len(columns)), pad_id=0, shared=True))
     np.testing.assert_allclose(got.chosen.numpy(), np.array(data["ref_logps"]), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got.rejected.numpy(), np.array(data["ref_KL_logps"]), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on unpaired shards: tokenize → precompute-ref → train --objective kto → eval
+
+
+@pytest.fixture(scope="module")
+def kto_shards(tiny_model_dir, tmp_path_factory) -> Path:
+    """48 training and 16 eval unpaired rows (desirable answers from GOOD, undesirable from BAD,
+    alternating), scored with the tiny model. `unscored/` beside the scored `shards/`."""
+    root = tmp_path_factory.mktemp("kto")
+    write_records_dir(root / "records", {"train": unpaired_from_pairs(_learnable(48)),
+                                          "eval": unpaired_from_pairs(_learnable(16, offset=1000))})
+    tokenize(TokenizeConfig(input_dir=str(root / "records"), tokenizer=str(tiny_model_dir), out=str(root / "unscored"),
+                            rows_per_shard=20))
+    shutil.copytree(root / "unscored", root / "shards")
+    precompute_ref(PrecomputeRefConfig(shards=str(root / "shards"), model=str(tiny_model_dir)))
+    return root / "shards"
+
+
+def test_kto_learns_the_labels_and_eval_reads_the_reward_sign(kto_shards, tiny_model_dir, tmp_path):
+    out = tmp_path / "kto"
+    train(_config(kto_shards, tiny_model_dir, out, objective="kto", beta=0.5, max_steps=12, log_every=1, eval_every=6,
+                  desirable_weight=1.0, undesirable_weight=1.2))
+    logged = _metrics(out)
+    steps = [m for m in logged if "loss" in m]
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies"} <= steps[0].keys()
+    assert np.mean([m["loss"] for m in steps[-3:]]) < steps[0]["loss"] - 0.05
+    evals = [m for m in logged if "eval/loss" in m]
+    assert evals[-1]["eval/rewards/accuracies"] > 0.8 and evals[-1]["eval/rewards/margins"] > 0
+    assert evals[-1]["eval/pairs"] == 16 and all(m["kl"] >= 0 for m in steps)
+    # prefdata eval on the same split reads the same sign: desirable rewards up, undesirable down.
+    with torch.inference_mode():
+        metrics = preference_metrics(AutoModelForCausalLM.from_pretrained(out / "final"), open_shards(kto_shards, True)[2],
+                                     beta=0.5, pad_id=0, batch_tokens=512, dist=Dist(0, 1, torch.device("cpu")))
+    assert metrics["rows"] == 16 and metrics["desirable"] == metrics["undesirable"] == 8
+    assert metrics["accuracy"] == pytest.approx(evals[-1]["eval/rewards/accuracies"], abs=1 / 16 + 1e-9)
+    assert metrics["margin"] > 0
+
+
+def test_the_objective_must_fit_the_shards_kind(kto_shards, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="unpaired shards, but --objective dpo needs paired"):
+        train(_config(kto_shards, tiny_model_dir, tmp_path / "dpo"))
+    with pytest.raises(UserError, match="ingest the data with --unpaired"):
+        train(_config(paired_shards_of(tmp_path, tiny_model_dir), tiny_model_dir, tmp_path / "kto", objective="kto"))
+
+
+def paired_shards_of(tmp_path: Path, model: Path) -> Path:
+    write_records_dir(tmp_path / "pairs", {"train": _learnable(8), "eval": _learnable(2, offset=100)})
+    tokenize(TokenizeConfig(input_dir=str(tmp_path / "pairs"), tokenizer=str(model), out=str(tmp_path / "pair-shards")))
+    return tmp_path / "pair-shards"
+
+
+def test_the_step_zero_check_covers_both_kto_columns(kto_shards, tiny_model_dir, tmp_path):
+    """Shards scored with another model are refused, naming the unpaired columns."""
+    other = tmp_path / "other-reference"
+    shutil.copytree(kto_shards, other)
+    table = pa.ipc.open_file(other / "train-00000.arrow").read_all()
+    shifted = table.set_column(table.schema.get_field_index("ref_kl_logps"), table.schema.field("ref_kl_logps"),
+                               pa.compute.add(table.column("ref_kl_logps"), pa.scalar(3.0, pa.float32())))
+    assert shifted.schema.equals(table.schema)
+    with pa.ipc.new_file(other / "train-00000.arrow", shifted.schema) as writer:
+        writer.write_table(shifted)
+    # The manifest's sha256 would catch the edit first: this checks the values, so refresh it.
+    manifest = Manifest.read(other)
+    manifest.shards[0].sha256 = sha256_file(other / "train-00000.arrow")
+    manifest.write(other)
+    with pytest.raises(UserError, match="KL completion of row"):
+        train(_config(other, tiny_model_dir, tmp_path / "run", objective="kto", max_steps=1))
+
+
+def test_kto_resume_reproduces_the_uninterrupted_run(kto_shards, tiny_model_dir, tmp_path):
+    config = dict(objective="kto", save_every=3, gradient_accumulation_steps=2, batch_size=4, max_steps=6, log_every=1)
+    full = tmp_path / "full"
+    train(_config(kto_shards, tiny_model_dir, full, **config))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    for later in ("checkpoint-0000006", "final"):
+        shutil.rmtree(resumed / later)
+    train(_config(kto_shards, tiny_model_dir, resumed, resume=True, **config))
+    numbers = lambda out: [(m["step"], m["loss"], m["kl"]) for m in _metrics(out) if "loss" in m]  # noqa: E731
+    assert numbers(full) == numbers(resumed)
+
+
+def test_kto_with_a_live_reference_equals_the_stored_one(kto_shards, tiny_model_dir, tmp_path):
+    train(_config(kto_shards, tiny_model_dir, tmp_path / "stored", objective="kto", max_steps=3, log_every=1))
+    train(_config(kto_shards.parent / "unscored", tiny_model_dir, tmp_path / "live", objective="kto", max_steps=3,
+                  log_every=1, reference="live"))
+    for a, b in zip(_metrics(tmp_path / "stored"), _metrics(tmp_path / "live"), strict=True):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), key

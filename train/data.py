@@ -138,6 +138,16 @@ def load_split(shards_dir: Path, manifest: Manifest, split: str, need_ref: bool)
     return SplitData(RecordIds(table.column("id")), TokenColumns.from_table(table), *ref, labels=labels)
 
 
+def shards_kind(shards_dir: str | Path) -> str | None:
+    """`paired` or `unpaired`, from the schema of the directory's first shard (None: no readable one)."""
+    shards_dir = Path(shards_dir)
+    manifest = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
+    first = shards_dir / manifest.shards[0].name if manifest.shards else None
+    if first is None or not first.is_file():
+        return None
+    return shard_kind(ipc.open_file(pa.memory_map(str(first))).schema)
+
+
 def open_shards(shards_dir: str | Path, need_ref: bool) -> tuple[Manifest, SplitData, SplitData | None]:
     """(manifest, train split, eval split or None)."""
     shards_dir = Path(shards_dir)

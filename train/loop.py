@@ -31,7 +31,7 @@ from schemas.shard import PAIRED, UNPAIRED
 from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
-from train.data import SplitData, open_shards
+from train.data import SplitData, open_shards, shards_kind
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
@@ -234,13 +234,14 @@ def step_denominators(data: SplitData, micro_batches: list[np.ndarray]) -> Denom
                         desirable=float(desirable), undesirable=float(undesirable))
 
 
-def check_objective_fits(config: TrainConfig, data: SplitData) -> None:
-    """KTO reads unpaired shards, every other objective pairs: the other kind is refused in one line."""
-    wanted = UNPAIRED if config.objective == "kto" else PAIRED
-    if data.kind != wanted:
-        hint = ("train them with --objective kto" if data.kind == UNPAIRED else
+def check_objective_fits(config: TrainConfig) -> None:
+    """KTO reads unpaired shards, every other objective pairs: the other kind is refused in one
+    line, before anything else about the shards (a missing reference) is."""
+    wanted, found = UNPAIRED if config.objective == "kto" else PAIRED, shards_kind(config.shards)
+    if found is not None and found != wanted:
+        hint = ("train them with --objective kto" if found == UNPAIRED else
                 "KTO needs unpaired shards: ingest the data with --unpaired (pairs split into a desirable and an undesirable row)")
-        raise UserError(f"{config.shards}: {data.kind} shards, but --objective {config.objective} needs {wanted} ones; {hint}")
+        raise UserError(f"{config.shards}: {found} shards, but --objective {config.objective} needs {wanted} ones; {hint}")
 
 
 def _inference_view(scorer: Any) -> Any:
@@ -388,8 +389,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tracker = open_tracker(config.report_to, out, config.model_dump()) if dist.is_main else None
 
     needs_stored_ref = config.needs_reference and config.reference == "precomputed"
+    check_objective_fits(config)
     manifest, train_data, eval_data = open_shards(config.shards, need_ref=needs_stored_ref)
-    check_objective_fits(config, train_data)
     if config.margin_from_scores:
         train_data, eval_data = (None if split is None else dataclasses.replace(
             split, score_margins=config.margin_from_scores * score_margins(config.shards, split.ids))
