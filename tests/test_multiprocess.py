@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from prefdata.tokenize import TokenizeConfig, tokenize
-from tests.records_factory import write_records_dir
+from tests.records_factory import unpaired_from_pairs, write_records_dir
 from tests.test_train import _config, _learnable, _metrics
 from tests.test_train_scale import _weights
 from train.distributed import Dist, backend_for, served_devices
@@ -103,18 +103,48 @@ def test_train_on_three_processes_equals_one_process_on_the_same_global_batches(
                                                                                  options, steps):
     """Global batches of 6 pairs: 6, 6 and 1. One process takes all 6; three take 2 each, and in
     the last batch two of them none."""
+    _three_processes_equal_one(uneven / "shards", tiny_model_dir, tmp_path, options, steps,
+                               ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "eval/loss", "eval/pairs"))
+
+
+@pytest.mark.parametrize(("options", "steps"), [
+    ({"parallelism": "ddp"}, 3),
+    ({"parallelism": "fsdp"}, 3),
+    ({"parallelism": "ddp", "lora_r": 4, "learning_rate": 2e-2, "gradient_accumulation_steps": 2}, 2),
+], ids=["ddp", "fsdp", "lora-accumulated"])
+def test_kto_on_three_processes_equals_one_process(uneven_unpaired, tiny_model_dir, tmp_path, options, steps):
+    """KTO's KL estimate is a mean over the whole micro-batch: on three processes (and in the last
+    batch, two of them holding only a stand-in row) it must be the one-process value."""
+    _three_processes_equal_one(uneven_unpaired / "shards", tiny_model_dir, tmp_path, {"objective": "kto", **options}, steps,
+                               ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "grad_norm",
+                                "eval/loss", "eval/kl"))
+
+
+@pytest.fixture(scope="module")
+def uneven_unpaired(tiny_model_dir, tmp_path_factory) -> Path:
+    """`uneven`'s 13 training and 5 eval prompts as unpaired rows (alternately a desirable and an undesirable answer)."""
+    root = tmp_path_factory.mktemp("uneven-unpaired")
+    write_records_dir(root / "records", {"train": unpaired_from_pairs(_learnable(TRAIN_PAIRS)),
+                                          "eval": unpaired_from_pairs(_learnable(5, offset=1000))})
+    tokenize(TokenizeConfig(input_dir=str(root / "records"), tokenizer=str(tiny_model_dir), out=str(root / "shards"),
+                            rows_per_shard=5))
+    precompute_ref(PrecomputeRefConfig(shards=str(root / "shards"), model=str(tiny_model_dir)))
+    return root
+
+
+def _three_processes_equal_one(shards: Path, model: Path, tmp_path: Path, options: dict, steps: int, keys: tuple[str, ...]) -> None:
     one = tmp_path / "one"
     single = {k: v for k, v in options.items() if k != "parallelism"}
-    train(_config(uneven / "shards", tiny_model_dir, one, batch_size=6, max_steps=None, epochs=1, log_every=1, warmup_steps=1,
+    train(_config(shards, model, one, batch_size=6, max_steps=None, epochs=1, log_every=1, warmup_steps=1,
                   eval_every=1, eval_batch_tokens=40, **single))
     three = tmp_path / "three"
-    _torchrun(3, tmp_path / "probe", "train", *_args(uneven / "shards", tiny_model_dir, three, batch_size=2, **options))
+    _torchrun(3, tmp_path / "probe", "train", *_args(shards, model, three, batch_size=2, **options))
     logged_one, logged_three = _metrics(one), _metrics(three)
     assert [m["step"] for m in logged_one] == [m["step"] for m in logged_three]
     assert max(m["step"] for m in logged_one) == steps  # one epoch: every pair once, the short batch included
     assert sum(m.get("tokens", 0) for m in logged_three) == sum(m.get("tokens", 0) for m in logged_one)
     for a, b in zip(logged_one, logged_three, strict=True):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "eval/loss", "eval/pairs"):
+        for key in keys:
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
     final = "final" if "lora_r" not in options else "final-merged"
