@@ -18,6 +18,15 @@ prefers the other way by more than --suspect-margin are flagged `label_suspect`,
 Normalisation for comparisons is NFKC, case-folded, whitespace collapsed; the records themselves
 are written unchanged.
 
+Unpaired record sets (one completion with a desirable/undesirable label: KTO data) go through the
+same steps with the completion in the answers' place: degenerate completions (empty, too short or
+long), contradicting labels (one prompt + completion labelled both ways: the same majority vote),
+exact duplicates (prompt + completion + label), decontamination, near-duplicate prompt clusters,
+--max-pairs-per-prompt (the first K records of a cluster: there is no margin), and the split. The
+manifest counts desirable and undesirable records per split, with the weights KTO's loss wants for
+the train split's balance. Options that only mean something for pairs (--min-margin,
+--score-with) are refused for them.
+
 Memory is bounded by `chunk_rows`, not by the input (docs/curate.md, "Curate at scale"):
   pass 1 streams the inputs `chunk_rows` records at a time and keeps one narrow row per record
          (id, sort keys, score margin, per-record drop reason, 128-bit keys of the normalised pair
@@ -68,13 +77,15 @@ from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
-from schemas.records import RECORD_FILES, RECORD_SCHEMA
+from schemas.records import PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
 from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, SystemTurn
 
 # train/eval.parquet are records plus the prompt cluster they were split by; a later curate run
-# over them keeps those clusters whole.
-CURATED_SCHEMA = RECORD_SCHEMA.append(pa.field("prompt_cluster", pa.string()))
-CURATE_DROPPED_SCHEMA = CURATED_SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("duplicate_of", pa.string()))
+# over them keeps those clusters whole. One layout per record kind (pairs, unpaired completions).
+CURATED_SCHEMAS = {kind: record_schema(kind).append(pa.field("prompt_cluster", pa.string())) for kind in (PAIRED, UNPAIRED)}
+DROPPED_FIELDS = [pa.field("drop_reason", pa.string()), pa.field("duplicate_of", pa.string())]
+CURATED_SCHEMA = CURATED_SCHEMAS[PAIRED]
+CURATE_DROPPED_SCHEMA = pa.schema([*CURATED_SCHEMA, *DROPPED_FIELDS])
 CURATED_COLUMNS = CURATED_SCHEMA.names
 # With --score-with, every output also carries each pair's margin under the scorer and its flag.
 LABEL_FIELDS = [pa.field("label_margin", pa.float64()), pa.field("label_suspect", pa.bool_())]
@@ -100,7 +111,8 @@ class CurateConfig(BaseModel):
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at which prompts are near-duplicates; also caps "
                              "the length-adapted threshold of short prompts.")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
-    max_pairs_per_prompt: int | None = Field(None, gt=0, description="Keep at most K pairs per prompt cluster (largest margins).")
+    max_pairs_per_prompt: int | None = Field(None, gt=0, description="Keep at most K pairs per prompt cluster (largest margins; "
+                                              "unpaired records: the first K).")
     min_margin: float | None = Field(None, description="Drop pairs whose chosen_score - rejected_score is below this.")
     min_chars: int = Field(1, ge=0, description="Drop pairs with an answer shorter than this.")
     max_chars: int | None = Field(None, gt=0, description="Drop pairs with an answer longer than this.")
@@ -144,25 +156,29 @@ class CurateConfig(BaseModel):
         return self.score_with is not None
 
 
-def _spill_schema(scored: bool) -> pa.Schema:
+def _spill_schema(scored: bool, kind: str) -> pa.Schema:
     """Pass 2's spilled rows: the dropped layout plus where each row goes."""
-    return _output_schema(DROPPED, scored).append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
+    return _output_schema(DROPPED, scored, kind).append(pa.field("row", pa.int64())).append(pa.field("dest", pa.int8()))
 
 
-def _output_schema(dest: int, scored: bool) -> pa.Schema:
-    schema = CURATE_DROPPED_SCHEMA if dest == DROPPED else CURATED_SCHEMA
-    for label_field in LABEL_FIELDS if scored else []:
-        schema = schema.append(label_field)
-    return schema
+def _output_schema(dest: int, scored: bool, kind: str) -> pa.Schema:
+    schema = CURATED_SCHEMAS[kind]
+    return pa.schema([*schema, *(DROPPED_FIELDS if dest == DROPPED else []), *(LABEL_FIELDS if scored else [])])
+
+
+def _answers(columns: list[str]) -> tuple[str, ...]:
+    """The answer columns of a record table: a pair's two, or an unpaired record's completion."""
+    return ("completion",) if "completion" in columns else ("chosen", "rejected")
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
 
-def _inputs(paths: list[str]) -> list[InputFile]:
-    """Every record file of every input set, checked before anything is read or written."""
-    inputs = []
+def _record_files(paths: list[str]) -> tuple[list[Path], str]:
+    """Every record file of every input set, checked before anything is read or written, and the
+    record kind they share (pairs or unpaired completions)."""
+    files, kinds = [], {}
     for directory in map(Path, paths):
         manifest = Manifest.read(directory, stages=tuple(RECORD_FILES))
         for name in RECORD_FILES[manifest.stage]:
@@ -170,13 +186,34 @@ def _inputs(paths: list[str]) -> list[InputFile]:
             if not path.is_file():
                 raise UserError(f"{path} missing; re-run prefdata {manifest.stage} for {directory}")
             schema = pq.read_schema(path)
-            if not all(field in schema for field in RECORD_SCHEMA):
+            kind = record_kind(schema)
+            if not all(field in schema for field in record_schema(kind)):
                 raise UserError(f"{path}: not a prefdata record set (columns {schema.names}); re-run prefdata {manifest.stage}")
-            rows = pq.ParquetFile(path).metadata.num_rows
-            inputs.append(InputFile(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows))
-    if not inputs:
+            kinds.setdefault(kind, path)
+            files.append(path)
+    if not files:
         raise UserError("no input record sets given")
-    return inputs
+    if len(kinds) > 1:
+        raise UserError(f"{kinds[PAIRED]} holds pairs and {kinds[UNPAIRED]} unpaired completions; curate them apart "
+                        "(or ingest the pairs with --unpaired)")
+    return files, next(iter(kinds))
+
+
+def record_files(config: CurateConfig) -> tuple[list[Path], str]:
+    """The inputs' record files and their kind, refusing the options that only pairs have for an
+    unpaired set (the command calls it before it loads a scorer)."""
+    files, kind = _record_files(config.inputs)
+    if kind == UNPAIRED:
+        given = [name for name, on in (("--min-margin", config.min_margin is not None), ("--score-with", config.scored)) if on]
+        if given:
+            raise UserError(f"{' and '.join(given)}: pair options (a score margin, a label margin between two answers); "
+                            "an unpaired record set has one completion per record, drop them")
+    return files, kind
+
+
+def _input_file(path: Path) -> InputFile:
+    rows = pq.ParquetFile(path).metadata.num_rows
+    return InputFile(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size, rows=rows)
 
 
 def _input_chunks(inputs: list[InputFile], chunk_rows: int, columns: list[str]) -> Iterator[pa.Table]:
@@ -224,16 +261,21 @@ def _key128(texts: pl.Series) -> np.ndarray:
     return np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2) if digests else np.empty((0, 2), np.uint64)
 
 
-def _pair_text() -> pl.Expr:
+def _pair_text(answers: tuple[str, ...]) -> pl.Expr:
     """The normalised prompt and its two answers, in either order, as one string (the smaller answer
     first, lengths first so it splits one way only): a pair and its swapped twin get one key, and
-    `_swapped()` says which way round each record has them."""
-    parts = [pl.col("prompt_norm"), pl.min_horizontal("chosen_norm", "rejected_norm"), pl.max_horizontal("chosen_norm", "rejected_norm")]
+    `_swapped()` says which way round each record has them. An unpaired record: its prompt and
+    completion, whose label is its side."""
+    norms = [f"{a}_norm" for a in answers]
+    parts = [pl.col("prompt_norm"), *([pl.min_horizontal(*norms), pl.max_horizontal(*norms)] if len(norms) == 2 else [pl.col(norms[0])])]
     return pl.concat_str([*(p.str.len_chars().cast(pl.String) for p in parts), pl.lit(""), *parts], separator=":")
 
 
-def _swapped() -> pl.Expr:
-    """Does the record prefer the larger of its two normalised answers (the pair key's second)?"""
+def _swapped(answers: tuple[str, ...]) -> pl.Expr:
+    """Does the record prefer the larger of its two normalised answers (the pair key's second)? For
+    an unpaired record: its label. Records of one key on both sides contradict each other."""
+    if len(answers) == 1:
+        return pl.col("label")
     return (pl.col("chosen_norm") > pl.col("rejected_norm")).fill_null(False)
 
 
@@ -242,11 +284,15 @@ def _swapped() -> pl.Expr:
 
 
 def _degenerate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
-    margin = pl.col("chosen_score") - pl.col("rejected_score")
-    shortest = pl.min_horizontal(_answer_chars("chosen"), _answer_chars("rejected"))
-    longest = pl.max_horizontal(_answer_chars("chosen"), _answer_chars("rejected"))
+    """The degenerate reasons of each record; an unpaired record has one answer and no margin, so
+    only its completion's length can make it degenerate."""
+    answers = _answers(frame.columns)
+    paired = len(answers) == 2
+    margin = pl.col("chosen_score") - pl.col("rejected_score") if paired else pl.lit(None, pl.Float64)
+    shortest = pl.min_horizontal(*map(_answer_chars, answers))
+    longest = pl.max_horizontal(*map(_answer_chars, answers))
     rules = [
-        ("identical_after_normalisation", pl.col("chosen_norm") == pl.col("rejected_norm")),
+        ("identical_after_normalisation", pl.col("chosen_norm") == pl.col("rejected_norm") if paired else pl.lit(False)),
         ("empty_answer", shortest == 0),
         ("tie", margin == 0),
         ("low_margin", margin < config.min_margin if config.min_margin is not None else pl.lit(False)),
@@ -274,13 +320,16 @@ def _contaminated(frame: pl.DataFrame, config: CurateConfig, eval_grams: np.ndar
     hit = np.zeros(frame.height, dtype=bool)
     if eval_grams is None:
         return hit
-    for column in ("prompt_norm", "chosen_norm", "rejected_norm"):
+    for column in ("prompt_norm", *(f"{a}_norm" for a in _answers(frame.columns))):
         # Evaluation items are plain text: compare against message contents, not role tags.
         hit |= shares_shingle(strip_roles(frame[column]), config.decontaminate_ngram, eval_grams)
     return hit
 
 
-NARROW_INPUT = ["id", "prompt", "chosen", "rejected", "source", "source_row", "chosen_score", "rejected_score", "prompt_cluster"]
+NARROW_INPUTS = {
+    PAIRED: ["id", "prompt", "chosen", "rejected", "source", "source_row", "chosen_score", "rejected_score", "prompt_cluster"],
+    UNPAIRED: ["id", "prompt", "completion", "label", "source", "source_row", "prompt_cluster"],
+}
 
 
 @dataclass
@@ -292,11 +341,11 @@ class _Narrow:
     ids: pa.Array
     source: np.ndarray  # index into `sources`
     source_row: np.ndarray
-    margin: np.ndarray  # chosen_score − rejected_score, −inf when a score is missing
+    margin: np.ndarray  # chosen_score − rejected_score, −inf when a score is missing (always, unpaired)
     reason: np.ndarray  # index into DROP_REASONS, −1 while the record is kept
     contaminated: np.ndarray
-    pair_key: np.ndarray  # [n, 2] uint64 of the pair in either order, zero for records already dropped
-    swapped: np.ndarray  # bool: which way round the record prefers the pair's answers
+    pair_key: np.ndarray  # [n, 2] uint64 of the pair in either order (unpaired: prompt + completion), zero for records already dropped
+    swapped: np.ndarray  # bool: which way round the record prefers the pair's answers (unpaired: its label)
     prompt_key: np.ndarray
     prior: pa.Array  # prompt_cluster from an earlier curate run, or null
 
@@ -309,8 +358,8 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     needs all records (duplicates, clusters) gets keys: the normalised pair's and the prompt's
     (its comparison text with near-dedupe on, its normalised text without). `sources` numbers
     the source names seen so far."""
-    frame = pl.from_arrow(table).with_columns(
-        prompt_norm=_normalised("prompt"), chosen_norm=_normalised("chosen"), rejected_norm=_normalised("rejected"))
+    answers = _answers(table.column_names)
+    frame = pl.from_arrow(table).with_columns(prompt_norm=_normalised("prompt"), **{f"{a}_norm": _normalised(a) for a in answers})
     frame = _degenerate(frame, config)
     reason = frame["drop_reason"].to_physical().fill_null(-1).to_numpy().astype(np.int8)
     live = np.flatnonzero(reason < 0)
@@ -318,8 +367,8 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     prompt = comparison_text(kept.select(_normalised("prompt", without_system=True)).to_series()) if config.near_dup \
         else kept["prompt_norm"]
     pair_key, prompt_key = np.zeros((frame.height, 2), np.uint64), np.zeros((frame.height, 2), np.uint64)
-    pair_key[live] = _key128(kept.select(_pair_text()).to_series())
-    swapped = frame.select(_swapped()).to_series().to_numpy()
+    pair_key[live] = _key128(kept.select(_pair_text(answers)).to_series())
+    swapped = frame.select(_swapped(answers)).to_series().to_numpy()
     prompt_key[live] = _key128(prompt)
     encoded = pc.dictionary_encode(table.column("source")).combine_chunks()
     code_of = np.array([sources.setdefault(name, len(sources)) for name in encoded.dictionary.to_pylist()] or [0], np.int32)
@@ -327,7 +376,8 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
         "ids": table.column("id").combine_chunks().cast(pa.string()),
         "source": code_of[encoded.indices.to_numpy(zero_copy_only=False)],
         "source_row": frame["source_row"].to_numpy(),
-        "margin": (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).to_numpy(),
+        "margin": (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).to_numpy() if len(answers) == 2
+        else np.full(frame.height, float("-inf")),
         "reason": reason, "contaminated": _contaminated(frame, config, eval_grams),
         "pair_key": pair_key, "swapped": swapped, "prompt_key": prompt_key,
         "prior": table.column("prompt_cluster").combine_chunks().cast(pa.string()),
@@ -338,7 +388,7 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     return columns, texts
 
 
-def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
+def _pass1(inputs: list[InputFile], kind: str, config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
     """(narrow table in output order, input position of each row, prompt texts, source names by
     the codes in `_Narrow.source`)."""
     eval_grams = _eval_grams(config)
@@ -346,7 +396,7 @@ def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[
     chunks: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
     pos = 0
-    for table in _input_chunks(inputs, config.chunk_rows, NARROW_INPUT):
+    for table in _input_chunks(inputs, config.chunk_rows, NARROW_INPUTS[kind]):
         columns, prompt_texts = _narrow_chunk(table, pos, config, eval_grams, sources)
         chunks.append(columns)
         if prompt_texts is not None and prompt_texts.height:
@@ -354,7 +404,7 @@ def _pass1(inputs: list[InputFile], config: CurateConfig, spill: Path) -> tuple[
         pos += table.num_rows
     texts.close()
     if not chunks:  # no records at all: one empty chunk gives the narrow table its columns
-        empty = CURATED_SCHEMA.empty_table().select(NARROW_INPUT)
+        empty = CURATED_SCHEMAS[kind].empty_table().select(NARROW_INPUTS[kind])
         chunks.append(_narrow_chunk(empty, 0, config, eval_grams, sources)[0])
     narrow = _Narrow(**{name: _concat([chunk.pop(name) for chunk in chunks]) for name in list(chunks[0])})
     order = _output_order(narrow, sources)
@@ -614,6 +664,24 @@ def _stats(dest: np.ndarray, kept: np.ndarray, cluster_of_kept: np.ndarray, eval
     }
 
 
+# KTO (Ethayarajh et al. 2024, eq. 8) wants λD·nD / (λU·nU) in [1, 4/3]; TRL's KTOTrainer checks
+# [1, 1.33] on the train set, and so does the advice here.
+KTO_BALANCE = (1.0, 1.33)
+
+
+def _label_balance(dest: np.ndarray, label: np.ndarray) -> dict[str, Any]:
+    """Unpaired sets: desirable and undesirable records per split, and the KTO weights that put the
+    train split's balance inside KTO_BALANCE: desirable_weight with undesirable_weight 1, or
+    undesirable_weight with desirable_weight 1 (null when the train split lacks one label)."""
+    counts = {name: {"desirable": int((label & (dest == code)).sum()), "undesirable": int((~label & (dest == code)).sum())}
+              for code, name in ((TRAIN, "train"), (EVAL, "eval"))}
+    n_d, n_u = counts["train"]["desirable"], counts["train"]["undesirable"]
+    low, high = KTO_BALANCE
+    weights = {"desirable_weight": [n_u / n_d * low, n_u / n_d * high],
+               "undesirable_weight": [n_d / (n_u * high), n_d / (n_u * low)]} if n_d and n_u else None
+    return {**counts, "kto_weights": weights}
+
+
 # ---------------------------------------------------------------------------------------------
 # Pass 2: records to their files
 
@@ -624,7 +692,8 @@ def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Ta
     # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
     cluster = pc.if_else(pa.array(cluster_row >= 0), pc.take(decisions.ids, pa.array(cluster_row, mask=cluster_row < 0)),
                          table.column("prompt_cluster").cast(pa.string()))
-    columns = {name: table.column(name) for name in CURATED_COLUMNS}
+    kind = record_kind(table.schema)
+    columns = {name: table.column(name) for name in CURATED_SCHEMAS[kind].names}
     columns["prompt_cluster"] = cluster
     columns["drop_reason"] = pc.take(pa.array(DROP_REASONS), pa.array(reason, mask=reason < 0))
     columns["duplicate_of"] = pc.take(decisions.ids, pa.array(duplicate_row, mask=duplicate_row < 0))
@@ -636,7 +705,7 @@ def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Ta
         columns["label_suspect"] = pa.array(decisions.label_suspect[rows], mask=unscored)
     columns["row"] = pa.array(rows)
     columns["dest"] = pa.array(decisions.dest[rows])
-    return pa.table(columns).cast(_spill_schema(scored))
+    return pa.table(columns).cast(_spill_schema(scored, kind))
 
 
 class _ParquetOutput:
@@ -676,9 +745,10 @@ def _route(table: pa.Table, outputs: dict[int, _ParquetOutput]) -> None:
             output.add(part)
 
 
-def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig, out_dir: Path, spill: Path) -> dict[int, int]:
-    outputs = {code: _ParquetOutput(out_dir / name, _output_schema(code, config.scored)) for code, name in _OUTPUT_NAMES.items()}
-    annotated = _annotated_chunks(inputs, decisions, config.chunk_rows)
+def _pass2(inputs: list[InputFile], kind: str, decisions: _Decisions, config: CurateConfig, out_dir: Path,
+           spill: Path) -> dict[int, int]:
+    outputs = {code: _ParquetOutput(out_dir / name, _output_schema(code, config.scored, kind)) for code, name in _OUTPUT_NAMES.items()}
+    annotated = _annotated_chunks(inputs, kind, decisions, config.chunk_rows)
     if decisions.in_order:  # the inputs are already in output order: stream straight through
         for table in annotated:
             _route(table, outputs)
@@ -690,9 +760,9 @@ def _pass2(inputs: list[InputFile], decisions: _Decisions, config: CurateConfig,
     return {code: output.written for code, output in outputs.items()}
 
 
-def _annotated_chunks(inputs: list[InputFile], decisions: _Decisions, chunk_rows: int) -> Iterator[pa.Table]:
+def _annotated_chunks(inputs: list[InputFile], kind: str, decisions: _Decisions, chunk_rows: int) -> Iterator[pa.Table]:
     pos = 0
-    for table in _input_chunks(inputs, chunk_rows, CURATED_COLUMNS):
+    for table in _input_chunks(inputs, chunk_rows, CURATED_SCHEMAS[kind].names):
         yield _annotate(table, decisions.row_of_pos[pos:pos + table.num_rows], decisions)
         pos += table.num_rows
 
@@ -705,16 +775,17 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
     """The stage. With `config.score_with`, `scorer` is the model that scores the pairs
     (`train.label_scores.load_pair_scorer`; the `prefdata curate` command builds it, since this
     package never imports the model side)."""
+    files, kind = record_files(config)
     if config.scored and scorer is None:
         raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
                         "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
-    inputs = _inputs(config.inputs)
+    inputs = [_input_file(path) for path in files]
     with atomic_dir(config.out) as out_dir:
         # Spill files live inside the output's temporary directory: a failed or killed run leaves
         # them where atomic_dir leaves its partial output, never beside the finished one.
         spill = out_dir / ".spill"
         spill.mkdir()
-        narrow, order, prompts, source_names = _pass1(inputs, config, spill)
+        narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill)
         refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
 
         def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -730,8 +801,10 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
             dropped = decisions.reason == DROP_REASONS.index(SUSPECT_LABEL) if config.drop_suspect else None
             decisions.stats["label_noise"] = label_stats(decisions.label_margin, source, source_names, decisions.label_suspect,
                                                          dropped, config, scorer, refused)
+        if kind == UNPAIRED:
+            decisions.stats["labels"] = _label_balance(decisions.dest, narrow.swapped)
         del narrow, order, source
-        written = _pass2(inputs, decisions, config, out_dir, spill)
+        written = _pass2(inputs, kind, decisions, config, out_dir, spill)
         shutil.rmtree(spill)
         counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
         if written[DROPPED] != sum(counts.dropped.values()) or counts.read != sum(i.rows for i in inputs):
@@ -765,6 +838,14 @@ def summary_table(manifest: Manifest) -> Any:
     table.add_row("train", f"{manifest.stats['train']:,}")
     table.add_row("eval", f"{manifest.stats['eval']:,}")
     table.add_row("prompt clusters (largest)", f"{manifest.stats['prompt_clusters']:,} ({manifest.stats['largest_cluster']})")
+    balance = manifest.stats.get("labels")
+    if balance:
+        for split in ("train", "eval"):
+            table.add_row(f"{split}: desirable / undesirable", f"{balance[split]['desirable']:,} / {balance[split]['undesirable']:,}")
+        weights = balance["kto_weights"]
+        table.add_row("KTO weights for train's balance", "none: train lacks one of the labels" if weights is None else
+                      "desirable_weight {:.3g}–{:.3g} (undesirable 1), or undesirable_weight {:.3g}–{:.3g} (desirable 1)".format(
+                          *weights["desirable_weight"], *weights["undesirable_weight"]))
     labels = manifest.stats.get("label_noise")
     if labels:
         table.add_row("label margin: scored (scorer agrees)", f"{labels['scored']:,} ({labels['agree']:,})")

@@ -22,7 +22,8 @@ _CONTENTS = pl.element().struct.field("content")
 def _record_texts(directory: Path) -> list[str]:
     stage = Manifest.read(directory, stages=tuple(RECORD_FILES)).stage
     frame = pl.concat([pl.read_parquet(directory / name) for name in RECORD_FILES[stage]])
-    parts = [frame.select(pl.col(c).list.eval(_CONTENTS).list.join("\n"))[c] for c in ("prompt", "chosen", "rejected")]
+    columns = [c for c in ("prompt", "chosen", "rejected", "completion") if c in frame.columns]  # pairs or unpaired
+    parts = [frame.select(pl.col(c).list.eval(_CONTENTS).list.join("\n"))[c] for c in columns]
     return pl.concat(parts).to_list()
 
 
