@@ -3,6 +3,8 @@
 For every shard: read it memory-mapped, batch its rows by a token budget (longest first), score
 chosen and rejected with `train.logprobs.sequence_logps` under `torch.inference_mode`, and rewrite
 it with float32 `ref_chosen_logps` / `ref_rejected_logps` (SHARD_WITH_REF_SCHEMA), atomically.
+An unpaired shard's completion and KL completion are scored the same way (they are its two
+continuations, schemas.shard.TOKEN_COLUMNS) and stored as `ref_completion_logps` / `ref_kl_logps`.
 
 Resuming. A shard is the unit of work. Before the finished file is renamed over the old one, a
 marker `.precompute-ref/<shard>.json` records the new file's sha256 and the reference model:
@@ -36,7 +38,7 @@ from schemas.errors import UserError
 from schemas.io import atomic_path, sha256_file, write_text_atomic
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
 from schemas.progress import progress
-from schemas.shard import SHARD_SCHEMA, SHARD_WITH_REF_SCHEMA
+from schemas.shard import SCHEMAS, shard_kind
 from train import parallel
 from train.batching import Collator, TokenColumns, collate_pairs, processed_tokens, token_budget_batches
 from train.data import read_shard
@@ -180,7 +182,7 @@ def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
         raise UserError(f"{path}: token id {columns.max_token_id()} but the model's vocabulary has {vocab_size} "
                         "entries; the shards were made for another model")
     if len(columns) and min(columns.prompt.lengths.min(), columns.chosen.lengths.min(), columns.rejected.lengths.min()) < 1:
-        raise UserError(f"{path}: a row has an empty prompt or answer, which has no log-prob; re-run prefdata tokenize")
+        raise UserError(f"{path}: a row has an empty prompt or completion, which has no log-prob; re-run prefdata tokenize")
 
 
 def _score_batches(model: Any, columns: TokenColumns, batches: list[tuple[np.ndarray, bool]], collate: Collator,
@@ -217,11 +219,11 @@ def _verify(model: Any, columns: TokenColumns, rows: np.ndarray, batched: tuple[
 
 def _write_shard(shards_dir: Path, name: str, table: pa.Table, chosen: np.ndarray, rejected: np.ndarray,
                  score: ShardScore) -> ShardScore:
-    base = [table.column(f.name) for f in SHARD_SCHEMA]  # drops old ref columns under --force
-    out = pa.Table.from_arrays([*base, pa.array(chosen, pa.float32()), pa.array(rejected, pa.float32())],
-                               schema=SHARD_WITH_REF_SCHEMA)
+    schema, with_ref = SCHEMAS[shard_kind(table.schema)]  # the shard's kind: paired or unpaired
+    base = [table.column(f.name) for f in schema]  # drops old ref columns under --force
+    out = pa.Table.from_arrays([*base, pa.array(chosen, pa.float32()), pa.array(rejected, pa.float32())], schema=with_ref)
     with atomic_path(shards_dir / name) as tmp:
-        with ipc.new_file(tmp, SHARD_WITH_REF_SCHEMA) as writer:
+        with ipc.new_file(tmp, with_ref) as writer:
             writer.write_table(out)
         score = score.model_copy(update={"sha256": sha256_file(tmp)})
         # The marker goes first: a kill before the rename leaves old file + marker of a sha that
