@@ -18,6 +18,12 @@ padded rows per pair), no LM head, and a one-output score head (2 × hidden FLOP
 projects): ours at 2 positions per pair (each answer's last token), TRL at every position it pads
 to (the classifier scores every position, then picks each row's last real one); 3 × forward for
 forward and backward on both sides, since nothing is recomputed.
+
+`--objective kto` (unpaired shards: a row's continuations are its completion and its KL
+completion): ours the same prefix-shared rows [prompt, completion, KL completion] and LM head on
+both continuations' tokens; TRL's `KTOTrainer` in its sequential order (KTO's KL needs it), one
+padded row prompt + completion trained (3 × forward) and one padded row prompt + KL completion
+scored without gradients (1 × forward, the LM head at every position of both).
 """
 
 from __future__ import annotations
@@ -81,36 +87,44 @@ def _decoder_flops(shape: Shape, rows: int, width: int) -> float:
     return 3 * forward
 
 
-OBJECTIVES = ("dpo", "reward")
+OBJECTIVES = ("dpo", "reward", "kto")
 
 
 def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE, objective: str = "dpo") -> Bounds:
     """From the train split's token columns: the row lengths each layout builds are theirs.
-    `objective` picks the head: "dpo" the LM head, "reward" a one-output score head."""
+    `objective` picks the head and TRL's layout: "dpo" the LM head, "reward" a one-output score
+    head, "kto" unpaired rows against KTOTrainer's two rows (trained, KL-scored)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: one of {OBJECTIVES}")
     shared, padded_pair = columns.shared_lengths, columns.pair_lengths
     ours = LengthGroupedSampler(shared, batch_size, seed=0).epoch_batches(0)
-    order = np.random.default_rng(0).permutation(len(columns))
+    order = np.arange(len(columns)) if objective == "kto" else np.random.default_rng(0).permutation(len(columns))
     trl = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
-    trl_padded = sum(2 * len(b) * int(padded_pair[b].max()) for b in trl)
     decoder_ours = sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
-    decoder_trl = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) for b in trl)
-    if objective == "dpo":
-        head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
-        # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in
-        # backward, and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
-        head_ours = 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum())
+    head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
+    # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in
+    # backward, and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
+    head_ours = 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum())
+    if objective == "kto":
+        trained, scored = columns.prompt.lengths + columns.chosen.lengths, columns.prompt.lengths + columns.rejected.lengths
+        trained_padded = sum(len(b) * int(trained[b].max()) for b in trl)
+        scored_padded = sum(len(b) * int(scored[b].max()) for b in trl)
+        trl_padded = trained_padded + scored_padded
+        decoder_trl = sum(_decoder_flops(shape, len(b), int(trained[b].max())) + _decoder_flops(shape, len(b), int(scored[b].max())) / 3
+                          for b in trl)
+        head_trl = head * (3 * trained_padded + scored_padded)
     else:
-        head = 2 * shape.hidden  # one output
-        head_ours = 3 * head * 2 * len(columns)  # each answer's last token, no recompute
-    head_trl = 3 * head * trl_padded  # every padded position of both rows
-    ours_flops, trl_flops = decoder_ours + head_ours, decoder_trl + head_trl
+        trl_padded = sum(2 * len(b) * int(padded_pair[b].max()) for b in trl)
+        decoder_trl = sum(_decoder_flops(shape, 2 * len(b), int(padded_pair[b].max())) for b in trl)
+        if objective == "reward":
+            head = 2 * shape.hidden  # one output
+            head_ours = 3 * head * 2 * len(columns)  # each answer's last token, no recompute
+        head_trl = 3 * head * trl_padded  # every padded position of both rows
     return Bounds(real_tokens=int(columns.real_tokens.sum()), shared_tokens=int(shared.sum()),
                   prompt_tokens=int(2 * columns.prompt.lengths.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
-                  flops_ours=ours_flops, flops_trl=trl_flops)
+                  flops_ours=decoder_ours + head_ours, flops_trl=decoder_trl + head_trl)
 
 
 def shard_bounds(shards: Path, model: Path, objective: str = "dpo") -> Bounds:
@@ -124,7 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shards", type=Path)
     parser.add_argument("model", type=Path)
-    parser.add_argument("--objective", choices=OBJECTIVES, default="dpo", help="dpo: the LM head; reward: a one-output score head")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="dpo",
+                        help="dpo: the LM head; reward: a one-output score head; kto: unpaired shards against KTOTrainer")
     args = parser.parse_args()
     result = shard_bounds(args.shards, args.model, args.objective)
     print(json.dumps({**asdict(result), **result.ratios()}, indent=2))

@@ -11,6 +11,7 @@ Stages, each printing its own summary:
      on its own: its answers are paired at random, so "chosen" is any continuation, not a preferred one;
   5. tokenize the curated splits with π_ref's tokenizer → precompute-ref;
   6. DPO from π_ref at each β, and Preferred-FT (SFT on the chosen answers) from π_ref;
+  6b. the same dump ingested --unpaired, curated, tokenized, scored, and KTO from π_ref (demo/kto.py);
   7. eval each (and π_ref itself) → results.md, results.json, reward_vs_kl.png;
   7b. a reward model (`objective: reward`) from π_ref on the same shards, `prefdata eval` of it
      beside the lexicon judge's agreement with the labels on the same eval pairs (demo/reward.py)
@@ -59,6 +60,8 @@ class DemoConfig(BaseModel):
     eval_prompts: int = Field(100, gt=0, description="Eval prompts (offline runs and each iterated round).")
     # 1e-3, not the DPO runs' 3e-4: a new score head reading sentiment off the last token's hidden
     # state learns slowly; at 3e-4 the quick size's 40 steps ranked 0.75 of the eval pairs, at 1e-3 0.90.
+    kto: bool = Field(True, description="Also the demo's data unpaired (ingest --unpaired) and KTO on it, β 0.1, evaluated "
+                      "beside the DPO runs (demo/kto.py).")
     reward_steps: int = Field(100, ge=0, description="Optimizer steps of the demo's reward model (objective reward, from "
                               "π_ref); 0: none.")
     reward_learning_rate: float = Field(1e-3, gt=0, description="The reward model's learning rate.")
@@ -84,10 +87,12 @@ def _corpus(config: DemoConfig) -> list[str]:
     return [text for row in rows for text in (row["chosen"], row["rejected"])]
 
 
-def _ingest(raw: Path, out: Path) -> Path:
+def _ingest(raw: Path, out: Path, unpaired: bool = False) -> Path:
+    from prefdata.formats.base import FormatOptions
     from prefdata.ingest import IngestConfig, ingest, summary_lines
 
-    print("\n".join(summary_lines(ingest(IngestConfig(inputs=[str(raw)], out=str(out))))))
+    options = FormatOptions(unpaired=unpaired)
+    print("\n".join(summary_lines(ingest(IngestConfig(inputs=[str(raw)], out=str(out), options=options)))))
     return out
 
 
@@ -103,8 +108,8 @@ def _train(config: DemoConfig, shards: Path, model: Path, out: Path, **overrides
     from train.config import TrainConfig
     from train.loop import train
 
-    result = train(TrainConfig(shards=str(shards), model=str(model), out=str(out), batch_size=config.batch_size,
-                               device="cpu", seed=config.seed, log_every=20, **overrides))
+    settings = {"batch_size": config.batch_size, "device": "cpu", "seed": config.seed, "log_every": 20, **overrides}
+    result = train(TrainConfig(shards=str(shards), model=str(model), out=str(out), **settings))
     print(f"train {out.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return out / "final"
 
@@ -174,6 +179,10 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
         policy = _train(config, shards, reference, out / name, max_steps=config.dpo_steps,
                         learning_rate=config.dpo_learning_rate, **overrides)
         rows.append({"label": label, "beta": beta, **_evaluate(config, shards, policy, reference, out / f"eval-{name}", beta or 0.1)})
+    if config.kto:
+        from demo.kto import run_kto
+
+        rows.append(run_kto(config, raw, tokenizer, reference, shards))
     plot_reward_vs_kl(rows, out / "reward_vs_kl.png")
     table = results_table(rows)
     write_text_atomic(out / "results.md", table + "\n")

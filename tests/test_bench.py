@@ -100,7 +100,23 @@ def test_reward_bounds_count_the_score_head_at_two_positions_per_pair_against_ev
     assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 4 * 20 == 3840
     assert result.ratios()["flops"] == 3840 / 2496
     with pytest.raises(ValueError, match="objective"):
-        bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="kto")
+        bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="nope")
+
+
+def test_kto_bounds_train_one_shared_row_against_a_trained_and_a_no_grad_row():
+    """Unpaired rows (completion in the chosen column, KL completion in the rejected one), same
+    shape and batch. Ours: one shared row per row, width 6, trained (3× forward) with the LM head
+    (2·2·3 = 12 FLOPs) 4× at the 7 continuation tokens. TRL, in dataset order: prompt + completion
+    padded to 4 and trained; prompt + KL completion padded to 5, forward only; the head at every
+    padded position, 3× on the trained row, 1× on the scored one."""
+    from benchmarks.bench_bounds import Shape, bounds
+    from tests.test_logprobs import _columns
+
+    columns = _columns([[1, 1, 1], [1]], [[2], [2, 2]], [[3, 3], [3, 3]])
+    result = bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="kto")
+    assert (result.padded_tokens_ours, result.padded_tokens_trl) == (12, 8 + 10)
+    assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
+    assert result.flops_trl == 3 * (2 * 10 * 8 + 4 * 2 * 2 * 16) + (2 * 10 * 10 + 4 * 2 * 2 * 25) + 12 * (3 * 8 + 10) == 2256
 
 
 def test_reward_rows_say_what_each_side_ran_and_read_the_bound_as_the_target():

@@ -111,6 +111,27 @@ def test_dpo_beats_the_reference_and_ranks_held_out_pairs(demo):
     assert "| DPO β=0.1 |" in (out / "results.md").read_text()
 
 
+def test_kto_on_the_unpaired_dump_sits_beside_dpo(demo):
+    """The same dump ingested --unpaired (every pair two labelled rows), KTO from π_ref, evaluated
+    on the paired eval split as the DPO rows are."""
+    out, rows = demo
+    kto, reference = rows["KTO β=0.1"], rows["π_ref (SFT)"]
+    ingested = json.loads((out / "ingest-unpaired" / "manifest.json").read_text())
+    paired = json.loads((out / "ingest" / "manifest.json").read_text())
+    # A tie (both answers identical) is quarantined as a pair; unpaired it is one answer labelled
+    # both ways, two records that curate drops as conflicting_label.
+    ties = paired["counts"]["dropped"]["identical_answers"]
+    assert ingested["stats"]["kind"] == "unpaired" and ingested["stats"]["records"] == 2 * (paired["stats"]["records"] + ties)
+    curated = json.loads((out / "curate-unpaired" / "manifest.json").read_text())["counts"]
+    assert curated["dropped"]["conflicting_label"] == 2 * ties
+    assert kto["pairs"] == rows["DPO β=0.1"]["pairs"]  # the same held-out pairs as DPO
+    assert kto["accuracy"] > 0.7  # the quick size measured 0.85 on 87 pairs (DPO 0.91)
+    assert kto["reward"] > reference["reward"] and kto["kl"] > 0
+    unpaired = kto["unpaired_eval"]
+    assert unpaired["desirable"] + unpaired["undesirable"] == unpaired["rows"] > 0 and unpaired["margin"] > 0
+    assert "| KTO β=0.1 |" in (out / "results.md").read_text()
+
+
 def test_the_reward_model_ranks_held_out_pairs_beside_the_lexicon_judge(demo):
     """`--objective reward` on the demo's shards, `prefdata eval` of it, and the lexicon on the same
     eval pairs: every count adds up to the eval split, the lexicon agrees with its own labels, and

@@ -199,7 +199,7 @@ def test_kto_learns_the_labels_and_eval_reads_the_reward_sign(kto_shards, tiny_m
     assert np.mean([m["loss"] for m in steps[-3:]]) < steps[0]["loss"] - 0.05
     evals = [m for m in logged if "eval/loss" in m]
     assert evals[-1]["eval/rewards/accuracies"] > 0.8 and evals[-1]["eval/rewards/margins"] > 0
-    assert evals[-1]["eval/pairs"] == 16 and all(m["kl"] >= 0 for m in steps)
+    assert evals[-1]["eval/rows"] == 16 and all(m["kl"] >= 0 for m in steps)
     # prefdata eval on the same split reads the same sign: desirable rewards up, undesirable down.
     with torch.inference_mode():
         metrics = preference_metrics(AutoModelForCausalLM.from_pretrained(out / "final"), open_shards(kto_shards, True)[2],
@@ -261,3 +261,15 @@ def test_kto_with_a_live_reference_equals_the_stored_one(kto_shards, tiny_model_
         for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), key
+
+
+def test_a_reward_model_is_not_evaluated_on_unpaired_shards(kto_shards, tiny_model_dir, tmp_path):
+    """Its pairwise accuracy would compare a completion with its KL completion: refused in one line."""
+    from train.eval import EvalConfig, evaluate_policy
+    from train.rewards import load_reward_model
+
+    classifier, tokenizer = load_reward_model(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))
+    classifier.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    with pytest.raises(UserError, match="unpaired shards; a reward model is evaluated on pairs"):
+        evaluate_policy(EvalConfig(shards=str(kto_shards), policy=str(tmp_path / "rm"), out=str(tmp_path / "eval")))

@@ -303,6 +303,9 @@ def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     _, _, data = open_shards(config.shards, need_ref=False)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
+    if data.labels is not None:
+        raise UserError(f"{config.shards}: unpaired shards; a reward model is evaluated on pairs (its pairwise accuracy): "
+                        "pass shards tokenized from a paired record set")
     model, tokenizer = load_reward_model(model_dir(config.policy), config.policy, torch.float32, dist.device)
     with torch.inference_mode():
         result = {"policy": config.policy, **reward_model_metrics(model.eval(), data, padding_id(tokenizer),

@@ -272,7 +272,8 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     model.train()
     totals = dist.sum(totals)
     pairs = totals[-1].item()
-    return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, "eval/pairs": int(pairs)}
+    counted = "eval/rows" if data.labels is not None else "eval/pairs"  # unpaired rows, or pairs
+    return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, counted: int(pairs)}
 
 
 def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, collate: Collator, device: torch.device,
