@@ -20,8 +20,10 @@ to (the classifier scores every position, then picks each row's last real one); 
 forward and backward on both sides, since nothing is recomputed.
 
 `--objective kto` (unpaired shards: a row's continuations are its completion and its KL
-completion): ours the same prefix-shared rows [prompt, completion, KL completion] and LM head on
-both continuations' tokens; TRL's `KTOTrainer` in its sequential order (KTO's KL needs it), one
+completion): ours what `--kl-completions auto` picks, the same prefix-shared rows [prompt,
+completion, KL completion] trained, or (prompts shorter than twice the KL completions) [prompt,
+completion] trained and [prompt, KL completion] scored without gradients, in the same batches;
+TRL's `KTOTrainer` in its sequential order (KTO's KL needs it), one
 padded row prompt + completion trained (3 × forward) and one padded row prompt + KL completion
 scored without gradients (1 × forward, the LM head at every position of both).
 """
@@ -101,19 +103,20 @@ def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE, ob
     order = np.arange(len(columns)) if objective == "kto" else np.random.default_rng(0).permutation(len(columns))
     trl = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
-    ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
-    decoder_ours = sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
     head = 2 * shape.hidden * shape.vocabulary  # forward FLOPs of projecting one position
-    # Ours: 4 head-sized matmuls per answer token (forward, the chunk's recomputed forward in
-    # backward, and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
-    head_ours = 4 * head * int((columns.chosen.lengths + columns.rejected.lengths).sum())
+    # Ours: 4 head-sized matmuls per trained answer token (forward, the chunk's recomputed forward
+    # in backward, and the two gradients); TRL: 3 per position it pads to (forward and the two gradients).
+    continuations = columns.chosen.lengths + columns.rejected.lengths
+    if objective == "kto" and columns.second_apart_is_cheaper():  # what `--kl-completions auto` picks
+        ours_padded, decoder_ours = _trained_and_scored(shape, ours, *_kto_rows(columns))
+        head_ours = head * (4 * int(columns.chosen.lengths.sum()) + int(columns.rejected.lengths.sum()))
+    else:
+        ours_padded = sum(len(b) * int(shared[b].max()) for b in ours)
+        decoder_ours = sum(_decoder_flops(shape, len(b), int(shared[b].max())) for b in ours)
+        head_ours = 4 * head * int(continuations.sum())
     if objective == "kto":
-        trained, scored = columns.prompt.lengths + columns.chosen.lengths, columns.prompt.lengths + columns.rejected.lengths
-        trained_padded = sum(len(b) * int(trained[b].max()) for b in trl)
-        scored_padded = sum(len(b) * int(scored[b].max()) for b in trl)
-        trl_padded = trained_padded + scored_padded
-        decoder_trl = sum(_decoder_flops(shape, len(b), int(trained[b].max())) + _decoder_flops(shape, len(b), int(scored[b].max())) / 3
-                          for b in trl)
+        trained_padded, scored_padded = (sum(len(b) * int(lengths[b].max()) for b in trl) for lengths in _kto_rows(columns))
+        trl_padded, decoder_trl = _trained_and_scored(shape, trl, *_kto_rows(columns))
         head_trl = head * (3 * trained_padded + scored_padded)
     else:
         trl_padded = sum(2 * len(b) * int(padded_pair[b].max()) for b in trl)
@@ -125,6 +128,20 @@ def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE, ob
     return Bounds(real_tokens=int(columns.real_tokens.sum()), shared_tokens=int(shared.sum()),
                   prompt_tokens=int(2 * columns.prompt.lengths.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
                   flops_ours=decoder_ours + head_ours, flops_trl=decoder_trl + head_trl)
+
+
+def _kto_rows(columns: TokenColumns) -> tuple[np.ndarray, np.ndarray]:
+    """Row lengths of an unpaired row's two rows: prompt + completion, prompt + KL completion."""
+    return columns.prompt.lengths + columns.chosen.lengths, columns.prompt.lengths + columns.rejected.lengths
+
+
+def _trained_and_scored(shape: Shape, batches: list[np.ndarray], trained: np.ndarray, scored: np.ndarray) -> tuple[int, float]:
+    """(padded tokens, decoder FLOPs) of batches that train one padded row per item and score
+    another without gradients (forward only: ⅓ of a training step's FLOPs)."""
+    padded = sum(len(b) * (int(trained[b].max()) + int(scored[b].max())) for b in batches)
+    flops = sum(_decoder_flops(shape, len(b), int(trained[b].max())) + _decoder_flops(shape, len(b), int(scored[b].max())) / 3
+                for b in batches)
+    return padded, flops
 
 
 def shard_bounds(shards: Path, model: Path, objective: str = "dpo") -> Bounds:

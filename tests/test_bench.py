@@ -103,20 +103,26 @@ def test_reward_bounds_count_the_score_head_at_two_positions_per_pair_against_ev
         bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="nope")
 
 
-def test_kto_bounds_train_one_shared_row_against_a_trained_and_a_no_grad_row():
-    """Unpaired rows (completion in the chosen column, KL completion in the rejected one), same
-    shape and batch. Ours: one shared row per row, width 6, trained (3× forward) with the LM head
-    (2·2·3 = 12 FLOPs) 4× at the 7 continuation tokens. TRL, in dataset order: prompt + completion
-    padded to 4 and trained; prompt + KL completion padded to 5, forward only; the head at every
-    padded position, 3× on the trained row, 1× on the scored one."""
+def test_kto_bounds_follow_the_kl_layout_auto_picks_against_a_trained_and_a_no_grad_row():
+    """Unpaired rows (completion in the chosen column, KL completion in the rejected one), one batch
+    of 2; Shape(10 decoder parameters, 1 layer, hidden 2, vocabulary 3): the LM head 2·2·3 = 12
+    FLOPs a position. TRL, in dataset order: prompt + completion padded and trained (3× forward),
+    prompt + KL completion padded and scored (1×), the head at every padded position of both.
+    Long prompts (8 tokens against KL completions of 2): ours one shared row each, width 7, trained,
+    the head 4× at the 5 continuation tokens. Short prompts (4 against 4): ours the same two rows as
+    TRL's without their extra padding, the head 4× at the 3 completion tokens and 1× at the 4 KL ones."""
     from benchmarks.bench_bounds import Shape, bounds
     from tests.test_logprobs import _columns
 
-    columns = _columns([[1, 1, 1], [1]], [[2], [2, 2]], [[3, 3], [3, 3]])
-    result = bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="kto")
-    assert (result.padded_tokens_ours, result.padded_tokens_trl) == (12, 8 + 10)
-    assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 4 * 12 * 7 == 2784
-    assert result.flops_trl == 3 * (2 * 10 * 8 + 4 * 2 * 2 * 16) + (2 * 10 * 10 + 4 * 2 * 2 * 25) + 12 * (3 * 8 + 10) == 2256
+    long_prompts = bounds(_columns([[1] * 5, [1] * 3], [[2], [2, 2]], [[3], [3]]), Shape(10, 1, 2, 3), batch_size=2, objective="kto")
+    assert (long_prompts.padded_tokens_ours, long_prompts.padded_tokens_trl) == (14, 12 + 12)
+    assert long_prompts.flops_ours == 3 * (2 * 10 * 14 + 4 * 2 * 2 * 49) + 4 * 12 * 5 == 3432
+    assert long_prompts.flops_trl == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + (2 * 10 * 12 + 4 * 2 * 2 * 36) + 12 * (3 * 12 + 12) == 3840
+    short_prompts = bounds(_columns([[1, 1, 1], [1]], [[2], [2, 2]], [[3, 3], [3, 3]]), Shape(10, 1, 2, 3), batch_size=2,
+                           objective="kto")
+    assert (short_prompts.padded_tokens_ours, short_prompts.padded_tokens_trl) == (8 + 10, 8 + 10)
+    assert short_prompts.flops_ours == 3 * (2 * 10 * 8 + 4 * 2 * 2 * 16) + (2 * 10 * 10 + 4 * 2 * 2 * 25) + 12 * (4 * 3 + 4) == 2040
+    assert short_prompts.flops_trl == 3 * (2 * 10 * 8 + 4 * 2 * 2 * 16) + (2 * 10 * 10 + 4 * 2 * 2 * 25) + 12 * (3 * 8 + 10) == 2256
 
 
 def test_reward_rows_say_what_each_side_ran_and_read_the_bound_as_the_target():

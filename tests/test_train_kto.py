@@ -30,6 +30,7 @@ from tests.conftest import CORPUS
 from tests.records_factory import unpaired_from_pairs, write_records_dir
 from tests.test_logprobs import _columns
 from tests.test_train import _config, _learnable, _metrics
+from tests.test_train_scale import _weights
 from tests.test_train_trl import _perturb
 from train.batching import collate_pairs
 from train.data import open_shards
@@ -273,3 +274,34 @@ def test_a_reward_model_is_not_evaluated_on_unpaired_shards(kto_shards, tiny_mod
     tokenizer.save_pretrained(tmp_path / "rm")
     with pytest.raises(UserError, match="unpaired shards; a reward model is evaluated on pairs"):
         evaluate_policy(EvalConfig(shards=str(kto_shards), policy=str(tmp_path / "rm"), out=str(tmp_path / "eval")))
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["shared", "packed"])
+def test_kl_completions_scored_apart_give_the_shared_rows_numbers(kto_shards, tiny_model_dir, tmp_path, packing):
+    """`--kl-completions apart` ([prompt, completion] trained, [prompt, KL completion] scored in a
+    forward of its own without gradients) against `shared` (one trained row of both): the same
+    losses, KL, gradients and final weights."""
+    runs = {}
+    for mode in ("shared", "apart"):
+        out = tmp_path / mode
+        train(_config(kto_shards, tiny_model_dir, out, objective="kto", max_steps=4, log_every=1, eval_every=2,
+                      kl_completions=mode, packing=packing))
+        runs[mode] = out
+    shared, apart = _metrics(runs["shared"]), _metrics(runs["apart"])
+    assert [m.get("kl_apart") for m in apart if "loss" in m] == [True] * 4
+    assert [m.get("kl_apart") for m in shared if "loss" in m] == [False] * 4
+    for a, b in zip(shared, apart, strict=True):
+        for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm", "eval/loss", "eval/kl", "tokens"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    for name, value in _weights(runs["shared"] / "final").items():
+        torch.testing.assert_close(_weights(runs["apart"] / "final")[name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_scores_kl_completions_apart_where_prompts_are_short_against_them():
+    """3·(P + C + K) token-passes shared against 3·(P + C) + (P + K) apart: apart wins when P < 2K."""
+    short_prompts = _columns([[1, 2]], [[3, 4]], [[5, 6]])  # P 2 < 2K 4
+    long_prompts = _columns([[1, 2, 3, 4, 5]], [[3, 4]], [[5, 6]])  # P 5 > 2K 4
+    assert short_prompts.second_apart_is_cheaper() and not long_prompts.second_apart_is_cheaper()
+    assert (short_prompts.first_only.rejected.lengths == 0).all()
+    assert short_prompts.second_only.chosen.row(0).tolist() == [5, 6]

@@ -18,6 +18,7 @@ Used by the reference pass and by the trainer, so both build batches the same wa
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -84,6 +85,11 @@ class _ListColumn:
         offsets = tuple(a.offsets.to_numpy(zero_copy_only=True) for a in arrays)
         return cls(values, offsets, ChunkIndex([len(a) for a in arrays]))
 
+    @classmethod
+    def empty(cls, rows: int) -> _ListColumn:
+        """`rows` rows of no tokens (4 bytes a row of offsets)."""
+        return cls((np.zeros(0, dtype=np.int32),), (np.zeros(rows + 1, dtype=np.int32),), ChunkIndex([rows]))
+
     @cached_property
     def lengths(self) -> np.ndarray:
         """Tokens per row, int64 [N]: 8 bytes a row, the only per-row array we build."""
@@ -141,6 +147,24 @@ class TokenColumns:
     def max_token_id(self) -> int:
         return max(c.max_id() for c in (self.prompt, self.chosen, self.rejected))
 
+    @cached_property
+    def first_only(self) -> TokenColumns:
+        """Each row's prompt and first continuation (the second left empty)."""
+        return TokenColumns(self.prompt, self.chosen, _ListColumn.empty(len(self)))
+
+    @cached_property
+    def second_only(self) -> TokenColumns:
+        """Each row's prompt and second continuation, in the first continuation's place."""
+        return TokenColumns(self.prompt, self.rejected, _ListColumn.empty(len(self)))
+
+    def second_apart_is_cheaper(self) -> bool:
+        """Whether training on [prompt, first] rows and scoring [prompt, second] rows without
+        gradients (3·(P + C) + (P + K) token-passes, backward = 2× forward) costs less than training
+        shared rows [prompt, first, second] (3·(P + C + K)): when prompts are shorter than twice the
+        second continuations, summed over the rows. For a second continuation that needs no
+        gradient: KTO's KL completion."""
+        return int(self.prompt.lengths.sum()) < 2 * int(self.rejected.lengths.sum())
+
 
 @dataclass(frozen=True)
 class SharedLayout:
@@ -174,27 +198,33 @@ class PairBatch:
     completion_mask: torch.Tensor  # [2B, T] bool
     rows: np.ndarray  # the B table rows, in batch order
     shared: SharedLayout | None = None
+    # With `Collator(second_apart=True)`: this batch holds [prompt, first continuation] rows and
+    # `apart` the [prompt, second continuation] rows, which `sequence_logps` scores without gradients.
+    apart: PairBatch | None = None
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = dict(device=device, non_blocking=True)
         return PairBatch(self.input_ids.to(**move), self.attention_mask.to(**move), self.completion_mask.to(**move),
-                         self.rows, self.shared.to(device) if self.shared is not None else None)
+                         self.rows, self.shared.to(device) if self.shared is not None else None,
+                         self.apart.to(device) if self.apart is not None else None)
 
     @property
     def real_tokens(self) -> int:
         """Prompt twice and both answers in either layout: what a trainer without prefix sharing
         (TRL's counter) processes, so tokens/s stay comparable."""
+        if self.apart is not None:
+            return self.computed_tokens
         prompt_again = int((self.shared.segments == 0).sum()) if self.shared is not None else 0
         return int(self.attention_mask.sum()) + prompt_again
 
     @property
     def computed_tokens(self) -> int:
         """Non-padding tokens that actually go through the model."""
-        return int(self.attention_mask.sum())
+        return int(self.attention_mask.sum()) + (self.apart.computed_tokens if self.apart is not None else 0)
 
     @property
     def padded_tokens(self) -> int:
-        return self.input_ids.numel()
+        return self.input_ids.numel() + (self.apart.padded_tokens if self.apart is not None else 0)
 
 
 def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: bool = False,
@@ -231,9 +261,14 @@ class Collator:
     shared: bool = False
     packed: bool = False
     bucketed: bool = False  # packed rows padded to `packed_width`: for a compiled kernel (FlexAttention)
+    second_apart: bool = False  # the second continuations in a batch of their own (`PairBatch.apart`)
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
-        return collate_pairs(columns, rows, self.pad_id, self.shared, self.packed, self.bucketed)
+        if not self.second_apart:
+            return collate_pairs(columns, rows, self.pad_id, self.shared, self.packed, self.bucketed)
+        first, second = (collate_pairs(view, rows, self.pad_id, self.shared, self.packed, self.bucketed)
+                         for view in (columns.first_only, columns.second_only))
+        return dataclasses.replace(first, apart=second)
 
 
 FLEX_TILE = 128  # FlexAttention's default block size
@@ -277,7 +312,8 @@ def _collate_shared(columns: TokenColumns, rows: np.ndarray, bins: list[list[int
             segments[i, at] = np.repeat(np.array([0, 1, 2], dtype=np.int8), [p, c, r])
             pair[i, at] = k
             source[i, start + p : at.stop] = np.arange(start + p - 1, at.stop - 1)
-            source[i, start + p + c] = start + p - 1  # the first rejected token follows the prompt, not the chosen answer
+            if r:  # the first rejected token follows the prompt, not the chosen answer
+                source[i, start + p + c] = start + p - 1
             row_of[i, start + p : start + p + c], row_of[i, start + p + c : at.stop] = k, n + k
             start = at.stop
     layout = SharedLayout(*map(torch.from_numpy, (positions, segments, source, row_of, pair)))

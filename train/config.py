@@ -42,6 +42,11 @@ class TrainConfig(BaseModel):
     undesirable_weight: float = Field(
         1.0, gt=0, description="Objective kto: λU, the weight of undesirable rows' losses (KTO advises λD·nD/(λU·nU) in "
         "[1, 4/3]; curate's summary gives the ranges for your data).")
+    kl_completions: Literal["auto", "shared", "apart"] = Field(
+        "auto", description="Objective kto, prefix-shared rows: score each row's KL completion in its completion's forward "
+        "(shared: the prompt runs once, the KL tokens are trained through) or in a forward of its own without gradients "
+        "(apart); auto: whichever costs fewer FLOPs on the training split (apart when prompts are shorter than twice the KL "
+        "completions). The numbers are the same either way.")
     reference: Literal["precomputed", "live"] = Field("precomputed", description="Where π_ref comes from.")
     reference_model: str | None = Field(None, description="Live reference model (default: --model).")
     batch_size: int = Field(8, gt=0, description="Pairs per micro-batch per process.")
@@ -129,6 +134,8 @@ class TrainConfig(BaseModel):
                              "--parallelism fsdp instead of --reference live")
         if (self.desirable_weight != 1 or self.undesirable_weight != 1) and self.objective != "kto":
             raise ValueError("--desirable-weight / --undesirable-weight are for --objective kto")
+        if self.kl_completions != "auto" and self.objective != "kto":
+            raise ValueError("--kl-completions is for --objective kto")
         if self.margin_from_scores and self.objective != "reward":
             raise ValueError("--margin-from-scores is for --objective reward")
         if self.lora_r and self.reference == "live":

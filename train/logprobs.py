@@ -28,6 +28,7 @@ architectures apply there; train/arch_guard.py catches an architecture with one 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +146,14 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> SequenceLogps:
     `collate_pairs` makes it) in one forward.
 
     `model` is a causal LM, a `SequenceScorer`, or a DDP/FSDP wrapper around a `SequenceScorer`.
-    Works under `torch.inference_mode()` (reference pass) and with gradients (trainer)."""
+    Works under `torch.inference_mode()` (reference pass) and with gradients (trainer). A batch
+    whose second continuations were collated apart (`PairBatch.apart`) scores them in a second
+    forward, without gradients."""
+    if batch.apart is not None:
+        first = sequence_logps(model, dataclasses.replace(batch, apart=None))
+        with torch.no_grad():
+            second = sequence_logps(model, batch.apart)
+        return SequenceLogps(first.chosen, second.chosen, first.chosen_tokens, second.chosen_tokens)
     is_scorer = isinstance(getattr(model, "module", model), SequenceScorer)
     scorer = model if is_scorer else SequenceScorer(model)
     shared = batch.shared

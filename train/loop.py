@@ -409,8 +409,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
     shared = config.prefix_sharing == "auto" and prefix_sharing_exact(model, longest)
     check_packing(config.packing, shared, config.prefix_sharing, model, longest)
+    # KTO's KL completions need no gradient: where prompts are short against them, they are scored
+    # in a forward of their own without one, instead of trained through beside the completion.
+    kl_apart = config.objective == "kto" and shared and (
+        config.kl_completions == "apart" or (config.kl_completions == "auto" and train_data.columns.second_apart_is_cheaper()))
     collate = Collator(pad_id, shared=shared, packed=config.packing,
-                       bucketed=model.config._attn_implementation == "flex_attention")
+                       bucketed=model.config._attn_implementation == "flex_attention", second_apart=kl_apart)
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
@@ -476,7 +480,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if position.step % config.log_every == 0 or position.step == total_steps:
                 record = {"step": position.step, "epoch": epoch, **window.summary(dist), "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "prefix_sharing": collate.shared,
-                          "packing": collate.packed}
+                          "packing": collate.packed, **({"kl_apart": kl_apart} if config.objective == "kto" else {})}
                 log.write(record)
                 bar.advance(0, loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}",
                             tok_s=f"{record['tokens_per_s']:,.0f}")

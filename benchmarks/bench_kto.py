@@ -1,0 +1,172 @@
+"""KTO training throughput and memory: `--objective kto` with stored references against TRL 1.x
+`KTOTrainer(precompute_ref_log_probs=True)` (issue 27).
+
+    .venv/bin/python benchmarks/bench_kto.py [--rows 200] [--max-length 768] [--steps N] [--repeats 3] [--rows-set uniform|hh]
+
+Like for like, as `bench_train.py` for DPO: the same dump rows (`bench_precompute.prepare`: the
+same ~4M-parameter Llama checkpoint and tokenizer), ingested `--unpaired` (each pair's chosen
+answer a desirable row, its rejected answer an undesirable one) and tokenized; both sides train on
+exactly those shards' ids, with the same KL completion per row (ours fixed at tokenize time; TRL
+is handed the same `KL_completion_ids` instead of its own rotation), batch 8 rows, float32, β 0.1,
+the same learning rate, one epoch by default, no activation checkpointing either side, and the
+reference log-probs computed before training on both sides (ours by precompute-ref, TRL in its
+constructor; neither is timed):
+    ours-kto   `train()` with objective kto: one prefix-shared row [prompt, completion, KL completion]
+               per row, trained, the trainer's length-grouped batches
+    trl-kto    TRL `KTOTrainer`: a padded row prompt + completion trained and a padded row prompt + KL
+               completion scored without gradients, batches in dataset order (its KL term requires it)
+Each run is its own subprocess, alternating; peak RSS is that process's own high-water mark.
+Throughput is rows/s over steps 2..N (step 1's warm-up, loading and saving left out on both
+sides): TRL's token counter leaves out the KL rows and ours counts them, so rows are the unit
+both sides count alike. The FLOP bound of the two layouts on the same batches is
+`bench_bounds.py --objective kto`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_train  # noqa: E402
+from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare, trl_step_window  # noqa: E402
+from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE  # noqa: E402
+from benchmarks.process_memory import peak_rss_mib  # noqa: E402
+
+VARIANTS = ("ours-kto", "trl-kto")
+BETA = 0.1
+OURS = "ours --objective kto (one prefix-shared row per completion and its KL completion, length-grouped)"
+PEER = "TRL KTOTrainer, precomputed reference (2 padded rows per row: trained, and KL scored without gradients)"
+
+
+def prepare_unpaired(work: Path, rows: int, max_length: int, dump: Path) -> tuple[Path, Path]:
+    """bench_precompute's model, and the dump's first `rows` rows ingested --unpaired, tokenized with
+    the same length limits and scored by precompute-ref. Returns (model dir, shards dir)."""
+    from prefdata.formats.base import FormatOptions
+    from prefdata.ingest import IngestConfig, ingest
+    from prefdata.tokenize import TokenizeConfig, tokenize
+    from train.reference import PrecomputeRefConfig, precompute_ref
+
+    model, _ = prepare(work, rows, max_length, dump)
+    ingest(IngestConfig(inputs=[str(dump)], out=str(work / "unpaired-records"), limit=rows, workers=1,
+                        options=FormatOptions(unpaired=True)))
+    shards = work / "unpaired-shards"
+    tokenize(TokenizeConfig(input_dir=str(work / "unpaired-records"), tokenizer=str(model), out=str(shards),
+                            max_length=max_length, max_prompt_length=max_length // 2))
+    precompute_ref(PrecomputeRefConfig(shards=str(shards), model=str(model), device=bench_device(), batch_tokens=4096))
+    return model, shards
+
+
+def train_split(shards: Path) -> dict[str, list]:
+    """The train split's ids, labels and stored references under TRL's KTO column names."""
+    import polars as pl
+
+    frame = pl.read_ipc(str(shards / "train-00000.arrow"))
+    return {"prompt_ids": frame["prompt_input_ids"].to_list(), "completion_ids": frame["completion_input_ids"].to_list(),
+            "KL_completion_ids": frame["kl_completion_input_ids"].to_list(), "label": frame["label"].to_list()}
+
+
+def epoch_steps(shards: Path) -> int:
+    return -(-len(train_split(shards)["label"]) // BATCH_SIZE)
+
+
+def timed_rows(shards: Path, steps: int) -> int:
+    """Rows in steps 2..N: every step but the first is full, except possibly the epoch's last."""
+    return min(len(train_split(shards)["label"]), steps * BATCH_SIZE) - BATCH_SIZE
+
+
+def train_ours(model: Path, shards: Path, steps: int, out: Path) -> dict:
+    from train.config import TrainConfig
+    from train.loop import train
+
+    config = TrainConfig(shards=str(shards), model=str(model), out=str(out), objective="kto", beta=BETA, batch_size=BATCH_SIZE,
+                         max_steps=steps, log_every=1, learning_rate=LEARNING_RATE, gradient_checkpointing=False,
+                         prefix_sharing="auto", device=bench_device(), dtype="float32")
+    train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 1)
+    return {"rows_per_s": timed_rows(shards, steps) / seconds}
+
+
+def train_trl(model: Path, shards: Path, steps: int, out: Path) -> dict:
+    """TRL's `train()` on our ids: `_prepare_dataset` (its tokenization and KL rotation) is skipped,
+    since the dataset already holds what it would make; the rest is KTOTrainer's own."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    class OnOurIds(KTOTrainer):
+        def _prepare_dataset(self, dataset, *_args, **_kwargs):
+            return dataset
+
+    args = KTOConfig(output_dir=str(out), per_device_train_batch_size=BATCH_SIZE, max_steps=steps, learning_rate=LEARNING_RATE,
+                     beta=BETA, precompute_ref_log_probs=True, bf16=False, use_cpu=bench_device() == "cpu",
+                     gradient_checkpointing=False, max_length=None, report_to="none", disable_tqdm=True, save_strategy="no",
+                     logging_steps=steps, train_sampling_strategy="sequential")
+    trainer = OnOurIds(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
+                       train_dataset=Dataset.from_dict(train_split(shards)), processing_class=AutoTokenizer.from_pretrained(model))
+    window = trl_step_window(trainer, steps)
+    trainer.train()
+    seconds = (trainer._total_train_tokens - window.tokens) / window.tokens_per_s
+    return {"rows_per_s": timed_rows(shards, steps) / seconds}
+
+
+def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
+    result = train_ours(model, shards, steps, out) if variant == "ours-kto" else train_trl(model, shards, steps, out)
+    # bench_train's runner logs and takes medians of "tokens_per_s": here it holds rows/s.
+    return {"tokens_per_s": result["rows_per_s"], **result, "peak_rss_mib": peak_rss_mib()}
+
+
+def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> dict[str, dict]:
+    return bench_train.compare(model, shards, steps, repeats, work, VARIANTS, __file__)
+
+
+def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dict]:
+    """The bench table's rows for one row set: rows/s beside TRL's (target ≥ 1.5×, the issue's, and
+    the FLOP bound beside it), peak RSS (≤ TRL), and the bound's own rows. `row` is run_all.row."""
+    stage = f"train KTO [{rows_set}], precomputed reference both sides, no checkpointing either side"
+    bound = limits.ratios()["flops"]
+    ours, trl = results["ours-kto"], results["trl-kto"]
+    return [row(stage, f"rows/s, {OURS}", ours["rows_per_s"], trl["rows_per_s"], PEER, f"≥ 1.5× (FLOP bound {bound:.2f}×)"),
+            row(stage, "peak RSS MiB", ours["peak_rss_mib"], trl["peak_rss_mib"], PEER, "≤ TRL", False),
+            row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
+                PEER, "—", False),
+            row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
+    add_child_arguments(parser, VARIANTS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
+        return
+    from benchmarks.bench_bounds import shard_bounds
+
+    with tempfile.TemporaryDirectory(prefix="bench-kto-") as tmp:
+        model, shards = prepare_unpaired(Path(tmp), args.rows, args.max_length, DUMPS[args.rows_set])
+        steps = args.steps or epoch_steps(shards)
+        results = compare(model, shards, steps, args.repeats, Path(tmp))
+        limits = shard_bounds(shards, model, objective="kto")
+    print(f"{args.rows_set} rows, {steps} steps of {BATCH_SIZE} rows, float32 {bench_device()}, no checkpointing either side, "
+          f"medians of {args.repeats} alternating runs")
+    for variant in VARIANTS:
+        print(f"{variant:9s} {results[variant]['rows_per_s']:8.2f} rows/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
+    ratio = results["ours-kto"]["rows_per_s"] / results["trl-kto"]["rows_per_s"]
+    print(f"ours/TRL {ratio:.2f}x; FLOP bound {limits.ratios()['flops']:.2f}x; "
+          f"peak RSS TRL/ours {results['trl-kto']['peak_rss_mib'] / results['ours-kto']['peak_rss_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
