@@ -45,21 +45,26 @@ PEER = "TRL KTOTrainer, precomputed reference (2 padded rows per row: trained, a
 
 
 def prepare_unpaired(work: Path, rows: int, max_length: int, dump: Path) -> tuple[Path, Path]:
-    """bench_precompute's model, and the dump's first `rows` rows ingested --unpaired, tokenized with
-    the same length limits and scored by precompute-ref. Returns (model dir, shards dir)."""
+    """bench_precompute's model, and `unpaired_shards` of the same dump rows. Returns (model dir, shards dir)."""
+    model, _ = prepare(work, rows, max_length, dump)
+    return model, unpaired_shards(work, model, rows, max_length, dump)
+
+
+def unpaired_shards(work: Path, model: Path, rows: int, max_length: int, dump: Path) -> Path:
+    """The dump's first `rows` rows ingested --unpaired, tokenized with `model`'s tokenizer and
+    bench_precompute's length limits, and scored by precompute-ref."""
     from prefdata.formats.base import FormatOptions
     from prefdata.ingest import IngestConfig, ingest
     from prefdata.tokenize import TokenizeConfig, tokenize
     from train.reference import PrecomputeRefConfig, precompute_ref
 
-    model, _ = prepare(work, rows, max_length, dump)
     ingest(IngestConfig(inputs=[str(dump)], out=str(work / "unpaired-records"), limit=rows, workers=1,
                         options=FormatOptions(unpaired=True)))
     shards = work / "unpaired-shards"
     tokenize(TokenizeConfig(input_dir=str(work / "unpaired-records"), tokenizer=str(model), out=str(shards),
                             max_length=max_length, max_prompt_length=max_length // 2))
     precompute_ref(PrecomputeRefConfig(shards=str(shards), model=str(model), device=bench_device(), batch_tokens=4096))
-    return model, shards
+    return shards
 
 
 def train_split(shards: Path) -> dict[str, list]:

@@ -15,6 +15,8 @@ Rows (ours | peer):
     train reward    --objective reward (prefix-shared rows) | TRL RewardTrainer (two padded rows per pair),
                     same model, rows, batch, float32, no checkpointing either side (bench_reward.py), beside
                     the FLOP bound of the two layouts (bench_bounds.py, objective reward)
+    train KTO       --objective kto on the same dump rows ingested --unpaired | TRL KTOTrainer with precomputed
+                    references on the same ids and KL completions, rows/s (bench_kto.py), beside the FLOP bound
     MFU             model FLOPs of the real tokens (6·params per token, the same count for ours and TRL)
                     per second ÷ this machine's dense float32 matmul FLOP/s, measured in this run; and
                     ours over the tokens it computes (a shared prompt once)
@@ -54,6 +56,7 @@ from benchmarks import (  # noqa: E402
     bench_curate,
     bench_generate,
     bench_ingest,
+    bench_kto,
     bench_memory,
     bench_neardup,
     bench_precompute,
@@ -292,7 +295,11 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
     # The reward model on the same rows and model: ours --objective reward beside TRL's RewardTrainer.
     reward = bench_reward.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"], work)
     rows += bench_reward.table_rows(rows_set, reward, bench_bounds.shard_bounds(shards, model, objective="reward"), row)
-    return rows, {**train, **reward}
+    # KTO on the same dump rows ingested --unpaired: ours beside TRL's KTOTrainer, stored references both sides.
+    kto_shards = bench_kto.unpaired_shards(work, model, sizes["model_rows"], sizes["max_length"], bench_precompute.DUMPS[rows_set])
+    kto = bench_kto.compare(model, kto_shards, sizes["train_steps"] or bench_kto.epoch_steps(kto_shards), sizes["train_repeats"], work)
+    rows += bench_kto.table_rows(rows_set, kto, bench_bounds.shard_bounds(kto_shards, model, objective="kto"), row)
+    return rows, {**train, **reward, **kto}
 
 
 def mfu_rows(stage: str, params: int, matmul_flops: float, train: dict[str, dict]) -> list[dict]:
