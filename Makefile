@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, on its own: otherwise a dependency's unpinned "torch" pulls a CUDA build.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,lora,lint]"
+	$(PY) -m pip install -q -e ".[test,bench,lora,lint,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)

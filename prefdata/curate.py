@@ -58,6 +58,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefdata import __version__
+from prefdata.engine import Engine, EngineOptions, session
 from prefdata.label_noise import SCORED_COLUMNS, SUSPECT_LABEL, LabelScorer, label_margins, label_stats
 from prefdata.neardup import (
     SignatureFile,
@@ -141,6 +142,7 @@ class CurateConfig(BaseModel):
     score_device: str = Field("auto", description="Scoring: auto, cuda, mps or cpu.")
     score_dtype: str = Field("auto", description="Scoring: auto (bfloat16 on a GPU that has it, else float32), float32, "
                              "bfloat16, float16.")
+    execution: EngineOptions = EngineOptions()
 
     @model_validator(mode="after")
     def _scoring(self) -> CurateConfig:
@@ -350,14 +352,15 @@ class _Narrow:
     prior: pa.Array  # prompt_cluster from an earlier curate run, or null
 
 
-def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_grams: np.ndarray | None,
-                  sources: dict[str, int]) -> tuple[dict[str, Any], pl.DataFrame | None]:
-    """(narrow columns, prompt comparison texts of the records not dropped here) for one chunk.
+def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig,
+                  eval_grams: np.ndarray | None) -> tuple[dict[str, Any], list[str], pl.DataFrame | None]:
+    """(narrow columns, the chunk's source names, prompt comparison texts of the records not
+    dropped here) for one chunk; a pure function of the chunk, run by the engine's pool.
 
     Everything decided per record (degenerate reasons, contamination) is decided here; what
     needs all records (duplicates, clusters) gets keys: the normalised pair's and the prompt's
-    (its comparison text with near-dedupe on, its normalised text without). `sources` numbers
-    the source names seen so far."""
+    (its comparison text with near-dedupe on, its normalised text without). The `source` column
+    indexes the chunk's source names; `_pass1` numbers them across chunks."""
     answers = _answers(table.column_names)
     frame = pl.from_arrow(table).with_columns(prompt_norm=_normalised("prompt"), **{f"{a}_norm": _normalised(a) for a in answers})
     frame = _degenerate(frame, config)
@@ -371,10 +374,9 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     swapped = frame.select(_swapped(answers)).to_series().to_numpy()
     prompt_key[live] = _key128(prompt)
     encoded = pc.dictionary_encode(table.column("source")).combine_chunks()
-    code_of = np.array([sources.setdefault(name, len(sources)) for name in encoded.dictionary.to_pylist()] or [0], np.int32)
     columns = {
         "ids": table.column("id").combine_chunks().cast(pa.string()),
-        "source": code_of[encoded.indices.to_numpy(zero_copy_only=False)],
+        "source": encoded.indices.to_numpy(zero_copy_only=False),
         "source_row": frame["source_row"].to_numpy(),
         "margin": (frame["chosen_score"] - frame["rejected_score"]).fill_null(float("-inf")).to_numpy() if len(answers) == 2
         else np.full(frame.height, float("-inf")),
@@ -385,27 +387,42 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig, eval_gr
     texts = None
     if config.near_dup:
         texts = pl.DataFrame([pl.Series("pos", first_pos + live.astype(np.int64)), prompt.alias("text")])
-    return columns, texts
+    return columns, encoded.dictionary.to_pylist(), texts
 
 
-def _pass1(inputs: list[InputFile], kind: str, config: CurateConfig, spill: Path) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
+def _narrow_job(job: tuple[pa.Table, int, CurateConfig, np.ndarray | None]) -> tuple[dict[str, Any], list[str], pl.DataFrame | None]:
+    return _narrow_chunk(*job)
+
+
+def _positioned(tables: Iterator[pa.Table]) -> Iterator[tuple[pa.Table, int]]:
+    """Each chunk with the input position of its first record."""
+    pos = 0
+    for table in tables:
+        yield table, pos
+        pos += table.num_rows
+
+
+def _pass1(inputs: list[InputFile], kind: str, config: CurateConfig, spill: Path,
+           engine: Engine) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
     """(narrow table in output order, input position of each row, prompt texts, source names by
-    the codes in `_Narrow.source`)."""
+    the codes in `_Narrow.source`). Chunks are turned into narrow columns by the engine's pool
+    (here, in this process, on the local engine), and come back in input order."""
     eval_grams = _eval_grams(config)
     texts = IpcSpill(spill / "prompts.arrow")
     chunks: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
-    pos = 0
-    for table in _input_chunks(inputs, config.chunk_rows, NARROW_INPUTS[kind]):
-        columns, prompt_texts = _narrow_chunk(table, pos, config, eval_grams, sources)
-        chunks.append(columns)
-        if prompt_texts is not None and prompt_texts.height:
-            texts.write(prompt_texts.to_arrow())
-        pos += table.num_rows
+    jobs = ((table, pos, config, eval_grams) for table, pos in _positioned(_input_chunks(inputs, config.chunk_rows, NARROW_INPUTS[kind])))
+    with engine.pool(_narrow_job, 1) as pool:
+        for columns, names, prompt_texts in pool.map(jobs):
+            code_of = np.array([sources.setdefault(name, len(sources)) for name in names] or [0], np.int32)
+            columns["source"] = code_of[columns["source"]]
+            chunks.append(columns)
+            if prompt_texts is not None and prompt_texts.height:
+                texts.write(prompt_texts.to_arrow())
     texts.close()
     if not chunks:  # no records at all: one empty chunk gives the narrow table its columns
         empty = CURATED_SCHEMAS[kind].empty_table().select(NARROW_INPUTS[kind])
-        chunks.append(_narrow_chunk(empty, 0, config, eval_grams, sources)[0])
+        chunks.append(_narrow_chunk(empty, 0, config, eval_grams)[0])
     narrow = _Narrow(**{name: _concat([chunk.pop(name) for chunk in chunks]) for name in list(chunks[0])})
     order = _output_order(narrow, sources)
     return _reorder(narrow, order), order, texts, list(sources)
@@ -479,7 +496,7 @@ def _exact_duplicates(narrow: _Narrow) -> np.ndarray:
 
 
 def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateConfig, prompts: IpcSpill, n_records: int,
-                   spill: Path) -> np.ndarray:
+                   spill: Path, engine: Engine) -> np.ndarray:
     """Cluster label per live row (a live index of one of its members): identical prompt keys
     first, then near-duplicate clusters over the distinct prompts.
 
@@ -490,7 +507,12 @@ def _prompt_labels(prompt_key: np.ndarray, live_pos: np.ndarray, config: CurateC
     if not config.near_dup or not len(first):
         return first
     nodes = np.unique(first)  # live index of each distinct prompt's first row, ascending
-    node_labels = _near_duplicate_nodes(live_pos[nodes], n_records, prompts, config, spill)
+    if engine.name == "ray":  # the same clusters, computed across the cluster
+        from prefdata.neardup_ray import near_duplicate_nodes
+
+        node_labels = near_duplicate_nodes(live_pos[nodes], n_records, prompts, config)
+    else:
+        node_labels = _near_duplicate_nodes(live_pos[nodes], n_records, prompts, config, spill)
     return nodes[node_labels][np.searchsorted(nodes, first)]
 
 
@@ -616,7 +638,7 @@ class _Decisions:
         return bool(np.array_equal(self.row_of_pos, np.arange(len(self.row_of_pos))))
 
 
-def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: IpcSpill, spill: Path,
+def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: IpcSpill, spill: Path, engine: Engine,
             labels_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> _Decisions:
     """Steps 3–6. `labels_of(row_of_pos, wanted)` (--score-with) gives each row's label margin,
     scoring the rows still kept after decontamination; the suspects among them are dropped before
@@ -635,7 +657,7 @@ def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: I
         if config.drop_suspect:
             reason[label_suspect & (reason < 0)] = DROP_REASONS.index(SUSPECT_LABEL)
     live_rows = np.flatnonzero(reason < 0)
-    labels = _prompt_labels(narrow.prompt_key[live_rows], order[live_rows], config, prompts, len(order), spill)
+    labels = _prompt_labels(narrow.prompt_key[live_rows], order[live_rows], config, prompts, len(order), spill, engine)
     labels = _link_prior_clusters(pl.Series(pc.take(narrow.prior, pa.array(live_rows))),
                                   lambda: pl.Series(pc.take(narrow.ids, pa.array(live_rows))), labels)
     cluster_of_live, rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
@@ -780,12 +802,12 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
         raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
                         "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
     inputs = [_input_file(path) for path in files]
-    with atomic_dir(config.out) as out_dir:
+    with atomic_dir(config.out) as out_dir, session(config.execution) as engine:
         # Spill files live inside the output's temporary directory: a failed or killed run leaves
         # them where atomic_dir leaves its partial output, never beside the finished one.
         spill = out_dir / ".spill"
         spill.mkdir()
-        narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill)
+        narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill, engine)
         refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
 
         def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -796,7 +818,7 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
             return margins
 
         source = narrow.source
-        decisions = _decide(narrow, order, config, prompts, spill, labels_of if config.scored else None)
+        decisions = _decide(narrow, order, config, prompts, spill, engine, labels_of if config.scored else None)
         if decisions.label_margin is not None:
             dropped = decisions.reason == DROP_REASONS.index(SUSPECT_LABEL) if config.drop_suspect else None
             decisions.stats["label_noise"] = label_stats(decisions.label_margin, source, source_names, decisions.label_suspect,

@@ -38,10 +38,10 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefdata import __version__
+from prefdata.engine import EngineOptions, Pool, session
 from prefdata.formats.base import Format, FormatError, FormatOptions, Skipped
 from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
-from prefdata.pool import OrderedPool
 from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_rows, resolve_sources
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
@@ -88,6 +88,7 @@ class IngestConfig(BaseModel):
     # pydantic validation is the CPU-bound part, hence processes
     workers: int = Field(default_factory=usable_cpus, gt=0, description="Processes that read, convert and validate rows "
                          "(default: one per usable CPU).")
+    execution: EngineOptions = EngineOptions()
 
     @model_validator(mode="after")
     def _format_and_map(self) -> IngestConfig:
@@ -389,7 +390,7 @@ def _per_format(tallies: list[_SourceTally]) -> dict[str, dict[str, int]]:
 
 
 def _ingest_source(
-    source: Source, fmt: Format, limit: int | None, converter: OrderedPool, records: _RecordWriter,
+    source: Source, fmt: Format, limit: int | None, converter: Pool, records: _RecordWriter,
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
@@ -420,9 +421,9 @@ def ingest(config: IngestConfig) -> Manifest:
     kind = _record_kind(sources, formats, config)
     tallies: list[_SourceTally] = []
     left = config.limit  # rows still to read under --limit
-    with atomic_dir(config.out) as tmp, _hashing(sources) as hashes:
+    with atomic_dir(config.out) as tmp, _hashing(sources) as hashes, session(config.execution) as engine:
         with (
-            OrderedPool(_convert, config.workers) as converter,
+            engine.pool(_convert, config.workers) as converter,
             _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows, kind) as records,
             open(tmp / QUARANTINE_FILE, "w", encoding="utf-8") as quarantine,
             progress("ingest") as bar,

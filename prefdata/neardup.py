@@ -260,10 +260,16 @@ def candidate_pairs_from(columns: ColumnReader, n: int, num_perm: int, threshold
         block = columns(lo, min(lo + rows, num_perm))
         for p in range(0, len(pairs), pair_block):
             agree[p:p + pair_block] += (block[sources[p:p + pair_block]] == block[targets[p:p + pair_block]]).sum(axis=1)
-    needed = np.maximum(thresholds[sources], thresholds[targets])
-    needed -= PREFILTER_SIGMAS * np.sqrt(needed * (1 - needed) / num_perm)
-    keep = agree / num_perm >= needed
+    keep = passes_prefilter(agree, thresholds[sources], thresholds[targets], num_perm)
     return sources[keep], targets[keep]
+
+
+def passes_prefilter(agree: np.ndarray, source_threshold: np.ndarray, target_threshold: np.ndarray, num_perm: int) -> np.ndarray:
+    """Per candidate pair whose signatures agree in `agree` of `num_perm` places: is the estimate
+    within PREFILTER_SIGMAS standard errors of the pair's threshold (the larger of its two texts')?"""
+    needed = np.maximum(source_threshold, target_threshold)
+    needed -= PREFILTER_SIGMAS * np.sqrt(needed * (1 - needed) / num_perm)
+    return agree / num_perm >= needed
 
 
 def _band_representatives(block: np.ndarray) -> np.ndarray:
@@ -369,7 +375,7 @@ def scheme_shingler(kind: str, ngram: int) -> Callable[[pl.Series], tuple[np.nda
     return short_shingles if kind == "short" else lambda t: shingles(t, ngram)
 
 
-def _scheme_thresholds(kind: str, n_words: np.ndarray, sizes: np.ndarray, threshold: float) -> np.ndarray:
+def scheme_thresholds(kind: str, n_words: np.ndarray, sizes: np.ndarray, threshold: float) -> np.ndarray:
     return short_thresholds(n_words, sizes, threshold) if kind == "short" else np.full(len(n_words), threshold)
 
 
@@ -384,8 +390,15 @@ def scheme_edges(kind: str, members: np.ndarray, columns: ColumnReader, texts: C
     shingle sets exist at once."""
     if len(members) < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    thresholds = _scheme_thresholds(kind, n_words[members], size_estimate[members], threshold)
+    thresholds = scheme_thresholds(kind, n_words[members], size_estimate[members], threshold)
     s_all, t_all = candidate_pairs_from(columns, len(members), num_perm, thresholds)
+    return verified_edges(kind, members, s_all, t_all, texts, n_words, ngram, threshold, chunk_pairs)
+
+
+def verified_edges(kind: str, members: np.ndarray, s_all: np.ndarray, t_all: np.ndarray, texts: Callable[[np.ndarray], pl.Series],
+                   n_words: np.ndarray, ngram: int, threshold: float, chunk_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (positions in `members`) whose exact shingle sets reach the scheme's
+    threshold, as text indices; `texts(positions)` as for `scheme_edges`."""
     shingler = scheme_shingler(kind, ngram)
     sources, targets = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for lo in range(0, len(s_all), chunk_pairs):
@@ -394,7 +407,7 @@ def scheme_edges(kind: str, members: np.ndarray, columns: ColumnReader, texts: C
         jaccard, size_s, size_t = exact_jaccard(texts(involved), shingler, local[:len(s)], local[len(s):])
         # The pair's threshold: the longer text's edit allowance on the larger set (stricter of the two).
         longer = np.where(n_words[members[s]] >= n_words[members[t]], members[s], members[t])
-        keep = jaccard >= _scheme_thresholds(kind, n_words[longer], np.maximum(size_s, size_t), threshold) - 1e-9
+        keep = jaccard >= scheme_thresholds(kind, n_words[longer], np.maximum(size_s, size_t), threshold) - 1e-9
         sources.append(members[s[keep]])
         targets.append(members[t[keep]])
     return np.concatenate(sources), np.concatenate(targets)

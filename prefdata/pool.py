@@ -22,7 +22,9 @@ from multiprocessing import forkserver
 from typing import Any
 
 
-def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """What every worker process runs once before its first job (prefdata.engine_ray's Ray
+    workers too, once per pool)."""
     # The pool is the parallelism: one thread per worker, or the Rust tokenizer's own threads
     # would fight the other workers for the same cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -68,7 +70,7 @@ class OrderedPool:
             context = _context()
             if context.get_start_method() == "forkserver":
                 context.set_forkserver_preload([self.fn.__module__])  # workers fork with the imports done
-            self._pool = context.Pool(self.workers, initializer=_start_worker, initargs=(self.initializer, self.initargs))
+            self._pool = context.Pool(self.workers, initializer=start_worker, initargs=(self.initializer, self.initargs))
         return self._pool
 
     def _here(self, jobs: Iterable[Any]) -> Iterator[Any]:

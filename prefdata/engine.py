@@ -1,0 +1,78 @@
+"""Which executor runs a data stage's units of work: this machine's process pool, or a Ray cluster
+(docs/cluster.md).
+
+The engine replaces the executor only. A stage cuts its input into the same units of work
+either way, runs the same per-row functions on them, and consumes the results in input order
+with the same writer, so its outputs are byte-identical on either engine. `EngineOptions` is a
+part of each data stage's config (ingest, curate, tokenize), so `--engine` and `--ray-address`
+are options of their commands and in their manifests' config; nothing else in a manifest
+depends on the engine.
+
+Ray is an extra (`pip install 'prefdata[ray]'`), imported only when `--engine ray` runs:
+`prefdata --help` and the local engine never import it. Its code is in prefdata/engine_ray.py
+(the ordered task pool) and prefdata/neardup_ray.py (near-duplicate clusters on the cluster).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from prefdata.pool import OrderedPool
+from schemas.errors import UserError
+
+RAY_EXTRA = "pip install 'prefdata[ray]'"
+
+
+class EngineOptions(BaseModel):
+    """The executor fields of a data stage's config."""
+
+    engine: Literal["local", "ray"] = Field("local", description="local: processes on this machine; ray: tasks on a Ray "
+                                            "cluster (same outputs, byte for byte; docs/cluster.md).")
+    ray_address: str | None = Field(None, description="With --engine ray: the cluster's address (host:port, or auto). "
+                                    "Default: the RAY_ADDRESS of a running cluster, else a local one started for the run.")
+
+
+class Pool(Protocol):
+    """What a stage asks of its executor: `fn(job)` for every job, yielded in input order."""
+
+    def __enter__(self) -> Pool: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+    def map(self, jobs: Any) -> Iterator[Any]: ...
+
+
+class Engine(Protocol):
+    name: str
+
+    def pool(self, fn: Callable[[Any], Any], workers: int, initializer: Callable[..., None] | None = None,
+             initargs: tuple = ()) -> Pool: ...
+
+
+class LocalEngine:
+    name = "local"
+
+    def pool(self, fn: Callable[[Any], Any], workers: int, initializer: Callable[..., None] | None = None,
+             initargs: tuple = ()) -> OrderedPool:
+        return OrderedPool(fn, workers, initializer, initargs)
+
+
+@contextmanager
+def session(options: EngineOptions) -> Iterator[Engine]:
+    """The engine a stage runs on, for the length of the stage: the local pool, or a connection to
+    a Ray cluster (given by --ray-address, else RAY_ADDRESS, else a local cluster started here and
+    stopped after the stage; a connection already open in this process is used as it is)."""
+    if options.engine == "local":
+        yield LocalEngine()
+        return
+    try:
+        engine_ray = importlib.import_module("prefdata.engine_ray")
+    except ImportError as exc:
+        raise UserError(f"--engine ray needs Ray ({exc.name} is not installed); {RAY_EXTRA}, or use --engine local") from None
+    with engine_ray.connected(options.ray_address) as engine:
+        yield engine

@@ -1,0 +1,189 @@
+"""Near-duplicate prompt clusters across a Ray cluster (curate --engine ray; docs/cluster.md).
+
+The clusters are those of curate's local path (prefdata.curate._near_duplicate_nodes): the same
+comparison texts, signatures, LSH band layout, candidate pairs, prefilter and exact verification
+(the functions of prefdata.neardup), so the same edges and the same connected components. What
+changes is where each step runs; no process holds every signature or every edge:
+
+  1. blocks: the distinct prompts' texts, one block per spill batch (a contiguous range of
+     nodes), go to the object store; a task per block computes each scheme's MinHash signatures
+     there and keeps them in the block; only the per-text sizes (word count, shingle-set size
+     estimate) come back here, since the band layout depends on the smallest threshold of all;
+  2. shuffle: a task per block and scheme cuts each row's signature into the layout's bands and
+     sends (band, node, band values) to one of P partitions by a hash of band and values;
+  3. a task per partition groups its rows by exact (band, values): every row that is not its
+     group's smallest node is a candidate pair with it (candidate_pairs_from's pairs). It fetches
+     both texts' signatures and texts from the blocks holding them, applies the prefilter and the
+     exact Jaccard check, and keeps its verified edges in the object store;
+  4. components: min-label propagation over the partitions' edges, each round a task per
+     partition proposing for its nodes the smallest label of a neighbour, then pointer jumping
+     (label ← label[label]) here, on one label per node, until no label moves. Each node ends
+     labelled by its component's smallest member, as `neardup.components` labels it. A pair can
+     reach the edge lists from several bands, in several partitions: a repeated edge changes no
+     component.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import ray
+
+from prefdata.engine_ray import cluster_cpus, get, remote
+from prefdata.neardup import (
+    SCHEMES,
+    _band_hash,
+    lsh_bands,
+    passes_prefilter,
+    scheme_members,
+    scheme_shingler,
+    scheme_thresholds,
+    signatures,
+    text_sizes,
+    verified_edges,
+)
+from prefdata.spill import IpcSpill
+
+
+def _sign_block(nodes: np.ndarray, text: pl.Series, ngram: int, num_perm: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """(sizes of the block's texts, the block: its nodes, their texts, and each scheme's members
+    (block positions) with their signatures)."""
+    n_words, size_estimate = text_sizes(text)
+    sig = {kind: (members, signatures(text.gather(members), scheme_shingler(kind, ngram), num_perm, seed))
+           for kind, members in scheme_members(n_words)}
+    return (n_words, size_estimate), {"nodes": nodes, "text": text, "sig": sig}
+
+
+def _band_pieces(block: dict, kind: str, bands: int, rows: int, partitions: int) -> list[dict[str, np.ndarray]]:
+    """The block's rows of one scheme, band by band, split into `partitions` by (band, values)."""
+    members, sig = block["sig"][kind]
+    nodes = block["nodes"][members]
+    pieces: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(partitions)]
+    for band in range(bands):
+        values = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
+        part = ((_band_hash(values) + np.uint64(band)) % np.uint64(partitions)).astype(np.int64)
+        for p in range(partitions):
+            chosen = part == p
+            pieces[p].append((band, nodes[chosen], values[chosen]))
+    out = [{"band": np.concatenate([np.full(len(n), b, np.uint32) for b, n, _ in parts]),
+            "node": np.concatenate([n for _, n, _ in parts]),
+            "values": np.concatenate([v for _, _, v in parts]).reshape(-1, rows)} for parts in pieces]
+    return out if partitions > 1 else out[0]
+
+
+def _candidates(band: np.ndarray, node: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(node, smallest node of its group) for every row of an exact (band, values) group that is
+    not the group's smallest node; distinct pairs."""
+    if not len(node):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    rows = np.ascontiguousarray(np.column_stack([band, values]).astype(np.uint32))
+    _, group = np.unique(rows.view(np.dtype((np.void, 4 * rows.shape[1]))).ravel(), return_inverse=True)
+    group = group.ravel()
+    smallest = np.full(group.max() + 1, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(smallest, group, node)
+    representative = smallest[group]
+    candidate = node != representative
+    pairs = np.unique(np.column_stack([node[candidate], representative[candidate]]), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _partition_edges(kind: str, params: dict[str, Any], sizes: tuple[np.ndarray, ...], blocks: list[Any],
+                     *pieces: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Verified edges (nodes) among one partition's candidate pairs."""
+    s, t = _candidates(*(np.concatenate([p[name] for p in pieces]) for name in ("band", "node", "values")))
+    if not len(s):
+        return s, t
+    involved, local = np.unique(np.r_[s, t], return_inverse=True)
+    ls, lt = local[:len(s)], local[len(s):]
+    n_words, size_estimate, block_of, index_in = sizes
+    sig, text = _rows_of(involved, kind, blocks, block_of, index_in)
+    threshold, num_perm = params["threshold"], params["num_perm"]
+    thresholds = scheme_thresholds(kind, n_words[involved], size_estimate[involved], threshold)
+    keep = passes_prefilter((sig[ls] == sig[lt]).sum(axis=1), thresholds[ls], thresholds[lt], num_perm)
+    return verified_edges(kind, involved, ls[keep], lt[keep], text.gather, n_words, params["ngram"], threshold,
+                          params["chunk_pairs"])
+
+
+def _rows_of(nodes: np.ndarray, kind: str, blocks: list[Any], block_of: np.ndarray,
+             index_in: np.ndarray) -> tuple[np.ndarray, pl.Series]:
+    """Signatures and texts of `nodes` (all in `kind`), in their order, from the blocks holding
+    them (`block_of` each node's block, `index_in` its place there)."""
+    which = block_of[nodes]
+    places, sigs, texts = [], [], []
+    for b in np.unique(which):
+        block = ray.get(blocks[b])
+        place = np.flatnonzero(which == b)
+        local = index_in[nodes[place]]
+        members, sig = block["sig"][kind]
+        places.append(place)
+        sigs.append(sig[np.searchsorted(members, local)])
+        texts.append(block["text"].gather(local))
+    back = np.argsort(np.concatenate(places))
+    return np.concatenate(sigs)[back], pl.concat(texts).gather(back)
+
+
+def _proposals(labels: np.ndarray, edges: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(node, smallest label among its neighbours in these edges) for every node they touch."""
+    s, t = edges
+    nodes, offered = np.r_[s, t], np.r_[labels[t], labels[s]]
+    order = np.argsort(nodes, kind="stable")
+    distinct, starts = np.unique(nodes[order], return_index=True)
+    return distinct, np.minimum.reduceat(offered[order], starts) if len(order) else offered
+
+
+def _components(n_nodes: int, edges: list[Any]) -> np.ndarray:
+    propose = remote(_proposals)
+    labels = np.arange(n_nodes, dtype=np.int64)
+    while True:
+        shared = ray.put(labels)
+        moved = labels.copy()
+        for nodes, offered in get([propose.remote(shared, e) for e in edges], "near-duplicate components"):
+            np.minimum.at(moved, nodes, offered)
+        while not np.array_equal(jumped := moved[moved], moved):
+            moved = jumped
+        if np.array_equal(moved, labels):
+            return labels
+        labels = moved
+
+
+def near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: IpcSpill, config: Any) -> np.ndarray:
+    """Cluster label per node (its component's smallest node) for the distinct prompts at input
+    positions `node_pos` (ascending), whose texts are in the spill `prompts`: what
+    prefdata.curate._near_duplicate_nodes returns, computed on the cluster."""
+    n_nodes = len(node_pos)
+    node_of_pos = np.full(n_records, -1, np.int64)
+    node_of_pos[node_pos] = np.arange(n_nodes)
+    sign = remote(_sign_block, num_returns=2)
+    size_refs, blocks = [], []
+    block_of, index_in = np.empty(n_nodes, np.int32), np.empty(n_nodes, np.int64)
+    for batch in prompts.batches():
+        node = node_of_pos[batch.column("pos").to_numpy()]
+        chosen = node >= 0
+        if not chosen.any():
+            continue
+        block_of[node[chosen]], index_in[node[chosen]] = len(blocks), np.arange(chosen.sum())
+        sizes, block = sign.remote(node[chosen], pl.Series(batch.column("text")).filter(pl.Series(chosen)), config.ngram,
+                                   config.num_perm, config.seed)
+        size_refs.append(sizes)
+        blocks.append(block)
+    n_words, size_estimate = np.zeros(n_nodes, np.int64), np.zeros(n_nodes, np.int64)
+    for b, (words, estimate) in enumerate(get(size_refs, "near-duplicate signatures")):
+        n_words[block_of == b], size_estimate[block_of == b] = words[index_in[block_of == b]], estimate[index_in[block_of == b]]
+    sizes = ray.put((n_words, size_estimate, block_of, index_in))
+    params = {"threshold": config.threshold, "num_perm": config.num_perm, "ngram": config.ngram,
+              "chunk_pairs": max(config.chunk_rows // 2, 1)}
+    partitions = 2 * cluster_cpus()
+    cut, verify = remote(_band_pieces, num_returns=partitions), remote(_partition_edges)
+    edges = []
+    for kind, members in scheme_members(n_words):
+        assert kind in SCHEMES
+        if len(members) < 2:
+            continue
+        bands, rows = lsh_bands(float(scheme_thresholds(kind, n_words[members], size_estimate[members], config.threshold).min()),
+                                config.num_perm)
+        pieces = [cut.remote(block, kind, bands, rows, partitions) for block in blocks]
+        pieces = [p if partitions > 1 else [p] for p in pieces]
+        edges += [verify.remote(kind, params, sizes, blocks, *(p[i] for p in pieces)) for i in range(partitions)]
+    return _components(n_nodes, edges)

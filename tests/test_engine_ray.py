@@ -1,0 +1,178 @@
+"""--engine ray (issue 28) on a real cluster of processes: a head and two worker nodes started on
+this machine by ray.cluster_utils.Cluster, shared by every test here. Every output file of ingest
+and curate is compared byte for byte with the local engine's (manifests less the engine's own
+config fields), on the shared real dumps and the hostile file; near-duplicate components found on
+the cluster equal the local ones; a Ray worker process killed mid-stage is retried to the same
+bytes, or, without retries, the stage fails in one line and leaves --out as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+import prefdata.engine_ray as engine_ray  # noqa: E402
+import prefdata.ingest as ingest_module  # noqa: E402
+from prefdata.curate import CurateConfig, curate  # noqa: E402
+from prefdata.ingest import IngestConfig, ingest  # noqa: E402
+from prefdata.neardup import components  # noqa: E402
+from schemas.errors import UserError  # noqa: E402
+from tests.test_curate_chunked import _mixed_records, _records_dir  # noqa: E402
+from tests.test_ingest_inputs import dirty_jsonl  # noqa: E402
+
+RAY = {"engine": "ray"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        head.add_node(num_cpus=1)
+    ray.init(address=head.address, logging_level="ERROR", log_to_driver=False)
+    head.wait_for_nodes()
+    yield head
+    ray.shutdown()
+    head.shutdown()
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every file the stage wrote; the manifest without the engine's own config fields."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    manifest = json.loads(files.pop("manifest.json"))
+    assert manifest["config"].pop("execution")["engine"] in ("local", "ray")
+    return {**files, "manifest.json": json.dumps(manifest, sort_keys=True).encode()}
+
+
+def _ingest_both(tmp_path: Path, name: str, inputs: list[Path], **options) -> dict[str, bytes]:
+    outs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / name  # one --out for both: it is in the manifest
+        ingest(IngestConfig(inputs=[str(i) for i in inputs], out=str(out), execution={"engine": engine}, **options))
+        outs[engine] = _outputs(out)
+    assert set(outs["ray"]) == {"records.parquet", "quarantine.jsonl", "manifest.json"}
+    for file in outs["local"]:
+        assert outs["ray"][file] == outs["local"][file], file
+    return outs["ray"]
+
+
+def test_ingest_on_ray_writes_the_local_bytes_for_the_real_dumps(cluster, tmp_path, realdata):
+    _ingest_both(tmp_path, "dumps", [realdata / "llamafactory_dpo_en_demo" / "dpo_en_demo.json",  # a JSON array: rows read here
+                                     realdata / "llamafactory_v1_dpo_demo" / "v1_dpo_demo.jsonl",
+                                     realdata / "steamshp_format_hh_helpful_test" / "anthropic_helpful_test_head.jsonl",
+                                     realdata / "oasst_export_trees" / "en_100_tree.jsonl"], row_group_rows=97)
+    _ingest_both(tmp_path, "orca", [realdata / "orca_dpo_pairs" / "orca_dpo_pairs_demo.csv"],
+                 options={"column_map": {"system": "system", "prompt": "question"}})
+
+
+def test_ingest_on_ray_writes_the_local_bytes_for_the_hostile_file(cluster, tmp_path, monkeypatch):
+    """BOM, CRLF, blank lines, bad JSON, bytes that are not UTF-8, an empty answer, a last line
+    cut short, in byte ranges of a few lines each read by the workers on three nodes."""
+    monkeypatch.setattr(ingest_module, "RANGE_BYTES", 700)
+    outputs = _ingest_both(tmp_path, "hostile", [dirty_jsonl(tmp_path / "dirty.jsonl", 400)], row_group_rows=37)
+    assert outputs["quarantine.jsonl"].count(b"\n") > 50
+
+
+@pytest.mark.parametrize("options", [{"eval_fraction": 0.3},
+                                     {"eval_fraction": 0.3, "max_pairs_per_prompt": 2, "min_margin": 0.5, "seed": 4}])
+def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_path, options):
+    """Shuffled records (pass 2 bucket-sorts), chunks of 7 records: many signature blocks and
+    partitions, near-duplicate clusters across them."""
+    src = _records_dir(tmp_path, "in", _mixed_records(seed=3), shuffle_seed=2)
+    outs = {}
+    for engine in ("local", "ray"):
+        manifest = curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=7,
+                                       execution={"engine": engine}, **options))
+        outs[engine] = _outputs(tmp_path / "out")
+    assert manifest.stats["rows_in_multi_member_clusters"] > 10 and manifest.stats["eval"] > 0
+    assert set(outs["ray"]) == {"train.parquet", "eval.parquet", "dropped.parquet", "manifest.json"}
+    for file in outs["local"]:
+        assert outs["ray"][file] == outs["local"][file], file
+
+
+def test_components_on_the_cluster_equal_the_local_ones(cluster):
+    """Chains (many rounds of propagation), stars, repeated edges and lone nodes, the edges split
+    over several partitions as the object store holds them."""
+    from prefdata.neardup_ray import _components
+
+    rng = np.random.default_rng(0)
+    n = 500
+    path = rng.permutation(np.arange(100, 199))  # the edges of a path 100–199, in random order
+    sources = np.r_[path, rng.integers(200, 400, 150), 7, 7]
+    targets = np.r_[path + 1, rng.integers(200, 400, 150), 450, 450]
+    parts = np.array_split(rng.permutation(len(sources)), 4)
+    refs = [ray.put((sources[p], targets[p])) for p in parts]
+    assert np.array_equal(_components(n, refs), components(n, sources, targets))
+
+
+def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
+    """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a job of it."""
+    killed, error = [], []
+
+    def run():
+        try:
+            stage()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            error.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while thread.is_alive() and not killed:
+        for process in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if process.cmdline()[:1] == ["ray::_run"]:
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+                    break
+            except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+                continue
+        time.sleep(0.01)
+    thread.join()
+    return killed, error[0] if error else None
+
+
+def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_module, "RANGE_BYTES", 300)
+    path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
+    ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), workers=2))
+    local = _outputs(tmp_path / "out")
+    config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
+    killed, error = _kill_a_worker_mid_stage(lambda: ingest(config))
+    assert killed and error is None
+    assert _outputs(tmp_path / "out") == local
+
+
+def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_module, "RANGE_BYTES", 300)
+    monkeypatch.setattr(engine_ray, "MAX_RETRIES", 0)
+    path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    killed, error = _kill_a_worker_mid_stage(lambda: ingest(IngestConfig(inputs=[str(path)], out=str(out), execution=RAY)))
+    assert killed and isinstance(error, UserError)
+    assert "\n" not in str(error) and str(error).startswith("ray: prefdata.ingest._convert failed after 0 retries")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_unreachable_address_and_missing_ray_are_one_line(tmp_path, monkeypatch):
+    config = IngestConfig(inputs=[str(dirty_jsonl(tmp_path / "d.jsonl", 5))], out=str(tmp_path / "out"),
+                          execution={"engine": "ray", "ray_address": "127.0.0.1:9"})
+    with pytest.raises(UserError, match=r"^--ray-address 127.0.0.1:9: no Ray cluster answers there") as exc:
+        ingest(config)
+    assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
+    monkeypatch.delitem(sys.modules, "prefdata.engine_ray")  # imported again, as if the extra were not installed:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UserError, match=r"^--engine ray needs Ray \(ray is not installed\); pip install 'prefdata\[ray\]'"):
+        ingest(config.model_copy(update={"execution": config.execution.model_copy(update={"ray_address": None})}))
