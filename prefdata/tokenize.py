@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefdata import __version__
-from prefdata.pool import OrderedPool, prestart
+from prefdata.engine import EngineOptions, session
+from prefdata.pool import prestart
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.fingerprint import tokenizer_fingerprint
@@ -85,6 +86,7 @@ class TokenizeConfig(BaseModel):
     # the chat template is Python, so threads would not help
     workers: int = Field(default_factory=usable_cpus, gt=0, description="Processes that render and encode "
                          "(default: one per usable CPU).")
+    execution: EngineOptions = EngineOptions()
 
     @model_validator(mode="after")
     def _lengths(self) -> TokenizeConfig:
@@ -437,7 +439,7 @@ def tokenize(config: TokenizeConfig) -> Manifest:
     input_dir = Path(config.input_dir)
     upstream, files, kind = _input_files(input_dir)
     total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
-    if config.workers > 1 and total > config.batch_rows:
+    if config.execution.engine == "local" and config.workers > 1 and total > config.batch_rows:
         # The workers' imports (this module, the fast tokenizer's) overlap the tokenizer load below.
         prestart([__name__, "transformers.tokenization_utils_tokenizers"])
     tokenizer = load_tokenizer(config.tokenizer)
@@ -453,7 +455,8 @@ def tokenize(config: TokenizeConfig) -> Manifest:
     with (
         atomic_dir(config.out) as out_dir,
         progress("tokenize", total=total) as bar,
-        OrderedPool(_encode_job, config.workers, _start_encoder, (tokenizer, config, kind)) as pool,
+        session(config.execution) as engine,
+        engine.pool(_encode_job, config.workers, _start_encoder, (tokenizer, config, kind)) as pool,
     ):
         for split, path in files:
             writer = ShardWriter(out_dir, split, config.rows_per_shard, SHARD_SCHEMA_OF[kind])

@@ -26,7 +26,9 @@ import prefdata.ingest as ingest_module  # noqa: E402
 from prefdata.curate import CurateConfig, curate  # noqa: E402
 from prefdata.ingest import IngestConfig, ingest  # noqa: E402
 from prefdata.neardup import components  # noqa: E402
+from prefdata.tokenize import TokenizeConfig, tokenize  # noqa: E402
 from schemas.errors import UserError  # noqa: E402
+from tests.records_factory import make_record, write_records_dir  # noqa: E402
 from tests.test_curate_chunked import _mixed_records, _records_dir  # noqa: E402
 from tests.test_ingest_inputs import dirty_jsonl  # noqa: E402
 
@@ -176,3 +178,17 @@ def test_unreachable_address_and_missing_ray_are_one_line(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError, match=r"^--engine ray needs Ray \(ray is not installed\); pip install 'prefdata\[ray\]'"):
         ingest(config.model_copy(update={"execution": config.execution.model_copy(update={"ray_address": None})}))
+
+
+def test_tokenize_on_ray_writes_the_local_bytes(cluster, tmp_path, chat_tokenizer_dir):
+    """Shards, dropped rows and manifest, with batches of two rows encoded across the nodes and a
+    pair too long for --max-length."""
+    records = [make_record(f"question {i}" + " word" * 30 * (i % 7 == 3), f"answer {i}", f"other {i}", row=i) for i in range(23)]
+    src = write_records_dir(tmp_path / "in", {"train": records[:19], "eval": records[19:]})
+    outs = {}
+    for engine in ("local", "ray"):
+        tokenize(TokenizeConfig(input_dir=str(src), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "out"), max_length=40,
+                                max_prompt_length=30, batch_rows=2, rows_per_shard=4, execution={"engine": engine}))
+        outs[engine] = _outputs(tmp_path / "out")
+    assert len([name for name in outs["ray"] if name.endswith(".arrow")]) >= 4 and b"too_long" in outs["ray"]["manifest.json"]
+    assert outs["ray"] == outs["local"]
