@@ -7,6 +7,8 @@ Rows (ours | peer):
                     messages, worker processes = cores on both sides (bench_ingest.py)
     curate          prefdata curate (exact + near dedupe + split) on uniform random prompts and on real chat
                     prompts resampled with edits (bench_curate.py); no peer does the same work
+    engine          ingest and curate with --engine ray | --engine local on the same inputs, this machine,
+                    10M records (the Ray engine's overhead; docs/cluster.md projects N nodes) (bench_engine.py)
     tokenize        prefdata tokenize | datasets map(batched=True), same tokenizer and chat template, one
                     process and num_proc = cores; both timed as whole processes
     precompute-ref  prefdata precompute-ref | TRL DPOTrainer._precompute_ref_logps
@@ -54,6 +56,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 from benchmarks import (  # noqa: E402
     bench_bounds,
     bench_curate,
+    bench_engine,
     bench_generate,
     bench_ingest,
     bench_kto,
@@ -68,9 +71,10 @@ from schemas.cpus import usable_cpus  # noqa: E402
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, curate_realistic_rows=(1_000_000, 10_000_000),
                  tokenize_rows=50_000, model_rows=300, max_length=768, train_steps=None, repeats=3, train_repeats=3,
-                 neardup_speed_rows=100_000),  # train_steps None: one epoch
+                 neardup_speed_rows=100_000, engine_rows=bench_engine.FULL_ROWS),  # train_steps None: one epoch
     "quick": dict(ingest_rows=50_000, curate_rows=50_000, curate_realistic_rows=(50_000,), tokenize_rows=20_000,
-                  model_rows=80, max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000),
+                  model_rows=80, max_length=384, train_steps=3, repeats=2, train_repeats=1, neardup_speed_rows=20_000,
+                  engine_rows=bench_engine.QUICK_ROWS),
 }
 
 
@@ -195,6 +199,10 @@ def run(size: str, work: Path) -> dict:
     rows += [row("curate [uniform random prompts]", "records/s", n / curate["seconds"], None, "—", "1M records < 120 s"),
              row("curate [uniform random prompts]", "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 4 GiB", False)]
     rows += curate_realistic(work, sizes["curate_realistic_rows"], repeats)
+    # Ten million records run once per engine, as curate_realistic's: each run takes many minutes here.
+    engine_rows = sizes["engine_rows"]
+    rows += bench_engine.rows(bench_engine.run(engine_rows, work / "engine", repeats if engine_rows <= 1_000_000 else 1), row)
+    shutil.rmtree(work / "engine")
 
     model, _ = bench_precompute.prepare(work / "model-work", sizes["model_rows"], sizes["max_length"])
     tokenize_input = _tokenize_input(work, sizes["tokenize_rows"])
