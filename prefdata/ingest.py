@@ -139,7 +139,7 @@ def _format_for(source: Source, config: IngestConfig) -> Format:
         )
     name = config.format if config.format != "auto" else detect_format(source.location, sample)
     columns = frozenset().union(*(row.keys() for row in sample))
-    fmt = build_format(name, config.options, columns)
+    fmt = build_format(name, config.options, columns, (raw.value for raw in peeked if raw.value is not None), source.location)
     if config.options.unpaired and fmt.rated and config.options.score_threshold is None:
         raise UserError(f"{source.location}: format {name} rates its answers; --unpaired needs --score-threshold T "
                         "(an answer scored T or more is desirable)")

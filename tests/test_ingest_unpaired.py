@@ -38,7 +38,7 @@ def test_every_vocabulary_word_and_its_case_variants(word):
 
 
 @pytest.mark.parametrize("value, expected", [
-    (True, True), (False, False), (1, True), (0, False), (1.0, True), (0.0, False),
+    (True, True), (False, False), (1, True), (0, False), (1.0, True), (0.0, False), ("1.0", True), (" 0 ", False),
     ("Thumbs Up", True), ("thumbs-down", False), ("THUMBS_UP", True), ("👍🏽", True), ("👎\ufe0f", False),
     ("Positive", True), ("negative", False), ("Like", True), ("DISLIKE", False), ("Desirable", True), ("undesirable", False),
 ])
@@ -56,6 +56,120 @@ def test_bad_labels_are_one_line_reasons(value, reason):
         parse_label(value, "thumbs")
     assert caught.value.reason == reason
     assert "\n" not in caught.value.message and len(caught.value.message) < 200 and "'thumbs'" in caught.value.message
+
+
+@pytest.mark.parametrize("value", [2, -1, 0.5, 5.0, "-1", "+1", "-0", "3", "4.5"])
+def test_a_number_other_than_0_or_1_names_the_score_fix(value):
+    with pytest.raises(FormatError) as caught:
+        parse_label(value, "stars")
+    assert caught.value.reason == "invalid_label"
+    assert "map the column as score= with --unpaired --score-threshold T" in caught.value.message
+
+
+def _csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_a_minus_one_zero_plus_one_column_is_refused_per_source(tmp_path):
+    # 0 is neutral on this scale: read as a label it would be "undesirable", 1 "desirable", only -1 caught
+    votes = _csv(tmp_path / "votes.csv", [("q", "a", "vote"), ("Q", "A", "1"), ("Q", "B", "0"), ("Q", "C", "-1")])
+    with pytest.raises(UserError) as caught:
+        run_ingest(tmp_path / "o1", votes, options={"column_map": "prompt=q,completion=a,label=vote"})
+    message = str(caught.value)
+    assert "\n" not in message and "votes.csv: label column 'vote' holds numbers other than 0/1 ('-1')" in message
+    assert "map the column as score= with --unpaired --score-threshold T (--map …,score=vote)" in message
+    kto = _jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": c, "label": v} for c, v in zip("abc", (1, 0, -1))])
+    with pytest.raises(UserError, match=r"kto.jsonl: label column 'label' holds numbers other than 0/1 \(-1\)"):
+        run_ingest(tmp_path / "o2", kto)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # the fix the message names: the column as a score, labelled by a threshold
+    records, _, _ = run_ingest(tmp_path / "o3", kto, options={"column_map": "score=label", "unpaired": True,
+                                                              "score_threshold": 1})
+    assert [(r["completion"][0]["content"], r["label"], r["score"]) for r in records] == [
+        ("a", True, 1.0), ("b", False, 0.0), ("c", False, -1.0)]
+
+
+def test_a_star_column_mapped_as_label_is_refused(tmp_path):
+    # read per row, a 1 (the worst) would be kept as desirable and 2-5 quarantined
+    stars = _csv(tmp_path / "stars.csv", [("q", "a", "stars"), *[("Q", f"A{s}", str(s)) for s in (1, 5, 3, 2, 4)]])
+    with pytest.raises(UserError, match=r"stars.csv: label column 'stars' holds numbers other than 0/1 "
+                       r"\('5', '3', '2', '4'\).*score= with --unpaired --score-threshold T"):
+        run_ingest(tmp_path / "out", stars, options={"column_map": "prompt=q,completion=a,label=stars"})
+
+
+def test_a_binary_number_column_is_still_read(tmp_path):
+    path = _csv(tmp_path / "fb.csv", [("q", "a", "ok"), ("Q", "A", "1"), ("Q", "B", "0"), ("Q", "C", "1.0"),
+                                      ("Q", "D", "0.0"), ("Q", "E", "up")])
+    records, quarantine, manifest = run_ingest(tmp_path / "o1", path, options={"column_map": "prompt=q,completion=a,label=ok"})
+    assert [(r["completion"][0]["content"], r["label"]) for r in records] == [
+        ("A", True), ("B", False), ("C", True), ("D", False), ("E", True)]
+    assert quarantine == [] and manifest.stats["labels"] == {"desirable": 3, "undesirable": 2}
+    kto = _jsonl(tmp_path / "kto.jsonl", [{"prompt": "p", "completion": c, "label": v}
+                                          for c, v in zip("abcd", (1, 0, 1.0, False))])
+    records, _, _ = run_ingest(tmp_path / "o2", kto)
+    assert [r["label"] for r in records] == [True, False, True, False]
+
+
+def test_a_late_number_other_than_0_or_1_is_quarantined_with_the_fix(tmp_path):
+    # the first rows (all ingest reads before converting) are binary; rows after them are checked one by one
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2} for i in range(1000)]
+    rows += [{"prompt": "p", "completion": "late", "label": 3}, {"prompt": "p", "completion": "late", "label": "+1"},
+             {"prompt": "p", "completion": "late", "label": "yes"}]
+    records, quarantine, manifest = run_ingest(tmp_path / "out", _jsonl(tmp_path / "kto.jsonl", rows))
+    assert reasons(quarantine) == {1001: "invalid_label", 1002: "invalid_label"}
+    assert [q["message"] for q in quarantine] == [
+        "'label' is 3: a number other than 0/1 is a rating, not a binary label; map the column as score= with "
+        "--unpaired --score-threshold T",
+        "'label' is '+1': a number other than 0/1 is a rating, not a binary label; map the column as score= with "
+        "--unpaired --score-threshold T"]
+    c = manifest.counts
+    assert (c.read, c.kept, c.dropped) == (1003, 1001, {"invalid_label": 2})
+    assert manifest.stats["labels"] == {"desirable": 501, "undesirable": 500}
+
+
+def test_a_ratings_only_export_read_unpaired_with_a_threshold(tmp_path):
+    path = _csv(tmp_path / "stars.csv", [
+        ("q", "a", "stars"),
+        ("Boil an egg?", "Nine minutes.", "5"),     # 1 desirable
+        ("Boil an egg?", "Microwave it.", "1"),     # 2 undesirable
+        ("Capital of Peru?", "Lima.", "4"),         # 3 desirable: the threshold itself
+        ("Capital of Peru?", "Cusco.", "3.5"),      # 4 undesirable
+        ("Capital of Peru?", "Quito.", ""),         # 5 unrated
+        ("Capital of Peru?", "Bogota.", "two"),     # 6 wrong_type
+        ("Capital of Peru?", "", "5"),              # 7 empty_content
+    ])
+    column_map = "prompt=q,completion=a,score=stars"
+    records, quarantine, manifest = run_ingest(
+        tmp_path / "out", path, options={"column_map": column_map, "unpaired": True, "score_threshold": 4})
+    assert [(r["source_row"], turns(r["prompt"]), turns(r["completion"]), r["label"], r["score"]) for r in records] == [
+        (1, [(U, "Boil an egg?")], [(A, "Nine minutes.")], True, 5.0),
+        (2, [(U, "Boil an egg?")], [(A, "Microwave it.")], False, 1.0),
+        (3, [(U, "Capital of Peru?")], [(A, "Lima.")], True, 4.0),
+        (4, [(U, "Capital of Peru?")], [(A, "Cusco.")], False, 3.5),
+    ]
+    assert reasons(quarantine) == {5: "unrated", 6: "wrong_type", 7: "empty_content"}
+    c = manifest.counts
+    assert (c.read, c.kept) == (7, 4) and c.read == c.kept + sum(c.dropped.values())
+    assert c.dropped == {"unrated": 1, "wrong_type": 1, "empty_content": 1}
+    assert manifest.stats["kind"] == "unpaired" and manifest.stats["labels"] == {"desirable": 2, "undesirable": 2}
+    assert {r["source_format"] for r in records} == {"tabular"}
+    # without a threshold, or without --unpaired: one line each, nothing written
+    with pytest.raises(UserError, match="stars.csv: format tabular rates its answers; --unpaired needs --score-threshold T"):
+        run_ingest(tmp_path / "o1", path, options={"column_map": column_map, "unpaired": True})
+    with pytest.raises(UserError, match="completion and score with no label column.*add --unpaired --score-threshold T"):
+        run_ingest(tmp_path / "o2", path, options={"column_map": column_map})
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_with_label_and_score_mapped_the_label_wins(tmp_path):
+    path = _csv(tmp_path / "fb.csv", [("q", "a", "thumbs", "stars"), ("Q", "A", "down", "5"), ("Q", "B", "up", "1")])
+    column_map = "prompt=q,completion=a,label=thumbs,score=stars"
+    records, _, _ = run_ingest(tmp_path / "o1", path, options={"column_map": column_map})
+    assert [(r["completion"][0]["content"], r["label"], r["score"]) for r in records] == [("A", False, 5.0), ("B", True, 1.0)]
+    with pytest.raises(UserError, match="no input rates its answers"):
+        run_ingest(tmp_path / "o2", path, options={"column_map": column_map, "unpaired": True, "score_threshold": 4})
 
 
 def test_trl_unpaired_layout_strings_and_conversations(tmp_path):

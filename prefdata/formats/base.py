@@ -22,6 +22,7 @@ or, for formats whose answers carry absolute ratings (`rated`), into completions
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -138,6 +139,10 @@ class Format:
         columns: rows without its columns are quarantined (missing_field) like any bad row."""
         return frozenset()
 
+    def check_rows(self, source: str, rows: list[dict[str, Any]]) -> None:
+        """What the source's first parsed rows must hold beyond its columns, checked once per source
+        before any row is converted (a UserError stops the run); nothing by default."""
+
     def convert(self, row: dict[str, Any]) -> Iterable[Candidate | Skipped]:
         raise NotImplementedError
 
@@ -217,32 +222,73 @@ def turns(value: Any, where: str, role: str) -> Messages:
 
 
 # Binary feedback labels, compared case-folded with spaces and hyphens read as underscores, emoji
-# variation selectors and skin tones removed. -1/+1 are not read: on a -1/0/+1 scale 0 is neutral,
-# not "down", and a guess would mislabel silently.
+# variation selectors and skin tones removed. Numbers are labels only in a binary column: on a
+# -1/0/+1 scale 0 is neutral, not "down", and on 1-5 stars 1 is the worst, so reading 0/1 there
+# would mislabel silently. A source whose first rows hold other numbers in its label column is
+# refused (`check_label_column`), and such a number in a later row is invalid_label.
 DESIRABLE_LABELS = frozenset({"true", "t", "yes", "y", "1", "up", "thumbs_up", "thumbsup", "👍", "positive", "pos",
                               "good", "like", "liked", "desirable", "accept", "accepted"})
 UNDESIRABLE_LABELS = frozenset({"false", "f", "no", "n", "0", "down", "thumbs_down", "thumbsdown", "👎", "negative",
                                 "neg", "bad", "dislike", "disliked", "undesirable", "reject", "rejected"})
 _EMOJI_MODIFIERS = dict.fromkeys([0xFE0F, *range(0x1F3FB, 0x1F400)])
+SCORE_FIX = "map the column as score= with --unpaired --score-threshold T"
+
+
+def _number_label(value: Any) -> bool | None:
+    """A numeric label (a number, not a boolean, or text that reads as a finite one: CSV cells) →
+    True for 0/1 (0.0/1.0), False for any other number, signed text ("+1", "-0") included: it comes
+    from a signed scale. None when the value is no number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        if not math.isfinite(number):
+            return None
+        return number in (0, 1) and value.strip()[:1] not in ("+", "-")
+    return value in (0, 1) if isinstance(value, int) or math.isfinite(value) else None
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
 
 
 def parse_label(value: Any, where: str) -> bool:
     """A binary feedback label → True (desirable) / False; anything else is invalid_label. Booleans,
-    the numbers 1 and 0, and the words of DESIRABLE_LABELS / UNDESIRABLE_LABELS."""
+    the numbers 1 and 0 (any other number names the score= fix), and the words of
+    DESIRABLE_LABELS / UNDESIRABLE_LABELS."""
     if isinstance(value, bool):
         return value
     if not isinstance(value, (int, float, str)):
         raise FormatError(WRONG_TYPE, f"'{where}' must be a label (a boolean, 1/0 or a word), got {type(value).__name__}")
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return value == 1
+    binary = _number_label(value)
+    if binary is False:
+        raise FormatError(INVALID_LABEL, f"'{where}' is {_shown(value)}: a number other than 0/1 is a rating, not a "
+                          f"binary label; {SCORE_FIX}")
+    if binary:
+        return float(value) == 1
     if isinstance(value, str):
         word = unicodedata.normalize("NFKC", value).translate(_EMOJI_MODIFIERS).strip().casefold()
         word = word.replace("-", "_").replace(" ", "_")
         if word in DESIRABLE_LABELS or word in UNDESIRABLE_LABELS:
             return word in DESIRABLE_LABELS
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    raise FormatError(INVALID_LABEL, f"'{where}' is {shown}: not a feedback label (true/false, 1/0, up/down, "
+    raise FormatError(INVALID_LABEL, f"'{where}' is {_shown(value)}: not a feedback label (true/false, 1/0, up/down, "
                       "thumbs_up/thumbs_down, 👍/👎, good/bad, like/dislike, …; docs/ingest-and-formats.md)")
+
+
+def check_label_column(source: str, rows: list[dict[str, Any]], column: str) -> None:
+    """Per source, not per row: a label column is read as numbers only when it is binary. First
+    rows whose `column` holds numbers other than 0/1 (a -1/0/+1 scale, 1-5 stars) stop the run in
+    one line naming the score= fix, before a 0 or a 1 of such a scale is read as a label."""
+    values = (row.get(column) for row in rows if isinstance(row, dict))
+    others = list(dict.fromkeys(_shown(v) for v in values if _number_label(v) is False))
+    if others:
+        shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
+        raise UserError(f"{source}: label column '{column}' holds numbers other than 0/1 ({shown}): a rating or a "
+                        f"-1/0/+1 scale is not a binary label, and its 0s and 1s would be misread; {SCORE_FIX} "
+                        f"(--map …,score={column})")
 
 
 def messages(

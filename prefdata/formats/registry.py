@@ -9,6 +9,7 @@ is a UserError that names the candidates and the `--format` /
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prefdata.formats.arena import ArenaConversationsFormat, ArenaHumanPreferenceFormat
@@ -54,5 +55,11 @@ def detect_format(source: str, sample: list[dict[str, Any]]) -> str:
     )
 
 
-def build_format(name: str, options: FormatOptions, columns: frozenset[str]) -> Format:
-    return FORMATS[name](options, columns)
+def build_format(
+    name: str, options: FormatOptions, columns: frozenset[str], rows: Iterable[dict[str, Any]] = (), source: str = "input",
+) -> Format:
+    """Format `name` for a source whose first rows have `columns`; `rows`, its first parsed rows,
+    are checked for what the format must see in their values (`Format.check_rows`)."""
+    fmt = FORMATS[name](options, columns)
+    fmt.check_rows(source, list(rows))
+    return fmt
