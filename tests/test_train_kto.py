@@ -32,7 +32,7 @@ from tests.test_logprobs import _columns
 from tests.test_train import _config, _learnable, _metrics
 from tests.test_train_scale import _weights
 from tests.test_train_trl import _perturb
-from train.batching import collate_pairs
+from train.batching import Collator, collate_pairs
 from train.data import open_shards
 from train.distributed import Dist
 from train.eval import preference_metrics
@@ -133,12 +133,18 @@ def _trl_batch_numbers(trainer, data, rows: list[int]) -> dict[str, float]:
     return {"loss": loss, **{name: logged[name] for name in ("kl", "rewards/chosen", "rewards/rejected")}}
 
 
-def _our_batch_numbers(model, data, rows: list[int]) -> dict[str, float]:
+# Our three layouts of an unpaired row: two padded rows; one prefix-shared row [prompt,
+# completion, KL completion]; a shared [prompt, completion] row and a no-gradient [prompt, KL
+# completion] row (`--kl-completions apart`).
+LAYOUTS = {"padded": Collator(0), "shared": Collator(0, shared=True), "apart": Collator(0, shared=True, second_apart=True)}
+
+
+def _our_batch_numbers(model, data, rows: list[int], layout: str) -> dict[str, float]:
     """The stored-reference path of `train.loop.batch_loss` for an unpaired shard, on TRL's ids."""
     pick = lambda name: [data[i][name] for i in rows]  # noqa: E731
     columns = _columns(pick("prompt_ids"), pick("completion_ids"), pick("KL_completion_ids"))
     with torch.no_grad():
-        logps = sequence_logps(model, collate_pairs(columns, np.arange(len(rows)), pad_id=0))
+        logps = sequence_logps(model, LAYOUTS[layout](columns, np.arange(len(rows))))
     ref, ref_kl = torch.tensor(pick("ref_logps")), torch.tensor(pick("ref_KL_logps"))
     kl = kto_kl(logps.rejected - ref_kl, torch.ones(len(rows)))
     loss, metrics = kto_loss(logps.chosen - ref, torch.tensor(pick("label")), kl, LossParams(beta=BETA), 1.0, 1.4)
@@ -147,13 +153,14 @@ def _our_batch_numbers(model, data, rows: list[int]) -> dict[str, float]:
 
 # TRL's batches of three: on the first the KL rows' mean logratio is negative (z0 clamped at 0),
 # on the second positive (z0 ≈ 0.17), so both branches of the clamp are compared.
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize(("rows", "kl_clamped"), [([0, 1, 2], True), ([3, 4, 5], False)], ids=["kl-clamped", "kl-positive"])
-def test_kto_loss_kl_and_rewards_equal_trl(trl_kto, rows, kl_clamped):
+def test_kto_loss_kl_and_rewards_equal_trl(trl_kto, rows, kl_clamped, layout):
     trainer, data, ours = trl_kto
     # TRL's KL completion of each row is another row's completion (its rotation within the batch).
     assert all(data[i]["KL_completion_ids"] != data[i]["completion_ids"] for i in rows)
     expected = _trl_batch_numbers(trainer, data, rows)
-    got = _our_batch_numbers(ours, data, rows)
+    got = _our_batch_numbers(ours, data, rows, layout)
     assert (expected["kl"] == 0) == kl_clamped and (kl_clamped or expected["kl"] > 0.05)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-4), name
@@ -207,7 +214,8 @@ def test_kto_learns_the_labels_and_eval_reads_the_reward_sign(kto_shards, tiny_m
                                      beta=0.5, pad_id=0, batch_tokens=512, dist=Dist(0, 1, torch.device("cpu")))
     assert metrics["rows"] == 16 and metrics["desirable"] == metrics["undesirable"] == 8
     assert metrics["accuracy"] == pytest.approx(evals[-1]["eval/rewards/accuracies"], abs=1 / 16 + 1e-9)
-    assert metrics["margin"] > 0
+    # The loop's held-out margin is the split's (desirable mean − undesirable mean), as prefdata eval's.
+    assert metrics["margin"] > 0 and metrics["margin"] == pytest.approx(evals[-1]["eval/rewards/margins"], abs=1e-4)
 
 
 def test_the_objective_must_fit_the_shards_kind(kto_shards, tiny_model_dir, tmp_path):
@@ -305,3 +313,27 @@ def test_auto_scores_kl_completions_apart_where_prompts_are_short_against_them()
     assert short_prompts.second_apart_is_cheaper() and not long_prompts.second_apart_is_cheaper()
     assert (short_prompts.first_only.rejected.lengths == 0).all()
     assert short_prompts.second_only.chosen.row(0).tolist() == [5, 6]
+
+
+def test_a_label_missing_from_a_step_is_left_out_of_its_mean_not_counted_as_zero(kto_shards, tiny_model_dir, tmp_path):
+    """One row per step: each step has one label only. Logged every 4 steps, a label's reward is the
+    mean over the steps that had it (TRL's logging), which the per-step records give."""
+    every_step, every_four = tmp_path / "every-step", tmp_path / "every-four"
+    for out, log_every in ((every_step, 1), (every_four, 4)):
+        train(_config(kto_shards, tiny_model_dir, out, objective="kto", batch_size=1, max_steps=8, log_every=log_every))
+    steps = [m for m in _metrics(every_step) if "loss" in m]
+    assert all(("rewards/chosen" in m) != ("rewards/rejected" in m) and "rewards/margins" not in m for m in steps)
+    for window, logged in zip((steps[:4], steps[4:]), [m for m in _metrics(every_four) if "loss" in m], strict=True):
+        for name in ("rewards/chosen", "rewards/rejected"):
+            values = [m[name] for m in window if name in m]
+            if values:
+                assert logged[name] == pytest.approx(np.mean(values), abs=1e-6), name
+            else:
+                assert name not in logged
+        assert logged["loss"] == pytest.approx(np.mean([m["loss"] for m in window]), abs=1e-6)
+
+
+def test_kl_completions_apart_is_refused_without_prefix_sharing(kto_shards, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="--kl-completions apart scores the KL completions beside prefix-shared rows"):
+        train(_config(kto_shards, tiny_model_dir, tmp_path / "run", objective="kto", kl_completions="apart",
+                      prefix_sharing="off", max_steps=1))

@@ -114,8 +114,10 @@ def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, ba
     unpaired = data.labels is not None
     # right answers; then the log-ratio sum and count of chosen answers (desirable rows), and of rejected (undesirable)
     totals = torch.zeros(5, dtype=torch.float64)
-    for rows in token_budget_batches(data.columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
-        logps = sequence_logps(model, collate_pairs(data.columns, rows, pad_id).to(device))
+    # An unpaired row's KL completion plays no part here: only its completion is scored.
+    columns = data.columns.first_only if unpaired else data.columns
+    for rows in token_budget_batches(columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
+        logps = sequence_logps(model, collate_pairs(columns, rows, pad_id).to(device))
         ref_first, ref_second = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
         first = (logps.chosen - ref_first).double()
         if unpaired:

@@ -148,22 +148,33 @@ class MetricsWindow:
     """The steps since the last metrics record. Each micro-batch adds its share of its step's
     means (`step_denominators`), so a step's shares summed over micro-batches and processes are
     that step's means over all its pairs, and the record is their average over the window's
-    steps: the numbers one process would log on the same global batches."""
+    steps that had the metric: the numbers one process would log on the same global batches. (A
+    metric can be missing from a step: KTO's reward of a label the step has no row of.)"""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.steps_with: dict[str, int] = {}
+        self._this_step: set[str] = set()
         self.steps = 0
         self.tokens = self.computed = self.padded = 0
         self.start = time.perf_counter()
 
     def add(self, shares: dict[str, torch.Tensor], weight: float, batch: PairBatch | None) -> None:
-        # Every process adds every name, a stand-in batch's at weight 0, so the sums line up across processes.
+        # Every process adds every name of the step, a stand-in batch's at weight 0, so the sums
+        # line up across processes (which names a step has is decided by the whole step's rows).
         for name, value in shares.items():
             self.sums[name] = self.sums.get(name, 0.0) + weight * value.item()
+            self._this_step.add(name)
         if batch is not None:
             self.tokens += batch.real_tokens
             self.computed += batch.computed_tokens
             self.padded += batch.padded_tokens
+
+    def end_step(self) -> None:
+        self.steps += 1
+        for name in self._this_step:
+            self.steps_with[name] = self.steps_with.get(name, 0) + 1
+        self._this_step.clear()
 
     def summary(self, dist: Dist) -> dict[str, float]:
         """The window's means and throughput over all processes (a collective)."""
@@ -171,7 +182,7 @@ class MetricsWindow:
         totals = dist.sum(torch.tensor([self.sums[n] for n in names] + [self.tokens, self.computed, self.padded],
                                        dtype=torch.float64)).tolist()
         tokens, computed, padded = totals[len(names):]
-        return {**{name: total / self.steps for name, total in zip(names, totals)}, "tokens": int(tokens),
+        return {**{name: total / self.steps_with[name] for name, total in zip(names, totals)}, "tokens": int(tokens),
                 "tokens_per_s": tokens / (time.perf_counter() - self.start), "computed_tokens": int(computed),
                 "padding_efficiency": computed / max(padded, 1)}
 
@@ -258,22 +269,27 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     scores its share of the batches; sums are all-reduced)."""
     model = _inference_view(scorer)
     model.eval()
-    batches = token_budget_batches(*data.columns.batch_lengths(collate.shared), config.eval_batch_tokens)
+    lengths, rows_per_pair = data.columns.batch_lengths(collate.shared)
+    batches = token_budget_batches(lengths, config.eval_batch_tokens, rows_per_pair)
+    # Each batch's metrics are its share of the split's means, so summed over batches and
+    # processes they are the split's own (KTO's per-label rewards included), not batch averages.
+    split = step_denominators(data, batches)
     names = ["loss"] + (["rewards/accuracies", "rewards/margins"] if config.objective != "sft" else []) + (
         ["kl"] if config.objective == "kto" else [])
-    totals = torch.zeros(len(names) + 1, dtype=torch.float64)  # each metric · pairs, then pairs
+    totals = torch.zeros(len(names), dtype=torch.float64)
     for rows, counts in parallel.equal_shares(batches, dist, parallel.is_sharded(scorer)):
         batch = collate(data.columns, rows).to(device)
-        loss, metrics = batch_loss(config, model, batch, data, ref_model, autocast)
-        values = [loss.item()] + [metrics[name].item() for name in names[1:]]
+        loss, metrics = batch_loss(config, model, batch, data, ref_model, autocast, split)
         if counts:
-            totals += torch.tensor([v * len(rows) for v in values] + [len(rows)], dtype=torch.float64)
+            totals += torch.tensor([loss.item()] + [metrics[n].item() if n in metrics else 0.0 for n in names[1:]],
+                                   dtype=torch.float64)
     parallel.reshard(model)
     model.train()
     totals = dist.sum(totals)
-    pairs = totals[-1].item()
+    # KTO's margin needs rows of both labels in the split.
+    present = [n for n in names if n != "rewards/margins" or data.labels is None or split.desirable * split.undesirable]
     counted = "eval/rows" if data.labels is not None else "eval/pairs"  # unpaired rows, or pairs
-    return {**{f"eval/{name}": totals[i].item() / max(pairs, 1) for i, name in enumerate(names)}, counted: int(pairs)}
+    return {**{f"eval/{n}": totals[names.index(n)].item() for n in present}, counted: len(data)}
 
 
 def check_stored_reference(config: TrainConfig, scorer: Any, data: SplitData, collate: Collator, device: torch.device,
@@ -411,6 +427,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_packing(config.packing, shared, config.prefix_sharing, model, longest)
     # KTO's KL completions need no gradient: where prompts are short against them, they are scored
     # in a forward of their own without one, instead of trained through beside the completion.
+    if config.kl_completions == "apart" and not shared:
+        raise UserError(f"--kl-completions apart scores the KL completions beside prefix-shared rows, and this run has none "
+                        f"(--prefix-sharing off, or {config.model} cannot share prefixes exactly); use auto or shared")
     kl_apart = config.objective == "kto" and shared and (
         config.kl_completions == "apart" or (config.kl_completions == "auto" and train_data.columns.second_apart_is_cheaper()))
     collate = Collator(pad_id, shared=shared, packed=config.packing,
@@ -476,7 +495,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             position.step += 1
 
-            window.steps += 1
+            window.end_step()
             if position.step % config.log_every == 0 or position.step == total_steps:
                 record = {"step": position.step, "epoch": epoch, **window.summary(dist), "grad_norm": grad_norm,
                           "learning_rate": scheduler.get_last_lr()[0], "prefix_sharing": collate.shared,

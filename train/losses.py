@@ -301,21 +301,26 @@ def kto_loss(logratios: Tensor, desirable: Tensor, kl: Tensor, p: LossParams, de
     The mean is over all rows, as TRL's.
 
     Shapes: logratios [B] float32, desirable [B] bool, kl scalar. Returns the scalar loss and
-    metrics: kl, rewards/chosen and rewards/rejected (β·r averaged over desirable and undesirable
-    rows), rewards/margins (their difference), rewards/accuracies (rows whose implicit reward β·r
-    has the label's sign: > 0 desirable, < 0 undesirable)."""
+    metrics: kl, rewards/accuracies (rows whose implicit reward β·r has the label's sign: > 0
+    desirable, < 0 undesirable), rewards/chosen and rewards/rejected (β·r averaged over the
+    desirable and the undesirable rows; each only where there are such rows) and rewards/margins
+    (their difference, where both are)."""
     rewards = p.beta * logratios
     desirable_losses = desirable_weight * (1 - torch.sigmoid(rewards - p.beta * kl))
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(p.beta * kl - rewards))
     loss = _mean(torch.where(desirable, desirable_losses, undesirable_losses), denominators)
     with torch.no_grad():
         rewards, undesirable = rewards.detach(), ~desirable
-        n_desirable = desirable.sum().clamp(min=1) if denominators is None else max(denominators.desirable, 1.0)
-        n_undesirable = undesirable.sum().clamp(min=1) if denominators is None else max(denominators.undesirable, 1.0)
-        chosen = (rewards * desirable).sum() / n_desirable
-        rejected = (rewards * undesirable).sum() / n_undesirable
-        right_sign = torch.where(desirable, rewards > 0, rewards < 0).float()
+        counts = ((desirable.sum().item(), undesirable.sum().item()) if denominators is None
+                  else (denominators.desirable, denominators.undesirable))
         metrics = {"kl": kl.detach() if denominators is None else kl.detach() * (len(logratios) / max(denominators.pairs, 1.0)),
-                   "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-                   "rewards/accuracies": _mean(right_sign, denominators)}
+                   "rewards/accuracies": _mean(torch.where(desirable, rewards > 0, rewards < 0).float(), denominators)}
+        # A label's mean reward only where the batch (or step) has rows of it, as TRL logs them:
+        # a 0 for a missing label would pull the logged average toward 0.
+        if counts[0]:
+            metrics["rewards/chosen"] = (rewards * desirable).sum() / counts[0]
+        if counts[1]:
+            metrics["rewards/rejected"] = (rewards * undesirable).sum() / counts[1]
+        if counts[0] and counts[1]:
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return loss, metrics
