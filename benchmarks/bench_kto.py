@@ -16,10 +16,12 @@ constructor; neither is timed):
     trl-kto    TRL `KTOTrainer`: a padded row prompt + completion trained and a padded row prompt + KL
                completion scored without gradients, batches in dataset order (its KL term requires it)
 Each run is its own subprocess, alternating; peak RSS is that process's own high-water mark.
-Throughput is rows/s over steps 2..N (step 1's warm-up, loading and saving left out on both
-sides): TRL's token counter leaves out the KL rows and ours counts them, so rows are the unit
-both sides count alike. The FLOP bound of the two layouts on the same batches is
-`bench_bounds.py --objective kto`.
+Throughput is rows/s over the whole epoch, step 1 included on both sides (the two samplers put
+different rows in step 1, so leaving it out would time different work): from the start of step 1
+to the end of step N, loading, reference passes and saving left out. TRL's token counter leaves
+out the KL rows and ours counts them, so rows are the unit both sides count alike. The FLOP bound
+of the two layouts on the same batches is `bench_bounds.py --objective kto`; ours runs what
+`--kl-completions auto` picks for the rows (the table row says which).
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_train  # noqa: E402
-from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare, trl_step_window  # noqa: E402
+from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare  # noqa: E402
 from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE  # noqa: E402
 from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 
 VARIANTS = ("ours-kto", "trl-kto")
 BETA = 0.1
-OURS = "ours --objective kto (one prefix-shared row per completion and its KL completion, length-grouped)"
+# What ours ran, by what `--kl-completions auto` picked for the rows.
+OURS = {False: "ours --objective kto (one trained prefix-shared row [prompt, completion, KL completion], length-grouped)",
+        True: "ours --objective kto ([prompt, completion] trained, [prompt, KL completion] scored without gradients, "
+              "prefix-shared rows, length-grouped)"}
 PEER = "TRL KTOTrainer, precomputed reference (2 padded rows per row: trained, and KL scored without gradients)"
 
 
@@ -68,10 +73,10 @@ def unpaired_shards(work: Path, model: Path, rows: int, max_length: int, dump: P
 
 
 def train_split(shards: Path) -> dict[str, list]:
-    """The train split's ids, labels and stored references under TRL's KTO column names."""
+    """The train split's ids and labels, every train shard in order, under TRL's KTO column names."""
     import polars as pl
 
-    frame = pl.read_ipc(str(shards / "train-00000.arrow"))
+    frame = pl.concat([pl.read_ipc(str(path)) for path in sorted(shards.glob("train-*.arrow"))])
     return {"prompt_ids": frame["prompt_input_ids"].to_list(), "completion_ids": frame["completion_input_ids"].to_list(),
             "KL_completion_ids": frame["kl_completion_input_ids"].to_list(), "label": frame["label"].to_list()}
 
@@ -80,9 +85,9 @@ def epoch_steps(shards: Path) -> int:
     return -(-len(train_split(shards)["label"]) // BATCH_SIZE)
 
 
-def timed_rows(shards: Path, steps: int) -> int:
-    """Rows in steps 2..N: every step but the first is full, except possibly the epoch's last."""
-    return min(len(train_split(shards)["label"]), steps * BATCH_SIZE) - BATCH_SIZE
+def steps_rows(shards: Path, steps: int) -> int:
+    """Rows in the first `steps` steps of an epoch (the last batch may be short)."""
+    return min(len(train_split(shards)["label"]), steps * BATCH_SIZE)
 
 
 def train_ours(model: Path, shards: Path, steps: int, out: Path) -> dict:
@@ -93,9 +98,9 @@ def train_ours(model: Path, shards: Path, steps: int, out: Path) -> dict:
                          max_steps=steps, log_every=1, learning_rate=LEARNING_RATE, gradient_checkpointing=False,
                          prefix_sharing="auto", device=bench_device(), dtype="float32")
     train(config)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 1)
-    return {"rows_per_s": timed_rows(shards, steps) / seconds}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "tokens_per_s" in line]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+    return {"rows_per_s": steps_rows(shards, steps) / seconds, "kl_apart": records[0]["kl_apart"]}
 
 
 def train_trl(model: Path, shards: Path, steps: int, out: Path) -> dict:
@@ -116,10 +121,31 @@ def train_trl(model: Path, shards: Path, steps: int, out: Path) -> dict:
                      logging_steps=steps, train_sampling_strategy="sequential")
     trainer = OnOurIds(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
                        train_dataset=Dataset.from_dict(train_split(shards)), processing_class=AutoTokenizer.from_pretrained(model))
-    window = trl_step_window(trainer, steps)
+    window = epoch_window(steps)
+    trainer.add_callback(window)
     trainer.train()
-    seconds = (trainer._total_train_tokens - window.tokens) / window.tokens_per_s
-    return {"rows_per_s": timed_rows(shards, steps) / seconds}
+    return {"rows_per_s": steps_rows(shards, steps) / window.seconds}
+
+
+def epoch_window(steps: int):
+    """A TrainerCallback timing from the start of step 1 to the end of step `steps` (`.seconds`),
+    as our metrics time an epoch (step 1 from just before its batch)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class EpochWindow(TrainerCallback):
+        seconds = None
+
+        def on_step_begin(self, _args, state, *_, **__):
+            if state.global_step == 0:
+                self.start = time.perf_counter()
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == steps:
+                self.seconds = time.perf_counter() - self.start
+
+    return EpochWindow()
 
 
 def run_child(variant: str, model: Path, shards: Path, steps: int, out: Path) -> dict:
@@ -138,7 +164,8 @@ def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dic
     stage = f"train KTO [{rows_set}], precomputed reference both sides, no checkpointing either side"
     bound = limits.ratios()["flops"]
     ours, trl = results["ours-kto"], results["trl-kto"]
-    return [row(stage, f"rows/s, {OURS}", ours["rows_per_s"], trl["rows_per_s"], PEER, f"≥ 1.5× (FLOP bound {bound:.2f}×)"),
+    ran = OURS[bool(ours["kl_apart"])]
+    return [row(stage, f"rows/s, {ran}", ours["rows_per_s"], trl["rows_per_s"], PEER, f"≥ 1.5× (FLOP bound {bound:.2f}×)"),
             row(stage, "peak RSS MiB", ours["peak_rss_mib"], trl["peak_rss_mib"], PEER, "≤ TRL", False),
             row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
                 PEER, "—", False),
