@@ -118,8 +118,11 @@ def test_components_on_the_cluster_equal_the_local_ones(cluster):
     assert np.array_equal(_components(n, refs), components(n, sources, targets))
 
 
+TASKS = ("ray::_run", "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # the titles of our tasks' workers
+
+
 def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
-    """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a job of it."""
+    """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a task of it."""
     killed, error = [], []
 
     def run():
@@ -133,7 +136,7 @@ def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
     while thread.is_alive() and not killed:
         for process in psutil.Process(os.getpid()).children(recursive=True):
             try:
-                if process.cmdline()[:1] == ["ray::_run"]:
+                if process.cmdline()[:1] and process.cmdline()[0] in TASKS:
                     os.kill(process.pid, signal.SIGKILL)
                     killed.append(process.pid)
                     break
@@ -151,6 +154,16 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     local = _outputs(tmp_path / "out")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
     killed, error = _kill_a_worker_mid_stage(lambda: ingest(config))
+    assert killed and error is None
+    assert _outputs(tmp_path / "out") == local
+
+
+def test_a_killed_worker_in_curate_is_retried_to_the_same_bytes(cluster, tmp_path):
+    src = _records_dir(tmp_path, "in", _mixed_records(seed=5, n_groups=100), shuffle_seed=1)
+    options = dict(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=5, eval_fraction=0.3)
+    curate(CurateConfig(**options))
+    local = _outputs(tmp_path / "out")
+    killed, error = _kill_a_worker_mid_stage(lambda: curate(CurateConfig(**options, execution=RAY)))
     assert killed and error is None
     assert _outputs(tmp_path / "out") == local
 
