@@ -106,13 +106,13 @@ def run_ingest(config: Any) -> None:
 def run_curate(config: Any) -> None:
     from rich.console import Console
 
-    from prefdata.curate import curate, record_files, summary_table
+    from prefdata.curate import checked_inputs, curate, summary_table
 
     scorer = None
     if config.score_with is not None:  # label noise: the model side, only when asked for
         from train.label_scores import load_pair_scorer
 
-        record_files(config)  # an unpaired set refuses --score-with before a model loads
+        checked_inputs(config)  # an unpaired set refuses --score-with before a model loads
         scorer = load_pair_scorer(config.score_with, config.score_reference, beta=config.score_beta,
                                   batch_size=config.score_batch_size, device=config.score_device, dtype=config.score_dtype)
     Console().print(summary_table(curate(config, scorer)))

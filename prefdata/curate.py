@@ -201,7 +201,7 @@ def _record_files(paths: list[str]) -> tuple[list[Path], str]:
     return files, next(iter(kinds))
 
 
-def record_files(config: CurateConfig) -> tuple[list[Path], str]:
+def checked_inputs(config: CurateConfig) -> tuple[list[Path], str]:
     """The inputs' record files and their kind, refusing the options that only pairs have for an
     unpaired set (the command calls it before it loads a scorer)."""
     files, kind = _record_files(config.inputs)
@@ -587,24 +587,44 @@ def _group_labels(keys: pl.Series) -> np.ndarray:
     return pl.DataFrame({"key": keys}).with_row_index("i").select(pl.col("i").first().over("key"))["i"].to_numpy().astype(np.int64)
 
 
-def _rank_in_clusters(rows: np.ndarray, margin: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster_row, rank) per live row: the row whose id names its cluster, and its place in the
-    cluster (0 = the best pair: largest score margin, then earliest row; a NaN margin counts as
-    the largest, as polars sorts it).
-
-    The cluster is named by its best pair's id: a content hash, so the name (and the split it
-    decides) does not depend on input order or library versions, and it survives re-running
-    curate on its own output, where the best pair is still there and still first."""
+def _rank_in_clusters(rows: np.ndarray, margin: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each live row's place in its cluster (0 = the best pair: largest score margin, then
+    earliest row; a NaN margin counts as the largest, as polars sorts it): what the per-cluster
+    cap keeps first."""
     if len(rows) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.empty(0, np.int64)
     nan = np.isnan(margin)
     order = np.lexsort((rows, -np.where(nan, 0.0, margin), ~nan, labels))
     starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]])
     sizes = np.diff(np.r_[starts, len(order)])
-    cluster_row, rank = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
-    cluster_row[order] = np.repeat(rows[order[starts]], sizes)
+    rank = np.empty(len(rows), np.int64)
     rank[order] = np.arange(len(order)) - np.repeat(starts, sizes)
-    return cluster_row, rank
+    return rank
+
+
+def _naming_rows(rows: np.ndarray, labels: np.ndarray, prompt_keys: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Per live row, the row whose prompt names its cluster: of the cluster's kept rows, the one
+    with the smallest prompt key (the 128-bit key of its normalised prompt text).
+
+    Named by a prompt, not by a record, so a prompt's split depends on the prompts of its cluster
+    alone: adding answers to a prompt, or curating the same prompts as pairs and as unpaired
+    feedback, puts it in the same split. Kept rows only, so curating the output again (where the
+    capped rows are gone) finds the same name."""
+    if len(rows) == 0:
+        return np.empty(0, np.int64)
+    candidates = np.flatnonzero(kept)
+    order = candidates[np.lexsort((rows[candidates], prompt_keys[candidates, 1], prompt_keys[candidates, 0], labels[candidates]))]
+    first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]
+    named = labels[first]  # ascending: the labels were the sort's first key
+    at = np.searchsorted(named, labels)
+    if not np.array_equal(named[np.minimum(at, len(named) - 1)], labels):
+        raise AssertionError("a prompt cluster without a kept row")  # the cap keeps each cluster's best row
+    return rows[first][at]
+
+
+def _cluster_names(prompt_keys: np.ndarray) -> pa.Array:
+    """A cluster's name: its naming prompt's 128-bit key as 32 hex digits (`prompt_cluster`)."""
+    return pa.array([f"{high:016x}{low:016x}" for high, low in prompt_keys.tolist()], pa.string())
 
 
 def _is_eval(names: pa.Array, config: CurateConfig, batch: int = 100_000) -> np.ndarray:
@@ -627,8 +647,9 @@ class _Decisions:
     dest: np.ndarray  # TRAIN / EVAL / DROPPED
     reason: np.ndarray  # index into DROP_REASONS, -1 for kept rows
     duplicate_row: np.ndarray  # row of the kept original, -1 unless a duplicate
-    cluster_row: np.ndarray  # row naming the prompt cluster, -1 for rows dropped before clustering
+    cluster_row: np.ndarray  # row whose prompt names the prompt cluster, -1 for rows dropped before clustering
     ids: pa.Array
+    prompt_keys: np.ndarray  # [n, 2] uint64, the rows' prompt keys (cluster names)
     stats: dict[str, Any]
     label_margin: np.ndarray | None = None  # --score-with: the scorer's margin per row, NaN where not scored
     label_suspect: np.ndarray | None = None  # bool per row: margin < −suspect_margin
@@ -660,17 +681,17 @@ def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: I
     labels = _prompt_labels(narrow.prompt_key[live_rows], order[live_rows], config, prompts, len(order), spill, engine)
     labels = _link_prior_clusters(pl.Series(pc.take(narrow.prior, pa.array(live_rows))),
                                   lambda: pl.Series(pc.take(narrow.ids, pa.array(live_rows))), labels)
-    cluster_of_live, rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
-    cluster_row = np.full(n, -1, np.int64)
-    cluster_row[live_rows] = cluster_of_live
+    rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
     if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
         reason[live_rows[rank >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
+    cluster_row = np.full(n, -1, np.int64)
+    cluster_row[live_rows] = _naming_rows(live_rows, labels, narrow.prompt_key[live_rows], reason[live_rows] < 0)
     kept = np.flatnonzero(reason < 0)
     clusters, cluster_of_kept = np.unique(cluster_row[kept], return_inverse=True)
-    eval_cluster = _is_eval(pc.take(narrow.ids, pa.array(clusters)), config)
+    eval_cluster = _is_eval(_cluster_names(narrow.prompt_key[clusters]), config)
     dest = np.full(n, DROPPED, np.int8)
     dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
-    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, narrow.ids,
+    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, narrow.ids, narrow.prompt_key,
                       _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)), label_margin, label_suspect)
 
 
@@ -712,8 +733,8 @@ def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Ta
     """A chunk of input records (curated columns) with its decisions, in `_spill_schema`."""
     cluster_row, duplicate_row, reason = decisions.cluster_row[rows], decisions.duplicate_row[rows], decisions.reason[rows]
     # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
-    cluster = pc.if_else(pa.array(cluster_row >= 0), pc.take(decisions.ids, pa.array(cluster_row, mask=cluster_row < 0)),
-                         table.column("prompt_cluster").cast(pa.string()))
+    names = _cluster_names(decisions.prompt_keys[np.maximum(cluster_row, 0)])
+    cluster = pc.if_else(pa.array(cluster_row >= 0), names, table.column("prompt_cluster").cast(pa.string()))
     kind = record_kind(table.schema)
     columns = {name: table.column(name) for name in CURATED_SCHEMAS[kind].names}
     columns["prompt_cluster"] = cluster
@@ -797,7 +818,7 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
     """The stage. With `config.score_with`, `scorer` is the model that scores the pairs
     (`train.label_scores.load_pair_scorer`; the `prefdata curate` command builds it, since this
     package never imports the model side)."""
-    files, kind = record_files(config)
+    files, kind = checked_inputs(config)
     if config.scored and scorer is None:
         raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
                         "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")

@@ -24,7 +24,17 @@ import pyarrow.parquet as pq
 import pytest
 
 import prefdata.curate as curate_module
-from prefdata.curate import CURATE_DROPPED_SCHEMA, CURATED_COLUMNS, CURATED_SCHEMA, CurateConfig, _degenerate, _fold, _normalised, curate
+from prefdata.curate import (
+    CURATE_DROPPED_SCHEMA,
+    CURATED_COLUMNS,
+    CURATED_SCHEMA,
+    CurateConfig,
+    _degenerate,
+    _fold,
+    _key128,
+    _normalised,
+    curate,
+)
 from prefdata.neardup import (
     PREFILTER_SIGMAS,
     SignatureFile,
@@ -135,11 +145,22 @@ def _reference_curate(config: CurateConfig) -> tuple[dict[str, bytes], dict, dic
     margin = (pl.col("chosen_score") - pl.col("rejected_score")).fill_null(float("-inf"))
     ranked = (live_frame.select("row", "id", margin.alias("margin")).with_columns(label=pl.Series(labels))
               .sort(["label", "margin", "row"], descending=[False, True, False])
-              .with_columns(prompt_cluster=pl.col("id").first().over("label"), rank=pl.int_range(pl.len()).over("label")).sort("row"))
-    live_frame = live_frame.drop("prompt_cluster").with_columns(ranked["prompt_cluster"], ranked["rank"])
+              .with_columns(rank=pl.int_range(pl.len()).over("label")).sort("row"))
+    live_frame = live_frame.with_columns(ranked["rank"], label=pl.Series(labels))
     if config.max_pairs_per_prompt is not None:
         live_frame = live_frame.with_columns(
             drop_reason=pl.when(pl.col("rank") >= config.max_pairs_per_prompt).then(pl.lit("prompt_cap")).otherwise("drop_reason"))
+    # A cluster is named by the smallest prompt key among its kept rows (the key of the prompt's
+    # comparison text with near-dedupe on, of its normalised text without), as 32 hex digits.
+    prompt_text = (comparison_text(live_frame.select(_normalised("prompt", without_system=True)).to_series()) if config.near_dup
+                   else live_frame["prompt_norm"])
+    keys = _key128(prompt_text) if live_frame.height else np.empty((0, 2), np.uint64)
+    live_frame = live_frame.with_columns(key_high=pl.Series(keys[:, 0], dtype=pl.UInt64), key_low=pl.Series(keys[:, 1], dtype=pl.UInt64))
+    names = (live_frame.filter(pl.col("drop_reason").is_null()).sort(["label", "key_high", "key_low", "row"])
+             .group_by("label", maintain_order=True).first())
+    name_of = {label: f"{high:016x}{low:016x}" for label, high, low in names.select("label", "key_high", "key_low").iter_rows()}
+    live_frame = live_frame.drop("prompt_cluster").with_columns(
+        prompt_cluster=pl.Series([name_of[label] for label in live_frame["label"].to_list()], dtype=pl.String))
     dropped = pl.concat([frame.filter(pl.col("drop_reason").is_not_null()), live_frame.filter(pl.col("drop_reason").is_not_null())],
                         how="diagonal_relaxed").sort("row")
     kept = live_frame.filter(pl.col("drop_reason").is_null())
@@ -392,11 +413,10 @@ def test_cluster_ranks_match_the_polars_sort():
     rows = np.sort(rng.choice(10 * n, n, replace=False))
     margin = rng.choice([np.nan, -np.inf, 0.5, 1.0, 2.0, -3.0], size=n)
     labels = rng.integers(0, 300, size=n)
-    cluster_row, rank = _rank_in_clusters(rows, margin, labels)
+    rank = _rank_in_clusters(rows, margin, labels)
     want = (pl.DataFrame({"row": rows, "margin": margin, "label": labels})
             .sort(["label", "margin", "row"], descending=[False, True, False])
-            .with_columns(cluster_row=pl.col("row").first().over("label"), rank=pl.int_range(pl.len()).over("label")).sort("row"))
-    assert np.array_equal(cluster_row, want["cluster_row"].to_numpy())
+            .with_columns(rank=pl.int_range(pl.len()).over("label")).sort("row"))
     assert np.array_equal(rank, want["rank"].to_numpy())
 
 

@@ -163,3 +163,27 @@ def test_pair_options_and_mixed_kinds_are_refused(tmp_path):
     with pytest.raises(UserError, match="holds pairs and .* unpaired completions; curate them apart"):
         _curate(tmp_path, [tmp_path / "pair_records", records])
     assert not (tmp_path / "out").exists()
+
+
+def test_the_same_prompts_curated_as_pairs_and_unpaired_fall_in_the_same_split(tmp_path):
+    """Clusters are named by a prompt, not a record: a dump curated as pairs and the same dump
+    ingested --unpaired put every prompt on the same side, so a DPO and a KTO run from one dump
+    share one held-out set (named by a record, 31 of 35 eval prompts landed in the other's train)."""
+    from prefdata.formats.base import FormatOptions
+    from tests.records_factory import make_record, write_records_dir
+
+    rng = random.Random(5)
+    words = [f"w{i}" for i in range(300)]
+    pairs = [make_record(" ".join(rng.choice(words) for _ in range(12)), f"good {i}", f"bad {i}", row=i + 1) for i in range(120)]
+    write_records_dir(tmp_path / "pairs", {"records": pairs}, stage="ingest")
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text("".join(json.dumps({"prompt": r.prompt[0].content, "chosen": r.chosen[0].content,
+                                        "rejected": r.rejected[0].content}) + "\n" for r in pairs))
+    ingest(IngestConfig(inputs=[str(dump)], out=str(tmp_path / "unpaired"), options=FormatOptions(unpaired=True)))
+    splits = {}
+    for name in ("pairs", "unpaired"):
+        curate(CurateConfig(inputs=[str(tmp_path / name)], out=str(tmp_path / f"{name}-curated"), eval_fraction=0.3))
+        splits[name] = {split: {row["prompt"][0]["content"] for row in pq.read_table(tmp_path / f"{name}-curated" / f"{split}.parquet")
+                                .to_pylist()} for split in ("train", "eval")}
+    assert 20 < len(splits["pairs"]["eval"]) < 60
+    assert splits["pairs"] == splits["unpaired"]

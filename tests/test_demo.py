@@ -125,6 +125,11 @@ def test_kto_on_the_unpaired_dump_sits_beside_dpo(demo):
     curated = json.loads((out / "curate-unpaired" / "manifest.json").read_text())["counts"]
     assert curated["dropped"]["conflicting_label"] == 2 * ties
     assert kto["pairs"] == rows["DPO β=0.1"]["pairs"]  # the same held-out pairs as DPO
+    # ...whose prompts KTO never trained on: both curate runs split by prompt.
+    import polars as pl
+
+    paired_eval = set(pl.read_ipc(str(out / "shards" / "eval-*.arrow"))["prompt_id"])
+    assert paired_eval and not paired_eval & set(pl.read_ipc(str(out / "shards-unpaired" / "train-*.arrow"))["prompt_id"])
     assert kto["accuracy"] > 0.7  # the quick size measured 0.85 on 87 pairs (DPO 0.91)
     assert kto["reward"] > reference["reward"] and kto["kl"] > 0
     unpaired = kto["unpaired_eval"]
