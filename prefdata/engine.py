@@ -35,6 +35,9 @@ class EngineOptions(BaseModel):
                                             "cluster (same outputs, byte for byte; docs/cluster.md).")
     ray_address: str | None = Field(None, description="With --engine ray: the cluster's address (host:port, or auto). "
                                     "Default: the RAY_ADDRESS of a running cluster, else a local one started for the run.")
+    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: units of work (chunks) sent to the cluster ahead "
+                               "of the one being written, at most: the tasks that can run at once, and the chunks the "
+                               "object store holds for them (memory grows with it, not with the input).")
 
 
 class Pool(Protocol):
@@ -74,5 +77,5 @@ def session(options: EngineOptions) -> Iterator[Engine]:
         engine_ray = importlib.import_module("prefdata.engine_ray")
     except ImportError as exc:
         raise UserError(f"--engine ray needs Ray ({exc.name} is not installed); {RAY_EXTRA}, or use --engine local") from None
-    with engine_ray.connected(options.ray_address) as engine:
+    with engine_ray.connected(options.ray_address, options.ray_in_flight) as engine:
         yield engine

@@ -16,6 +16,7 @@ Imported only by prefdata.engine.session, when `--engine ray` runs.
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections import deque
@@ -65,8 +66,9 @@ def cluster_cpus() -> int:
 
 
 class RayPool:
-    def __init__(self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
-        self.fn, self.initializer, self.initargs = fn, initializer, initargs
+    def __init__(self, fn: Callable[[Any], Any], in_flight: int, initializer: Callable[..., None] | None = None,
+                 initargs: tuple = ()) -> None:
+        self.fn, self.in_flight, self.initializer, self.initargs = fn, in_flight, initializer, initargs
         self._in_flight: deque[Any] = deque()
 
     def __enter__(self) -> RayPool:
@@ -79,7 +81,9 @@ class RayPool:
     def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
         task, what = remote(_run), f"{self.fn.__module__}.{self.fn.__name__}"
         setup = ray.put((self.initializer, self.initargs))  # one copy in the object store, not one per job
-        pool_id, limit = uuid.uuid4().hex, 2 * cluster_cpus()
+        # Two per CPU keeps every CPU busy while results wait their turn; never more than
+        # `in_flight`, which bounds the chunks held for them whatever the cluster's size.
+        pool_id, limit = uuid.uuid4().hex, min(2 * cluster_cpus(), self.in_flight)
         for job in jobs:
             self._in_flight.append(task.remote(pool_id, setup, self.fn, job))
             if len(self._in_flight) >= limit:
@@ -91,10 +95,13 @@ class RayPool:
 class RayEngine:
     name = "ray"
 
+    def __init__(self, in_flight: int) -> None:
+        self.in_flight = in_flight
+
     def pool(self, fn: Callable[[Any], Any], workers: int, initializer: Callable[..., None] | None = None,
              initargs: tuple = ()) -> RayPool:
-        """`workers` is the local engine's; the cluster's CPUs decide here."""
-        return RayPool(fn, initializer, initargs)
+        """`workers` is the local engine's; the cluster's CPUs (and `in_flight`) decide here."""
+        return RayPool(fn, self.in_flight, initializer, initargs)
 
 
 def _check_reachable(address: str) -> None:
@@ -105,19 +112,21 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+        raise UserError(f"--ray-address (or RAY_ADDRESS) {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
                         "`ray start --head` and pass the address it prints, or leave --ray-address out") from None
 
 
 @contextmanager
-def connected(address: str | None) -> Iterator[RayEngine]:
+def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
     """A connection to the cluster for one stage. A connection this process already holds is
     used and kept; one opened here is closed after the stage (and a local cluster started for it
     stopped)."""
-    if address:
-        _check_reachable(address)
+    # RAY_ADDRESS is where ray.init goes without an address: a dead one would hang as long.
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        _check_reachable(target)
     if ray.is_initialized():
-        yield RayEngine()
+        yield RayEngine(in_flight)
         return
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False,
@@ -126,6 +135,6 @@ def connected(address: str | None) -> Iterator[RayEngine]:
         raise UserError(f"--ray-address {address or '(RAY_ADDRESS or local)'}: could not join the Ray cluster "
                         f"({str(exc).strip().splitlines()[0]}); check the address `ray start --head` printed") from None
     try:
-        yield RayEngine()
+        yield RayEngine(in_flight)
     finally:
         ray.shutdown()

@@ -23,6 +23,7 @@ psutil = pytest.importorskip("psutil")
 
 import prefdata.engine_ray as engine_ray  # noqa: E402
 import prefdata.ingest as ingest_module  # noqa: E402
+import prefdata.neardup_ray as engine_ray_neardup  # noqa: E402
 from prefdata.curate import CurateConfig, curate  # noqa: E402
 from prefdata.ingest import IngestConfig, ingest  # noqa: E402
 from prefdata.neardup import components  # noqa: E402
@@ -49,11 +50,12 @@ def cluster():
     head.shutdown()
 
 
-def _outputs(out: Path) -> dict[str, bytes]:
-    """Every file the stage wrote; the manifest without the engine's own config fields."""
+def _outputs(out: Path, engine: str) -> dict[str, bytes]:
+    """Every file the stage wrote; the manifest without the engine's own config fields, which must
+    name `engine` (a run that fell back to the local engine would compare equal otherwise)."""
     files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     manifest = json.loads(files.pop("manifest.json"))
-    assert manifest["config"].pop("execution")["engine"] in ("local", "ray")
+    assert manifest["config"].pop("execution")["engine"] == engine
     return {**files, "manifest.json": json.dumps(manifest, sort_keys=True).encode()}
 
 
@@ -62,7 +64,7 @@ def _ingest_both(tmp_path: Path, name: str, inputs: list[Path], **options) -> di
     for engine in ("local", "ray"):
         out = tmp_path / name  # one --out for both: it is in the manifest
         ingest(IngestConfig(inputs=[str(i) for i in inputs], out=str(out), execution={"engine": engine}, **options))
-        outs[engine] = _outputs(out)
+        outs[engine] = _outputs(out, engine)
     assert set(outs["ray"]) == {"records.parquet", "quarantine.jsonl", "manifest.json"}
     for file in outs["local"]:
         assert outs["ray"][file] == outs["local"][file], file
@@ -96,7 +98,7 @@ def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_
     for engine in ("local", "ray"):
         manifest = curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=7,
                                        execution={"engine": engine}, **options))
-        outs[engine] = _outputs(tmp_path / "out")
+        outs[engine] = _outputs(tmp_path / "out", engine)
     assert manifest.stats["rows_in_multi_member_clusters"] > 10 and manifest.stats["eval"] > 0
     assert set(outs["ray"]) == {"train.parquet", "eval.parquet", "dropped.parquet", "manifest.json"}
     for file in outs["local"]:
@@ -151,21 +153,21 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     monkeypatch.setattr(ingest_module, "RANGE_BYTES", 300)
     path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
     ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), workers=2))
-    local = _outputs(tmp_path / "out")
+    local = _outputs(tmp_path / "out", "local")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
     killed, error = _kill_a_worker_mid_stage(lambda: ingest(config))
     assert killed and error is None
-    assert _outputs(tmp_path / "out") == local
+    assert _outputs(tmp_path / "out", "ray") == local
 
 
 def test_a_killed_worker_in_curate_is_retried_to_the_same_bytes(cluster, tmp_path):
     src = _records_dir(tmp_path, "in", _mixed_records(seed=5, n_groups=100), shuffle_seed=1)
     options = dict(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=5, eval_fraction=0.3)
     curate(CurateConfig(**options))
-    local = _outputs(tmp_path / "out")
+    local = _outputs(tmp_path / "out", "local")
     killed, error = _kill_a_worker_mid_stage(lambda: curate(CurateConfig(**options, execution=RAY)))
     assert killed and error is None
-    assert _outputs(tmp_path / "out") == local
+    assert _outputs(tmp_path / "out", "ray") == local
 
 
 def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(cluster, tmp_path, monkeypatch):
@@ -184,9 +186,14 @@ def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(clust
 def test_unreachable_address_and_missing_ray_are_one_line(tmp_path, monkeypatch):
     config = IngestConfig(inputs=[str(dirty_jsonl(tmp_path / "d.jsonl", 5))], out=str(tmp_path / "out"),
                           execution={"engine": "ray", "ray_address": "127.0.0.1:9"})
-    with pytest.raises(UserError, match=r"^--ray-address 127.0.0.1:9: no Ray cluster answers there") as exc:
+    with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) 127.0.0.1:9: no Ray cluster answers there") as exc:
         ingest(config)
     assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
+    # The same for a dead RAY_ADDRESS with no --ray-address (ray.init would retry it for minutes).
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) 127.0.0.1:9: no Ray"):
+        ingest(config.model_copy(update={"execution": config.execution.model_copy(update={"ray_address": None})}))
+    monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.delitem(sys.modules, "prefdata.engine_ray")  # imported again, as if the extra were not installed:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError, match=r"^--engine ray needs Ray \(ray is not installed\); pip install 'prefdata\[ray\]'"):
@@ -202,6 +209,40 @@ def test_tokenize_on_ray_writes_the_local_bytes(cluster, tmp_path, chat_tokenize
     for engine in ("local", "ray"):
         tokenize(TokenizeConfig(input_dir=str(src), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "out"), max_length=40,
                                 max_prompt_length=30, batch_rows=2, rows_per_shard=4, execution={"engine": engine}))
-        outs[engine] = _outputs(tmp_path / "out")
+        outs[engine] = _outputs(tmp_path / "out", engine)
     assert len([name for name in outs["ray"] if name.endswith(".arrow")]) >= 4 and b"too_long" in outs["ray"]["manifest.json"]
     assert outs["ray"] == outs["local"]
+
+
+def test_components_take_few_rounds_on_a_long_chain():
+    """Hooking each edge's endpoints' roots, not only the endpoints: the chain 0–(n−1)–(n−2)–…–1
+    took n rounds with endpoints alone (a round is a cluster-wide task per partition); now a few."""
+    from prefdata.neardup_ray import _next_labels, _proposals
+
+    n = 3000
+    chain = np.r_[0, np.arange(n - 1, 0, -1)]
+    edges = (chain[:-1], chain[1:])
+    labels, rounds = np.arange(n, dtype=np.int64), 0
+    while not np.array_equal(moved := _next_labels(labels, [_proposals(labels, edges)]), labels):
+        labels, rounds = moved, rounds + 1
+    assert np.array_equal(labels, components(n, *edges)) and (labels == 0).all()
+    assert rounds <= 5
+
+
+def test_the_ray_runs_really_ran_on_the_cluster(cluster, tmp_path, monkeypatch):
+    """The byte comparisons above would pass if --engine ray quietly ran locally: count the tasks."""
+    calls = []
+    real_map = engine_ray.RayPool.map
+
+    def counted(pool, jobs):
+        for result in real_map(pool, jobs):
+            calls.append(pool.fn.__name__)
+            yield result
+
+    monkeypatch.setattr(engine_ray.RayPool, "map", counted)
+    near_dup = []
+    real_nodes = engine_ray_neardup.near_duplicate_nodes
+    monkeypatch.setattr(engine_ray_neardup, "near_duplicate_nodes", lambda *a, **k: near_dup.append(1) or real_nodes(*a, **k))
+    src = _records_dir(tmp_path, "in", _mixed_records(seed=3), shuffle_seed=2)
+    curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=7, execution=RAY))
+    assert calls and near_dup == [1]
