@@ -29,7 +29,7 @@ from prefdata.ingest import IngestConfig, ingest  # noqa: E402
 from prefdata.neardup import components  # noqa: E402
 from prefdata.tokenize import TokenizeConfig, tokenize  # noqa: E402
 from schemas.errors import UserError  # noqa: E402
-from tests.records_factory import make_record, write_records_dir  # noqa: E402
+from tests.records_factory import make_record, unpaired_from_pairs, write_records_dir  # noqa: E402
 from tests.test_curate_chunked import _mixed_records, _records_dir  # noqa: E402
 from tests.test_ingest_inputs import dirty_jsonl  # noqa: E402
 
@@ -200,10 +200,13 @@ def test_unreachable_address_and_missing_ray_are_one_line(tmp_path, monkeypatch)
         ingest(config.model_copy(update={"execution": config.execution.model_copy(update={"ray_address": None})}))
 
 
-def test_tokenize_on_ray_writes_the_local_bytes(cluster, tmp_path, chat_tokenizer_dir):
+@pytest.mark.parametrize("kind", ["paired", "unpaired"])
+def test_tokenize_on_ray_writes_the_local_bytes(cluster, tmp_path, chat_tokenizer_dir, kind):
     """Shards, dropped rows and manifest, with batches of two rows encoded across the nodes and a
-    pair too long for --max-length."""
+    pair too long for --max-length; unpaired rows too (their KL completions are chosen on the
+    driver from the ordered results)."""
     records = [make_record(f"question {i}" + " word" * 30 * (i % 7 == 3), f"answer {i}", f"other {i}", row=i) for i in range(23)]
+    records = unpaired_from_pairs(records) if kind == "unpaired" else records
     src = write_records_dir(tmp_path / "in", {"train": records[:19], "eval": records[19:]})
     outs = {}
     for engine in ("local", "ray"):
