@@ -26,17 +26,15 @@ of the two layouts on the same batches is `bench_bounds.py --objective kto`; our
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_train  # noqa: E402
-from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare  # noqa: E402
+from benchmarks.bench_precompute import bench_device, prepare  # noqa: E402
 from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE  # noqa: E402
 from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 
@@ -79,10 +77,6 @@ def train_split(shards: Path) -> dict[str, list]:
     frame = pl.concat([pl.read_ipc(str(path)) for path in sorted(shards.glob("train-*.arrow"))])
     return {"prompt_ids": frame["prompt_input_ids"].to_list(), "completion_ids": frame["completion_input_ids"].to_list(),
             "KL_completion_ids": frame["kl_completion_input_ids"].to_list(), "label": frame["label"].to_list()}
-
-
-def epoch_steps(shards: Path) -> int:
-    return -(-len(train_split(shards)["label"]) // BATCH_SIZE)
 
 
 def steps_rows(shards: Path, steps: int) -> int:
@@ -161,43 +155,14 @@ def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> 
 def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dict]:
     """The bench table's rows for one row set: rows/s beside TRL's (target ≥ 1.5×, the issue's, and
     the FLOP bound beside it), peak RSS (≤ TRL), and the bound's own rows. `row` is run_all.row."""
-    stage = f"train KTO [{rows_set}], precomputed reference both sides, no checkpointing either side"
-    bound = limits.ratios()["flops"]
-    ours, trl = results["ours-kto"], results["trl-kto"]
-    ran = OURS[bool(ours["kl_apart"])]
-    return [row(stage, f"rows/s, {ran}", ours["rows_per_s"], trl["rows_per_s"], PEER, f"≥ 1.5× (FLOP bound {bound:.2f}×)"),
-            row(stage, "peak RSS MiB", ours["peak_rss_mib"], trl["peak_rss_mib"], PEER, "≤ TRL", False),
-            row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
-                PEER, "—", False),
-            row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
+    ours = results["ours-kto"]
+    return bench_train.peer_rows(f"train KTO [{rows_set}], precomputed reference both sides, no checkpointing either side",
+                                 f"rows/s, {OURS[bool(ours['kl_apart'])]}", "rows_per_s", ours, results["trl-kto"], PEER,
+                                 f"≥ 1.5× (FLOP bound {limits.ratios()['flops']:.2f}×)", limits, row)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
-    add_child_arguments(parser, VARIANTS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
-        return
-    from benchmarks.bench_bounds import shard_bounds
-
-    with tempfile.TemporaryDirectory(prefix="bench-kto-") as tmp:
-        model, shards = prepare_unpaired(Path(tmp), args.rows, args.max_length, DUMPS[args.rows_set])
-        steps = args.steps or epoch_steps(shards)
-        results = compare(model, shards, steps, args.repeats, Path(tmp))
-        limits = shard_bounds(shards, model, objective="kto")
-    print(f"{args.rows_set} rows, {steps} steps of {BATCH_SIZE} rows, float32 {bench_device()}, no checkpointing either side, "
-          f"medians of {args.repeats} alternating runs")
-    for variant in VARIANTS:
-        print(f"{variant:9s} {results[variant]['rows_per_s']:8.2f} rows/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
-    ratio = results["ours-kto"]["rows_per_s"] / results["trl-kto"]["rows_per_s"]
-    print(f"ours/TRL {ratio:.2f}x; FLOP bound {limits.ratios()['flops']:.2f}x; "
-          f"peak RSS TRL/ours {results['trl-kto']['peak_rss_mib'] / results['ours-kto']['peak_rss_mib']:.2f}x")
+    bench_train.peer_main(__doc__, __file__, VARIANTS, prepare_unpaired, run_child, "kto", "rows_per_s", "rows/s")
 
 
 if __name__ == "__main__":

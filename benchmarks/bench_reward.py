@@ -22,18 +22,16 @@ out on both sides). The FLOP bound for this layout against TRL's on the same bat
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_train  # noqa: E402
-from benchmarks.bench_precompute import DUMPS, add_child_arguments, bench_device, prepare, trl_step_window, trl_token_ids  # noqa: E402
-from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE, epoch_steps  # noqa: E402
+from benchmarks.bench_precompute import bench_device, prepare, trl_step_window, trl_token_ids  # noqa: E402
+from benchmarks.bench_train import BATCH_SIZE, LEARNING_RATE  # noqa: E402
 from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 
 VARIANTS = ("ours-reward", "trl-reward")
@@ -103,42 +101,14 @@ def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dic
     """The bench table's rows for one row set: tokens/s and peak RSS beside TRL's (targets: at least
     the FLOP bound of `limits`, a `bench_bounds.Bounds` for objective reward; memory ≤ TRL's), and
     the bound's own rows. `row` is run_all.row."""
-    stage = f"train reward model [{rows_set}], no checkpointing either side"
     bound = limits.ratios()["flops"]
-    ours, trl = results["ours-reward"], results["trl-reward"]
-    return [row(stage, f"tokens/s, {OURS}", ours["tokens_per_s"], trl["tokens_per_s"], PEER, f"≥ {bound:.2f}× (FLOP bound)"),
-            row(stage, "peak RSS MiB", ours["peak_rss_mib"], trl["peak_rss_mib"], PEER, "≤ TRL", False),
-            row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
-                PEER, "—", False),
-            row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
+    return bench_train.peer_rows(f"train reward model [{rows_set}], no checkpointing either side", f"tokens/s, {OURS}",
+                                 "tokens_per_s", results["ours-reward"], results["trl-reward"], PEER,
+                                 f"≥ {bound:.2f}× (FLOP bound)", limits, row)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
-    add_child_arguments(parser, VARIANTS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
-        return
-    from benchmarks.bench_bounds import shard_bounds
-
-    with tempfile.TemporaryDirectory(prefix="bench-reward-") as tmp:
-        model, shards = prepare(Path(tmp), args.rows, args.max_length, DUMPS[args.rows_set])
-        steps = args.steps or epoch_steps(shards)
-        results = compare(model, shards, steps, args.repeats, Path(tmp))
-        limits = shard_bounds(shards, model, objective="reward")
-    print(f"{args.rows_set} rows, {steps} steps of {BATCH_SIZE} pairs, float32 {bench_device()}, no checkpointing either side, "
-          f"medians of {args.repeats} alternating runs")
-    for variant in VARIANTS:
-        print(f"{variant:12s} {results[variant]['tokens_per_s']:9,.0f} tokens/s  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
-    ratio = results["ours-reward"]["tokens_per_s"] / results["trl-reward"]["tokens_per_s"]
-    print(f"ours/TRL {ratio:.2f}x; FLOP bound {limits.ratios()['flops']:.2f}x; "
-          f"peak RSS TRL/ours {results['trl-reward']['peak_rss_mib'] / results['ours-reward']['peak_rss_mib']:.2f}x")
+    bench_train.peer_main(__doc__, __file__, VARIANTS, prepare, run_child, "reward", "tokens_per_s", "tokens/s")
 
 
 if __name__ == "__main__":

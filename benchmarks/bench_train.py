@@ -138,8 +138,12 @@ def prepare_with_reference(work: Path, rows: int, max_length: int, rows_set: str
 
 
 def epoch_steps(shards: Path) -> int:
-    """Steps of `BATCH_SIZE` pairs in one pass over the train split (the last batch may be short)."""
-    return -(-len(trl_token_ids(shards)["prompt_ids"]) // BATCH_SIZE)
+    """Steps of `BATCH_SIZE` rows (pairs, or unpaired rows) in one pass over the train split (the
+    last batch may be short)."""
+    import polars as pl
+
+    rows = sum(pl.scan_ipc(str(path)).select(pl.len()).collect().item() for path in shards.glob("train-*.arrow"))
+    return -(-rows // BATCH_SIZE)
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
@@ -151,15 +155,55 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
             "rss_ckpt_vs_trl_precompute_ckpt": results["ours-ckpt"]["peak_rss_mib"] / results["trl-precompute-ckpt"]["peak_rss_mib"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(doc: str, variants: tuple[str, ...]) -> argparse.Namespace:
+    """The command line every ours-beside-TRL training bench takes (and its hidden child flags)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch); step 1 is not timed")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows-set", choices=sorted(DUMPS), default="uniform")
-    add_child_arguments(parser, VARIANTS)
-    args = parser.parse_args()
+    add_child_arguments(parser, variants)
+    return parser.parse_args()
+
+
+def peer_rows(stage: str, rate: str, key: str, ours: dict, peer: dict, peer_name: str, target: str, limits, row) -> list[dict]:
+    """A bench table's rows for ours beside one TRL trainer: the rate (`key` of each result),
+    peak RSS (target ≤ TRL), and the FLOP bound's own rows (`limits`, a bench_bounds.Bounds)."""
+    return [row(stage, rate, ours[key], peer[key], peer_name, target),
+            row(stage, "peak RSS MiB", ours["peak_rss_mib"], peer["peak_rss_mib"], peer_name, "≤ TRL", False),
+            row(stage, "bound: processed tokens incl. padding, one epoch", limits.padded_tokens_ours, limits.padded_tokens_trl,
+                peer_name, "—", False),
+            row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9, peer_name, "—", False)]
+
+
+def peer_main(doc: str, script: str, variants: tuple[str, str], prepare_rows, run_child, objective: str, key: str,
+              unit: str) -> None:
+    """The command of an ours-beside-TRL training bench: as a child, one variant; else both,
+    alternating, on `prepare_rows(work, rows, max_length, dump)`'s (model, shards), beside the
+    FLOP bound of `objective`, printed. `key`: the rate each result holds, in `unit`."""
+    from benchmarks.bench_bounds import shard_bounds
+
+    args = bench_arguments(doc, variants)
+    if args.child:
+        print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
+        return
+    with tempfile.TemporaryDirectory(prefix=f"bench-{objective}-") as tmp:
+        model, shards = prepare_rows(Path(tmp), args.rows, args.max_length, DUMPS[args.rows_set])
+        steps = args.steps or epoch_steps(shards)
+        results = compare(model, shards, steps, args.repeats, Path(tmp), variants, script)
+        limits = shard_bounds(shards, model, objective=objective)
+    print(f"{args.rows_set} rows, {steps} steps of {BATCH_SIZE}, float32 {bench_device()}, no checkpointing either side, "
+          f"medians of {args.repeats} alternating runs")
+    ours, peer = variants
+    for variant in variants:
+        print(f"{variant:12s} {results[variant][key]:10,.2f} {unit}  peak RSS {results[variant]['peak_rss_mib']:7,.0f} MiB")
+    print(f"ours/TRL {results[ours][key] / results[peer][key]:.2f}x; FLOP bound {limits.ratios()['flops']:.2f}x; "
+          f"peak RSS TRL/ours {results[peer]['peak_rss_mib'] / results[ours]['peak_rss_mib']:.2f}x")
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, VARIANTS)
     if args.child:
         print(json.dumps(run_child(args.child, args.model, args.shards, args.steps, args.out)))
         return

@@ -305,7 +305,7 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
     rows += bench_reward.table_rows(rows_set, reward, bench_bounds.shard_bounds(shards, model, objective="reward"), row)
     # KTO on the same dump rows ingested --unpaired: ours beside TRL's KTOTrainer, stored references both sides.
     kto_shards = bench_kto.unpaired_shards(work, model, sizes["model_rows"], sizes["max_length"], bench_precompute.DUMPS[rows_set])
-    kto = bench_kto.compare(model, kto_shards, sizes["train_steps"] or bench_kto.epoch_steps(kto_shards), sizes["train_repeats"], work)
+    kto = bench_kto.compare(model, kto_shards, sizes["train_steps"] or bench_train.epoch_steps(kto_shards), sizes["train_repeats"], work)
     rows += bench_kto.table_rows(rows_set, kto, bench_bounds.shard_bounds(kto_shards, model, objective="kto"), row)
     return rows, {**train, **reward, **kto}
 

@@ -221,32 +221,27 @@ def record_schema(kind: str) -> pa.Schema:
 
 def unpaired_to_table(records: list[UnpairedRecord]) -> pa.Table:
     """UnpairedRecords → an UNPAIRED_RECORD_SCHEMA table."""
-    columns = {
-        "id": pa.array([r.id for r in records], pa.string()),
-        **{name: _messages_array([getattr(r, name) for r in records]) for name in ("prompt", "completion")},
-        "label": pa.array([r.label for r in records], pa.bool_()),
-        "source": pa.array([r.source for r in records], pa.string()),
-        "source_format": pa.array([r.source_format for r in records], pa.string()),
-        "source_row": pa.array([r.source_row for r in records], pa.int64()),
-        "score": pa.array([r.score for r in records], pa.float64()),
-        "meta": pa.array([_meta_json(r.meta) for r in records], pa.string()),
-    }
-    return pa.Table.from_pydict(columns, schema=UNPAIRED_RECORD_SCHEMA)
+    return _to_table(records, UNPAIRED_RECORD_SCHEMA)
 
 
 def records_to_table(records: list[PreferenceRecord]) -> pa.Table:
-    """Records → a RECORD_SCHEMA table, column by column from the attributes (no per-record dict)."""
-    columns = {
-        "id": pa.array([r.id for r in records], pa.string()),
-        **{name: _messages_array([getattr(r, name) for r in records]) for name in ("prompt", "chosen", "rejected")},
-        "source": pa.array([r.source for r in records], pa.string()),
-        "source_format": pa.array([r.source_format for r in records], pa.string()),
-        "source_row": pa.array([r.source_row for r in records], pa.int64()),
-        "chosen_score": pa.array([r.chosen_score for r in records], pa.float64()),
-        "rejected_score": pa.array([r.rejected_score for r in records], pa.float64()),
-        "meta": pa.array([_meta_json(r.meta) for r in records], pa.string()),
-    }
-    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+    """Records → a RECORD_SCHEMA table."""
+    return _to_table(records, RECORD_SCHEMA)
+
+
+def _to_table(records: list[Any], schema: pa.Schema) -> pa.Table:
+    """Column by column from the records' attributes (no per-record dict): messages through
+    `_messages_array`, `meta` as JSON text, the rest as the schema types them."""
+    columns = {}
+    for field in schema:
+        values = [getattr(r, field.name) for r in records]
+        if field.type == MESSAGES_TYPE:
+            columns[field.name] = _messages_array(values)
+        elif field.name == "meta":
+            columns[field.name] = pa.array([_meta_json(m) for m in values], pa.string())
+        else:
+            columns[field.name] = pa.array(values, field.type)
+    return pa.Table.from_pydict(columns, schema=schema)
 
 
 def _meta_json(meta: dict[str, Any]) -> str:

@@ -39,9 +39,7 @@ SHARD_WITH_REF_SCHEMA = pa.schema(BASE_FIELDS + REF_FIELDS)
 REF_COLUMNS = tuple(f.name for f in REF_FIELDS)
 
 UNPAIRED_BASE_FIELDS = [
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("prompt_input_ids", TOKEN_IDS_TYPE, nullable=False),
+    *BASE_FIELDS[:3],  # id, prompt_id, prompt_input_ids
     pa.field("completion_input_ids", TOKEN_IDS_TYPE, nullable=False),
     pa.field("kl_completion_input_ids", TOKEN_IDS_TYPE, nullable=False),
     pa.field("label", pa.bool_(), nullable=False),
