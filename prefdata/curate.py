@@ -602,29 +602,33 @@ def _rank_in_clusters(rows: np.ndarray, margin: np.ndarray, labels: np.ndarray) 
     return rank
 
 
-def _naming_rows(rows: np.ndarray, labels: np.ndarray, prompt_keys: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """Per live row, the row whose prompt names its cluster: of the cluster's kept rows, the one
-    with the smallest prompt key (the 128-bit key of its normalised prompt text).
-
-    Named by a prompt, not by a record, so a prompt's split depends on the prompts of its cluster
-    alone: adding answers to a prompt, or curating the same prompts as pairs and as unpaired
-    feedback, puts it in the same split. Kept rows only, so curating the output again (where the
-    capped rows are gone) finds the same name."""
-    if len(rows) == 0:
-        return np.empty(0, np.int64)
-    candidates = np.flatnonzero(kept)
-    order = candidates[np.lexsort((rows[candidates], prompt_keys[candidates, 1], prompt_keys[candidates, 0], labels[candidates]))]
-    first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]
-    named = labels[first]  # ascending: the labels were the sort's first key
-    at = np.searchsorted(named, labels)
-    if not np.array_equal(named[np.minimum(at, len(named) - 1)], labels):
-        raise AssertionError("a prompt cluster without a kept row")  # the cap keeps each cluster's best row
-    return rows[first][at]
+def _named_clusters(labels: np.ndarray, prompt_keys: np.ndarray, prior: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(each live row's cluster, as an index into the names; the names). A cluster keeps the name
+    an earlier curate run gave it (the smallest, where its rows carried several), so curated data
+    curated again, or with more added, keeps its split; a new cluster is named by a prompt, not a
+    record: the smallest 128-bit key (`_key128`) of its live rows' prompts, before the cap, as 32
+    hex digits. So a prompt's split depends on the prompts of its cluster alone: more answers to
+    old prompts, or the same prompts curated as pairs and as unpaired feedback, land where they did."""
+    if len(labels) == 0:
+        return np.empty(0, np.int64), pa.array([], pa.string())
+    _, cluster = np.unique(labels, return_inverse=True)
+    order = np.lexsort((prompt_keys[:, 1], prompt_keys[:, 0], cluster))
+    first = order[np.r_[True, cluster[order][1:] != cluster[order][:-1]]]  # one row per cluster, in cluster order
+    named_before = (pl.DataFrame({"cluster": cluster, "prior": pl.Series(prior, dtype=pl.String)}).drop_nulls()
+                    .group_by("cluster").agg(pl.col("prior").min()))
+    names = pl.Series(_hex_keys(prompt_keys[first])).scatter(named_before["cluster"], named_before["prior"])
+    return cluster, names.to_arrow()
 
 
-def _cluster_names(prompt_keys: np.ndarray) -> pa.Array:
-    """A cluster's name: its naming prompt's 128-bit key as 32 hex digits (`prompt_cluster`)."""
-    return pa.array([f"{high:016x}{low:016x}" for high, low in prompt_keys.tolist()], pa.string())
+def _hex_keys(keys: np.ndarray) -> pa.Array:
+    """[m, 2] uint64 keys → m strings of 32 hex digits (high word first), built as one buffer: ten
+    million Python strings would cost a gigabyte."""
+    raw = np.ascontiguousarray(keys, dtype=">u8").view(np.uint8).reshape(-1, 16)
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    text = np.empty((len(keys), 32), np.uint8)
+    text[:, 0::2], text[:, 1::2] = digits[raw >> 4], digits[raw & 15]
+    offsets = np.arange(0, 32 * len(keys) + 1, 32, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(keys), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
 def _is_eval(names: pa.Array, config: CurateConfig, batch: int = 100_000) -> np.ndarray:
@@ -647,9 +651,9 @@ class _Decisions:
     dest: np.ndarray  # TRAIN / EVAL / DROPPED
     reason: np.ndarray  # index into DROP_REASONS, -1 for kept rows
     duplicate_row: np.ndarray  # row of the kept original, -1 unless a duplicate
-    cluster_row: np.ndarray  # row whose prompt names the prompt cluster, -1 for rows dropped before clustering
+    cluster_of: np.ndarray  # index into `cluster_names`, -1 for rows dropped before clustering
+    cluster_names: pa.Array
     ids: pa.Array
-    prompt_keys: np.ndarray  # [n, 2] uint64, the rows' prompt keys (cluster names)
     stats: dict[str, Any]
     label_margin: np.ndarray | None = None  # --score-with: the scorer's margin per row, NaN where not scored
     label_suspect: np.ndarray | None = None  # bool per row: margin < −suspect_margin
@@ -684,14 +688,14 @@ def _decide(narrow: _Narrow, order: np.ndarray, config: CurateConfig, prompts: I
     rank = _rank_in_clusters(live_rows, narrow.margin[live_rows], labels)
     if config.max_pairs_per_prompt is not None:  # keep at most K pairs per cluster, best first
         reason[live_rows[rank >= config.max_pairs_per_prompt]] = DROP_REASONS.index("prompt_cap")
-    cluster_row = np.full(n, -1, np.int64)
-    cluster_row[live_rows] = _naming_rows(live_rows, labels, narrow.prompt_key[live_rows], reason[live_rows] < 0)
+    cluster_of = np.full(n, -1, np.int64)
+    cluster_of[live_rows], names = _named_clusters(labels, narrow.prompt_key[live_rows], pc.take(narrow.prior, pa.array(live_rows)))
     kept = np.flatnonzero(reason < 0)
-    clusters, cluster_of_kept = np.unique(cluster_row[kept], return_inverse=True)
-    eval_cluster = _is_eval(_cluster_names(narrow.prompt_key[clusters]), config)
+    clusters, cluster_of_kept = np.unique(cluster_of[kept], return_inverse=True)
+    eval_cluster = _is_eval(pc.take(names, pa.array(clusters)), config)
     dest = np.full(n, DROPPED, np.int8)
     dest[kept] = np.where(eval_cluster[cluster_of_kept], EVAL, TRAIN)
-    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_row, narrow.ids, narrow.prompt_key,
+    return _Decisions(row_of_pos, dest, reason, duplicate_row, cluster_of, names, narrow.ids,
                       _stats(dest, kept, cluster_of_kept, eval_cluster, len(clusters)), label_margin, label_suspect)
 
 
@@ -731,10 +735,10 @@ def _label_balance(dest: np.ndarray, label: np.ndarray) -> dict[str, Any]:
 
 def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Table:
     """A chunk of input records (curated columns) with its decisions, in `_spill_schema`."""
-    cluster_row, duplicate_row, reason = decisions.cluster_row[rows], decisions.duplicate_row[rows], decisions.reason[rows]
+    cluster_of, duplicate_row, reason = decisions.cluster_of[rows], decisions.duplicate_row[rows], decisions.reason[rows]
     # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
-    names = _cluster_names(decisions.prompt_keys[np.maximum(cluster_row, 0)])
-    cluster = pc.if_else(pa.array(cluster_row >= 0), names, table.column("prompt_cluster").cast(pa.string()))
+    cluster = pc.if_else(pa.array(cluster_of >= 0), pc.take(decisions.cluster_names, pa.array(np.maximum(cluster_of, 0))),
+                         table.column("prompt_cluster").cast(pa.string()))
     kind = record_kind(table.schema)
     columns = {name: table.column(name) for name in CURATED_SCHEMAS[kind].names}
     columns["prompt_cluster"] = cluster

@@ -121,13 +121,13 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
     """A connection to the cluster for one stage. A connection this process already holds is
     used and kept; one opened here is closed after the stage (and a local cluster started for it
     stopped)."""
+    if ray.is_initialized():
+        yield RayEngine(in_flight)
+        return
     # RAY_ADDRESS is where ray.init goes without an address: a dead one would hang as long.
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         _check_reachable(target)
-    if ray.is_initialized():
-        yield RayEngine(in_flight)
-        return
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False,
                  **({} if address else {"include_dashboard": False}))

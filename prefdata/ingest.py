@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prefdata import __version__
 from prefdata.engine import EngineOptions, Pool, session
-from prefdata.formats.base import Format, FormatError, FormatOptions, Skipped
+from prefdata.formats.base import NON_BINARY_LABEL, SCORE_FIX, Format, FormatError, FormatOptions, Skipped
 from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
 from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_rows, resolve_sources
@@ -430,6 +430,7 @@ def ingest(config: IngestConfig) -> Manifest:
         ):
             for source, fmt in zip(sources, formats):
                 tallies.append(_ingest_source(source, fmt, left, converter, records, quarantine, bar))
+                _refuse_non_binary_labels(source, tallies[-1])
                 left = None if left is None else left - tallies[-1].read
         manifest = Manifest(
             stage="ingest",
@@ -451,6 +452,16 @@ def ingest(config: IngestConfig) -> Manifest:
         )
         manifest.write(tmp)
     return manifest
+
+
+def _refuse_non_binary_labels(source: Source, tally: _SourceTally) -> None:
+    """A feedback label column whose rows past the sampled ones hold numbers other than 0/1 is a
+    rating: its 0s and 1s were read as labels, so the run stops (nothing is written)."""
+    rows = tally.dropped.get(NON_BINARY_LABEL, 0)
+    if rows:
+        raise UserError(f"{source.location}: {rows} rows' label holds a number other than 0/1 (quarantine reason "
+                        f"{NON_BINARY_LABEL}): the column is a rating or a -1/0/+1 scale, whose 0s and 1s are not binary "
+                        f"labels; {SCORE_FIX}")
 
 
 def summary_lines(manifest: Manifest) -> list[str]:

@@ -146,21 +146,22 @@ def _reference_curate(config: CurateConfig) -> tuple[dict[str, bytes], dict, dic
     ranked = (live_frame.select("row", "id", margin.alias("margin")).with_columns(label=pl.Series(labels))
               .sort(["label", "margin", "row"], descending=[False, True, False])
               .with_columns(rank=pl.int_range(pl.len()).over("label")).sort("row"))
-    live_frame = live_frame.with_columns(ranked["rank"], label=pl.Series(labels))
-    if config.max_pairs_per_prompt is not None:
-        live_frame = live_frame.with_columns(
-            drop_reason=pl.when(pl.col("rank") >= config.max_pairs_per_prompt).then(pl.lit("prompt_cap")).otherwise("drop_reason"))
-    # A cluster is named by the smallest prompt key among its kept rows (the key of the prompt's
-    # comparison text with near-dedupe on, of its normalised text without), as 32 hex digits.
+    # A cluster keeps an earlier run's name (the smallest of them), else is named by the smallest
+    # prompt key among its live rows before the cap (the key of the prompt's comparison text with
+    # near-dedupe on, of its normalised text without), as 32 hex digits.
     prompt_text = (comparison_text(live_frame.select(_normalised("prompt", without_system=True)).to_series()) if config.near_dup
                    else live_frame["prompt_norm"])
     keys = _key128(prompt_text) if live_frame.height else np.empty((0, 2), np.uint64)
-    live_frame = live_frame.with_columns(key_high=pl.Series(keys[:, 0], dtype=pl.UInt64), key_low=pl.Series(keys[:, 1], dtype=pl.UInt64))
-    names = (live_frame.filter(pl.col("drop_reason").is_null()).sort(["label", "key_high", "key_low", "row"])
-             .group_by("label", maintain_order=True).first())
-    name_of = {label: f"{high:016x}{low:016x}" for label, high, low in names.select("label", "key_high", "key_low").iter_rows()}
+    live_frame = live_frame.with_columns(ranked["rank"], label=pl.Series(labels), key_high=pl.Series(keys[:, 0], dtype=pl.UInt64),
+                                         key_low=pl.Series(keys[:, 1], dtype=pl.UInt64))
+    by_key = live_frame.sort(["label", "key_high", "key_low", "row"]).group_by("label", maintain_order=True).first()
+    name_of = {label: f"{high:016x}{low:016x}" for label, high, low in by_key.select("label", "key_high", "key_low").iter_rows()}
+    name_of |= dict(live_frame.drop_nulls("prompt_cluster").group_by("label").agg(pl.col("prompt_cluster").min()).iter_rows())
     live_frame = live_frame.drop("prompt_cluster").with_columns(
         prompt_cluster=pl.Series([name_of[label] for label in live_frame["label"].to_list()], dtype=pl.String))
+    if config.max_pairs_per_prompt is not None:
+        live_frame = live_frame.with_columns(
+            drop_reason=pl.when(pl.col("rank") >= config.max_pairs_per_prompt).then(pl.lit("prompt_cap")).otherwise("drop_reason"))
     dropped = pl.concat([frame.filter(pl.col("drop_reason").is_not_null()), live_frame.filter(pl.col("drop_reason").is_not_null())],
                         how="diagonal_relaxed").sort("row")
     kept = live_frame.filter(pl.col("drop_reason").is_null())
@@ -446,3 +447,60 @@ def test_signature_file_places_rows_at_given_positions(tmp_path):
     got = store.columns(2, 6, position)
     assert np.array_equal(got[position], whole[:, 2:6])
     store.close()
+
+
+def _cluster_of_prompt(out: Path) -> dict[str, str]:
+    frames = [pl.read_parquet(out / name) for name in ("train.parquet", "eval.parquet", "dropped.parquet")]
+    rows = pl.concat([f.select(pl.col("prompt").list.first().struct.field("content").alias("prompt"), "prompt_cluster")
+                      for f in frames]).drop_nulls()
+    return dict(rows.unique("prompt", keep="first").iter_rows())
+
+
+def _split_of_prompt(out: Path) -> dict[str, str]:
+    return {row["prompt"][0]["content"]: split for split in ("train", "eval")
+            for row in pq.read_table(out / f"{split}.parquet", columns=["prompt"]).to_pylist()}
+
+
+def test_better_pairs_for_old_prompts_move_no_cluster_under_the_cap(tmp_path):
+    """A cluster is named by its live prompts before the cap, so a new pair that outranks the kept
+    one (and so changes which pair the cap keeps) leaves every cluster's name and split as it was.
+    Exact-prompt clusters (--no-near-dup): which borderline near-duplicates LSH links can change
+    when rows are added (docs/curate.md), which is another matter."""
+    records = _mixed_records(seed=1)
+    better = [make_record(r.prompt[0].content, f"much better {i}", f"worse {i}", row=10_000 + i, chosen_score=20.0,
+                          rejected_score=1.0) for i, r in enumerate(records[:40])]
+    names = {}
+    for name, rows in (("before", records), ("after", records + better)):
+        src = write_records_dir(tmp_path / f"in-{name}", {"records": rows}, stage="ingest")
+        curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / name), eval_fraction=0.3, max_pairs_per_prompt=1,
+                            near_dup=False))
+        names[name] = _cluster_of_prompt(tmp_path / name)
+    assert names["before"] == {prompt: names["after"][prompt] for prompt in names["before"]}
+    kept_before, kept_after = _split_of_prompt(tmp_path / "before"), _split_of_prompt(tmp_path / "after")
+    moved = [p for p in kept_before if p in kept_after and kept_before[p] != kept_after[p]]
+    assert not moved and len(kept_before.keys() & kept_after.keys()) > 20
+
+
+def test_clusters_named_by_an_earlier_version_keep_their_names_and_split(tmp_path):
+    """Output whose prompt_cluster holds another naming (earlier prefdata named a cluster by a
+    record id) curated again: each cluster keeps that name, and the split it decides."""
+    src = _records_dir(tmp_path, "in", _mixed_records(seed=2))
+    curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "first"), eval_fraction=0.3))
+    old = tmp_path / "old-naming"
+    old.mkdir()
+    renamed = {}
+    for name in ("train.parquet", "eval.parquet", "dropped.parquet"):
+        table = pl.read_parquet(tmp_path / "first" / name)
+        # An old-style name: a record id of the cluster (blake2b-128 hex, like a prompt key's).
+        table = table.with_columns(prompt_cluster=pl.col("id").first().over("prompt_cluster"))
+        renamed |= dict(table.select("prompt_cluster").unique().with_columns(x=pl.lit(1)).iter_rows())
+        pq.write_table(table.to_arrow().cast(pq.read_schema(tmp_path / "first" / name)), old / name)
+    (old / "manifest.json").write_bytes((tmp_path / "first" / "manifest.json").read_bytes())
+    curate(CurateConfig(inputs=[str(old)], out=str(tmp_path / "again"), eval_fraction=0.3))
+    again = pl.concat([pl.read_parquet(tmp_path / "again" / f"{split}.parquet").with_columns(split=pl.lit(split))
+                       for split in ("train", "eval")])
+    assert set(again["prompt_cluster"]) <= set(renamed)
+    decided = dict(zip(again["prompt_cluster"].to_list(),
+                       curate_module._is_eval(pa.array(again["prompt_cluster"].to_list()), CurateConfig(inputs=["x"], out="y",
+                                                                                                      eval_fraction=0.3))))
+    assert all((split == "eval") == decided[name] for name, split in again.select("prompt_cluster", "split").iter_rows())

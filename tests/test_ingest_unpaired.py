@@ -47,8 +47,8 @@ def test_label_forms(value, expected):
 
 
 @pytest.mark.parametrize("value, reason", [
-    ("maybe", "invalid_label"), (2, "invalid_label"), (-1, "invalid_label"), ("-1", "invalid_label"),
-    ("", "invalid_label"), (0.5, "invalid_label"), (float("nan"), "invalid_label"), ("x" * 500, "invalid_label"),
+    ("maybe", "invalid_label"), (2, "non_binary_label"), (-1, "non_binary_label"), ("-1", "non_binary_label"),
+    ("", "invalid_label"), (0.5, "non_binary_label"), (float("nan"), "invalid_label"), ("x" * 500, "invalid_label"),
     ([True], "wrong_type"), ({"up": 1}, "wrong_type"),
 ])
 def test_bad_labels_are_one_line_reasons(value, reason):
@@ -62,7 +62,7 @@ def test_bad_labels_are_one_line_reasons(value, reason):
 def test_a_number_other_than_0_or_1_names_the_score_fix(value):
     with pytest.raises(FormatError) as caught:
         parse_label(value, "stars")
-    assert caught.value.reason == "invalid_label"
+    assert caught.value.reason == "non_binary_label"
     assert "map the column as score= with --unpaired --score-threshold T" in caught.value.message
 
 
@@ -112,21 +112,17 @@ def test_a_binary_number_column_is_still_read(tmp_path):
     assert [r["label"] for r in records] == [True, False, True, False]
 
 
-def test_a_late_number_other_than_0_or_1_is_quarantined_with_the_fix(tmp_path):
-    # the first rows (all ingest reads before converting) are binary; rows after them are checked one by one
+def test_a_late_number_other_than_0_or_1_refuses_the_source_and_writes_nothing(tmp_path):
+    """The first rows (all ingest reads before converting) are binary, later ones a rating: the 0s
+    and 1s already read may be a scale's, so the run stops in one line naming the fix (a column
+    sorted by label, say 1000 ones then −1/0 rows, would otherwise read its neutral 0s as thumbs down)."""
     rows = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2} for i in range(1000)]
     rows += [{"prompt": "p", "completion": "late", "label": 3}, {"prompt": "p", "completion": "late", "label": "+1"},
              {"prompt": "p", "completion": "late", "label": "yes"}]
-    records, quarantine, manifest = run_ingest(tmp_path / "out", _jsonl(tmp_path / "kto.jsonl", rows))
-    assert reasons(quarantine) == {1001: "invalid_label", 1002: "invalid_label"}
-    assert [q["message"] for q in quarantine] == [
-        "'label' is 3: a number other than 0/1 is a rating, not a binary label; map the column as score= with "
-        "--unpaired --score-threshold T",
-        "'label' is '+1': a number other than 0/1 is a rating, not a binary label; map the column as score= with "
-        "--unpaired --score-threshold T"]
-    c = manifest.counts
-    assert (c.read, c.kept, c.dropped) == (1003, 1001, {"invalid_label": 2})
-    assert manifest.stats["labels"] == {"desirable": 501, "undesirable": 500}
+    with pytest.raises(UserError, match=r"kto.jsonl: 2 rows' label holds a number other than 0/1 \(quarantine reason "
+                                        r"non_binary_label\).*map the column as score= with --unpaired --score-threshold T") as exc:
+        run_ingest(tmp_path / "out", _jsonl(tmp_path / "kto.jsonl", rows))
+    assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
 
 
 def test_a_ratings_only_export_read_unpaired_with_a_threshold(tmp_path):
@@ -139,6 +135,7 @@ def test_a_ratings_only_export_read_unpaired_with_a_threshold(tmp_path):
         ("Capital of Peru?", "Quito.", ""),         # 5 unrated
         ("Capital of Peru?", "Bogota.", "two"),     # 6 wrong_type
         ("Capital of Peru?", "", "5"),              # 7 empty_content
+        ("Capital of Peru?", "Santiago.", "NaN"),   # 8 unrated: how pandas writes a missing value, not "below 4"
     ])
     column_map = "prompt=q,completion=a,score=stars"
     records, quarantine, manifest = run_ingest(
@@ -149,10 +146,10 @@ def test_a_ratings_only_export_read_unpaired_with_a_threshold(tmp_path):
         (3, [(U, "Capital of Peru?")], [(A, "Lima.")], True, 4.0),
         (4, [(U, "Capital of Peru?")], [(A, "Cusco.")], False, 3.5),
     ]
-    assert reasons(quarantine) == {5: "unrated", 6: "wrong_type", 7: "empty_content"}
+    assert reasons(quarantine) == {5: "unrated", 6: "wrong_type", 7: "empty_content", 8: "unrated"}
     c = manifest.counts
-    assert (c.read, c.kept) == (7, 4) and c.read == c.kept + sum(c.dropped.values())
-    assert c.dropped == {"unrated": 1, "wrong_type": 1, "empty_content": 1}
+    assert (c.read, c.kept) == (8, 4) and c.read == c.kept + sum(c.dropped.values())
+    assert c.dropped == {"unrated": 2, "wrong_type": 1, "empty_content": 1}
     assert manifest.stats["kind"] == "unpaired" and manifest.stats["labels"] == {"desirable": 2, "undesirable": 2}
     assert {r["source_format"] for r in records} == {"tabular"}
     # without a threshold, or without --unpaired: one line each, nothing written

@@ -41,6 +41,7 @@ WRONG_TYPE = "wrong_type"
 UNSUPPORTED_ROLE = "unsupported_role"
 UNSUPPORTED_CONTENT = "unsupported_content"
 INVALID_LABEL = "invalid_label"  # a preference label that is not one of the format's values
+NON_BINARY_LABEL = "non_binary_label"  # a number other than 0/1 in a feedback label column: a rating (ingest refuses the source)
 UNRATED = "unrated"  # an answer without a score where a score decides (pairing, --score-threshold)
 
 Candidate = dict[str, Any]
@@ -225,7 +226,8 @@ def turns(value: Any, where: str, role: str) -> Messages:
 # variation selectors and skin tones removed. Numbers are labels only in a binary column: on a
 # -1/0/+1 scale 0 is neutral, not "down", and on 1-5 stars 1 is the worst, so reading 0/1 there
 # would mislabel silently. A source whose first rows hold other numbers in its label column is
-# refused (`check_label_column`), and such a number in a later row is invalid_label.
+# refused at once (`check_label_column`), and one whose later rows do is refused when it has been
+# read (`non_binary_label`: its 0s and 1s may already have been read as labels; nothing is written).
 DESIRABLE_LABELS = frozenset({"true", "t", "yes", "y", "1", "up", "thumbs_up", "thumbsup", "👍", "positive", "pos",
                               "good", "like", "liked", "desirable", "accept", "accepted"})
 UNDESIRABLE_LABELS = frozenset({"false", "f", "no", "n", "0", "down", "thumbs_down", "thumbsdown", "👎", "negative",
@@ -265,7 +267,7 @@ def parse_label(value: Any, where: str) -> bool:
         raise FormatError(WRONG_TYPE, f"'{where}' must be a label (a boolean, 1/0 or a word), got {type(value).__name__}")
     binary = _number_label(value)
     if binary is False:
-        raise FormatError(INVALID_LABEL, f"'{where}' is {_shown(value)}: a number other than 0/1 is a rating, not a "
+        raise FormatError(NON_BINARY_LABEL, f"'{where}' is {_shown(value)}: a number other than 0/1 is a rating, not a "
                           f"binary label; {SCORE_FIX}")
     if binary:
         return float(value) == 1

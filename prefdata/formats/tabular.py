@@ -18,6 +18,7 @@ no system message. Never auto-detected: which column is the prompt is the user's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prefdata.formats.base import (
@@ -42,14 +43,18 @@ MAPPABLE_FIELDS = ("system", *PAIR_FIELDS, *UNPAIRED_FIELDS[1:])
 
 
 def _score(value: Any, where: str) -> float | None:
+    """A score cell as a number, or None where it is missing: empty, or NaN (how pandas writes a
+    missing value; a threshold would read it as "below") or another non-finite number."""
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    try:
-        return float(text(value, where))
-    except ValueError:
-        raise FormatError(WRONG_TYPE, f"'{where}' must be a number, got {value!r}") from None
+        score = float(value)
+    else:
+        try:
+            score = float(text(value, where))
+        except ValueError:
+            raise FormatError(WRONG_TYPE, f"'{where}' must be a number, got {value!r}") from None
+    return score if math.isfinite(score) else None
 
 
 class TabularFormat(Format):
@@ -119,6 +124,7 @@ class TabularFormat(Format):
     def _scored_label(self, value: Any, where: str) -> bool:
         score = _score(value, where)
         if score is None:
-            raise FormatError(UNRATED, f"'{where}' is empty: --score-threshold cannot label an unrated completion")
+            raise FormatError(UNRATED, f"'{where}' is empty or not a finite number: --score-threshold cannot label an "
+                                      "unrated completion")
         assert self.options.score_threshold is not None  # ingest refuses a rated source without one
         return score >= self.options.score_threshold
