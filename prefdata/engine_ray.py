@@ -122,6 +122,10 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
     used and kept; one opened here is closed after the stage (and a local cluster started for it
     stopped)."""
     if ray.is_initialized():
+        held = ray.get_runtime_context().gcs_address
+        if address and address != "auto" and address.removeprefix("ray://") != held:
+            raise UserError(f"--ray-address {address}: this process is already connected to the Ray cluster at {held}; "
+                            "pass that address, or leave --ray-address out")
         yield RayEngine(in_flight)
         return
     # RAY_ADDRESS is where ray.init goes without an address: a dead one would hang as long.

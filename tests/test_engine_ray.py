@@ -183,9 +183,14 @@ def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(clust
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_unreachable_address_and_missing_ray_are_one_line(tmp_path, monkeypatch):
+def test_unreachable_address_and_missing_ray_are_one_line(cluster, tmp_path, monkeypatch):
     config = IngestConfig(inputs=[str(dirty_jsonl(tmp_path / "d.jsonl", 5))], out=str(tmp_path / "out"),
                           execution={"engine": "ray", "ray_address": "127.0.0.1:9"})
+    # This process holds the test cluster's connection: another address is refused, not ignored.
+    with pytest.raises(UserError, match=r"^--ray-address 127.0.0.1:9: this process is already connected to the Ray cluster"):
+        ingest(config)
+    # A process without a connection probes the address before ray.init would retry it for minutes.
+    monkeypatch.setattr(engine_ray.ray, "is_initialized", lambda: False)
     with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) 127.0.0.1:9: no Ray cluster answers there") as exc:
         ingest(config)
     assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
