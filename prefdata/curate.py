@@ -78,7 +78,7 @@ from schemas.errors import UserError
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
-from schemas.records import PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
+from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
 from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, SystemTurn
 
 # train/eval.parquet are records plus the prompt cluster they were split by; a later curate run
@@ -170,7 +170,7 @@ def _output_schema(dest: int, scored: bool, kind: str) -> pa.Schema:
 
 def _answers(columns: list[str]) -> tuple[str, ...]:
     """The answer columns of a record table: a pair's two, or an unpaired record's completion."""
-    return ("completion",) if "completion" in columns else ("chosen", "rejected")
+    return ANSWERS[record_kind(columns)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _record_files(paths: list[str]) -> tuple[list[Path], str]:
             if not path.is_file():
                 raise UserError(f"{path} missing; re-run prefdata {manifest.stage} for {directory}")
             schema = pq.read_schema(path)
-            kind = record_kind(schema)
+            kind = record_kind(schema.names)
             if not all(field in schema for field in record_schema(kind)):
                 raise UserError(f"{path}: not a prefdata record set (columns {schema.names}); re-run prefdata {manifest.stage}")
             kinds.setdefault(kind, path)
@@ -739,7 +739,7 @@ def _annotate(table: pa.Table, rows: np.ndarray, decisions: _Decisions) -> pa.Ta
     # Kept and capped rows carry the cluster found now; rows dropped before clustering keep their input's.
     cluster = pc.if_else(pa.array(cluster_of >= 0), pc.take(decisions.cluster_names, pa.array(np.maximum(cluster_of, 0))),
                          table.column("prompt_cluster").cast(pa.string()))
-    kind = record_kind(table.schema)
+    kind = record_kind(table.column_names)
     columns = {name: table.column(name) for name in CURATED_SCHEMAS[kind].names}
     columns["prompt_cluster"] = cluster
     columns["drop_reason"] = pc.take(pa.array(DROP_REASONS), pa.array(reason, mask=reason < 0))

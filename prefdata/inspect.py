@@ -130,7 +130,7 @@ def inspect_dir(directory: str | Path, sample: int = 0, seed: int = 0) -> dict[s
     per_file = {f.name: _schema_and_rows(f, manifest.stage) for f in files}
     schema = next(iter(per_file.values()))[0] if per_file else pa.schema([])
     names = parts(schema, is_shard)
-    kind = (shard_kind(schema) if is_shard else record_kind(schema)) if per_file else None
+    kind = (shard_kind(schema) if is_shard else record_kind(schema.names)) if per_file else None
     report: dict[str, Any] = {
         "directory": str(directory),
         "stage": manifest.stage,

@@ -40,9 +40,9 @@ from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import atomic_dir, sha256_file
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
-from schemas.records import PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
+from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
 from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, Renderer, SystemTurn, make_renderer
-from schemas.shard import SHARD_SCHEMA, UNPAIRED_SHARD_SCHEMA, shard_name
+from schemas.shard import SHARD_SCHEMA, TOKEN_COLUMNS, UNPAIRED_SHARD_SCHEMA, shard_name
 
 TOO_LONG = "too_long"
 EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
@@ -51,9 +51,8 @@ IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
 # `</think>`): a pair with nothing left to prefer, which curate cannot see in the raw texts.
 IDENTICAL_AFTER_RENDERING = "identical_after_rendering"
 
-# The answer columns of each kind of record; a shard stores each as `<name>_input_ids`.
-ANSWERS = {PAIRED: ("chosen", "rejected"), UNPAIRED: ("completion",)}
-KL_COLUMN = "kl_completion_input_ids"
+# A shard stores each answer column of ANSWERS as `<name>_input_ids`; an unpaired shard also the KL completion.
+KL_COLUMN = TOKEN_COLUMNS[UNPAIRED][2]
 KL_RULE = "nearest_earlier_other_prompt"  # KlCompletions, recorded in the manifest
 # What the workers make: the shard's rows, less an unpaired shard's KL column (it needs other rows).
 ENCODED_SCHEMA = {PAIRED: SHARD_SCHEMA,
@@ -423,7 +422,7 @@ def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]], str
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise UserError(f"{input_dir}: {', '.join(missing)} missing; re-run prefdata {upstream.stage}")
-    kinds = {p.name: record_kind(pq.ParquetFile(p).schema_arrow) for _, p in files}
+    kinds = {p.name: record_kind(pq.ParquetFile(p).schema_arrow.names) for _, p in files}
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
         raise UserError(f"{input_dir}: the record files mix paired and unpaired records ({listing}); re-run prefdata {upstream.stage}")

@@ -176,43 +176,27 @@ RECORD_FILES: dict[str, dict[str, str]] = {
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
 
-# records.parquet, train.parquet, eval.parquet. Column order is the field order above.
-RECORD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", MESSAGES_TYPE),
-        ("chosen", MESSAGES_TYPE),
-        ("rejected", MESSAGES_TYPE),
-        ("source", pa.string()),
-        ("source_format", pa.string()),
-        ("source_row", pa.int64()),
-        ("chosen_score", pa.float64()),
-        ("rejected_score", pa.float64()),
-        ("meta", pa.string()),
-    ]
-)
-
-# records.parquet, train.parquet, eval.parquet of an unpaired record set.
-UNPAIRED_RECORD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", MESSAGES_TYPE),
-        ("completion", MESSAGES_TYPE),
-        ("label", pa.bool_()),
-        ("source", pa.string()),
-        ("source_format", pa.string()),
-        ("source_row", pa.int64()),
-        ("score", pa.float64()),
-        ("meta", pa.string()),
-    ]
-)
-
 PAIRED, UNPAIRED = "paired", "unpaired"
+# Each kind's answer columns: a pair's two, an unpaired record's completion (its label beside it).
+ANSWERS = {PAIRED: ("chosen", "rejected"), UNPAIRED: ("completion",)}
 
 
-def record_kind(schema: pa.Schema) -> str:
-    """`paired` or `unpaired`, from a record file's columns (a curated file has one more)."""
-    return UNPAIRED if "completion" in schema.names else PAIRED
+def _record_columns(middle: list[tuple[str, pa.DataType]], scores: list[str]) -> pa.Schema:
+    """A record file's columns: id, prompt, the kind's own, provenance, its scores, meta."""
+    return pa.schema([("id", pa.string()), ("prompt", MESSAGES_TYPE), *middle, ("source", pa.string()),
+                      ("source_format", pa.string()), ("source_row", pa.int64()),
+                      *((name, pa.float64()) for name in scores), ("meta", pa.string())])
+
+
+# records.parquet, train.parquet, eval.parquet, pairs and unpaired. Column order is the field
+# order of PreferenceRecord / UnpairedRecord above.
+RECORD_SCHEMA = _record_columns([(name, MESSAGES_TYPE) for name in ANSWERS[PAIRED]], ["chosen_score", "rejected_score"])
+UNPAIRED_RECORD_SCHEMA = _record_columns([("completion", MESSAGES_TYPE), ("label", pa.bool_())], ["score"])
+
+
+def record_kind(names: list[str]) -> str:
+    """`paired` or `unpaired`, from a record file's column names (a curated file has more)."""
+    return UNPAIRED if ANSWERS[UNPAIRED][0] in names else PAIRED
 
 
 def record_schema(kind: str) -> pa.Schema:

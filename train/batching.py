@@ -119,7 +119,7 @@ class TokenColumns:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> TokenColumns:
-        kind = UNPAIRED if "completion_input_ids" in table.column_names else PAIRED
+        kind = UNPAIRED if TOKEN_COLUMNS[UNPAIRED][1] in table.column_names else PAIRED
         return cls(*(_ListColumn.from_arrow(table.column(name)) for name in TOKEN_COLUMNS[kind]))
 
     def __len__(self) -> int:

@@ -155,7 +155,6 @@ class MetricsWindow:
         self.sums: dict[str, float] = {}
         self.steps_with: dict[str, int] = {}
         self._this_step: set[str] = set()
-        self.steps = 0
         self.tokens = self.computed = self.padded = 0
         self.start = time.perf_counter()
 
@@ -171,7 +170,6 @@ class MetricsWindow:
             self.padded += batch.padded_tokens
 
     def end_step(self) -> None:
-        self.steps += 1
         for name in self._this_step:
             self.steps_with[name] = self.steps_with.get(name, 0) + 1
         self._this_step.clear()
