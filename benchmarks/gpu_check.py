@@ -12,6 +12,10 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      the step-0 check's float32 tolerance of SDPA's, and the scoring rate of each;
                      then train --packing (FlexAttention forward and backward) in bf16
     iterate eval     the on-policy loop's eval stage (compare_policies: sample, judge, KL) on cuda:0
+    kto              the rows ingested --unpaired, tokenized, scored; train --objective kto on all visible
+                     GPUs in bf16 with the KL completions in their own no-gradient forward (--kl-completions
+                     apart); with ≥ 2 GPUs, FSDP2 KTO on every GPU beside one GPU (the KL estimate's
+                     all-reduce on NCCL, stand-in rows in the last batch)
     multi-GPU        with ≥ 2 GPUs: FSDP2 with --cpu-offload on every GPU; train DDP and FSDP2 in float32 on every GPU beside one GPU on the
                      same global batches (losses equal within float32 reduction order), and
                      precompute-ref on every GPU beside one (the same stored values); with one GPU,
@@ -57,15 +61,16 @@ def _run(name: str, command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: str) -> dict:
+def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: str, start_loss: float = math.log(2)) -> dict:
+    """`start_loss`: the loss at step 1, where the policy is the reference (DPO's log 2; KTO's ½)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
                "-m", "train", "--shards", str(shards), "--model", str(model), "--out", str(out), *TRAIN_ARGS, *extra]
     seconds = _run(name, command)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     stats = json.loads((out / "manifest.json").read_text())["stats"]
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
-    if abs(first - math.log(2)) > 0.05 or not last < first:
-        raise StageFailed(f"{name}: loss {first:.4f} at step 1 (expected log 2 = 0.6931) and {last:.4f} at the end")
+    if abs(first - start_loss) > 0.05 or not last < first:
+        raise StageFailed(f"{name}: loss {first:.4f} at step 1 (expected {start_loss:.4f}) and {last:.4f} at the end")
     timed = [m for m in metrics if m["step"] > 1]
     tokens_per_s = sum(m["tokens"] for m in timed) / sum(m["tokens"] / m["tokens_per_s"] for m in timed)
     return {"stage": name, "seconds": seconds, "tokens_per_s": tokens_per_s, "first_loss": first, "last_loss": last,
@@ -132,25 +137,27 @@ def _torchrun(gpus: int, *module_and_args: str) -> list[str]:
 MULTI_GPU_LOSS_TOLERANCE = 1e-4
 
 
-def _multi_gpu_train(gpus: int, model: Path, shards: Path, work: Path, parallelism: str) -> dict:
+def _multi_gpu_train(gpus: int, model: Path, shards: Path, work: Path, parallelism: str, *extra: str) -> dict:
     """One GPU with N × 2 pairs per micro-batch beside N GPUs with 2 each, two micro-batches per
     step, over a whole epoch (its last batch leaves some GPUs without a pair: the stand-in row on
-    NCCL): the same global batches, so the same losses and gradient norms."""
+    NCCL): the same global batches, so the same losses and gradient norms. `extra`: more train
+    options (KTO's), on both sides."""
     runs = {}
+    label = " ".join([parallelism, *extra[1::2]])  # the option values name the run: "fsdp kto apart"
     for count in (1, gpus):
-        out = work / f"{parallelism}-{count}gpu"
+        out = work / f"{label.replace(' ', '-')}-{count}gpu"
         _run(f"train {parallelism} {count} GPU", _torchrun(count, "train", "--shards", str(shards), "--model", str(model),
                                                            "--out", str(out), "--learning-rate", "1e-5", "--log-every", "1",
                                                            "--epochs", "1", "--dtype", "float32", "--parallelism", parallelism,
                                                            "--gradient-accumulation-steps", "2",
-                                                           "--batch-size", str(2 * gpus // count)))
+                                                           "--batch-size", str(2 * gpus // count), *extra))
         runs[count] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     worst = max(abs(a[key] - b[key]) / (1 if key == "loss" else max(abs(a[key]), 1e-6))
                 for a, b in zip(runs[1], runs[gpus], strict=True) for key in ("loss", "grad_norm"))
     if worst > MULTI_GPU_LOSS_TOLERANCE:
-        raise StageFailed(f"train {parallelism} on {gpus} GPUs: losses or gradient norms differ from one GPU's by up to "
+        raise StageFailed(f"train {label} on {gpus} GPUs: losses or gradient norms differ from one GPU's by up to "
                           f"{worst:.3g}")
-    return {"stage": f"train {parallelism} {gpus} GPUs = 1 GPU (fp32)", "seconds": float("nan"), "tokens_per_s": float("nan"),
+    return {"stage": f"train {label} {gpus} GPUs = 1 GPU (fp32)", "seconds": float("nan"), "tokens_per_s": float("nan"),
             "first_loss": runs[gpus][0]["loss"], "last_loss": runs[gpus][-1]["loss"], "max_diff": worst}
 
 
@@ -179,6 +186,22 @@ def _multi_gpu(gpus: int, model: Path, shards: Path, work: Path) -> list[dict]:
                      "--cpu-offload")
     return [_multi_gpu_train(gpus, model, shards, work, "ddp"), _multi_gpu_train(gpus, model, shards, work, "fsdp"),
             offload, _multi_gpu_precompute(gpus, model, shards, work)]
+
+
+KTO = ("--objective", "kto", "--kl-completions", "apart")
+
+
+def _kto(gpus: int, model: Path, work: Path) -> list[dict]:
+    """KTO on the same rows ingested --unpaired: bf16 on every GPU, and with ≥ 2 GPUs FSDP2 on
+    every GPU beside one GPU (the all-reduced KL estimate and the no-gradient KL forward on NCCL)."""
+    from benchmarks.bench_kto import unpaired_shards
+    from benchmarks.bench_precompute import DUMP
+
+    shards = unpaired_shards(work / "kto", model, 400, 1024, DUMP)
+    rows = [_train("train kto (KL apart)", gpus, model, shards, work / "kto-train", *KTO, start_loss=0.5)]
+    if gpus >= 2:
+        rows.append(_multi_gpu_train(gpus, model, shards, work / "kto", "fsdp", *KTO))
+    return rows
 
 
 def _iterate_eval(policy: Path, baseline: Path, records: Path) -> dict:
@@ -259,6 +282,7 @@ def main() -> None:
             ("train packed (flex)", lambda: _train("train packed (flex)", gpus, model, shards, work / "packed", "--packing")),
             ("iterate eval", lambda: _iterate_eval(work / "ddp" / "final", model, work / "records")),
             ("multi-GPU", lambda: _multi_gpu(gpus, model, shards, work)),
+            ("kto", lambda: _kto(gpus, model, work)),
         ])
     if not args.no_bench:
         bench_rows, bench_failures = run_stages([("bench-quick", lambda: _bench_quick(args.out))])
