@@ -181,9 +181,21 @@ def test_win_rate_counts_ties_as_half_and_leaves_unjudged_pairs_out():
     assert (result["wins"], result["ties"], result["losses"], result["unjudged"], result["prompts"]) == (1, 1, 1, 1, 2)
 
 
-def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(demo):
+def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(demo, monkeypatch):
+    import weakref
+
+    import train.eval as eval_module
     from train.eval import EvalConfig, evaluate_policy
 
+    loaded, alive_at_each_load, load = [], [], eval_module.load_causal_lm
+
+    def load_counting_the_models_alive(*args, **kwargs):
+        alive_at_each_load.append(sum(model() is not None for model in loaded))
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    monkeypatch.setattr(eval_module, "load_causal_lm", load_counting_the_models_alive)
     out, _ = demo
     policy = out / "DPO-beta0.1" / "final"
     result = evaluate_policy(EvalConfig(shards=str(out / "shards"), policy=str(policy), reference=str(out / "reference" / "final"),
@@ -199,6 +211,8 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     assert _scalars(out / "eval-self", "accuracy") == [(0, pytest.approx(result["accuracy"], rel=1e-6))]
     assert win["wins"] + win["ties"] + win["losses"] + win["unjudged"] == 80
     assert result["best_of_n"]["reward"] > result["reference_reward"]
+    # policy, reference, then the baseline beside the reference alone: two models on the device at most
+    assert alive_at_each_load == [0, 1, 1]
 
 
 def test_the_iterated_round_chains_to_the_offline_reference_and_is_judged(demo):

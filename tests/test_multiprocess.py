@@ -96,9 +96,11 @@ def _args(shards: Path, model: Path, out: Path, **options: object) -> list[str]:
     ({"parallelism": "fsdp"}, 3),
     # Two micro-batches per step: the epoch's second step holds its last batch alone (one pair).
     ({"parallelism": "ddp", "lora_r": 4, "learning_rate": 2e-2, "gradient_accumulation_steps": 2}, 2),
+    # FSDP2 reduce-scatters every micro-batch (parallel.gradient_sync): the shards' sums are the step's.
+    ({"parallelism": "fsdp", "gradient_accumulation_steps": 2}, 2),
     # A reward model sharded: its classifier's layers under FSDP2, the same loop and stand-in rows.
     ({"parallelism": "fsdp", "objective": "reward"}, 3),
-], ids=["ddp", "fsdp", "lora-accumulated", "reward-fsdp"])
+], ids=["ddp", "fsdp", "lora-accumulated", "fsdp-accumulated", "reward-fsdp"])
 def test_train_on_three_processes_equals_one_process_on_the_same_global_batches(uneven, tiny_model_dir, tmp_path,
                                                                                  options, steps):
     """Global batches of 6 pairs: 6, 6 and 1. One process takes all 6; three take 2 each, and in
@@ -230,3 +232,36 @@ def test_a_cuda_run_binds_its_gpu_and_uses_gloo_beside_nccl(monkeypatch):
     assert Dist.start("cuda", timedelta(minutes=1)).device == torch.device("cuda", 0) == calls["set_device"]
     assert served_devices(calls["backend"]) == {"cpu", "cuda"}  # the CPU metric totals cross through gloo
     assert backend_for(torch.device("cpu")) == "gloo" and served_devices("nccl") == {"cuda"}
+
+
+def _accumulate_one_micro_batch(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from train import parallel
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        with parallel.gradient_sync(model, enabled=False):  # a micro-batch before the step's last
+            model(torch.ones(2, 8)).sum().backward()
+        grads = [None if p.grad is None else list(p.grad.to_local().shape) for p in model.parameters()]
+        shards = [list(p.to_local().shape) for p in model.parameters()]
+        Path(out_dir, f"{rank}.json").write_text(json.dumps({"grads": grads, "shards": shards}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_keeps_only_its_shard_of_the_gradients_between_accumulated_micro_batches(tmp_path):
+    """FSDP2's sync switched off would hold every gradient whole on every process until the step
+    (the whole model's fp32 gradients per GPU); reduce-scattered each micro-batch, each process
+    holds its shard's only, as after any step."""
+    torch.multiprocessing.spawn(_accumulate_one_micro_batch, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert result["grads"] == result["shards"]

@@ -4,6 +4,7 @@ bf16 is slow on most CPUs. Under `torchrun`, each rank takes the GPU of its LOCA
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -35,14 +36,28 @@ def select_device(name: str) -> torch.device:
     raise UserError(f"--device {name}: expected auto, cuda, mps or cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA GPU with bf16 in hardware (Ampere on). torch's own check says yes by default where
+    bf16 is only emulated (V100, T4), which is slower than float32 there."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def select_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` → bfloat16 on a CUDA GPU that supports it, float32 otherwise; or the named dtype."""
+    """`auto` → bfloat16 on a CUDA GPU that has it in hardware, float32 otherwise; or the named dtype."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
         raise UserError(f"--dtype {name}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def empty_device_cache(device: torch.device) -> None:
+    """Free what was just dropped and hand its memory back to the GPU (torch's allocator keeps it
+    cached), so the next model's load can use it. A model held in a reference cycle is freed only
+    by the collector, hence the collect first."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

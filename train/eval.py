@@ -42,7 +42,7 @@ from schemas.render import (
 )
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
-from train.device import select_device, select_dtype
+from train.device import empty_device_cache, select_device, select_dtype
 from train.distributed import Dist
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
@@ -358,6 +358,9 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
                    "reference": sample_shared(reference, prompts, config, tokenizer, stop_ids, dist)}
         result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens, dist)
         if config.baseline:
+            # Two float32 models on the device at most (and a --reward-model judge): a third (7B: 84 GB) would not fit an 80 GB GPU.
+            del policy
+            empty_device_cache(device)
             baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, torch.float32, device)
             check_tokenizer(model_dir(config.baseline), config.baseline, manifest.tokenizer)
             samples["baseline"] = sample_shared(baseline.eval(), prompts, config, tokenizer, stop_ids, dist)

@@ -32,6 +32,7 @@ from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
 from train.data import SplitData, open_shards, shards_kind
+from train.device import native_bf16
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
@@ -69,7 +70,7 @@ class TrainingDiverged(UserError):
 
 def _compute_dtype(device: torch.device, dtype_name: str) -> torch.dtype:
     """bf16 compute over float32 master weights when asked, or on a GPU that has it (`auto`)."""
-    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and native_bf16(device))
     return torch.bfloat16 if use_bf16 else torch.float32
 
 
@@ -387,6 +388,9 @@ def _save_final(config: TrainConfig, scorer: Any, peft_model: Any, model: Any, t
 # The run
 
 
+LOAD_TIMEOUT = timedelta(hours=2)  # rank 0 reading a large model for FSDP, the others waiting
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
     dist = Dist.start(config.device, timedelta(minutes=30))
@@ -442,6 +446,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scorer: Any = RewardScorer(model) if config.objective == "reward" else SequenceScorer(model)
     if config.compile:
         scorer.compile()  # in place: the module stays a SequenceScorer, which sequence_logps and DDP expect
+    if config.parallelism == "fsdp":
+        # Rank 0 reads the whole model alone; the others would wait for it in wrap's first NCCL
+        # collective, under the group's 30 minutes (a 70B model from a network disk can take
+        # longer). A barrier on gloo with its own timeout holds them until rank 0 is there.
+        dist.barrier(timeout=LOAD_TIMEOUT)
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
     if needs_stored_ref and resume_from is None and same_weights(manifest.reference, policy_fingerprint):
         check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from train.device import native_bf16
 from train.distributed import Dist
 
 STATE_FILE = "trainer_state.pt"
@@ -52,7 +53,7 @@ def mixed_precision(device: torch.device, dtype_name: str) -> Any:
     None (plain fp32) elsewhere."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and dtype_name in ("auto", "bfloat16")
+    bf16 = (dtype_name == "bfloat16" and device.type == "cuda") or (dtype_name == "auto" and native_bf16(device))
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
 
 
@@ -148,13 +149,11 @@ def reshard(scorer: torch.nn.Module) -> None:
 
 @contextmanager
 def gradient_sync(scorer: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
-    micro-batch of an accumulated step."""
-    if is_sharded(scorer):
-        scorer.set_requires_gradient_sync(enabled)
-        yield
-        scorer.set_requires_gradient_sync(True)
-    elif isinstance(scorer, torch.nn.parallel.DistributedDataParallel) and not enabled:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step. FSDP
+    reduce-scatters every micro-batch: with the sync off, FSDP2 keeps each gradient whole (fp32)
+    on every process until the step, the whole model's gradients where its point is 1/W of them;
+    reduced each time, the shards' gradients add up to the same sum."""
+    if isinstance(scorer, torch.nn.parallel.DistributedDataParallel) and not enabled:
         with scorer.no_sync():
             yield
     else:
