@@ -1,8 +1,10 @@
 # One venv per checkout; every target that runs code depends on it.
 PYTHON      ?= python3
 VENV        ?= .venv
-# The CPU wheel that lies on this kind of machine. GPU users: make TORCH_SPEC="torch" (or a CUDA index).
+# The CPU wheel that lies on this kind of machine. GPU users: the same spec from PyPI is its CUDA
+# build on Linux; another CUDA: make test TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 STAMP       := $(VENV)/.installed
@@ -11,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test lint demo train iterate bench bench-quick gpu-check clean
+.PHONY: venv test lint demo train iterate bench bench-quick gpu-check gpu-check-rehearsal clean
 
 venv: $(STAMP)
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, on its own: otherwise a dependency's unpinned "torch" pulls a CUDA build.
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,bench,lora,lint,ray]"
 	touch $(STAMP)
 
@@ -62,6 +64,10 @@ bench-quick: $(STAMP)
 # and the bench-quick table on the GPU (benchmarks/results/bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# The same stages on this CPU (2 gloo processes, a small model, a few steps): the script checked before GPU time is spent.
+gpu-check-rehearsal: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --rehearse
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,11 @@ local Ray instance for the run, so its figures include Ray's start-up (a few sec
 the tasks' scheduling and the object store's copies; on a cluster the start-up is paid once by
 `ray start`. After the runs the two engines' outputs are compared byte for byte (a bench of a
 wrong output is no bench). docs/cluster.md projects N nodes from these figures.
+
+Per run: wall seconds; CPU seconds of the whole process tree and of the driver (the `prefdata`
+process alone: what stays on one process however many nodes run the tasks, the projection's S);
+peak memory as the RSS sum over the tree and as the PSS sum (a shared page counted once: the RSS
+sum counts Ray's object store once per worker that maps it).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def _same_outputs(stage: str, outs: dict[str, Path]) -> None:
 
 
 def run(rows: int, work: Path, repeats: int) -> dict[str, dict]:
-    """{stage: {engine: {seconds, rows_per_s, peak_rss_mib, cpu_seconds}}}, medians over `repeats`."""
+    """{stage: {engine: {seconds, rows_per_s, peak_rss_mib, peak_pss_mib, cpu_seconds, driver_cpu_seconds}}},
+    medians over `repeats`."""
     work.mkdir(parents=True, exist_ok=True)
     raw, records = work / "hh.jsonl", work / "records"
     bench_ingest.write_rows(raw, rows)
@@ -49,10 +55,10 @@ def run(rows: int, work: Path, repeats: int) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for stage, source in (("ingest", raw), ("curate", records)):
         outs = {engine: work / f"{stage}-{engine}" for engine in ENGINES}
-        runs: dict[str, list[tuple[float, int, float]]] = {engine: [] for engine in ENGINES}
+        runs: dict[str, list[bench_ingest.Measured]] = {engine: [] for engine in ENGINES}
         for _ in range(repeats):
             for engine in ENGINES:
-                runs[engine].append(bench_ingest.run_measured(_command(stage, source, outs[engine], engine)))
+                runs[engine].append(bench_ingest.run_measured(_command(stage, source, outs[engine], engine), pss=True))
         _same_outputs(stage, outs)
         results[stage] = {engine: _figures(rows, runs[engine]) for engine in ENGINES}
         for out in outs.values():
@@ -60,9 +66,11 @@ def run(rows: int, work: Path, repeats: int) -> dict[str, dict]:
     return results
 
 
-def _figures(rows: int, runs: list[tuple[float, int, float]]) -> dict[str, float]:
-    seconds, peak, cpu = (sorted(values)[len(values) // 2] for values in zip(*runs))
-    return {"seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mib": peak / 2**20, "cpu_seconds": cpu}
+def _figures(rows: int, runs: list[bench_ingest.Measured]) -> dict[str, float]:
+    median = bench_ingest.Measured(*(sorted(values)[len(values) // 2] for values in zip(*runs)))
+    return {"seconds": median.seconds, "rows_per_s": rows / median.seconds, "peak_rss_mib": median.peak_rss / 2**20,
+            "peak_pss_mib": median.peak_pss / 2**20, "cpu_seconds": median.cpu_seconds,
+            "driver_cpu_seconds": median.driver_cpu_seconds}
 
 
 def rows(results: dict[str, dict], row) -> list[dict]:
@@ -72,8 +80,10 @@ def rows(results: dict[str, dict], row) -> list[dict]:
         ray, local = engines["ray"], engines["local"]
         out += [row(f"{stage} [--engine ray, this machine]", "rows/s", ray["rows_per_s"], local["rows_per_s"], "--engine local",
                     "the engine's overhead"),
-                row(f"{stage} [--engine ray, this machine]", "peak RSS MiB", ray["peak_rss_mib"], local["peak_rss_mib"],
-                    "--engine local", "—", False)]
+                row(f"{stage} [--engine ray, this machine]", "peak memory MiB (PSS summed over the process tree)",
+                    ray["peak_pss_mib"], local["peak_pss_mib"], "--engine local", "—", False),
+                row(f"{stage} [--engine ray, this machine]", "CPU seconds of the driver process alone (S)",
+                    ray["driver_cpu_seconds"], local["driver_cpu_seconds"], "--engine local", "—", False)]
     return out
 
 
@@ -91,7 +101,9 @@ def main() -> None:
     for stage, engines in results.items():
         local, ray = engines["local"], engines["ray"]
         print(f"{stage}, {rows_n:,} rows: local {local['seconds']:.1f} s ({local['rows_per_s']:,.0f}/s), "
-              f"ray {ray['seconds']:.1f} s ({ray['rows_per_s']:,.0f}/s): ray/local time {ray['seconds'] / local['seconds']:.2f}x")
+              f"ray {ray['seconds']:.1f} s ({ray['rows_per_s']:,.0f}/s): ray/local time {ray['seconds'] / local['seconds']:.2f}x; "
+              f"driver CPU s local {local['driver_cpu_seconds']:.1f} / ray {ray['driver_cpu_seconds']:.1f}; peak PSS MiB "
+              f"local {local['peak_pss_mib']:,.0f} / ray {ray['peak_pss_mib']:,.0f}")
 
 
 if __name__ == "__main__":

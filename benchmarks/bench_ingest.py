@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 WORDS = """the a of to and in is it you that for on with as are be this was have not can what how
 why when would could please explain tell me about write story code python garden river
@@ -100,30 +101,43 @@ def commands(raw: Path, out: Path, cache: Path, processes: int) -> dict[str, lis
     }
 
 
-def run_measured(command: list[str]) -> tuple[float, int, float]:
-    """Run `command`; return (wall seconds, peak RSS summed over its process tree, CPU seconds of
-    the tree). Sampled every 0.1 s with psutil: the worker processes are grandchildren
-    (forkserver), which getrusage(RUSAGE_CHILDREN) does not see."""
+class Measured(NamedTuple):
+    seconds: float  # wall
+    peak_rss: int  # bytes, summed over the process tree at the sample with the most
+    cpu_seconds: float  # user + system of every process of the tree
+    driver_cpu_seconds: float  # of the command's own process alone
+    peak_pss: int | None  # bytes, with pss=True: shared pages divided among the processes that map them
+
+
+def run_measured(command: list[str], pss: bool = False) -> Measured:
+    """Run `command` and sample its process tree every 0.1 s with psutil (the worker processes are
+    grandchildren, under a forkserver or Ray, which getrusage(RUSAGE_CHILDREN) does not see). The
+    RSS sum counts a shared page once per process that maps it, which overstates a tree that
+    shares much (Ray's object store is mapped by every worker); `pss` also sums the proportional
+    set size, which counts it once in all (reading it walks each process's page tables, so it is
+    sampled every second, not every 0.1 s)."""
     import psutil
 
     start = time.perf_counter()
     proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, cpu = 0, {}
+    peak, peak_pss, cpu, samples = 0, 0, {}, 0
     while proc.poll() is None:
-        rss = 0
+        rss = proportional = 0
+        with_pss = pss and samples % 10 == 0
         for p in [proc, *proc.children(recursive=True)]:
             try:
                 with p.oneshot():
                     rss += p.memory_info().rss
+                    proportional += p.memory_full_info().pss if with_pss else 0
                     times = p.cpu_times()
                     cpu[p.pid] = times.user + times.system
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        peak = max(peak, rss)
+        peak, peak_pss, samples = max(peak, rss), max(peak_pss, proportional), samples + 1
         time.sleep(0.1)
     if proc.returncode:
         sys.exit(f"{' '.join(command[:4])} failed:\n{proc.stderr.read()}")
-    return time.perf_counter() - start, peak, sum(cpu.values())
+    return Measured(time.perf_counter() - start, peak, sum(cpu.values()), cpu.get(proc.pid, 0.0), peak_pss if pss else None)
 
 
 def compare(raw: Path, work: Path, processes: int, repeats: int) -> list[dict]:
@@ -134,7 +148,7 @@ def compare(raw: Path, work: Path, processes: int, repeats: int) -> list[dict]:
         for side, command in commands(raw, work / "out", work / "hf-cache", processes).items():
             (work / "hf-cache").mkdir(exist_ok=True)
             load = os.getloadavg()[0]
-            seconds, peak, cpu = run_measured(command)
+            seconds, peak, cpu, _, _ = run_measured(command)
             shutil.rmtree(work / "hf-cache")  # the peer's Arrow copies: ~2× the input per run
             runs.append({"side": side, "repeat": repeat, "processes": processes, "seconds": seconds,
                          "rows_per_s": rows / seconds, "peak_rss_mib": peak / 2**20, "cpu_s": cpu,

@@ -26,6 +26,14 @@ Each training run must start at loss log 2 (within bf16 rounding) and end lower.
 fails is a row with its error and the check goes on (the first GPU time is scarce: one broken
 stage must not cost the others' figures); the command then exits 1. Results: gpu-check.md and
 gpu-check.json in --out (benchmarks/results/).
+
+`--rehearse` (`make gpu-check-rehearsal`) runs the same stages on this CPU before any GPU time is
+spent: two processes on gloo stand in for two GPUs, the bench's ~4M-parameter model for the 100M
+one, a few steps on fewer rows, float32 (what `--dtype auto` picks on a CPU). It checks the
+script itself (every command's options, every stage's figures and checks) and the multi-process
+paths gloo shares with NCCL; what only CUDA has (bf16 autocast on the GPU, FlexAttention, NCCL,
+device memory) it cannot, and the FlexAttention variant is a row saying so. Results:
+gpu-check-rehearsal.md / .json.
 """
 
 from __future__ import annotations
@@ -38,15 +46,41 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STEPS = 30
-TRAIN_ARGS = ["--batch-size", "8", "--learning-rate", "1e-5", "--beta", "0.1", "--log-every", "1", "--max-steps", str(STEPS)]
-MODEL = dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560)
+TRAIN_ARGS = ["--batch-size", "8", "--beta", "0.1", "--log-every", "1"]
+
+
+@dataclass(frozen=True)
+class Rig:
+    """Where the stages run and at what size: every visible GPU, or (--rehearse) two CPU processes
+    on gloo with the bench's small model (`model` None), fewer rows and steps."""
+
+    device: str
+    processes: int
+    rows: int
+    max_length: int
+    steps: int
+    learning_rate: float  # full fine-tuning; LoRA's adapters take 10 times it
+    model: dict[str, int] | None
+    description: str
+    report: str  # the results' file stem
+
+
+def cuda_rig(gpus: int, name: str) -> Rig:
+    return Rig("cuda", gpus, rows=400, max_length=1024, steps=30, learning_rate=1e-5,
+               model=dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12, intermediate_size=2560),
+               description=f"{gpus} × {name}, Llama ~100M from a config, 30 steps", report="gpu-check")
+
+
+# 5e-3: a few steps of a small model must show the loss fall (the CPU tests' rate), where 1e-5 barely moves it.
+REHEARSAL = Rig("cpu", 2, rows=64, max_length=512, steps=4, learning_rate=5e-3, model=None, report="gpu-check-rehearsal",
+                description="rehearsal on the CPU: 2 processes on gloo, the bench's ~4M-parameter Llama, 4 steps, float32")
 
 
 class StageFailed(Exception):
@@ -61,14 +95,14 @@ def _run(name: str, command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _train(name: str, gpus: int, model: Path, shards: Path, out: Path, *extra: str, start_loss: float = math.log(2)) -> dict:
+def _train(name: str, rig: Rig, model: Path, shards: Path, out: Path, *extra: str, start_loss: float = math.log(2)) -> dict:
     """`start_loss`: the loss at step 1, where the policy is the reference (DPO's log 2; KTO's ½)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               "-m", "train", "--shards", str(shards), "--model", str(model), "--out", str(out), *TRAIN_ARGS, *extra]
-    seconds = _run(name, command)
+    seconds = _run(name, _torchrun(rig.processes, "train", "--shards", str(shards), "--model", str(model), "--out", str(out),
+                                   *TRAIN_ARGS, "--learning-rate", str(rig.learning_rate), "--max-steps", str(rig.steps), *extra))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     stats = json.loads((out / "manifest.json").read_text())["stats"]
-    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
+    later = metrics[1:][-5:]  # up to the last five steps after the first
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in later) / len(later)
     if abs(first - start_loss) > 0.05 or not last < first:
         raise StageFailed(f"{name}: loss {first:.4f} at step 1 (expected {start_loss:.4f}) and {last:.4f} at the end")
     timed = [m for m in metrics if m["step"] > 1]
@@ -91,13 +125,17 @@ ATTENTION_VARIANTS = (  # precompute-ref, float32: the default layout's kernel b
 )
 
 
-def _packing(model: Path, shards: Path, work: Path) -> list[dict]:
+def _packing(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
     """float32 precompute-ref of the same shards prefix-shared with SDPA's dense mask (the default),
     shared with FlexAttention, and packed (FlexAttention): equal within the float32 tolerance of
     the trainer's step-0 check, and how fast each scores (whether FlexAttention should become the default on CUDA for
-    unpacked rows too is decided by these rates)."""
-    results, values = [], {}
+    unpacked rows too is decided by these rates). On a CPU, FlexAttention is refused (CUDA only) and
+    --packing takes the dense block mask: the explicit FlexAttention variant is a skipped row."""
+    results, values, skipped = [], {}, []
     for name, extra in ATTENTION_VARIANTS:
+        if rig.device != "cuda" and "flex_attention" in extra:
+            skipped.append({"stage": name, "skipped": "FlexAttention runs on CUDA only"})
+            continue
         copy = work / name.replace(" ", "-")
         shutil.copytree(shards, copy)
         seconds = _run(name, [sys.executable, "-m", "prefdata", "precompute-ref", str(copy), "--model", str(model),
@@ -117,7 +155,7 @@ def _packing(model: Path, shards: Path, work: Path) -> list[dict]:
         if not all(np.allclose(other[column], baseline[column], atol=atol, rtol=rtol) for column in baseline):
             raise StageFailed(f"{result['stage']}: reference log-probs differ from SDPA's by up to "
                               f"{result['max_abs_diff_vs_sdpa']:.3g} (tolerance {atol} + {rtol} × |value|)")
-    return results
+    return results + skipped
 
 
 def _precompute(model: Path, shards: Path) -> dict:
@@ -137,12 +175,12 @@ def _torchrun(gpus: int, *module_and_args: str) -> list[str]:
 MULTI_GPU_LOSS_TOLERANCE = 1e-4
 
 
-def _multi_gpu_train(gpus: int, model: Path, shards: Path, work: Path, parallelism: str, *extra: str) -> dict:
+def _multi_gpu_train(rig: Rig, model: Path, shards: Path, work: Path, parallelism: str, *extra: str) -> dict:
     """One GPU with N × 2 pairs per micro-batch beside N GPUs with 2 each, two micro-batches per
     step, over a whole epoch (its last batch leaves some GPUs without a pair: the stand-in row on
     NCCL): the same global batches, so the same losses and gradient norms. `extra`: more train
     options (KTO's), on both sides."""
-    runs = {}
+    runs, gpus = {}, rig.processes
     label = " ".join([parallelism, *extra[1::2]])  # the option values name the run: "fsdp kto apart"
     for count in (1, gpus):
         out = work / f"{label.replace(' ', '-')}-{count}gpu"
@@ -161,9 +199,9 @@ def _multi_gpu_train(gpus: int, model: Path, shards: Path, work: Path, paralleli
             "first_loss": runs[gpus][0]["loss"], "last_loss": runs[gpus][-1]["loss"], "max_diff": worst}
 
 
-def _multi_gpu_precompute(gpus: int, model: Path, shards: Path, work: Path) -> dict:
+def _multi_gpu_precompute(rig: Rig, model: Path, shards: Path, work: Path) -> dict:
     """precompute-ref on every GPU (each its share of the shards) stores one GPU's values."""
-    values = {}
+    values, gpus = {}, rig.processes
     for count in (1, gpus):
         copy = work / f"precompute-{count}gpu"
         shutil.copytree(shards, copy)
@@ -177,35 +215,35 @@ def _multi_gpu_precompute(gpus: int, model: Path, shards: Path, work: Path) -> d
             "max_abs_diff": worst}
 
 
-def _multi_gpu(gpus: int, model: Path, shards: Path, work: Path) -> list[dict]:
-    if gpus < 2:
-        return [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": f"needs 2 GPUs; {gpus} visible"}]
+def _multi_gpu(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
+    if rig.processes < 2:
+        return [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": f"needs 2 GPUs; {rig.processes} visible"}]
     # --cpu-offload on several GPUs: the non-loading ranks' buffers must reach the GPU before rank 0's
-    # broadcast (parallel.shard), a path one GPU or the CPU never takes.
-    offload = _train("train fsdp cpu-offload", gpus, model, shards, work / "fsdp-offload", "--parallelism", "fsdp",
-                     "--cpu-offload")
-    return [_multi_gpu_train(gpus, model, shards, work, "ddp"), _multi_gpu_train(gpus, model, shards, work, "fsdp"),
-            offload, _multi_gpu_precompute(gpus, model, shards, work)]
+    # broadcast (parallel.shard), a path one GPU never takes; train refuses it on the CPU (nothing to move).
+    offload = {"stage": "train fsdp cpu-offload", "skipped": "--cpu-offload moves shards off a GPU"} if rig.device != "cuda" \
+        else _train("train fsdp cpu-offload", rig, model, shards, work / "fsdp-offload", "--parallelism", "fsdp", "--cpu-offload")
+    return [_multi_gpu_train(rig, model, shards, work, "ddp"), _multi_gpu_train(rig, model, shards, work, "fsdp"),
+            offload, _multi_gpu_precompute(rig, model, shards, work)]
 
 
 KTO = ("--objective", "kto", "--kl-completions", "apart")
 
 
-def _kto(gpus: int, model: Path, work: Path) -> list[dict]:
+def _kto(rig: Rig, model: Path, work: Path) -> list[dict]:
     """KTO on the same rows ingested --unpaired: bf16 on every GPU, and with ≥ 2 GPUs FSDP2 on
     every GPU beside one GPU (the all-reduced KL estimate and the no-gradient KL forward on NCCL)."""
     from benchmarks.bench_kto import unpaired_shards
     from benchmarks.bench_precompute import DUMP
 
-    shards = unpaired_shards(work / "kto", model, 400, 1024, DUMP)
-    rows = [_train("train kto (KL apart)", gpus, model, shards, work / "kto-train", *KTO, start_loss=0.5)]
-    if gpus >= 2:
-        rows.append(_multi_gpu_train(gpus, model, shards, work / "kto", "fsdp", *KTO))
+    shards = unpaired_shards(work / "kto", model, rig.rows, rig.max_length, DUMP)
+    rows = [_train("train kto (KL apart)", rig, model, shards, work / "kto-train", *KTO, start_loss=0.5)]
+    if rig.processes >= 2:
+        rows.append(_multi_gpu_train(rig, model, shards, work / "kto", "fsdp", *KTO))
     return rows
 
 
-def _iterate_eval(policy: Path, baseline: Path, records: Path) -> dict:
-    """iterate's eval stage on cuda:0: both models sample, the demo's lexicon judge scores, KL."""
+def _iterate_eval(rig: Rig, policy: Path, baseline: Path, records: Path) -> dict:
+    """iterate's eval stage on the first device: both models sample, the demo's lexicon judge scores, KL."""
     import pyarrow.parquet as pq
 
     from train.eval import compare_policies
@@ -213,11 +251,12 @@ def _iterate_eval(policy: Path, baseline: Path, records: Path) -> dict:
 
     prompts = pq.read_table(records / "records.parquet", columns=["prompt"]).column("prompt").to_pylist()[:16]
     start = time.perf_counter()
-    result = compare_policies(str(policy), str(baseline), prompts, JudgeOptions(reward="demo.data:lexicon_reward", device="cuda"),
-                              n=2, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=0, device="cuda", chat_template_kwargs={})
+    result = compare_policies(str(policy), str(baseline), prompts, JudgeOptions(reward="demo.data:lexicon_reward", device=rig.device),
+                              n=2, temperature=1.0, top_p=1.0, max_new_tokens=32, seed=0, device=rig.device,
+                              chat_template_kwargs={})
     if not math.isfinite(result["kl"]):
-        raise StageFailed(f"iterate eval on CUDA: KL is {result['kl']}")
-    return {"stage": "iterate eval (cuda:0)", "seconds": time.perf_counter() - start, "tokens_per_s": float("nan"),
+        raise StageFailed(f"iterate eval on {rig.device}: KL is {result['kl']}")
+    return {"stage": f"iterate eval ({rig.device})", "seconds": time.perf_counter() - start, "tokens_per_s": float("nan"),
             "kl": result["kl"]}
 
 
@@ -242,7 +281,7 @@ def run_stages(stages: list[tuple[str, Callable[[], dict | list[dict]]]]) -> tup
 
 
 def report_lines(results: list[dict], header: str) -> list[str]:
-    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | last-5 loss | peak GPU MiB (rank 0) | compiled graphs |",
+    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | mean loss of the last ≤ 5 later steps | peak GPU MiB (rank 0) | compiled graphs |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r or "skipped" in r:
@@ -254,44 +293,55 @@ def report_lines(results: list[dict], header: str) -> list[str]:
     return lines
 
 
+def check(rig: Rig, work: Path) -> tuple[list[dict], list[str]]:
+    """Every stage on `rig`: (result rows, failures' messages)."""
+    from benchmarks.bench_precompute import prepare
+    from train.tiny import build_model
+
+    small, shards = prepare(work, rows=rig.rows, max_length=rig.max_length)
+    model = build_model(small, work / "model-100m", max_positions=rig.max_length, **rig.model) if rig.model else small
+    return run_stages([
+        ("precompute-ref", lambda: _precompute(model, shards)),
+        ("train ddp", lambda: _train("train ddp", rig, model, shards, work / "ddp")),
+        ("train fsdp", lambda: _train("train fsdp", rig, model, shards, work / "fsdp", "--parallelism", "fsdp")),
+        ("train lora", lambda: _train("train lora", rig, model, shards, work / "lora", "--lora-r", "16",
+                                      "--learning-rate", str(10 * rig.learning_rate))),
+        ("packing", lambda: _packing(rig, model, shards, work)),
+        ("train packed (flex)", lambda: _train("train packed (flex)", rig, model, shards, work / "packed", "--packing")),
+        ("iterate eval", lambda: _iterate_eval(rig, work / "ddp" / "final", model, work / "records")),
+        ("multi-GPU", lambda: _multi_gpu(rig, model, shards, work)),
+        ("kto", lambda: _kto(rig, model, work)),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-bench", action="store_true", help="skip the bench-quick table")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run the stages on this CPU (2 gloo processes, a small model) to check the script before GPU time")
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device visible to torch on this machine; nothing to check (exit 0)")
+    if args.rehearse:
+        rig = REHEARSAL
+    elif torch.cuda.is_available():
+        rig = cuda_rig(torch.cuda.device_count(), torch.cuda.get_device_name(0))
+    else:
+        print("gpu-check: no CUDA device visible to torch on this machine; nothing to check (exit 0; "
+              "--rehearse runs it on the CPU)")
         return
-    from benchmarks.bench_precompute import prepare
-    from train.tiny import build_model
-
-    gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        work = Path(tmp)
-        small, shards = prepare(work, rows=400, max_length=1024)
-        model = build_model(small, work / "model-100m", max_positions=1024, **MODEL)
-        results, failures = run_stages([
-            ("precompute-ref", lambda: _precompute(model, shards)),
-            ("train ddp", lambda: _train("train ddp", gpus, model, shards, work / "ddp")),
-            ("train fsdp", lambda: _train("train fsdp", gpus, model, shards, work / "fsdp", "--parallelism", "fsdp")),
-            ("train lora", lambda: _train("train lora", gpus, model, shards, work / "lora", "--lora-r", "16",
-                                          "--learning-rate", "1e-4")),
-            ("packing", lambda: _packing(model, shards, work)),
-            ("train packed (flex)", lambda: _train("train packed (flex)", gpus, model, shards, work / "packed", "--packing")),
-            ("iterate eval", lambda: _iterate_eval(work / "ddp" / "final", model, work / "records")),
-            ("multi-GPU", lambda: _multi_gpu(gpus, model, shards, work)),
-            ("kto", lambda: _kto(gpus, model, work)),
-        ])
-    if not args.no_bench:
+        results, failures = check(rig, Path(tmp))
+    if not args.no_bench and rig.device == "cuda":  # on a CPU, make bench-quick is that table
         bench_rows, bench_failures = run_stages([("bench-quick", lambda: _bench_quick(args.out))])
         results, failures = results + bench_rows, failures + bench_failures
-    report = {"gpus": gpus, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results,
+    report = {"processes": rig.processes, "device": rig.description, "torch": torch.__version__, "results": results,
               "failures": failures}
-    (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-    lines = report_lines(results, f"{gpus} × {report['device']}, torch {report['torch']}, Llama ~100M from a config, {STEPS} steps")
-    (args.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{rig.report}.json").write_text(json.dumps(report, indent=2))
+    lines = report_lines(results, f"{rig.description}, torch {torch.__version__}")
+    (args.out / f"{rig.report}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if failures:
         sys.exit("gpu-check: " + "\n\ngpu-check: ".join(failures))

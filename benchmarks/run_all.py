@@ -126,9 +126,9 @@ CHILDREN = {"peer_tokenize": peer_tokenize,
 
 def measure(command: list[str]) -> dict:
     """Wall seconds and peak RSS (MiB, whole process tree) of a command; its JSON result if it wrote one."""
-    seconds, peak, _ = bench_ingest.run_measured(command)
+    measured = bench_ingest.run_measured(command)
     result = json.loads(Path(command[-1]).read_text()) if "--result" in command else {}
-    return {"seconds": seconds, "peak_rss_mib": peak / 2**20, **result}
+    return {"seconds": measured.seconds, "peak_rss_mib": measured.peak_rss / 2**20, **result}
 
 
 def child(name: str, results: Path, **kwargs: object) -> list[str]:

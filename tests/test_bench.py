@@ -60,9 +60,9 @@ def test_gpu_check_goes_on_past_a_failed_stage_and_reports_it():
 
 
 def test_gpu_check_on_one_gpu_says_the_multi_gpu_stages_need_two_in_one_row(tmp_path):
-    from benchmarks.gpu_check import _multi_gpu, report_lines
+    from benchmarks.gpu_check import _multi_gpu, cuda_rig, report_lines
 
-    rows = _multi_gpu(1, tmp_path / "model", tmp_path / "shards", tmp_path)
+    rows = _multi_gpu(cuda_rig(1, "one GPU"), tmp_path / "model", tmp_path / "shards", tmp_path)
     assert rows == [{"stage": "multi-GPU (DDP, FSDP2, precompute-ref)", "skipped": "needs 2 GPUs; 1 visible"}]
     assert report_lines(rows, "header")[-1] == "| multi-GPU (DDP, FSDP2, precompute-ref) | needs 2 GPUs; 1 visible | | | | | |"
 
