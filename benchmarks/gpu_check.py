@@ -281,7 +281,8 @@ def run_stages(stages: list[tuple[str, Callable[[], dict | list[dict]]]]) -> tup
 
 
 def report_lines(results: list[dict], header: str) -> list[str]:
-    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | mean loss of the last ≤ 5 later steps | peak GPU MiB (rank 0) | compiled graphs |",
+    lines = [header, "", "| stage | seconds | tokens/s | step-1 loss | mean loss, last ≤ 5 later steps | peak GPU MiB (rank 0) "
+             "| compiled graphs |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r or "skipped" in r:
