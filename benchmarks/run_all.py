@@ -43,9 +43,13 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +71,7 @@ from benchmarks import (  # noqa: E402
     bench_train,
 )
 from schemas.cpus import usable_cpus  # noqa: E402
+from schemas.io import write_text_atomic  # noqa: E402
 
 SIZES = {  # quick: `make bench-quick`, under 5 minutes on 2 busy cores
     "full": dict(ingest_rows=1_000_000, curate_rows=1_000_000, curate_realistic_rows=(1_000_000, 10_000_000),
@@ -178,64 +183,152 @@ def row(stage: str, metric: str, ours: float, peer: float | None, peer_name: str
     return {"stage": stage, "metric": metric, "ours": ours, "peer": peer, "peer_name": peer_name, "ratio": ratio, "target": target}
 
 
-def run(size: str, work: Path) -> dict:
-    sizes = SIZES[size]
-    repeats = sizes["repeats"]
-    rows: list[dict] = []
+@dataclass
+class Bench:
+    """What every section of one run shares: the sizes, a scratch directory, and the things more
+    than one section needs (built once, on first use, so any section can run alone)."""
 
-    cores = usable_cpus()  # ours defaults to one worker per usable CPU: the peers get as many
-    raw = work / "hh.jsonl"
-    bench_ingest.write_rows(raw, sizes["ingest_rows"])
-    (work / "hf-cache").mkdir()
-    ingest = alternate(bench_ingest.commands(raw, work / "ingest", work / "hf-cache", cores), repeats)
-    n, peer = sizes["ingest_rows"], f"datasets json+map(num_proc={cores})"
-    rows += [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], peer, "≥ 1× the peer"),
-             row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], peer,
-                 "< 1 GiB", False)]
+    size: str
+    work: Path
 
-    bench_curate.generate(work / "records", sizes["curate_rows"])
-    curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(work / "records")]}, repeats)["ours"]
+    @property
+    def sizes(self) -> dict:
+        return SIZES[self.size]
+
+    @cached_property
+    def cores(self) -> int:
+        return usable_cpus()  # ours defaults to one worker per usable CPU: the peers get as many
+
+    @cached_property
+    def raw(self) -> Path:
+        raw = self.work / "hh.jsonl"
+        bench_ingest.write_rows(raw, self.sizes["ingest_rows"])
+        (self.work / "hf-cache").mkdir()
+        return raw
+
+    @cached_property
+    def ingested(self) -> Path:
+        """The HH records ingest wrote: the data section's timed runs leave them; alone, one untimed run."""
+        out = self.work / "ingest"
+        if not (out / "records.parquet").exists():
+            subprocess.run(bench_ingest.commands(self.raw, out, self.work / "hf-cache", self.cores)["ours"], check=True)
+        return out
+
+    @cached_property
+    def model(self) -> Path:
+        return bench_precompute.prepare(self.work / "model-work", self.sizes["model_rows"], self.sizes["max_length"])[0]
+
+    @cached_property
+    def flops(self) -> float:
+        return matmul_flops()
+
+
+def data_section(bench: Bench) -> dict:
+    sizes, repeats = bench.sizes, bench.sizes["repeats"]
+    ingest = alternate(bench_ingest.commands(bench.raw, bench.work / "ingest", bench.work / "hf-cache", bench.cores), repeats)
+    n, peer = sizes["ingest_rows"], f"datasets json+map(num_proc={bench.cores})"
+    rows = [row("ingest", "rows/s", n / ingest["ours"]["seconds"], n / ingest["peer"]["seconds"], peer, "≥ 1× the peer"),
+            row("ingest", "peak RSS MiB", ingest["ours"]["peak_rss_mib"], ingest["peer"]["peak_rss_mib"], peer, "< 1 GiB", False)]
+    bench_curate.generate(bench.work / "records", sizes["curate_rows"])
+    curate = alternate({"ours": [sys.executable, bench_curate.__file__, "--child", str(bench.work / "records")]}, repeats)["ours"]
     n = sizes["curate_rows"]
     rows += [row("curate [uniform random prompts]", "records/s", n / curate["seconds"], None, "—", "1M records < 120 s"),
              row("curate [uniform random prompts]", "peak RSS MiB", curate["peak_rss_mib"], None, "—", "< 4 GiB", False)]
-    rows += curate_realistic(work, sizes["curate_realistic_rows"], repeats)
-    # Ten million records run once per engine, as curate_realistic's: each run takes many minutes here.
-    engine_rows = sizes["engine_rows"]
-    rows += bench_engine.rows(bench_engine.run(engine_rows, work / "engine", repeats if engine_rows <= 1_000_000 else 1), row)
-    shutil.rmtree(work / "engine")
+    return {"rows": rows + curate_realistic(bench.work, sizes["curate_realistic_rows"], repeats)}
 
-    model, _ = bench_precompute.prepare(work / "model-work", sizes["model_rows"], sizes["max_length"])
-    tokenize_input = _tokenize_input(work, sizes["tokenize_rows"])
+
+def engine_section(bench: Bench) -> dict:
+    # Ten million records run once per engine, as curate_realistic's: each run takes many minutes here.
+    engine_rows = bench.sizes["engine_rows"]
+    work = bench.work / "engine"
+    rows = bench_engine.rows(bench_engine.run(engine_rows, work, bench.sizes["repeats"] if engine_rows <= 1_000_000 else 1), row)
+    shutil.rmtree(work)
+    return {"rows": rows}
+
+
+def tokenize_section(bench: Bench) -> dict:
+    work, model, cores = bench.work, bench.model, bench.cores
+    tokenize_input = _tokenize_input(bench.ingested, work / "tokenize-input", bench.sizes["tokenize_rows"])
+    records = str(tokenize_input / "records.parquet")
     tokenize = alternate({
         "ours": [sys.executable, "-m", "prefdata", "tokenize", str(tokenize_input), "--tokenizer", str(model),
                  "--out", str(work / "tok-out"), "--max-length", "4096", "--max-prompt-length", "2048"],
-        "peer": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
-                      cache=str(work / "hf-cache")),
+        "peer": child("peer_tokenize", work, records=records, tokenizer=str(model), cache=str(work / "hf-cache")),
         # Ours uses one process per usable CPU by default; the peer given as many.
-        "peer-procs": child("peer_tokenize", work, records=str(tokenize_input / "records.parquet"), tokenizer=str(model),
-                            cache=str(work / "hf-cache"), num_proc=cores),
-    }, repeats)
+        "peer-procs": child("peer_tokenize", work, records=records, tokenizer=str(model), cache=str(work / "hf-cache"),
+                            num_proc=cores),
+    }, bench.sizes["repeats"])
     stats = json.loads((work / "tok-out" / "manifest.json").read_text())["stats"]
     ours_tps = (stats["prompt_tokens"] + stats["completion_tokens"]) / tokenize["ours"]["seconds"]
-    for peer, name in (("peer", "datasets map(batched)"), ("peer-procs", f"datasets map(batched, num_proc={cores})")):
-        rows.append(row("tokenize", "tokens/s", ours_tps, tokenize[peer]["tokens"] / tokenize[peer]["seconds"], name,
-                        "faster than the peer"))
+    return {"rows": [row("tokenize", "tokens/s", ours_tps, tokenize[peer]["tokens"] / tokenize[peer]["seconds"], name,
+                         "faster than the peer")
+                     for peer, name in (("peer", "datasets map(batched)"), ("peer-procs", f"datasets map(batched, num_proc={cores})"))]}
 
-    flops = matmul_flops()
-    params = _parameters(model)
-    train_runs = {}
-    for rows_set in ("uniform", "hh"):
-        set_rows, train_runs[rows_set] = model_stages(work / f"model-{rows_set}", rows_set, sizes, repeats, flops)
-        rows += set_rows
-    generated = bench_generate.run(quick=size == "quick", work=work / "generate")
-    rows += [*(row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated[name]["tokens_per_s"], peer,
-                   "faster than the loop") for name, peer in bench_generate.PEERS.items()),
-             *(row(f"judge ({name})", "responses/s", rate, None, "—", "—")
-               for name, rate in generated["judge_responses_per_s"].items())]
-    neardup = bench_neardup.run(speed_rows=sizes["neardup_speed_rows"])
-    memory = bench_memory.run(quick=size == "quick", procs=2, steps=3, work=work / "memory")
-    return {"size": size, "machine": machine(), "matmul_gflops": flops / 1e9, "model_parameters": params,
-            "sizes": sizes, "rows": rows, "train_runs": train_runs, "neardup": neardup, "memory": memory}
+
+def model_section(rows_set: str) -> Callable[[Bench], dict]:
+    def section(bench: Bench) -> dict:
+        rows, train_runs = model_stages(bench.work / f"model-{rows_set}", rows_set, bench.sizes, bench.sizes["repeats"], bench.flops)
+        return {"rows": rows, "train_runs": train_runs, "matmul_gflops": bench.flops / 1e9,
+                "model_parameters": _parameters(bench.work / f"model-{rows_set}" / "model")}
+    return section
+
+
+def generate_section(bench: Bench) -> dict:
+    generated = bench_generate.run(quick=bench.size == "quick", work=bench.work / "generate")
+    return {"rows": [*(row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated[name]["tokens_per_s"], peer,
+                           "faster than the loop") for name, peer in bench_generate.PEERS.items()),
+                     *(row(f"judge ({name})", "responses/s", rate, None, "—", "—")
+                       for name, rate in generated["judge_responses_per_s"].items())]}
+
+
+def neardup_section(bench: Bench) -> dict:
+    return {"rows": [], "neardup": bench_neardup.run(speed_rows=bench.sizes["neardup_speed_rows"])}
+
+
+def memory_section(bench: Bench) -> dict:
+    return {"rows": [], "memory": bench_memory.run(quick=bench.size == "quick", procs=2, steps=3, work=bench.work / "memory")}
+
+
+# In table order; `--sections` runs some of them, in the order given, into the table already in --out.
+SECTIONS: dict[str, Callable[[Bench], dict]] = {
+    "data": data_section, "engine": engine_section, "tokenize": tokenize_section,
+    "model-uniform": model_section("uniform"), "model-hh": model_section("hh"),
+    "generate": generate_section, "neardup": neardup_section, "memory": memory_section,
+}
+
+
+def run(size: str, work: Path, sections: list[str], report: dict, write: Callable[[dict], None]) -> dict:
+    """Run `sections` into `report`, writing it after each one: a stopped run keeps what it measured."""
+    bench = Bench(size, work)
+    for name in sections:
+        started = time.time()
+        load = os.getloadavg()[0]
+        result = SECTIONS[name](bench)
+        report["sections"][name] = {**result, "started": _iso(started), "seconds": time.time() - started, "load_average_at_start": load}
+        write(report)
+    return report
+
+
+def new_report(size: str) -> dict:
+    return {"size": size, "sizes": SIZES[size], "machine": machine(), "sections": {}}
+
+
+def resumed_report(path: Path, size: str) -> dict:
+    """The table already in --out when it was measured at these sizes on this machine (the sections
+    run now replace theirs); otherwise a new one, so one table is always one machine."""
+    fresh = new_report(size)
+    if not path.exists():
+        return fresh
+    old = json.loads(path.read_text())
+    same = old.get("size") == size and "sections" in old and all(
+        old["machine"].get(key) == fresh["machine"][key] for key in ("cpu", "cores", "device", "torch", "transformers", "trl"))
+    if not same:
+        print(f"{path}: measured at other sizes or on another machine or software; starting a new table", file=sys.stderr)
+    return old if same else fresh
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
 
 
 def curate_realistic(work: Path, sizes: tuple[int, ...], repeats: int) -> list[dict]:
@@ -325,15 +418,14 @@ def mfu_rows(stage: str, params: int, matmul_flops: float, train: dict[str, dict
                 None, "—", "—")]
 
 
-def _tokenize_input(work: Path, rows: int) -> Path:
+def _tokenize_input(ingested: Path, out: Path, rows: int) -> Path:
     """The first `rows` HH records that ingest wrote (a record set tokenize reads)."""
     import pyarrow.parquet as pq
 
     from schemas.manifest import Counts, Manifest
 
-    out = work / "tokenize-input"
     out.mkdir()
-    table = pq.read_table(work / "ingest" / "records.parquet").slice(0, rows)
+    table = pq.read_table(ingested / "records.parquet").slice(0, rows)
     pq.write_table(table, out / "records.parquet")
     Manifest(stage="ingest", package_version="bench", config={}, counts=Counts(read=len(table), kept=len(table))).write(out)
     return out
@@ -354,28 +446,33 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "load_average_at_start": os.getloadavg()[0],
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
-             f"load average {m['load_average_at_start']:.1f} at start; torch {m['torch']}, transformers "
-             f"{m['transformers']}, TRL {m['trl']}; model stages on device: {m['device']}. "
-             f"Dense float32 matmul there: {report['matmul_gflops']:.1f} GFLOP/s. "
-             f"`{report['size']}` sizes: {report['sizes']}; model {report['model_parameters'] / 1e6:.2f}M parameters.", "",
+    m, sections = report["machine"], report["sections"]
+    measured = [f"{name} ({s['started']}, {s['seconds'] / 60:.0f} min, load average {s['load_average_at_start']:.1f} at its start)"
+                for name, s in sections.items()]
+    missing = [name for name in SECTIONS if name not in sections]
+    model = next((s for s in sections.values() if "matmul_gflops" in s), None)
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, transformers "
+             f"{m['transformers']}, TRL {m['trl']}; model stages on device: {m['device']}."
+             + (f" Dense float32 matmul there: {model['matmul_gflops']:.1f} GFLOP/s; model {model['model_parameters'] / 1e6:.2f}M "
+                "parameters." if model else ""),
+             f"`{report['size']}` sizes: {report['sizes']}.", "",
+             f"Sections measured: {'; '.join(measured) or 'none'}." + (f" Not measured: {', '.join(missing)}." if missing else ""), "",
              "| stage | metric | ours | peer | peer value | ours/peer | target |", "|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        peer = "—" if r["peer"] is None else _fmt(r["peer"])
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
-        lines.append(f"| {r['stage']} | {r['metric']} | {_fmt(r['ours'])} | {r['peer_name']} | {peer} | {ratio} | {r['target']} |")
+    for name in SECTIONS:
+        for r in sections.get(name, {}).get("rows", []):
+            peer = "—" if r["peer"] is None else _fmt(r["peer"])
+            ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+            lines.append(f"| {r['stage']} | {r['metric']} | {_fmt(r['ours'])} | {r['peer_name']} | {peer} | {ratio} | {r['target']} |")
     lines += ["", "Ratios are ours ÷ peer for rates and peer ÷ ours for memory (above 1 is better for us)."]
-    if "neardup" in report:
+    if "neardup" in sections:
         lines += ["", "Near-duplicate prompts (the generated labelled set of tests/test_neardup.py; reader-labelled pairs):", "",
-                  bench_neardup.markdown(report["neardup"])]
-    if "memory" in report:
-        lines += ["", "Training memory at model scale (bench_memory.py):", "", bench_memory.markdown(report["memory"])]
+                  bench_neardup.markdown(sections["neardup"]["neardup"])]
+    if "memory" in sections:
+        lines += ["", "Training memory at model scale (bench_memory.py):", "", bench_memory.markdown(sections["memory"]["memory"])]
     return "\n".join(lines) + "\n"
 
 
@@ -383,10 +480,19 @@ def _fmt(value: float) -> str:
     return f"{value:.1%}" if value < 1 else f"{value:,.0f}"
 
 
+def _section_names(text: str) -> list[str]:
+    names = text.split(",")
+    if unknown := [name for name in names if name not in SECTIONS]:
+        raise argparse.ArgumentTypeError(f"no section {', '.join(unknown)}; the sections are {', '.join(SECTIONS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--sections", type=_section_names, metavar="A,B",
+                        help=f"run only these, in this order, into the table in --out (of {', '.join(SECTIONS)})")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -394,13 +500,18 @@ def main() -> None:
     if args.child:
         args.result.write_text(json.dumps(CHILDREN[args.child](**json.loads(args.kwargs))))
         return
-    with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
-        report = run("quick" if args.quick else "full", Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
+    size = "quick" if args.quick else "full"
     # A GPU run writes its own files, so the CPU and GPU tables never overwrite each other.
-    stem = "bench" if report["machine"]["device"] == "cpu" else "bench-cuda"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    stem = "bench" if bench_precompute.bench_device() == "cpu" else "bench-cuda"
+    table = args.out / f"{stem}.json"
+    report = resumed_report(table, size) if args.sections else new_report(size)
+
+    def write(report: dict) -> None:
+        write_text_atomic(table, json.dumps(report, indent=2))
+        write_text_atomic(args.out / f"{stem}.md", markdown(report))
+
+    with tempfile.TemporaryDirectory(prefix="bench-all-") as tmp:
+        run(size, Path(tmp), args.sections or list(SECTIONS), report, write)
     print(markdown(report))
 
 

@@ -1,5 +1,7 @@
 """The benchmark table's arithmetic (the measurements themselves live in `make bench`, never in tests)."""
 
+import json
+
 import pytest
 
 from benchmarks.run_all import SIZES, markdown, mfu_rows, row
@@ -12,18 +14,64 @@ def test_ratio_above_one_means_better_for_us_for_rates_and_for_memory():
     assert row("curate", "records/s", 10.0, None, "—", "—")["ratio"] is None
 
 
-def test_markdown_names_the_machine_and_device_and_lists_every_row():
+MACHINE = {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "torch": "2.13.0", "transformers": "5.23.0", "trl": "1.16.0",
+           "device": "cpu"}
+
+
+def _section(rows: list[dict], **details: object) -> dict:
+    return {"rows": rows, "started": "2026-12-07 02:00 UTC", "seconds": 600.0, "load_average_at_start": 0.5, **details}
+
+
+def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_order():
     report = {
-        "size": "quick", "sizes": SIZES["quick"], "matmul_gflops": 200.0, "model_parameters": 3_670_000,
-        "machine": {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "load_average_at_start": 0.5, "torch": "2.13.0",
-                    "transformers": "5.23.0", "trl": "1.16.0", "device": "cpu"},
-        "rows": [row("ingest", "rows/s", 30_000.0, 20_000.0, "datasets json+map", "≥ 30,000 rows/s"),
-                 row("precompute-ref", "padding efficiency", 0.8, 0.5, "TRL", "—")],
+        "size": "quick", "sizes": SIZES["quick"], "machine": MACHINE,
+        "sections": {  # run in another order than the table's
+            "model-hh": _section([row("precompute-ref", "padding efficiency", 0.8, 0.5, "TRL", "—")],
+                                 matmul_gflops=200.0, model_parameters=3_670_000),
+            "data": _section([row("ingest", "rows/s", 30_000.0, 20_000.0, "datasets json+map", "≥ 30,000 rows/s")]),
+        },
     }
     text = markdown(report)
-    assert "Test CPU, 2 cores" in text and "device: cpu" in text and "200.0 GFLOP/s" in text
-    assert "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |" in text
-    assert "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |" in text
+    assert "Test CPU, 2 cores" in text and "device: cpu" in text and "200.0 GFLOP/s" in text and "3.67M parameters" in text
+    ingest = "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |"
+    padding = "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |"
+    assert ingest in text and padding in text and text.index(ingest) < text.index(padding)
+    assert "data (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start)" in text
+    assert "Not measured: engine, tokenize, model-uniform, generate, neardup, memory." in text
+
+
+def test_a_stopped_run_keeps_the_sections_it_finished_and_a_later_run_fills_in_the_rest(tmp_path, monkeypatch):
+    from benchmarks import run_all
+
+    def measured(stage: str):
+        return lambda bench: {"rows": [row(stage, "rows/s", 2.0, 1.0, "peer", "—")]}
+
+    def stops(bench):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_all, "machine", lambda: dict(MACHINE))
+    monkeypatch.setattr(run_all, "SECTIONS", {"data": measured("ingest"), "engine": stops, "tokenize": measured("tokenize")})
+    table = tmp_path / "bench.json"
+    written = []
+
+    def write(report: dict) -> None:
+        table.write_text(json.dumps(report))
+        written.append(sorted(report["sections"]))
+
+    with pytest.raises(KeyboardInterrupt):
+        run_all.run("quick", tmp_path, ["data", "engine", "tokenize"], run_all.new_report("quick"), write)
+    assert written == [["data"]] and "Not measured: engine, tokenize." in markdown(json.loads(table.read_text()))
+
+    monkeypatch.setitem(run_all.SECTIONS, "engine", measured("engine"))
+    report = run_all.resumed_report(table, "quick")
+    run_all.run("quick", tmp_path, ["tokenize", "engine"], report, write)
+    text = markdown(json.loads(table.read_text()))
+    assert "Not measured" not in text and text.index("| ingest |") < text.index("| engine |") < text.index("| tokenize |")
+
+    # Another machine's (or size's) table is never extended: one table is one machine.
+    monkeypatch.setattr(run_all, "machine", lambda: {**MACHINE, "cpu": "Other CPU"})
+    assert run_all.resumed_report(table, "quick")["sections"] == {}
+    assert run_all.resumed_report(table, "full")["sections"] == {}
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
