@@ -173,8 +173,12 @@ def run_inspect(config: Any) -> None:
 
 
 def main() -> None:
+    from train.cli import leave_process_group
+
     try:
         app()
     except UserError as exc:
         print(f"prefdata: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    finally:
+        leave_process_group()

@@ -85,3 +85,21 @@ def test_a_bad_config_file_or_value_is_one_line(tmp_path):
                  ["tokenize", "x", "--out", "o"]):
         done = _prefdata(*args)
         assert done.returncode == 2 and done.stderr.startswith("prefdata: error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_leaves_its_process_group_as_it_ends_whether_it_succeeds_or_fails(tmp_path, fails):
+    import click
+    import torch.distributed as dist
+
+    from train.cli import run_command
+
+    @click.command()
+    def stage() -> None:  # a model stage under torchrun joins a group (train.distributed.Dist.start)
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        if fails:
+            raise UserError("stopped")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_command(stage, [], "stage")
+    assert exit_.value.code == (2 if fails else 0) and not dist.is_initialized()

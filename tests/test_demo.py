@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from demo.data import DemoDataConfig, lexicon_reward, preference_lines
 from demo.pipeline import LEXICON_REWARD, DemoConfig, run_demo
@@ -187,10 +188,11 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     import train.eval as eval_module
     from train.eval import EvalConfig, evaluate_policy
 
-    loaded, alive_at_each_load, load = [], [], eval_module.load_causal_lm
+    loaded, alive_at_each_load, dtypes, load = [], [], [], eval_module.load_causal_lm
 
     def load_counting_the_models_alive(*args, **kwargs):
         alive_at_each_load.append(sum(model() is not None for model in loaded))
+        dtypes.append(args[2])
         model, tokenizer = load(*args, **kwargs)
         loaded.append(weakref.ref(model))
         return model, tokenizer
@@ -213,6 +215,18 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     assert result["best_of_n"]["reward"] > result["reference_reward"]
     # policy, reference, then the baseline beside the reference alone: two models on the device at most
     assert alive_at_each_load == [0, 1, 1]
+    assert dtypes == [torch.float32] * 3  # --dtype auto: the shards' reference dtype (float32 on a CPU)
+
+
+def test_eval_runs_its_models_in_the_stored_references_dtype_unless_told():
+    from schemas.manifest import ModelFingerprint
+    from train.eval import models_dtype
+
+    cpu = torch.device("cpu")
+    scored_in_bf16 = ModelFingerprint(name_or_path="m", config_sha256="c", weights_sha256="w", dtype="bfloat16", device_type="cuda")
+    assert models_dtype("auto", scored_in_bf16, cpu) == torch.bfloat16
+    assert models_dtype("float32", scored_in_bf16, cpu) == torch.float32
+    assert models_dtype("auto", None, cpu) == torch.float32  # a reward model: no stored reference
 
 
 def test_the_iterated_round_chains_to_the_offline_reference_and_is_judged(demo):

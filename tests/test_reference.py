@@ -328,16 +328,16 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch):
     """torch's is_bf16_supported() says yes on a V100 or T4 by default (emulated, slower than
     float32); `auto` asks for the hardware."""
     from train.device import select_dtype
-    from train.loop import _compute_dtype
     from train.parallel import mixed_precision
 
     cuda = torch.device("cuda", 0)
     for hardware, expected in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, hw=hardware: hw or including_emulation)
-        assert select_dtype("auto", cuda) == expected and _compute_dtype(cuda, "auto") == expected
+        assert select_dtype("auto", cuda) == expected  # train's autocast dtype too
         assert (mixed_precision(cuda, "auto") is not None) == hardware
         # Asked for by name, bf16 it is, emulated or not: autocast and FSDP's policy alike.
-        assert _compute_dtype(cuda, "bfloat16") == torch.bfloat16 and mixed_precision(cuda, "bfloat16") is not None
+        assert select_dtype("bfloat16", cuda) == torch.bfloat16 and mixed_precision(cuda, "bfloat16") is not None
+    assert mixed_precision(torch.device("cpu"), "bfloat16") is None  # CPU bf16 runs under autocast alone
 
 
 def test_device_and_dtype_selection_on_this_machine(shards, tiny_model_dir):

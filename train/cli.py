@@ -159,3 +159,16 @@ def run_command(click_command: Any, argv: list[str] | None, prog: str) -> None:
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the torchrun stages' process group as the program ends, on success or error: left to
+    the interpreter's exit, NCCL's communicators are torn down in an undefined order (torch warns,
+    and a rank can hang at exit). Only where a stage started one: a data command never imports torch."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import write_text_atomic
+from schemas.manifest import ModelFingerprint
 from schemas.render import (
     CHAT_TEMPLATE_KWARGS_HELP,
     ChatTemplateKwargs,
@@ -73,6 +74,9 @@ class EvalConfig(BaseModel):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field(
         "auto", description="auto: CUDA if present, else MPS, else CPU; under torchrun each process takes its LOCAL_RANK's GPU "
         "and a share of the batches and prompts.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Every model's dtype. auto: the one the shards' reference log-probs were computed in, so accuracy "
+        "compares like with like (a reward model: bfloat16 on a GPU that has it, else float32).")
     chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Also send eval.json's numbers to TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, offline "
@@ -299,6 +303,12 @@ def reward_model_metrics(model: Any, data: SplitData, pad_id: int, batch_tokens:
                                                 weights=[b["pairs"] for b in buckets]))}
 
 
+def models_dtype(name: str, reference: ModelFingerprint | None, device: torch.device) -> torch.dtype:
+    """`auto`: the dtype the stored reference log-probs were computed in (the policy's log-probs are
+    set against them), else bfloat16 on a GPU that has it; or the named dtype."""
+    return select_dtype(reference.dtype if name == "auto" and reference is not None else name, device)
+
+
 def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     from train.rewards import load_reward_model
 
@@ -308,7 +318,8 @@ def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     if data.labels is not None:
         raise UserError(f"{config.shards}: unpaired shards; a reward model is evaluated on pairs (its pairwise accuracy): "
                         "pass shards tokenized from a paired record set")
-    model, tokenizer = load_reward_model(model_dir(config.policy), config.policy, torch.float32, dist.device)
+    model, tokenizer = load_reward_model(model_dir(config.policy), config.policy, models_dtype(config.dtype, None, dist.device),
+                                         dist.device)
     with torch.inference_mode():
         result = {"policy": config.policy, **reward_model_metrics(model.eval(), data, padding_id(tokenizer),
                                                                   config.batch_tokens, dist)}
@@ -333,13 +344,14 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     manifest, _, data = open_shards(config.shards, need_ref=True)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
-    policy, tokenizer = load_causal_lm(model_dir(config.policy), config.policy, torch.float32, device)
+    dtype = models_dtype(config.dtype, manifest.reference, device)
+    policy, tokenizer = load_causal_lm(model_dir(config.policy), config.policy, dtype, device)
     reference_dir = model_dir(config.reference)
     # Accuracy uses the stored reference log-probs, KL the --reference model: they must be one model.
-    if not same_weights(manifest.reference, model_fingerprint(reference_dir, config.reference, torch.float32, device)):
+    if not same_weights(manifest.reference, model_fingerprint(reference_dir, config.reference, dtype, device)):
         raise UserError(f"--reference {config.reference}: not the model the shards' reference log-probs were computed "
                         f"with ({manifest.reference.name_or_path if manifest.reference else 'none'}); pass that one")
-    reference, _ = load_causal_lm(reference_dir, config.reference, torch.float32, device)
+    reference, _ = load_causal_lm(reference_dir, config.reference, dtype, device)
     check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
     # Samples stop where the shards' completions end: the renderer the shards were made with.
     tokenized_with = shard_tokenize_config(manifest)
@@ -358,10 +370,10 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
                    "reference": sample_shared(reference, prompts, config, tokenizer, stop_ids, dist)}
         result["kl"] = sequence_kl(policy, reference, prompts, samples["policy"], pad_id, config.batch_tokens, dist)
         if config.baseline:
-            # Two float32 models on the device at most (and a --reward-model judge): a third (7B: 84 GB) would not fit an 80 GB GPU.
+            # Two models on the device at most (and a --reward-model judge): a third (7B in float32: 84 GB) would not fit an 80 GB GPU.
             del policy
             empty_device_cache(device)
-            baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, torch.float32, device)
+            baseline, _ = load_causal_lm(model_dir(config.baseline), config.baseline, dtype, device)
             check_tokenizer(model_dir(config.baseline), config.baseline, manifest.tokenizer)
             samples["baseline"] = sample_shared(baseline.eval(), prompts, config, tokenizer, stop_ids, dist)
         if config.best_of:

@@ -32,7 +32,7 @@ from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
 from train.config import TrainConfig
 from train.data import SplitData, open_shards, shards_kind
-from train.device import native_bf16
+from train.device import select_dtype
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
@@ -66,12 +66,6 @@ class TrainingDiverged(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Processes and devices
-
-
-def _compute_dtype(device: torch.device, dtype_name: str) -> torch.dtype:
-    """bf16 compute over float32 master weights when asked, or on a GPU that has it (`auto`)."""
-    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and native_bf16(device))
-    return torch.bfloat16 if use_bf16 else torch.float32
 
 
 def _autocast(device: torch.device, compute_dtype: torch.dtype) -> Any:
@@ -402,7 +396,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    compute_dtype = _compute_dtype(device, config.dtype)
+    compute_dtype = select_dtype(config.dtype, device)  # bf16 compute over float32 master weights
     autocast = _autocast(device, compute_dtype)
     # Opened before the model loads: a tracker whose package is missing stops the run at once.
     tracker = open_tracker(config.report_to, out, config.model_dump()) if dist.is_main else None

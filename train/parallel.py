@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.device import native_bf16
+from train.device import select_dtype
 from train.distributed import Dist
 
 STATE_FILE = "trainer_state.pt"
@@ -53,7 +53,7 @@ def mixed_precision(device: torch.device, dtype_name: str) -> Any:
     None (plain fp32) elsewhere."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    bf16 = (dtype_name == "bfloat16" and device.type == "cuda") or (dtype_name == "auto" and native_bf16(device))
+    bf16 = device.type == "cuda" and select_dtype(dtype_name, device) == torch.bfloat16
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
 
 
