@@ -54,11 +54,13 @@ demo: $(STAMP)
 	$(PY) -m demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
 
 # Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → benchmarks/results/bench.json, bench.md.
+# SECTIONS=model-hh,memory runs only those into the table there (same machine and sizes), e.g. after a stopped run.
+BENCH_SECTIONS = $(if $(SECTIONS),--sections $(SECTIONS))
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_SECTIONS)
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/run_all.py --quick
+	$(PY) benchmarks/run_all.py --quick $(BENCH_SECTIONS)
 
 # On a CUDA machine: precompute-ref, train (DDP, FSDP2, LoRA) on all visible GPUs with a ~100M model in bf16,
 # and the bench-quick table on the GPU (benchmarks/results/bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.

@@ -1,6 +1,10 @@
-"""Every stage's benchmark beside its peer, one run, one table (issue 9): `make bench` / `make bench-quick`.
+"""Every stage's benchmark beside its peer, one table (issue 9): `make bench` / `make bench-quick`.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--out DIR]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--out DIR] [--sections A,B]
+
+The table is written after each section (data, engine, tokenize, model-uniform, model-hh,
+generate, neardup, memory), so a stopped run keeps what it measured; `--sections` runs some of
+them into the table already in --out (the same sizes, machine and software only).
 
 Rows (ours | peer):
     ingest          prefdata ingest | datasets load_dataset("json") + map splitting the HH transcripts into
@@ -304,27 +308,41 @@ def run(size: str, work: Path, sections: list[str], report: dict, write: Callabl
         started = time.time()
         load = os.getloadavg()[0]
         result = SECTIONS[name](bench)
-        report["sections"][name] = {**result, "started": _iso(started), "seconds": time.time() - started, "load_average_at_start": load}
+        report["sections"][name] = {**result, "started": _iso(started), "seconds": time.time() - started,
+                                    "load_average_at_start": load, "commit": _commit()}
         write(report)
     return report
 
 
 def new_report(size: str) -> dict:
-    return {"size": size, "sizes": SIZES[size], "machine": machine(), "sections": {}}
+    # Through JSON as bench.json holds them (tuples become lists), so a resumed table's compare.
+    return {"size": size, "sizes": json.loads(json.dumps(SIZES[size])), "machine": machine(), "sections": {}}
 
 
 def resumed_report(path: Path, size: str) -> dict:
-    """The table already in --out when it was measured at these sizes on this machine (the sections
-    run now replace theirs); otherwise a new one, so one table is always one machine."""
+    """The table already in --out, for the sections run now to replace theirs in; a new one where
+    there is none. One table is one machine: a table measured at other sizes, on another machine or
+    with other software is never extended, nor overwritten by part of a run (SystemExit)."""
     fresh = new_report(size)
     if not path.exists():
         return fresh
     old = json.loads(path.read_text())
-    same = old.get("size") == size and "sections" in old and all(
-        old["machine"].get(key) == fresh["machine"][key] for key in ("cpu", "cores", "device", "torch", "transformers", "trl"))
-    if not same:
-        print(f"{path}: measured at other sizes or on another machine or software; starting a new table", file=sys.stderr)
-    return old if same else fresh
+    if "sections" not in old:
+        raise SystemExit(f"{path}: a table from before sections; run the whole bench (no --sections) for a new one")
+    differs = [key for key in ("size", "sizes", "machine") if old[key] != fresh[key]]
+    if differs:
+        raise SystemExit(f"{path}: its {', '.join(differs)} differ from this run's; run the whole bench (no --sections) "
+                         "for a new table, or give another --out")
+    return old
+
+
+def _commit() -> str | None:
+    """The code measured: the repository's commit, with `+changes` where the tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return f"{commit}+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else (commit or None)
 
 
 def _iso(seconds: float) -> str:
@@ -451,8 +469,8 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     m, sections = report["machine"], report["sections"]
-    measured = [f"{name} ({s['started']}, {s['seconds'] / 60:.0f} min, load average {s['load_average_at_start']:.1f} at its start)"
-                for name, s in sections.items()]
+    measured = [f"{name} ({s['started']}, {s['seconds'] / 60:.0f} min, load average {s['load_average_at_start']:.1f} at its start, "
+                f"commit {s.get('commit')})" for name, s in sections.items()]
     missing = [name for name in SECTIONS if name not in sections]
     model = next((s for s in sections.values() if "matmul_gflops" in s), None)
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, transformers "

@@ -173,12 +173,11 @@ def run_inspect(config: Any) -> None:
 
 
 def main() -> None:
-    from train.cli import leave_process_group
+    from train.cli import process_group_left_on_success
 
     try:
-        app()
+        with process_group_left_on_success():
+            app()
     except UserError as exc:
         print(f"prefdata: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    finally:
-        leave_process_group()

@@ -19,7 +19,8 @@ MACHINE = {"cpu": "Test CPU", "cores": 2, "torch_threads": 2, "torch": "2.13.0",
 
 
 def _section(rows: list[dict], **details: object) -> dict:
-    return {"rows": rows, "started": "2026-12-07 02:00 UTC", "seconds": 600.0, "load_average_at_start": 0.5, **details}
+    return {"rows": rows, "started": "2026-12-07 02:00 UTC", "seconds": 600.0, "load_average_at_start": 0.5, "commit": "abc1234",
+            **details}
 
 
 def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_order():
@@ -36,7 +37,7 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_orde
     ingest = "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |"
     padding = "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |"
     assert ingest in text and padding in text and text.index(ingest) < text.index(padding)
-    assert "data (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start)" in text
+    assert "data (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start, commit abc1234)" in text
     assert "Not measured: engine, tokenize, model-uniform, generate, neardup, memory." in text
 
 
@@ -68,10 +69,22 @@ def test_a_stopped_run_keeps_the_sections_it_finished_and_a_later_run_fills_in_t
     text = markdown(json.loads(table.read_text()))
     assert "Not measured" not in text and text.index("| ingest |") < text.index("| engine |") < text.index("| tokenize |")
 
-    # Another machine's (or size's) table is never extended: one table is one machine.
+    assert all(s["commit"] == run_all._commit() for s in json.loads(table.read_text())["sections"].values())
+
+    # Another machine's (or size's) table is neither extended nor overwritten by part of a run.
+    with pytest.raises(SystemExit, match="its size, sizes differ"):
+        run_all.resumed_report(table, "full")
+    monkeypatch.setitem(run_all.SIZES, "quick", {**run_all.SIZES["quick"], "model_rows": 81})
+    with pytest.raises(SystemExit, match="its sizes differ"):
+        run_all.resumed_report(table, "quick")
+    monkeypatch.undo()
     monkeypatch.setattr(run_all, "machine", lambda: {**MACHINE, "cpu": "Other CPU"})
-    assert run_all.resumed_report(table, "quick")["sections"] == {}
-    assert run_all.resumed_report(table, "full")["sections"] == {}
+    with pytest.raises(SystemExit, match="its machine differ"):
+        run_all.resumed_report(table, "quick")
+    old_layout = tmp_path / "old.json"
+    old_layout.write_text(json.dumps({"size": "quick", "rows": []}))
+    with pytest.raises(SystemExit, match="a table from before sections"):
+        run_all.resumed_report(old_layout, "quick")
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():

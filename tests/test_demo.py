@@ -218,6 +218,27 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     assert dtypes == [torch.float32] * 3  # --dtype auto: the shards' reference dtype (float32 on a CPU)
 
 
+def test_the_reference_against_its_own_stored_log_probs_wins_no_pair_by_rounding_in_any_dtype(demo):
+    """Scored in bf16 against float32 values, the reference's own log-ratios are rounding, up to
+    nats on long answers: none of them may count as a win."""
+    from transformers import AutoModelForCausalLM
+
+    from train.data import open_shards
+    from train.distributed import Dist
+    from train.eval import preference_metrics, tie_tolerance
+
+    out, _ = demo
+    data = open_shards(str(out / "shards"), True)[2]
+    reference = AutoModelForCausalLM.from_pretrained(out / "reference" / "final")
+    cpu = Dist(0, 1, torch.device("cpu"))
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            metrics = preference_metrics(reference.to(dtype), data, 0.1, 0, 4096, cpu, stored_dtype=torch.float32)
+            assert metrics["accuracy"] == 0.0 and metrics["pairs"] == len(data)
+    long_answer = np.array([400])
+    assert tie_tolerance((torch.float32,), long_answer)[0] < 0.05 < 5 < tie_tolerance((torch.bfloat16, torch.float32), long_answer)[0]
+
+
 def test_eval_runs_its_models_in_the_stored_references_dtype_unless_told():
     from schemas.manifest import ModelFingerprint
     from train.eval import models_dtype

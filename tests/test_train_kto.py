@@ -211,7 +211,8 @@ def test_kto_learns_the_labels_and_eval_reads_the_reward_sign(kto_shards, tiny_m
     # prefdata eval on the same split reads the same sign: desirable rewards up, undesirable down.
     with torch.inference_mode():
         metrics = preference_metrics(AutoModelForCausalLM.from_pretrained(out / "final"), open_shards(kto_shards, True)[2],
-                                     beta=0.5, pad_id=0, batch_tokens=512, dist=Dist(0, 1, torch.device("cpu")))
+                                     beta=0.5, pad_id=0, batch_tokens=512, dist=Dist(0, 1, torch.device("cpu")),
+                                     stored_dtype=torch.float32)
     assert metrics["rows"] == 16 and metrics["desirable"] == metrics["undesirable"] == 8
     assert metrics["accuracy"] == pytest.approx(evals[-1]["eval/rewards/accuracies"], abs=1 / 16 + 1e-9)
     # The loop's held-out margin is the split's (desirable mean − undesirable mean), as prefdata eval's.

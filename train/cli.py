@@ -21,7 +21,8 @@ import inspect
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,18 +156,32 @@ def run_command(click_command: Any, argv: list[str] | None, prog: str) -> None:
     import sys
 
     try:
-        click_command.main(args=argv, prog_name=prog)
+        with process_group_left_on_success():
+            click_command.main(args=argv, prog_name=prog)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    finally:
-        leave_process_group()
 
 
-def leave_process_group() -> None:
-    """Destroy the torchrun stages' process group as the program ends, on success or error: left to
-    the interpreter's exit, NCCL's communicators are torn down in an undefined order (torch warns,
-    and a rank can hang at exit). Only where a stage started one: a data command never imports torch."""
+@contextmanager
+def process_group_left_on_success() -> Iterator[None]:
+    """Destroy the torchrun stages' process group when the program succeeds (click ends a command
+    with SystemExit(0)): left to the interpreter's exit, NCCL's communicators are torn down in an
+    undefined order (torch warns; a rank can hang). Not on an error: the other ranks may be waiting
+    in a collective, where destroying could wait for them until the group's timeout, and torchrun
+    stops them all once this rank exits. Only where a stage started one: a data command never
+    imports torch."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            _leave_process_group()
+        raise
+    else:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
     import sys
 
     distributed = sys.modules.get("torch.distributed")

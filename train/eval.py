@@ -43,7 +43,7 @@ from schemas.render import (
 )
 from train.batching import TokenColumns, collate_pairs, token_budget_batches
 from train.data import SplitData, open_shards
-from train.device import empty_device_cache, select_device, select_dtype
+from train.device import DTYPES, empty_device_cache, select_device, select_dtype
 from train.distributed import Dist
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
@@ -98,9 +98,15 @@ class EvalConfig(BaseModel):
         return JudgeOptions(reward=self.reward, reward_model=self.reward_model, device="cpu")
 
 
-# A pair is won when its log-ratio margin Δchosen − Δrejected exceeds this: below it the policy and
-# the stored reference differ by float32 rounding (other batching, prefix sharing), which is a tie.
-TIE_TOLERANCE = 1e-3
+def tie_tolerance(dtypes: tuple[torch.dtype, ...], tokens: np.ndarray) -> np.ndarray:
+    """Nats within which an answer's log-ratio log πθ − log πref is rounding, not a preference: the
+    policy scored here and the stored reference differ by the rounding of the coarser of their
+    dtypes (other batching, prefix sharing), which grows with the answer's length (the trainer's
+    step-0 check allows the same: `reference_check_tolerance`). A pair's margin within the sum of
+    its two answers' tolerances is a tie, not a win."""
+    from train.reference import reference_check_tolerance
+
+    return np.max([reference_check_tolerance(dtype, tokens) for dtype in dtypes], axis=0)
 
 
 def _model_device(model: Any) -> torch.device:
@@ -108,13 +114,15 @@ def _model_device(model: Any) -> torch.device:
 
 
 def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, batch_tokens: int,
-                       dist: Dist) -> dict[str, float]:
+                       dist: Dist, stored_dtype: torch.dtype) -> dict[str, float]:
     """Implicit-reward accuracy and mean margin over the whole split, against the stored reference;
     each process scores every world-th batch and the sums are added up. Pairs: the chosen answer's
     reward β·(log πθ − log πref) above the rejected one's. Unpaired rows: the reward's sign is the
     label's (> 0 desirable, < 0 undesirable), and the margin is the mean reward of desirable rows
-    minus that of undesirable ones."""
+    minus that of undesirable ones. A log-ratio within rounding (`tie_tolerance`: `stored_dtype` is
+    the one the stored reference log-probs were computed in) is neither right nor wrong: not right."""
     device = _model_device(model)
+    dtypes = (next(model.parameters()).dtype, stored_dtype)
     unpaired = data.labels is not None
     # right answers; then the log-ratio sum and count of chosen answers (desirable rows), and of rejected (undesirable)
     totals = torch.zeros(5, dtype=torch.float64)
@@ -124,13 +132,15 @@ def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, ba
         logps = sequence_logps(model, collate_pairs(columns, rows, pad_id).to(device))
         ref_first, ref_second = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
         first = (logps.chosen - ref_first).double()
+        tie = torch.from_numpy(tie_tolerance(dtypes, columns.chosen.lengths[rows])).to(device)
         if unpaired:
             desirable = torch.from_numpy(data.labels[rows]).to(device)
-            right = torch.where(desirable, first > TIE_TOLERANCE, first < -TIE_TOLERANCE)
+            right = torch.where(desirable, first > tie, first < -tie)
             parts = [right.sum(), (first * desirable).sum(), desirable.sum(), (first * ~desirable).sum(), (~desirable).sum()]
         else:
             second = (logps.rejected - ref_second).double()
-            parts = [(first - second > TIE_TOLERANCE).sum(), first.sum(), len(rows), second.sum(), len(rows)]
+            tie += torch.from_numpy(tie_tolerance(dtypes, columns.rejected.lengths[rows])).to(device)
+            parts = [(first - second > tie).sum(), first.sum(), len(rows), second.sum(), len(rows)]
         totals += torch.tensor([float(x) for x in parts], dtype=torch.float64)
     right, first_sum, first_n, second_sum, second_n = dist.sum(totals).tolist()
     margin = beta * (first_sum / max(first_n, 1) - second_sum / max(second_n, 1))
@@ -352,6 +362,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
         raise UserError(f"--reference {config.reference}: not the model the shards' reference log-probs were computed "
                         f"with ({manifest.reference.name_or_path if manifest.reference else 'none'}); pass that one")
     reference, _ = load_causal_lm(reference_dir, config.reference, dtype, device)
+    stored_dtype = DTYPES[manifest.reference.dtype]
     check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
     # Samples stop where the shards' completions end: the renderer the shards were made with.
     tokenized_with = shard_tokenize_config(manifest)
@@ -363,7 +374,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     pad_id = padding_id(tokenizer)
     with torch.inference_mode():
         result: dict[str, Any] = {"policy": config.policy, **preference_metrics(policy, data, config.beta, pad_id,
-                                                                                config.batch_tokens, dist)}
+                                                                                config.batch_tokens, dist, stored_dtype)}
         prompts, first_rows = eval_prompts(data, config.max_prompts)
         torch.manual_seed(config.seed + dist.rank)  # each process samples its own prompts
         samples = {"policy": sample_shared(policy, prompts, config, tokenizer, stop_ids, dist),
