@@ -45,6 +45,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _mode_of(final, 0o666))
         os.replace(tmp, final)
     except OSError as exc:
         if exc.errno in _NO_SPACE:
@@ -52,6 +53,29 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _mode_of(final: Path, default: int) -> int:
+    """The permissions the file or directory `final` gets: those it had, else what creating it
+    would give (`default` less the umask). mkstemp and mkdtemp make their temporaries private
+    (0600, 0700), and the rename would otherwise carry that onto every stage output: on a shared
+    filesystem nobody else could read a team's curated records or shards."""
+    try:
+        return os.stat(final).st_mode & 0o7777
+    except FileNotFoundError:
+        return default & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread
+    for a moment); from /proc on Linux, else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        current = os.umask(0o022)
+        os.umask(current)
+        return current
 
 
 def write_text_atomic(final: str | os.PathLike[str], text: str) -> None:
@@ -149,6 +173,7 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, _mode_of(final, 0o777))
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}.", dir=final.parent))
             os.replace(final, old / final.name)

@@ -124,3 +124,30 @@ def test_a_full_disk_names_the_file_a_whole_file_write_was_writing(tmp_path, mon
         with atomic_dir(tmp_path / "stage") as tmp:
             write_text_atomic(tmp / "manifest.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["judged.jsonl"]
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_a_stages_output_has_the_permissions_the_users_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    """Written through private temporaries (mkstemp, mkdtemp) and renamed: without a chmod a team's
+    curated records on a shared filesystem would be readable by their writer alone."""
+    import os
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "prefdata", "ingest", str(FIXTURES / "hh.jsonl"), "--out", str(out)],
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(umask),
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    written = list(out.iterdir())
+    assert {p.name for p in written} >= {"manifest.json", "records.parquet"}
+    assert out.stat().st_mode & 0o777 == dir_mode
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == {p.name: file_mode for p in written}
+
+
+def test_rewriting_a_file_keeps_the_permissions_it_had(tmp_path):
+    from schemas.io import write_text_atomic
+
+    kept = tmp_path / "judged.jsonl"
+    write_text_atomic(kept, "old\n")
+    kept.chmod(0o640)
+    write_text_atomic(kept, "new\n")
+    assert kept.read_text() == "new\n" and kept.stat().st_mode & 0o777 == 0o640
