@@ -29,7 +29,9 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_orde
         "sections": {  # run in another order than the table's
             "model-hh": _section([row("precompute-ref", "padding efficiency", 0.8, 0.5, "TRL", "—")],
                                  matmul_gflops=200.0, model_parameters=3_670_000),
-            "data": _section([row("ingest", "rows/s", 30_000.0, 20_000.0, "datasets json+map", "≥ 30,000 rows/s")]),
+            "data": _section([row("ingest", "rows/s", 30_000.0, 20_000.0, "datasets json+map", "≥ 30,000 rows/s"),
+                              row("train KTO", "rows/s", 27.43, 9.96, "TRL", "—"),
+                              row("precompute-ref", "seconds, ours fixed cost", 0.52, None, "—", "—", False)]),
         },
     }
     text = markdown(report)
@@ -37,6 +39,8 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_orde
     ingest = "| ingest | rows/s | 30,000 | datasets json+map | 20,000 | 1.50× | ≥ 30,000 rows/s |"
     padding = "| precompute-ref | padding efficiency | 80.0% | TRL | 50.0% | 1.60× | — |"
     assert ingest in text and padding in text and text.index(ingest) < text.index(padding)
+    # Small figures keep the digits their ratio needs; only shares are percentages.
+    assert "| train KTO | rows/s | 27.4 | TRL | 9.96 | 2.75× | — |" in text and "| seconds, ours fixed cost | 0.52 | — |" in text
     assert "data (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start, commit abc1234)" in text
     assert "Not measured: engine, tokenize, model-uniform, generate, neardup, memory." in text
 
