@@ -304,12 +304,13 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
 def run(size: str, work: Path, sections: list[str], report: dict, write: Callable[[dict], None]) -> dict:
     """Run `sections` into `report`, writing it after each one: a stopped run keeps what it measured."""
     bench = Bench(size, work)
+    commit = _commit()  # the code as the run starts (what the children import)
     for name in sections:
         started = time.time()
         load = os.getloadavg()[0]
         result = SECTIONS[name](bench)
         report["sections"][name] = {**result, "started": _iso(started), "seconds": time.time() - started,
-                                    "load_average_at_start": load, "commit": _commit()}
+                                    "load_average_at_start": load, "commit": commit}
         write(report)
     return report
 
@@ -337,12 +338,14 @@ def resumed_report(path: Path, size: str) -> dict:
 
 
 def _commit() -> str | None:
-    """The code measured: the repository's commit, with `+changes` where the tree differs from it."""
+    """The code measured: the repository's commit, with `+changes` where the tree differs from it
+    (the tables the bench itself rewrites aside)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD")
-    return f"{commit}+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else (commit or None)
+    changed = commit and git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return f"{commit}+changes" if changed else (commit or None)
 
 
 def _iso(seconds: float) -> str:
@@ -499,7 +502,7 @@ def _fmt(value: float, metric: str) -> str:
     significant digits, where a whole number would hide the ratio beside it; larger ones whole."""
     if metric.startswith(("MFU", "padding efficiency")):
         return f"{value:.1%}"
-    return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:#.3g}" if abs(value) < 100 else f"{value:,.0f}"
 
 
 def _section_names(text: str) -> list[str]:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, _mode_of(final, 0o666))
+        _chmod(tmp, _mode_of(final, 0o666))
         os.replace(tmp, final)
     except OSError as exc:
         if exc.errno in _NO_SPACE:
@@ -66,6 +67,16 @@ def _mode_of(final: Path, default: int) -> int:
         return default & ~_umask()
 
 
+def _chmod(path: Path, mode: int) -> None:
+    """chmod where the filesystem has modes; one without (vfat, some SMB and FUSE mounts) refuses,
+    and its files keep whatever it gives them, as a plain write would."""
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+
+
 def _umask() -> int:
     """The process's umask, read without setting it (os.umask would change it for every thread
     for a moment); from /proc on Linux, else by setting it back at once."""
@@ -73,7 +84,7 @@ def _umask() -> int:
         with open("/proc/self/status", encoding="ascii") as fh:
             return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError):
-        current = os.umask(0o022)
+        current = os.umask(0o077)  # a file another thread creates meanwhile is private, never looser
         os.umask(current)
         return current
 
@@ -173,7 +184,8 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, _mode_of(final, 0o777))
+        # A setgid parent (a team's shared directory) gave the temporary its bit, as mkdir would.
+        _chmod(tmp, _mode_of(final, 0o777) | (os.stat(tmp).st_mode & stat.S_ISGID))
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}.", dir=final.parent))
             os.replace(final, old / final.name)

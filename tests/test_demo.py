@@ -218,25 +218,35 @@ def test_a_policy_against_itself_wins_half_and_best_of_n_beats_single_samples(de
     assert dtypes == [torch.float32] * 3  # --dtype auto: the shards' reference dtype (float32 on a CPU)
 
 
-def test_the_reference_against_its_own_stored_log_probs_wins_no_pair_by_rounding_in_any_dtype(demo):
-    """Scored in bf16 against float32 values, the reference's own log-ratios are rounding, up to
-    nats on long answers: none of them may count as a win."""
+def test_eval_in_bf16_keeps_the_accuracy_and_says_how_much_of_it_is_within_rounding(demo):
+    """The reference against its own stored float32 values: every margin is rounding, in float32
+    and in bf16, and eval says so. The trained policy in bf16 keeps its float32 accuracy: the
+    accuracy's line is the trainer's (a margin above 0), not bf16's worst case."""
     from transformers import AutoModelForCausalLM
 
     from train.data import open_shards
     from train.distributed import Dist
-    from train.eval import preference_metrics, tie_tolerance
+    from train.eval import preference_metrics, rounding_band
 
     out, _ = demo
     data = open_shards(str(out / "shards"), True)[2]
-    reference = AutoModelForCausalLM.from_pretrained(out / "reference" / "final")
     cpu = Dist(0, 1, torch.device("cpu"))
-    with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16):
-            metrics = preference_metrics(reference.to(dtype), data, 0.1, 0, 4096, cpu, stored_dtype=torch.float32)
-            assert metrics["accuracy"] == 0.0 and metrics["pairs"] == len(data)
+
+    def metrics(model_dir, dtype):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(dtype)
+        with torch.inference_mode():
+            return preference_metrics(model, data, 0.1, 0, 4096, cpu, stored_dtype=torch.float32)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        same = metrics(out / "reference" / "final", dtype)
+        assert same["within_rounding"] == 1.0 and same["pairs"] == len(data)
+        if dtype == torch.float32:
+            assert same["accuracy"] == 0.0  # every margin below the 1e-3 line
+    trained = {dtype: metrics(out / "DPO-beta0.1" / "final", dtype) for dtype in (torch.float32, torch.bfloat16)}
+    assert trained[torch.float32]["accuracy"] > 0.6 and trained[torch.float32]["within_rounding"] < 0.5
+    assert abs(trained[torch.bfloat16]["accuracy"] - trained[torch.float32]["accuracy"]) <= 0.1
     long_answer = np.array([400])
-    assert tie_tolerance((torch.float32,), long_answer)[0] < 0.05 < 5 < tie_tolerance((torch.bfloat16, torch.float32), long_answer)[0]
+    assert rounding_band((torch.float32,), long_answer)[0] < 0.05 < 5 < rounding_band((torch.bfloat16, torch.float32), long_answer)[0]
 
 
 def test_eval_runs_its_models_in_the_stored_references_dtype_unless_told():

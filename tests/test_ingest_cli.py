@@ -151,3 +151,25 @@ def test_rewriting_a_file_keeps_the_permissions_it_had(tmp_path):
     kept.chmod(0o640)
     write_text_atomic(kept, "new\n")
     assert kept.read_text() == "new\n" and kept.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_stage_directory_in_a_setgid_directory_keeps_the_bit_as_mkdir_would(tmp_path):
+    """A team's shared directory is setgid so that what lands in it stays in the team's group."""
+    import os
+    import stat
+
+    from schemas.io import atomic_dir, write_text_atomic
+
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    previous = os.umask(0o022)
+    try:
+        with atomic_dir(shared / "curated") as tmp:
+            write_text_atomic(tmp / "manifest.json", "{}")
+        (shared / "by-mkdir").mkdir()
+    finally:
+        os.umask(previous)
+    made = (shared / "curated").stat().st_mode
+    assert made & 0o7777 == (shared / "by-mkdir").stat().st_mode & 0o7777 == 0o2755 and made & stat.S_ISGID
+    assert (shared / "curated" / "manifest.json").stat().st_mode & 0o777 == 0o644

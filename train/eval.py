@@ -98,12 +98,17 @@ class EvalConfig(BaseModel):
         return JudgeOptions(reward=self.reward, reward_model=self.reward_model, device="cpu")
 
 
-def tie_tolerance(dtypes: tuple[torch.dtype, ...], tokens: np.ndarray) -> np.ndarray:
-    """Nats within which an answer's log-ratio log πθ − log πref is rounding, not a preference: the
-    policy scored here and the stored reference differ by the rounding of the coarser of their
-    dtypes (other batching, prefix sharing), which grows with the answer's length (the trainer's
-    step-0 check allows the same: `reference_check_tolerance`). A pair's margin within the sum of
-    its two answers' tolerances is a tie, not a win."""
+# A pair is won when its log-ratio margin Δchosen − Δrejected exceeds this, as the trainer's
+# rewards/accuracies counts a margin above 0: below it the policy and the stored reference differ
+# by float32 rounding (other batching, prefix sharing), which is a tie.
+TIE_TOLERANCE = 1e-3
+
+
+def rounding_band(dtypes: tuple[torch.dtype, ...], tokens: np.ndarray) -> np.ndarray:
+    """Nats an answer's log-ratio log πθ − log πref may be from 0 by rounding alone, in the coarser
+    of `dtypes` (the trainer's step-0 check tolerance, which grows with the answer's length). A
+    worst case, not a typical error: eval reports the share of margins inside it beside the
+    accuracy instead of moving the accuracy's line."""
     from train.reference import reference_check_tolerance
 
     return np.max([reference_check_tolerance(dtype, tokens) for dtype in dtypes], axis=0)
@@ -119,32 +124,37 @@ def preference_metrics(model: Any, data: SplitData, beta: float, pad_id: int, ba
     each process scores every world-th batch and the sums are added up. Pairs: the chosen answer's
     reward β·(log πθ − log πref) above the rejected one's. Unpaired rows: the reward's sign is the
     label's (> 0 desirable, < 0 undesirable), and the margin is the mean reward of desirable rows
-    minus that of undesirable ones. A log-ratio within rounding (`tie_tolerance`: `stored_dtype` is
-    the one the stored reference log-probs were computed in) is neither right nor wrong: not right."""
+    minus that of undesirable ones. `within_rounding`: the share whose margin (an unpaired row's
+    log-ratio) is within `rounding_band` of 0 for the model's dtype and `stored_dtype`, the one the
+    stored reference log-probs were computed in: in bf16 an accuracy carried by such margins is noise."""
     device = _model_device(model)
     dtypes = (next(model.parameters()).dtype, stored_dtype)
     unpaired = data.labels is not None
-    # right answers; then the log-ratio sum and count of chosen answers (desirable rows), and of rejected (undesirable)
-    totals = torch.zeros(5, dtype=torch.float64)
+    # right answers; the log-ratio sum and count of chosen answers (desirable rows), and of rejected
+    # (undesirable); margins within rounding
+    totals = torch.zeros(6, dtype=torch.float64)
     # An unpaired row's KL completion plays no part here: only its completion is scored.
     columns = data.columns.first_only if unpaired else data.columns
     for rows in token_budget_batches(columns.pair_lengths, batch_tokens)[dist.rank::dist.world]:
         logps = sequence_logps(model, collate_pairs(columns, rows, pad_id).to(device))
         ref_first, ref_second = (torch.from_numpy(x).to(device) for x in data.ref_logps(rows))
         first = (logps.chosen - ref_first).double()
-        tie = torch.from_numpy(tie_tolerance(dtypes, columns.chosen.lengths[rows])).to(device)
+        band = torch.from_numpy(rounding_band(dtypes, columns.chosen.lengths[rows])).to(device)
         if unpaired:
             desirable = torch.from_numpy(data.labels[rows]).to(device)
-            right = torch.where(desirable, first > tie, first < -tie)
-            parts = [right.sum(), (first * desirable).sum(), desirable.sum(), (first * ~desirable).sum(), (~desirable).sum()]
+            right = torch.where(desirable, first > TIE_TOLERANCE, first < -TIE_TOLERANCE)
+            parts = [right.sum(), (first * desirable).sum(), desirable.sum(), (first * ~desirable).sum(), (~desirable).sum(),
+                     (first.abs() <= band).sum()]
         else:
             second = (logps.rejected - ref_second).double()
-            tie += torch.from_numpy(tie_tolerance(dtypes, columns.rejected.lengths[rows])).to(device)
-            parts = [(first - second > tie).sum(), first.sum(), len(rows), second.sum(), len(rows)]
+            band += torch.from_numpy(rounding_band(dtypes, columns.rejected.lengths[rows])).to(device)
+            parts = [(first - second > TIE_TOLERANCE).sum(), first.sum(), len(rows), second.sum(), len(rows),
+                     ((first - second).abs() <= band).sum()]
         totals += torch.tensor([float(x) for x in parts], dtype=torch.float64)
-    right, first_sum, first_n, second_sum, second_n = dist.sum(totals).tolist()
+    right, first_sum, first_n, second_sum, second_n, within = dist.sum(totals).tolist()
     margin = beta * (first_sum / max(first_n, 1) - second_sum / max(second_n, 1))
-    return {"accuracy": right / len(data), "margin": margin, ("rows" if unpaired else "pairs"): len(data),
+    return {"accuracy": right / len(data), "margin": margin, "within_rounding": within / len(data),
+            ("rows" if unpaired else "pairs"): len(data),
             **({"desirable": int(first_n), "undesirable": int(second_n)} if unpaired else {})}
 
 
@@ -441,7 +451,7 @@ def summary_line(result: dict[str, Any]) -> str:
                 f"{result['margin']:.3f} ({result['pairs']} pairs); calibration gap {result['calibration_gap']:.3f}")
     counted = f"{result['pairs']} pairs" if "pairs" in result else f"{result['rows']} unpaired rows, reward sign"
     line = (f"eval {result['policy']}: accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f} "
-            f"({counted}); KL {result['kl']:.3f} ({result['samples']} samples)")
+            f"({counted}; {result['within_rounding']:.0%} within rounding); KL {result['kl']:.3f} ({result['samples']} samples)")
     if "reward" in result:
         line += f"; reward {result['reward']:.3f} vs reference {result['reference_reward']:.3f}"
     if "win_rate" in result:
