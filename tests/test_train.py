@@ -218,3 +218,17 @@ def test_compile_option_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
     train(_config(shards, tiny_model_dir, tmp_path / "compiled", max_steps=2, log_every=1, compile=True))
     losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)
+
+
+def test_adamw_takes_the_fused_kernel_where_torch_has_one(tmp_path):
+    """The optimizer TRL's trainers use by default (transformers' `adamw_torch_fused`), on the
+    devices torch has the kernel for; elsewhere torch's default implementation, not an error."""
+    import torch
+
+    from train.loop import adamw
+
+    config = TrainConfig(shards=str(tmp_path), model="m", out=str(tmp_path / "out"))
+    on_cpu = adamw([torch.nn.Parameter(torch.ones(3))], config)
+    assert on_cpu.param_groups[0]["fused"] is True
+    on_meta = adamw([torch.nn.Parameter(torch.ones(3, device="meta"))], config)
+    assert not on_meta.param_groups[0]["fused"]

@@ -82,6 +82,18 @@ def _autocast(device: torch.device, compute_dtype: torch.dtype) -> Any:
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
+def adamw(trainable: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CPU and CUDA do):
+    one kernel per step instead of a dozen elementwise passes over every parameter, 8 ms instead of
+    15 on the bench's 4M-parameter model (2.5% of a reward-model step on HH rows). transformers'
+    Trainer, so TRL, uses the same kernel by default (`adamw_torch_fused`)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point() for p in trainable)
+    return torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             betas=(config.adam_beta1, config.adam_beta2), fused=fused or None)
+
+
 def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     """transformers' schedules (the same learning rates as a Trainer run with these settings);
     their state goes into each checkpoint."""
@@ -458,8 +470,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                    seed=config.seed, window_batches=config.window_batches)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * sampler.steps_per_epoch(config.gradient_accumulation_steps)))
     trainable = [p for p in scorer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2))
+    optimizer = adamw(trainable, config)
     scheduler = lr_scheduler(config, optimizer, total_steps)
     position = load_run_checkpoint(config, resume_from, scorer, optimizer, scheduler, dist) if resume_from else Position()
     steps = sampler.steps_from(position.epoch, position.batch_index, config.gradient_accumulation_steps)
