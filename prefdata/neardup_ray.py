@@ -11,7 +11,8 @@ changes is where each step runs; no process holds every signature or every edge:
      estimate) come back here, since the band layout depends on the smallest threshold of all;
   2. shuffle: a task per block and scheme cuts each row's signature into the layout's bands and
      sends (band, node, band values) to one of P partitions by a hash of band and values;
-  3. a task per partition groups its rows by exact (band, values): every row that is not its
+  3. a task per partition groups its rows by exact (band, values), a band at a time (its
+     memory is one band's rows of the partition, not all of them): every row that is not its
      group's smallest node is a candidate pair with it (candidate_pairs_from's pairs). It fetches
      both texts' signatures and texts from the blocks holding them, applies the prefilter and the
      exact Jaccard check, and keeps its verified edges in the object store;
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import ray
 
 from prefdata.engine_ray import cluster_cpus, get, remote
@@ -48,57 +50,61 @@ from prefdata.neardup import (
 from prefdata.spill import IpcSpill
 
 
-def _sign_block(nodes: np.ndarray, text: pl.Series, ngram: int, num_perm: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+def _sign_block(nodes: np.ndarray, text: pa.Array, ngram: int, num_perm: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """(sizes of the block's texts, the block: its nodes, their texts, and each scheme's members
-    (block positions) with their signatures)."""
-    n_words, size_estimate = text_sizes(text)
-    sig = {kind: (members, signatures(text.gather(members), scheme_shingler(kind, ngram), num_perm, seed))
+    (block positions) with their signatures). The texts stay an Arrow array, as numpy arrays are
+    read from the object store without a copy (a polars Series is unpickled whole): every
+    partition's verify task reads the blocks its candidates are in."""
+    series = pl.Series(text)
+    n_words, size_estimate = text_sizes(series)
+    sig = {kind: (members, signatures(series.gather(members), scheme_shingler(kind, ngram), num_perm, seed))
            for kind, members in scheme_members(n_words)}
     return (n_words, size_estimate), {"nodes": nodes, "text": text, "sig": sig}
 
 
 def _band_pieces(block: dict, kind: str, bands: int, rows: int, partitions: int) -> list[dict[str, np.ndarray]]:
-    """The block's rows of one scheme, band by band, split into `partitions` by (band, values)."""
+    """The block's rows of one scheme, every band's, split into `partitions` by a hash of (band,
+    values): per partition its nodes and their keys, [band, band values] uint32 rows, in band order."""
     members, sig = block["sig"][kind]
-    nodes = block["nodes"][members]
-    pieces: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(partitions)]
-    for band in range(bands):
-        values = np.ascontiguousarray(sig[:, band * rows:(band + 1) * rows])
-        part = ((_band_hash(values) + np.uint64(band)) % np.uint64(partitions)).astype(np.int64)
-        for p in range(partitions):
-            chosen = part == p
-            pieces[p].append((band, nodes[chosen], values[chosen]))
-    out = [{"band": np.concatenate([np.full(len(n), b, np.uint32) for b, n, _ in parts]),
-            "node": np.concatenate([n for _, n, _ in parts]),
-            "values": np.concatenate([v for _, _, v in parts]).reshape(-1, rows)} for parts in pieces]
-    return out if partitions > 1 else out[0]
+    nodes = np.tile(block["nodes"][members], bands)
+    keys = np.concatenate([np.column_stack([np.full(len(members), band, np.uint32), sig[:, band * rows:(band + 1) * rows]])
+                           for band in range(bands)])
+    part = ((_band_hash(keys[:, 1:]) + keys[:, 0].astype(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+    order = np.argsort(part, kind="stable")  # by partition, and by band within each
+    bounds = np.cumsum(np.bincount(part, minlength=partitions))[:-1]
+    return [{"node": n, "key": k} for n, k in zip(np.split(nodes[order], bounds), np.split(keys[order], bounds))]
 
 
-def _candidates(band: np.ndarray, node: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(node, smallest node of its group) for every row of an exact (band, values) group that is
-    not the group's smallest node; distinct pairs."""
+def _candidates(node: np.ndarray, key: np.ndarray, n_nodes: int) -> np.ndarray:
+    """Candidate pairs as codes s · n_nodes + t (distinct): (node, smallest node of its group) for
+    every row of an exact key group ([band, band values]) that is not the group's smallest node."""
     if not len(node):
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    rows = np.ascontiguousarray(np.column_stack([band, values]).astype(np.uint32))
-    _, group = np.unique(rows.view(np.dtype((np.void, 4 * rows.shape[1]))).ravel(), return_inverse=True)
+        return np.empty(0, np.int64)
+    _, group = np.unique(key.view(np.dtype((np.void, key.itemsize * key.shape[1]))).ravel(), return_inverse=True)
     group = group.ravel()
     smallest = np.full(group.max() + 1, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(smallest, group, node)
     representative = smallest[group]
     candidate = node != representative
-    pairs = np.unique(np.column_stack([node[candidate], representative[candidate]]), axis=0)
-    return pairs[:, 0], pairs[:, 1]
+    return np.unique(node[candidate] * n_nodes + representative[candidate])
 
 
-def _partition_edges(kind: str, params: dict[str, Any], sizes: tuple[np.ndarray, ...], blocks: list[Any],
+def _partition_edges(kind: str, bands: int, params: dict[str, Any], sizes: tuple[np.ndarray, ...], blocks: list[Any],
                      *pieces: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Verified edges (nodes) among one partition's candidate pairs."""
-    s, t = _candidates(*(np.concatenate([p[name] for p in pieces]) for name in ("band", "node", "values")))
-    if not len(s):
-        return s, t
+    """Verified edges (nodes) among one partition's candidate pairs. Its rows are grouped a band at
+    a time (no group spans two bands), so the task copies one band's rows of the partition at
+    once; the pieces themselves are read from the object store without a copy."""
+    n_words, size_estimate, block_of, index_in = sizes
+    n_nodes = len(n_words)
+    starts = [np.searchsorted(piece["key"][:, 0], np.arange(bands + 1)) for piece in pieces]
+    codes = [_candidates(*(np.concatenate([piece[name][at[band]:at[band + 1]] for piece, at in zip(pieces, starts)])
+                           for name in ("node", "key")), n_nodes) for band in range(bands)]
+    pairs = np.unique(np.concatenate(codes))
+    if not len(pairs):
+        return pairs, pairs
+    s, t = pairs // n_nodes, pairs % n_nodes
     involved, local = np.unique(np.r_[s, t], return_inverse=True)
     ls, lt = local[:len(s)], local[len(s):]
-    n_words, size_estimate, block_of, index_in = sizes
     sig, text = _rows_of(involved, kind, blocks, block_of, index_in)
     threshold, num_perm = params["threshold"], params["num_perm"]
     thresholds = scheme_thresholds(kind, n_words[involved], size_estimate[involved], threshold)
@@ -120,9 +126,9 @@ def _rows_of(nodes: np.ndarray, kind: str, blocks: list[Any], block_of: np.ndarr
         members, sig = block["sig"][kind]
         places.append(place)
         sigs.append(sig[np.searchsorted(members, local)])
-        texts.append(block["text"].gather(local))
+        texts.append(block["text"].take(pa.array(local)))
     back = np.argsort(np.concatenate(places))
-    return np.concatenate(sigs)[back], pl.concat(texts).gather(back)
+    return np.concatenate(sigs)[back], pl.Series(pa.concat_arrays(texts)).gather(back)
 
 
 def _proposals(labels: np.ndarray, edges: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +184,8 @@ def near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: IpcSpill
         if not chosen.any():
             continue
         block_of[node[chosen]], index_in[node[chosen]] = len(blocks), np.arange(chosen.sum())
-        sizes, block = sign.remote(node[chosen], pl.Series(batch.column("text")).filter(pl.Series(chosen)), config.ngram,
-                                   config.num_perm, config.seed)
+        sizes, block = sign.remote(node[chosen], batch.column("text").filter(pa.array(chosen)), config.ngram, config.num_perm,
+                                   config.seed)
         size_refs.append(sizes)
         blocks.append(block)
     n_words, size_estimate = np.zeros(n_nodes, np.int64), np.zeros(n_nodes, np.int64)
@@ -189,8 +195,7 @@ def near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: IpcSpill
     params = {"threshold": config.threshold, "num_perm": config.num_perm, "ngram": config.ngram,
               "chunk_pairs": max(config.chunk_rows // 2, 1)}
     partitions = 2 * cluster_cpus()
-    cut, verify = remote(_band_pieces, num_returns=partitions), remote(_partition_edges)
-    edges = []
+    cut, verify, edges = remote(_band_pieces, num_returns=partitions), remote(_partition_edges), []
     for kind, members in scheme_members(n_words):
         assert kind in SCHEMES
         if len(members) < 2:
@@ -198,6 +203,5 @@ def near_duplicate_nodes(node_pos: np.ndarray, n_records: int, prompts: IpcSpill
         bands, rows = lsh_bands(float(scheme_thresholds(kind, n_words[members], size_estimate[members], config.threshold).min()),
                                 config.num_perm)
         pieces = [cut.remote(block, kind, bands, rows, partitions) for block in blocks]
-        pieces = [p if partitions > 1 else [p] for p in pieces]
-        edges += [verify.remote(kind, params, sizes, blocks, *(p[i] for p in pieces)) for i in range(partitions)]
+        edges += [verify.remote(kind, bands, params, sizes, blocks, *(p[i] for p in pieces)) for i in range(partitions)]
     return _components(n_nodes, edges)

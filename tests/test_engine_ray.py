@@ -120,6 +120,22 @@ def test_components_on_the_cluster_equal_the_local_ones(cluster):
     assert np.array_equal(_components(n, refs), components(n, sources, targets))
 
 
+def test_a_signature_block_is_read_from_the_object_store_without_copies(cluster):
+    """Every partition's verify task reads the blocks its candidates are in: their texts and
+    signatures are mapped from the store (two reads, one memory), not unpickled each time."""
+    import pyarrow as pa
+
+    sign = engine_ray.remote(engine_ray_neardup._sign_block, num_returns=2)
+    # Enough for the shared-memory store (an object under 100 KiB is inlined in the owner instead).
+    texts = pa.array([f"prompt number {i} about the weather in town {i % 7}" for i in range(5000)])
+    _, block = sign.remote(np.arange(5000), texts, 2, 32, 0)
+    first, second = ray.get(block), ray.get(block)
+    assert first["text"].to_pylist() == texts.to_pylist()
+    assert first["text"].buffers()[2].address == second["text"].buffers()[2].address
+    (_, signatures), (_, again) = (next(iter(b["sig"].values())) for b in (first, second))
+    assert np.shares_memory(signatures, again)
+
+
 TASKS = ("ray::_run", "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # the titles of our tasks' workers
 
 

@@ -232,3 +232,36 @@ def test_adamw_takes_the_fused_kernel_where_torch_has_one(tmp_path):
     assert on_cpu.param_groups[0]["fused"] is True
     on_meta = adamw([torch.nn.Parameter(torch.ones(3, device="meta"))], config)
     assert not on_meta.param_groups[0]["fused"]
+
+
+def test_a_checkpoint_from_another_adamw_kernel_resumes_on_this_runs(tmp_path):
+    """A run checkpointed with torch's default AdamW resumes on the fused kernel with the same
+    moments, and its next step equals the default kernel's within rounding."""
+    import torch
+
+    from train.distributed import Dist
+    from train.loop import adamw
+    from train.parallel import load_checkpoint, save_checkpoint
+
+    config = TrainConfig(shards=str(tmp_path), model="m", out=str(tmp_path / "out"), learning_rate=0.1)
+    dist, data = Dist(0, 1, torch.device("cpu")), torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(data).square().mean().backward()
+        optimizer.step()
+
+    torch.manual_seed(0)
+    saved = torch.nn.Linear(4, 3)
+    default = torch.optim.AdamW(saved.parameters(), lr=0.1)
+    for _ in range(3):
+        step(saved, default)
+    save_checkpoint(tmp_path / "ckpt", saved, default, {"step": 3}, dist)
+    resumed = torch.nn.Linear(4, 3)
+    fused = adamw(list(resumed.parameters()), config)
+    assert load_checkpoint(tmp_path / "ckpt", resumed, fused, dist) == {"step": 3}
+    assert fused.param_groups[0]["fused"] is True
+    step(saved, default)
+    step(resumed, fused)
+    for ours, reference in zip(resumed.parameters(), saved.parameters()):
+        torch.testing.assert_close(ours, reference)

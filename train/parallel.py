@@ -240,6 +240,11 @@ def load_checkpoint(checkpoint: Path, scorer: torch.nn.Module, optimizer: Any, d
     model_state, optim_state = get_state_dict(unwrap(scorer), optimizer, options=_state_options())
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=checkpoint / "state", no_dist=dist.world == 1)
+    # The AdamW kernel is this run's (train.loop.adamw), not the checkpoint's: a checkpoint from
+    # before the fused kernel would switch it off again, and load_state_dict places each `step`
+    # where the kernel named in the groups needs it.
+    for group in state["optim"]["param_groups"]:
+        group.update({key: optimizer.defaults[key] for key in ("fused", "foreach", "capturable") if key in optimizer.defaults})
     # Not strict: under LoRA the frozen base is absent from `state` by design (`_state_options`),
     # and load_state_dict would call each base weight missing. Every trainable key is there: dcp.load
     # filled exactly the keys get_state_dict listed, and fails on any the checkpoint lacks.
