@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_train.py [--rows 200] [--max-length 768] [--steps N] [--repeats 3]
 
-Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, sigmoid loss, N optimizer steps:
+Same rows, same ~4M-parameter Llama, batch 8 pairs, float32, CPU, sigmoid loss, fused AdamW (our
+trainer's, and transformers' default `adamw_torch_fused` for TRL), N optimizer steps:
 by default one epoch, so that both sides train on every pair of the train split once.
 Activation checkpointing is named in every variant, so each ratio compares like with like:
     ours                 `train()`, stored reference, prefix sharing (default), no checkpointing
