@@ -52,9 +52,9 @@ from prefdata.spill import IpcSpill
 
 def _sign_block(nodes: np.ndarray, text: pa.Array, ngram: int, num_perm: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """(sizes of the block's texts, the block: its nodes, their texts, and each scheme's members
-    (block positions) with their signatures). The texts stay an Arrow array, as numpy arrays are
-    read from the object store without a copy (a polars Series is unpickled whole): every
-    partition's verify task reads the blocks its candidates are in."""
+    (block positions) with their signatures). The texts stay an Arrow array: like the numpy
+    arrays, Ray maps its buffers from the object store instead of copying them (a polars Series
+    is unpickled whole), and every partition's verify task reads the blocks its candidates are in."""
     series = pl.Series(text)
     n_words, size_estimate = text_sizes(series)
     sig = {kind: (members, signatures(series.gather(members), scheme_shingler(kind, ngram), num_perm, seed))
@@ -96,7 +96,7 @@ def _partition_edges(kind: str, bands: int, params: dict[str, Any], sizes: tuple
     once; the pieces themselves are read from the object store without a copy."""
     n_words, size_estimate, block_of, index_in = sizes
     n_nodes = len(n_words)
-    starts = [np.searchsorted(piece["key"][:, 0], np.arange(bands + 1)) for piece in pieces]
+    starts = [np.searchsorted(piece["key"][:, 0], np.arange(bands + 1, dtype=np.uint32)) for piece in pieces]
     codes = [_candidates(*(np.concatenate([piece[name][at[band]:at[band + 1]] for piece, at in zip(pieces, starts)])
                            for name in ("node", "key")), n_nodes) for band in range(bands)]
     pairs = np.unique(np.concatenate(codes))
