@@ -13,9 +13,10 @@ changes is where each step runs; no process holds every signature or every edge:
      sends (band, node, band values) to one of P partitions by a hash of band and values;
   3. a task per partition groups its rows by exact (band, values), a band at a time (its
      memory is one band's rows of the partition, not all of them): every row that is not its
-     group's smallest node is a candidate pair with it (candidate_pairs_from's pairs). It fetches
-     both texts' signatures and texts from the blocks holding them, applies the prefilter and the
-     exact Jaccard check, and keeps its verified edges in the object store;
+     group's smallest node is a candidate pair with it (candidate_pairs_from's pairs). A slice of
+     pairs at a time (half of --chunk-rows), it fetches both texts' signatures and texts from the
+     blocks holding them, applies the prefilter and the exact Jaccard check, and keeps its
+     verified edges in the object store;
   4. components: min-label propagation over the partitions' edges, each round a task per
      partition proposing for its nodes the smallest label of a neighbour, then pointer jumping
      (label ← label[label]) here, on one label per node, until no label moves. Each node ends
@@ -93,16 +94,24 @@ def _partition_edges(kind: str, bands: int, params: dict[str, Any], sizes: tuple
                      *pieces: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Verified edges (nodes) among one partition's candidate pairs. Its rows are grouped a band at
     a time (no group spans two bands), so the task copies one band's rows of the partition at
-    once; the pieces themselves are read from the object store without a copy."""
-    n_words, size_estimate, block_of, index_in = sizes
-    n_nodes = len(n_words)
+    once; the pieces themselves are read from the object store without a copy. The pairs are then
+    checked `chunk_pairs` at a time: the signatures and texts gathered for a check are its slice's,
+    not the whole partition's."""
+    n_nodes = len(sizes[0])
     starts = [np.searchsorted(piece["key"][:, 0], np.arange(bands + 1, dtype=np.uint32)) for piece in pieces]
     codes = [_candidates(*(np.concatenate([piece[name][at[band]:at[band + 1]] for piece, at in zip(pieces, starts)])
                            for name in ("node", "key")), n_nodes) for band in range(bands)]
-    pairs = np.unique(np.concatenate(codes))
-    if not len(pairs):
-        return pairs, pairs
-    s, t = pairs // n_nodes, pairs % n_nodes
+    pairs, step = np.unique(np.concatenate(codes)), params["chunk_pairs"]
+    edges = [_verified(kind, part // n_nodes, part % n_nodes, params, sizes, blocks)
+             for part in (pairs[lo:lo + step] for lo in range(0, len(pairs), step))]
+    none = np.empty(0, np.int64)
+    return np.concatenate([none, *(s for s, _ in edges)]), np.concatenate([none, *(t for _, t in edges)])
+
+
+def _verified(kind: str, s: np.ndarray, t: np.ndarray, params: dict[str, Any], sizes: tuple[np.ndarray, ...],
+              blocks: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (s, t) (nodes) that pass the signature prefilter and the exact check."""
+    n_words, size_estimate, block_of, index_in = sizes
     involved, local = np.unique(np.r_[s, t], return_inverse=True)
     ls, lt = local[:len(s)], local[len(s):]
     sig, text = _rows_of(involved, kind, blocks, block_of, index_in)
