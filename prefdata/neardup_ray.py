@@ -39,6 +39,7 @@ from prefdata.engine_ray import cluster_cpus, get, remote
 from prefdata.neardup import (
     SCHEMES,
     _band_hash,
+    _band_representatives,
     lsh_bands,
     passes_prefilter,
     scheme_members,
@@ -78,14 +79,12 @@ def _band_pieces(block: dict, kind: str, bands: int, rows: int, partitions: int)
 
 def _candidates(node: np.ndarray, key: np.ndarray, n_nodes: int) -> np.ndarray:
     """Candidate pairs as codes s · n_nodes + t (distinct): (node, smallest node of its group) for
-    every row of an exact key group ([band, band values]) that is not the group's smallest node."""
-    if not len(node):
-        return np.empty(0, np.int64)
-    _, group = np.unique(key.view(np.dtype((np.void, key.itemsize * key.shape[1]))).ravel(), return_inverse=True)
-    group = group.ravel()
-    smallest = np.full(group.max() + 1, np.iinfo(np.int64).max, np.int64)
-    np.minimum.at(smallest, group, node)
-    representative = smallest[group]
+    every row of an exact key group ([band, band values]) that is not the group's smallest node.
+    The grouping is the local path's (`_band_representatives`: each row's first row with the same
+    values), over the rows in node order, so a group's first row is its smallest node."""
+    order = np.argsort(node)
+    node = node[order]
+    representative = node[_band_representatives(np.ascontiguousarray(key[order]))]
     candidate = node != representative
     return np.unique(node[candidate] * n_nodes + representative[candidate])
 
