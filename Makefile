@@ -62,7 +62,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick $(BENCH_SECTIONS)
 
-# On a CUDA machine: precompute-ref, train (DDP, FSDP2, LoRA) on all visible GPUs with a ~100M model in bf16,
+# On a CUDA machine: precompute-ref, train (DDP, FSDP2, LoRA, KTO, reward, a killed run resumed) on all visible GPUs with a ~100M model in bf16,
 # and the bench-quick table on the GPU (benchmarks/results/bench-cuda.md); < 10 min. Without CUDA: one line, exit 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py

@@ -16,6 +16,10 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      GPUs in bf16 with the KL completions in their own no-gradient forward (--kl-completions
                      apart); with ≥ 2 GPUs, FSDP2 KTO on every GPU beside one GPU (the KL estimate's
                      all-reduce on NCCL, stand-in rows in the last batch)
+    reward           train --objective reward on all visible GPUs in bf16 (a new score head: step 1 at log 2); with
+                     ≥ 2 GPUs, FSDP2 reward training on every GPU beside one GPU
+    resume           DDP on all visible GPUs in float32, killed (SIGKILL) as it writes its step-4 checkpoint and
+                     resumed: the same losses, gradient norms and final weights as the run never stopped
     multi-GPU        with ≥ 2 GPUs: FSDP2 with --cpu-offload on every GPU; train DDP and FSDP2 in float32 on every GPU beside one GPU on the
                      same global batches (losses equal within float32 reduction order), and
                      precompute-ref on every GPU beside one (the same stored values); with one GPU,
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -87,9 +92,9 @@ class StageFailed(Exception):
     """A stage's command failed or its figures are wrong; the message says which and why."""
 
 
-def _run(name: str, command: list[str]) -> float:
+def _run(name: str, command: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         raise StageFailed(f"{name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - start
@@ -169,8 +174,12 @@ def _precompute(model: Path, shards: Path) -> dict:
             "dtype": manifest["reference"]["dtype"], "verify_max_abs_diff": manifest["stats"]["verify_max_abs_diff"]}
 
 
+def _launcher(gpus: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+
+
 def _torchrun(gpus: int, *module_and_args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "-m", *module_and_args]
+    return [*_launcher(gpus), "-m", *module_and_args]
 
 
 # Losses (absolute) and gradient norms (relative) of the same global batches on 1 and on N GPUs
@@ -227,6 +236,65 @@ def _multi_gpu(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
         else _train("train fsdp cpu-offload", rig, model, shards, work / "fsdp-offload", "--parallelism", "fsdp", "--cpu-offload")
     return [_multi_gpu_train(rig, model, shards, work, "ddp"), _multi_gpu_train(rig, model, shards, work, "fsdp"),
             offload, _multi_gpu_precompute(rig, model, shards, work)]
+
+
+REWARD = ("--objective", "reward")
+
+
+def _reward(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
+    """The reward model on the same shards: bf16 on every GPU, its score head new and small, so step
+    1's loss is log 2; with ≥ 2 GPUs, FSDP2 on every GPU beside one GPU."""
+    rows = [_train("train reward", rig, model, shards, work / "reward", *REWARD)]
+    if rig.processes >= 2:
+        rows.append(_multi_gpu_train(rig, model, shards, work, "fsdp", *REWARD))
+    return rows
+
+
+KILLED_RUN = ROOT / "benchmarks" / "killed_run.py"
+RESUME_STEPS, KILLED_AT = 8, 4
+# Eager attention, whose backward adds no atomics (the fused SDPA kernels' may), and cuBLAS's fixed
+# workspace: the same steps give the same numbers run to run, so a resume that lost state shows.
+DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+RESUME_TOLERANCE = 1e-6
+
+
+def _resume(rig: Rig, model: Path, shards: Path, work: Path) -> dict:
+    """DDP on every GPU, float32, killed (SIGKILL) as it writes checkpoint 4's trainer state and
+    run again with --resume from checkpoint 2, beside the same run never stopped: steps 3..8 must
+    log the same losses and gradient norms, and the final weights be the same. On CUDA that is the
+    fused AdamW state and the GPU generators' states coming back onto the GPU under NCCL."""
+    args = ["--shards", str(shards), "--model", str(model), *TRAIN_ARGS, "--learning-rate", str(10 * rig.learning_rate),
+            "--max-steps", str(RESUME_STEPS), "--save-every", "2", "--dtype", "float32", "--attn-implementation", "eager"]
+    whole, killed = work / "resume-whole", work / "resume-killed"
+    _run("train (never stopped)", _torchrun(rig.processes, "train", *args, "--out", str(whole)), DETERMINISTIC)
+    died = subprocess.run([*_launcher(rig.processes), str(KILLED_RUN), str(KILLED_AT), *args, "--out", str(killed)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **DETERMINISTIC})
+    if died.returncode == 0 or (killed / "final").exists():
+        raise StageFailed(f"resume: the run meant to die at checkpoint {KILLED_AT} finished (exit {died.returncode})")
+    _run("train --resume", _torchrun(rig.processes, "train", *args, "--resume", "--out", str(killed)), DETERMINISTIC)
+    logged = {}
+    for name, out in (("whole", whole), ("resumed", killed)):
+        logged[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    if [m["step"] for m in logged["resumed"]] != [m["step"] for m in logged["whole"]]:
+        raise StageFailed(f"resume: steps {[m['step'] for m in logged['resumed']]} logged, not 1..{RESUME_STEPS}")
+    worst = max(abs(a[key] - b[key]) / max(abs(a[key]), 1e-6)
+                for a, b in zip(logged["whole"], logged["resumed"]) for key in ("loss", "grad_norm"))
+    weights = _max_weight_difference(whole / "final", killed / "final")
+    if worst > RESUME_TOLERANCE or weights > RESUME_TOLERANCE:
+        raise StageFailed(f"resume: the resumed run's losses or gradient norms differ from the uninterrupted run's by up to "
+                          f"{worst:.3g} (relative), its final weights by up to {weights:.3g}")
+    return {"stage": f"train ddp killed at checkpoint {KILLED_AT}, resumed = never stopped (fp32)", "seconds": float("nan"),
+            "tokens_per_s": float("nan"), "first_loss": logged["resumed"][0]["loss"], "last_loss": logged["resumed"][-1]["loss"],
+            "max_diff": max(worst, weights)}
+
+
+def _max_weight_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    first, second = ({k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()} for folder in (a, b))
+    if not first or first.keys() != second.keys():
+        raise StageFailed(f"resume: {a} and {b} hold different tensors")
+    return max(float((first[name].float() - second[name].float()).abs().max()) for name in first)
 
 
 KTO = ("--objective", "kto", "--kl-completions", "apart")
@@ -315,6 +383,8 @@ def check(rig: Rig, work: Path) -> tuple[list[dict], list[str]]:
         ("iterate eval", lambda: _iterate_eval(rig, work / "ddp" / "final", model, work / "records")),
         ("multi-GPU", lambda: _multi_gpu(rig, model, shards, work)),
         ("kto", lambda: _kto(rig, model, work)),
+        ("reward", lambda: _reward(rig, model, shards, work)),
+        ("resume", lambda: _resume(rig, model, shards, work)),
     ])
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,37 +30,12 @@ RUNS = {
     "lora": ["--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "2e-2"],
 }
 
-# `python -m train ARGS…` whose rank 0 dies by SIGKILL (nothing flushed, nothing cleaned up) just as
-# it would write checkpoint STEP's trainer state: every process has written its model, optimizer
-# and generator states, so the checkpoint lacks only that last file and its rename into place.
-KILL_AT_CHECKPOINT = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
-
-    import torch
-
-    from train import parallel
-    from train.__main__ import main
-
-    step, argv = int(sys.argv[1]), sys.argv[2:]
-    save = torch.save
-
-    def save_or_die(obj, target, *args, **kwargs):  # target: a path, or a file DCP writes into
-        if isinstance(target, (str, os.PathLike)) and Path(target).name == parallel.STATE_FILE \
-                and Path(target).parent.name.endswith(f"checkpoint-{step:07d}"):
-            os.kill(os.getpid(), signal.SIGKILL)
-        save(obj, target, *args, **kwargs)
-
-    torch.save = save_or_die
-    main(argv)
-""")
+KILLED_RUN = ROOT / "benchmarks" / "killed_run.py"  # train, killed as it writes a given checkpoint's trainer state
 
 
-def _killed_at_checkpoint(port: int, step: int, script_dir: Path, *args: str) -> None:
-    script = script_dir / "kill_at_checkpoint.py"
-    script.write_text(KILL_AT_CHECKPOINT)
+def _killed_at_checkpoint(port: int, step: int, *args: str) -> None:
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                          str(script), str(step), *args], capture_output=True, text=True, cwd=ROOT)
+                          str(KILLED_RUN), str(step), *args], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "SIGKILL" in run.stderr, run.stderr[-3000:]
 
 
@@ -78,7 +52,7 @@ def test_a_two_process_run_killed_mid_way_resumes_to_the_same_losses_and_weights
     _torchrun(port, *args, "--out", str(whole))
 
     killed = tmp_path / "killed"
-    _killed_at_checkpoint(port + 1, 4, tmp_path, *args, "--out", str(killed))
+    _killed_at_checkpoint(port + 1, 4, *args, "--out", str(killed))
     assert not (killed / "final").exists() and [r["step"] for r in _metrics(killed) if "loss" in r] == [1, 2, 3, 4]
     assert list(killed.glob(".tmp-checkpoint-0000004/rng-*.pt"))  # checkpoint 4 was half-written …
     assert latest_checkpoint(killed) == killed / "checkpoint-0000002"  # … and is not what a resume reads
