@@ -75,7 +75,8 @@ from prefdata.neardup import (
 )
 from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
-from schemas.io import atomic_dir, sha256_file
+from schemas.io import sha256_file
+from schemas.location import input_dirs, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
@@ -104,8 +105,9 @@ _OUTPUT_NAMES = {TRAIN: "train.parquet", EVAL: "eval.parquet", DROPPED: "dropped
 class CurateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(description="Record sets: outputs of prefdata ingest (or curate).")
-    out: str = Field(description="Directory for train/eval/dropped.parquet and manifest.json.")
+    inputs: list[str] = Field(description="Record sets: outputs of prefdata ingest (or curate), directories or object-store URIs.")
+    out: str = Field(description="Directory, or object-store URI (s3://…; docs/cluster.md), for train/eval/dropped.parquet and "
+                     "manifest.json.")
     near_dup: bool = Field(True, description="Cluster near-duplicate prompts (MinHash LSH).")
     ngram: int = Field(5, gt=0, description="Word n-gram size of the MinHash shingles for prompts of 120+ words "
                        "(shorter prompts: word 1+2-grams, see docs/curate.md).")
@@ -177,11 +179,11 @@ def _answers(columns: list[str]) -> tuple[str, ...]:
 # Inputs
 
 
-def _record_files(paths: list[str]) -> tuple[list[Path], str]:
+def _record_files(dirs: list[Path]) -> tuple[list[Path], str]:
     """Every record file of every input set, checked before anything is read or written, and the
     record kind they share (pairs or unpaired completions)."""
     files, kinds = [], {}
-    for directory in map(Path, paths):
+    for directory in dirs:
         manifest = Manifest.read(directory, stages=tuple(RECORD_FILES))
         for name in RECORD_FILES[manifest.stage]:
             path = directory / name
@@ -201,10 +203,11 @@ def _record_files(paths: list[str]) -> tuple[list[Path], str]:
     return files, next(iter(kinds))
 
 
-def checked_inputs(config: CurateConfig) -> tuple[list[Path], str]:
-    """The inputs' record files and their kind, refusing the options that only pairs have for an
-    unpaired set (the command calls it before it loads a scorer)."""
-    files, kind = _record_files(config.inputs)
+def checked_inputs(config: CurateConfig, dirs: list[Path] | None = None) -> tuple[list[Path], str]:
+    """The record files of the input sets (`dirs`: their local copies, default `config.inputs`) and
+    their kind, refusing the options that only pairs have for an unpaired set (the command calls
+    it before it loads a scorer)."""
+    files, kind = _record_files(dirs if dirs is not None else [Path(i) for i in config.inputs])
     if kind == UNPAIRED:
         given = [name for name, on in (("--min-margin", config.min_margin is not None), ("--score-with", config.scored)) if on]
         if given:
@@ -822,51 +825,52 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
     """The stage. With `config.score_with`, `scorer` is the model that scores the pairs
     (`train.label_scores.load_pair_scorer`; the `prefdata curate` command builds it, since this
     package never imports the model side)."""
-    files, kind = checked_inputs(config)
-    if config.scored and scorer is None:
-        raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
-                        "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
-    inputs = [_input_file(path) for path in files]
-    with atomic_dir(config.out) as out_dir, session(config.execution) as engine:
-        # Spill files live inside the output's temporary directory: a failed or killed run leaves
-        # them where atomic_dir leaves its partial output, never beside the finished one.
-        spill = out_dir / ".spill"
-        spill.mkdir()
-        narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill, engine)
-        refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
+    with input_dirs(config.inputs) as dirs:
+        files, kind = checked_inputs(config, dirs)
+        if config.scored and scorer is None:
+            raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
+                            "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
+        inputs = [_input_file(path) for path in files]
+        with output_dir(config.out) as out_dir, session(config.execution) as engine:
+            # Spill files live inside the output's temporary directory: a failed or killed run leaves
+            # them where output_dir leaves its partial output, never beside the finished one.
+            spill = out_dir / ".spill"
+            spill.mkdir()
+            narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill, engine)
+            refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
 
-        def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-            with progress("score labels", total=int(wanted.sum())) as bar:
-                margins, why = label_margins(_input_chunks(inputs, config.chunk_rows, SCORED_COLUMNS), row_of_pos, wanted,
-                                             scorer, config, bar)
-            refused.update(why)
-            return margins
+            def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+                with progress("score labels", total=int(wanted.sum())) as bar:
+                    margins, why = label_margins(_input_chunks(inputs, config.chunk_rows, SCORED_COLUMNS), row_of_pos, wanted,
+                                                 scorer, config, bar)
+                refused.update(why)
+                return margins
 
-        source = narrow.source
-        decisions = _decide(narrow, order, config, prompts, spill, engine, labels_of if config.scored else None)
-        if decisions.label_margin is not None:
-            dropped = decisions.reason == DROP_REASONS.index(SUSPECT_LABEL) if config.drop_suspect else None
-            decisions.stats["label_noise"] = label_stats(decisions.label_margin, source, source_names, decisions.label_suspect,
-                                                         dropped, config, scorer, refused)
-        if kind == UNPAIRED:
-            decisions.stats["labels"] = _label_balance(decisions.dest, narrow.swapped)
-        del narrow, order, source
-        written = _pass2(inputs, kind, decisions, config, out_dir, spill)
-        shutil.rmtree(spill)
-        counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
-        if written[DROPPED] != sum(counts.dropped.values()) or counts.read != sum(i.rows for i in inputs):
-            raise RuntimeError(f"curate lost records: read {counts.read}, wrote {written}")  # a bug, never a user error
-        manifest = Manifest(
-            stage="curate",
-            package_version=__version__,
-            config=config.model_dump(),
-            inputs=inputs,
-            counts=counts,
-            outputs=list(_OUTPUT_NAMES.values()),
-            stats=decisions.stats,
-            versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
-        )
-        manifest.write(out_dir)
+            source = narrow.source
+            decisions = _decide(narrow, order, config, prompts, spill, engine, labels_of if config.scored else None)
+            if decisions.label_margin is not None:
+                dropped = decisions.reason == DROP_REASONS.index(SUSPECT_LABEL) if config.drop_suspect else None
+                decisions.stats["label_noise"] = label_stats(decisions.label_margin, source, source_names, decisions.label_suspect,
+                                                             dropped, config, scorer, refused)
+            if kind == UNPAIRED:
+                decisions.stats["labels"] = _label_balance(decisions.dest, narrow.swapped)
+            del narrow, order, source
+            written = _pass2(inputs, kind, decisions, config, out_dir, spill)
+            shutil.rmtree(spill)
+            counts = Counts(read=len(decisions.dest), kept=written[TRAIN] + written[EVAL], dropped=_dropped_counts(decisions.reason))
+            if written[DROPPED] != sum(counts.dropped.values()) or counts.read != sum(i.rows for i in inputs):
+                raise RuntimeError(f"curate lost records: read {counts.read}, wrote {written}")  # a bug, never a user error
+            manifest = Manifest(
+                stage="curate",
+                package_version=__version__,
+                config=config.model_dump(),
+                inputs=[item.model_copy(update={"path": shown(Path(item.path), dirs, config.inputs)}) for item in inputs],
+                counts=counts,
+                outputs=list(_OUTPUT_NAMES.values()),
+                stats=decisions.stats,
+                versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
+            )
+            manifest.write(out_dir)
     return manifest
 
 

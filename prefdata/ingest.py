@@ -10,7 +10,8 @@ in parquet row groups and every rejected row to quarantine.jsonl with its reason
 An uncompressed JSONL file is cut into byte ranges of whole lines that each worker reads itself,
 so this process only orders and writes; other inputs are read here and sent in chunks of rows.
 All files are written into a temporary directory that replaces `--out` only when the run
-completes (schemas.io.atomic_dir).
+completes (schemas.location.output_dir: a rename, or for an object-store URI an upload with the
+manifest last).
 
 Counts are in input rows: read = kept + quarantined (by reason). A row is kept when it gave
 records; a format that pairs several answers of one row gives several records for one kept row,
@@ -45,7 +46,8 @@ from prefdata.formats.tabular import MAPPABLE_FIELDS
 from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_rows, resolve_sources
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
-from schemas.io import atomic_dir, sha256_file
+from schemas.io import sha256_file
+from schemas.location import output_dir
 from schemas.manifest import QUARANTINE_FILE, Counts, Manifest
 from schemas.progress import progress
 from schemas.records import (
@@ -79,7 +81,8 @@ class IngestConfig(BaseModel):
 
     inputs: list[str] = Field(min_length=1, description="Files (.jsonl/.json/.csv/.parquet, optionally .gz/.zst/.bz2), "
                               "directories, globs, save_to_disk directories or Hub dataset names.")
-    out: str = Field(description="Directory for records.parquet, quarantine.jsonl, manifest.json.")
+    out: str = Field(description="Directory, or object-store URI (s3://…; docs/cluster.md), for records.parquet, quarantine.jsonl, "
+                     "manifest.json.")
     format: str = Field("auto", description="auto (from the columns) or a format name: " + ", ".join(FORMATS) + ".")
     options: FormatOptions = FormatOptions()
     limit: int | None = Field(None, gt=0, description="Read at most N rows in total.")
@@ -421,7 +424,7 @@ def ingest(config: IngestConfig) -> Manifest:
     kind = _record_kind(sources, formats, config)
     tallies: list[_SourceTally] = []
     left = config.limit  # rows still to read under --limit
-    with atomic_dir(config.out) as tmp, _hashing(sources) as hashes, session(config.execution) as engine:
+    with output_dir(config.out) as tmp, _hashing(sources) as hashes, session(config.execution) as engine:
         with (
             engine.pool(_convert, config.workers) as converter,
             _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows, kind) as records,

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import UserError
+from schemas.location import input_dirs
 from schemas.manifest import Manifest
 from schemas.records import MESSAGES_TYPE, RECORD_FILES, record_kind
 from schemas.shard import REF_COLUMNS_OF, shard_kind
@@ -113,14 +114,19 @@ def _decoder(manifest: Manifest):
 class InspectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    directory: str = Field(description="Any stage's output directory.")
+    directory: str = Field(description="Any stage's output directory (or object-store URI).")
     sample: int = Field(0, ge=0, description="Show N decoded examples.")
     seed: int = Field(0, description="Which examples --sample picks.")
     as_json: bool = Field(False, description="Machine-readable report on stdout.")
 
 
 def inspect_dir(directory: str | Path, sample: int = 0, seed: int = 0) -> dict[str, Any]:
-    directory = Path(directory)
+    """The report on a stage's output: a directory, or an object-store URI (downloaded first)."""
+    with input_dirs([str(directory)]) as (local,):
+        return {**_inspect_local(local, sample, seed), "directory": str(directory)}
+
+
+def _inspect_local(directory: Path, sample: int, seed: int) -> dict[str, Any]:
     manifest = Manifest.read(directory)
     files = _data_files(directory, manifest)
     missing = [str(f) for f in files if not f.is_file()]

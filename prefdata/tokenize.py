@@ -37,7 +37,8 @@ from prefdata.pool import prestart
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.fingerprint import tokenizer_fingerprint
-from schemas.io import atomic_dir, sha256_file
+from schemas.io import sha256_file
+from schemas.location import input_dirs, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
@@ -69,9 +70,10 @@ def prompt_length_limit(max_length: int, max_prompt_length: int | None) -> int:
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_dir: str = Field(description="Output of prefdata curate (train/eval) or prefdata ingest.")
+    input_dir: str = Field(description="Output of prefdata curate (train/eval) or prefdata ingest: a directory or an object-store URI.")
     tokenizer: str = Field(description="Tokenizer directory or Hub name (offline: a directory).")
-    out: str = Field(description="Directory for the shards, dropped.parquet and manifest.json.")
+    out: str = Field(description="Directory, or object-store URI (s3://…; docs/cluster.md), for the shards, dropped.parquet and "
+                     "manifest.json.")
     template: Literal["auto", "chat", "plain"] = Field("auto", description="auto: the tokenizer's chat template if it has one, else plain.")
     chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
     system_turn: SystemTurn = Field("fold", description="For a chat template without a system role: fold the system turn "
@@ -435,7 +437,12 @@ def _batches(path: Path, rows: int, kind: str) -> Iterator[pa.RecordBatch]:
 
 
 def tokenize(config: TokenizeConfig) -> Manifest:
-    input_dir = Path(config.input_dir)
+    with input_dirs([config.input_dir]) as (input_dir,):
+        return _tokenize_local(config, input_dir)
+
+
+def _tokenize_local(config: TokenizeConfig, input_dir: Path) -> Manifest:
+    """The stage, on `config.input_dir`'s local copy `input_dir` (itself, when it is local)."""
     upstream, files, kind = _input_files(input_dir)
     total = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
     if config.execution.engine == "local" and config.workers > 1 and total > config.batch_rows:
@@ -452,7 +459,7 @@ def tokenize(config: TokenizeConfig) -> Manifest:
     dropped_rows: list[dict] = []
     labels: dict[str, Counter] = {}  # unpaired: desirable / undesirable rows kept per split
     with (
-        atomic_dir(config.out) as out_dir,
+        output_dir(config.out) as out_dir,
         progress("tokenize", total=total) as bar,
         session(config.execution) as engine,
         engine.pool(_encode_job, config.workers, _start_encoder, (tokenizer, config, kind)) as pool,
@@ -482,8 +489,8 @@ def tokenize(config: TokenizeConfig) -> Manifest:
             stage="tokenize",
             package_version=__version__,
             config=config.model_dump(),
-            inputs=[InputFile(path=str(p), sha256=sha256_file(p), bytes=p.stat().st_size, rows=pq.ParquetFile(p).metadata.num_rows)
-                    for _, p in files],
+            inputs=[InputFile(path=shown(p, [input_dir], [config.input_dir]), sha256=sha256_file(p), bytes=p.stat().st_size,
+                              rows=pq.ParquetFile(p).metadata.num_rows) for _, p in files],
             counts=Counts(read=read, kept=kept, dropped=dict(dropped)),
             outputs=[s.name for s in shards] + ["dropped.parquet"],
             shards=shards,

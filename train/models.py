@@ -9,18 +9,13 @@ from typing import Any
 
 import torch
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import sha256_file, sha256_files_cached
 from schemas.manifest import ModelFingerprint, TokenizerFingerprint
 from train.device import dtype_name
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_dir(name_or_path: str) -> Path:
@@ -67,7 +62,7 @@ def load_model_tokenizer(directory: Path, name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model {name_or_path}: cannot load its tokenizer ({_first_line(exc)}); "
+        raise UserError(f"model {name_or_path}: cannot load its tokenizer ({first_line(exc)}); "
                         "save the tokenizer the shards were made with beside the model") from None
 
 
@@ -113,7 +108,7 @@ def instantiate(auto_class: Any, directory: Path, name_or_path: str, dtype: torc
         with torch.device("meta"):
             return auto_class.from_config(AutoConfig.from_pretrained(directory, **config_overrides), **kwargs)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
-        raise UserError(f"model {name_or_path}: cannot load {what}: {_first_line(exc)}") from None
+        raise UserError(f"model {name_or_path}: cannot load {what}: {first_line(exc)}") from None
 
 
 def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,
