@@ -107,14 +107,17 @@ def run_curate(config: Any) -> None:
     from rich.console import Console
 
     from prefdata.curate import checked_inputs, curate, summary_table
-    from schemas.location import is_uri
+    from schemas.location import is_uri, local_path
 
     scorer = None
     if config.score_with is not None:  # label noise: the model side, only when asked for
         from train.label_scores import load_pair_scorer
 
-        if not any(map(is_uri, config.inputs)):  # an object-store set is checked once curate has fetched it
-            checked_inputs(config)  # an unpaired set refuses --score-with before a model loads
+        # An unpaired set refuses --score-with before a model loads; an object-store set is checked
+        # once curate has fetched it.
+        local = [local_path(i) for i in config.inputs if not is_uri(i)]
+        if local:
+            checked_inputs(config, local)
         scorer = load_pair_scorer(config.score_with, config.score_reference, beta=config.score_beta,
                                   batch_size=config.score_batch_size, device=config.score_device, dtype=config.score_dtype)
     Console().print(summary_table(curate(config, scorer)))

@@ -76,7 +76,7 @@ from prefdata.neardup import (
 from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
 from schemas.io import sha256_file
-from schemas.location import input_dirs, output_dir, shown
+from schemas.location import input_dirs, local_path, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
@@ -207,7 +207,7 @@ def checked_inputs(config: CurateConfig, dirs: list[Path] | None = None) -> tupl
     """The record files of the input sets (`dirs`: their local copies, default `config.inputs`) and
     their kind, refusing the options that only pairs have for an unpaired set (the command calls
     it before it loads a scorer)."""
-    files, kind = _record_files(dirs if dirs is not None else [Path(i) for i in config.inputs])
+    files, kind = _record_files(dirs if dirs is not None else [local_path(i) for i in config.inputs])
     if kind == UNPAIRED:
         given = [name for name, on in (("--min-margin", config.min_margin is not None), ("--score-with", config.scored)) if on]
         if given:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
+from schemas.location import local_only
 from schemas.manifest import MANIFEST_NAME, Counts, Manifest, package_version
 from schemas.records import prompt_hash
 from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs
@@ -215,7 +216,7 @@ def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> 
 def iterate(config: IterateConfig, after_stage: Callable[[int, str], None] | None = None) -> Manifest:
     """Every round in turn, skipping the stages already done. `after_stage(round, stage)` is
     called after each stage that ran (progress lines; the tests kill a run there)."""
-    out = Path(config.out)
+    out = local_only(config.out, "iterate --out")
     out.mkdir(parents=True, exist_ok=True)
     held, per_round = hold_out(config, out)
     lora = bool(config.train.get("lora_r"))

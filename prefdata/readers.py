@@ -34,7 +34,7 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 from schemas.io import sha256_file
 from schemas.manifest import MANIFEST_NAME, QUARANTINE_FILE, InputFile, Manifest
 from schemas.records import RECORD_FILES
@@ -601,10 +601,9 @@ def _hub_rows(source: Source) -> Iterator[RawRow]:
         rows = iter(dataset)
         first = next(rows, None)
     except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split…
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"{source.location}: not a local file or directory, and the Hub dataset could not be loaded "
-            f"({reason}); pass a local path, or go online (HF_HUB_OFFLINE=0)"
+            f"({first_line(exc)}); pass a local path, or go online (HF_HUB_OFFLINE=0)"
         ) from None
     if first is None:
         return

@@ -35,7 +35,7 @@ from prefdata import __version__
 from prefdata.engine import EngineOptions, session
 from prefdata.pool import prestart
 from schemas.cpus import usable_cpus
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import sha256_file
 from schemas.location import input_dirs, output_dir, shown
@@ -114,8 +114,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load tokenizer {name_or_path}: {first_line}") from None
+        raise UserError(f"cannot load tokenizer {name_or_path}: {first_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

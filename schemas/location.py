@@ -5,11 +5,12 @@ stores such as MinIO). docs/cluster.md says when to use which.
 
 A stage always works on a local directory. A URI `--out` is built in a local temporary directory
 (under TMPDIR) and then published. An object store has no rename, so the manifest is the commit:
-publishing deletes the old manifest.json first, uploads every other file, deletes the files of an
-older output that this one does not have, and uploads manifest.json last. A prefix without a
+publishing deletes the old manifest.json first, uploads every other file, deletes the files the
+old manifest listed that the new output lacks, and uploads manifest.json last. A prefix without a
 manifest (a run that died while uploading) is refused in one line by every stage that reads it,
-never read as a whole output. A URI input set is downloaded to a local temporary directory first,
-once its manifest is there.
+never read as a whole output. A URI input set is read by its manifest: the manifest first, then
+the files it lists, into a local temporary directory; a manifest that changed meanwhile (another
+run publishing there) is refused.
 
 A local path keeps `schemas.io.atomic_dir` (a rename: the old output stays whole until the new one
 replaces it); `file://` URIs are local paths.
@@ -17,12 +18,15 @@ replaces it); `file://` URIs are local paths.
 
 from __future__ import annotations
 
+import errno
+import json
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from schemas.errors import UserError, first_line
@@ -30,6 +34,8 @@ from schemas.io import atomic_dir
 from schemas.manifest import MANIFEST_NAME
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_COPY_BYTES = 8 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_uri(location: str) -> bool:
@@ -38,11 +44,26 @@ def is_uri(location: str) -> bool:
 
 
 def local_path(location: str) -> Path:
-    """A local location as a path (file:// URIs included)."""
-    return Path(unquote(urlparse(location).path)) if location.startswith("file://") else Path(location)
+    """A local location as a path: itself, or a file:// URI's path (on this host only)."""
+    if not location.startswith("file://"):
+        return Path(location)
+    parsed = urlparse(location)
+    if parsed.netloc not in ("", "localhost"):
+        raise UserError(f"{location}: a file:// URI names a path on this machine (file:///abs/path); "
+                        f"'{parsed.netloc}' is read as a host")
+    return Path(unquote(parsed.path))
 
 
-def _filesystem(uri: str):  # -> (pyarrow.fs.FileSystem, path inside it)
+def local_only(location: str, what: str) -> Path:
+    """`location` for a stage that reads or writes local paths only, or one line saying so."""
+    if is_uri(location):
+        raise UserError(f"{location}: {what} takes a local path; object-store URIs are for ingest, curate and tokenize "
+                        "(docs/cluster.md): copy the set down first")
+    return local_path(location)
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """(the pyarrow filesystem of `uri`, the path inside it)."""
     from pyarrow import fs
 
     try:
@@ -52,60 +73,104 @@ def _filesystem(uri: str):  # -> (pyarrow.fs.FileSystem, path inside it)
     return filesystem, path.rstrip("/")
 
 
-def _files(filesystem, root: str) -> list[str]:
-    """The files under `root`, as paths relative to it."""
-    from pyarrow import fs
+def _copy(source: Any, target: Any) -> None:
+    shutil.copyfileobj(source, target, _COPY_BYTES)
 
-    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted(info.path[len(root) + 1:] for info in infos if info.type == fs.FileType.File)
+
+def _upload(source: Path, filesystem: Any, target: str) -> None:
+    # compression=None: the bytes as they are, whatever the name's suffix (pyarrow would gzip a .gz)
+    with open(source, "rb") as local, filesystem.open_output_stream(target, compression=None) as remote:
+        _copy(local, remote)
+
+
+def _download(filesystem: Any, source: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with filesystem.open_input_stream(source, compression=None) as remote, open(target, "wb") as local:
+        _copy(remote, local)
 
 
 @contextmanager
 def output_dir(out: str) -> Iterator[Path]:
     """A fresh local directory for a stage's output; on success it becomes `out`: by a rename for a
     local path, by publishing it (the manifest last) for a URI. After a failure inside, `out` is
-    as it was."""
+    as it was. A URI's bucket is looked up before the stage runs, so a missing bucket or refused
+    credentials stop the run at once, not after it."""
     if not is_uri(out):
         with atomic_dir(local_path(out)) as tmp:
             yield tmp
         return
     filesystem, root = _filesystem(out)
+    _check_bucket(filesystem, root, out)
     staging = Path(tempfile.mkdtemp(prefix="prefdata-out-"))
     try:
-        yield staging
+        try:
+            yield staging
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(out) from None
+            raise
         _publish(staging, filesystem, root, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, filesystem, root: str, uri: str) -> None:
+def _check_bucket(filesystem: Any, root: str, out: str) -> None:
+    from pyarrow import fs
+
+    first, *rest = root.split("/")
+    bucket = first or f"/{rest[0] if rest else ''}"  # a bucket, or an absolute path's top directory (hdfs://host/top/…)
+    try:
+        missing = filesystem.get_file_info(bucket).type == fs.FileType.NotFound
+    except OSError as exc:
+        raise UserError(f"{out}: cannot reach this location ({first_line(exc)}); check its credentials") from None
+    if missing:
+        raise UserError(f"{out}: there is no bucket (or top-level directory) {bucket!r}; create it first")
+
+
+def _no_space(location: str) -> UserError:
+    return UserError(f"{tempfile.gettempdir()}: no space left on device while building {location} there (TMPDIR holds the "
+                     "output, any object-store input set and curate's spill files before the upload); point TMPDIR at a "
+                     "larger disk and run again")
+
+
+def _publish(staging: Path, filesystem: Any, root: str, uri: str) -> None:
     names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     if MANIFEST_NAME not in names:
         raise RuntimeError(f"{staging}: a stage output without {MANIFEST_NAME}")  # a bug: every stage writes one
+    from pyarrow import fs
+
+    manifest = f"{root}/{MANIFEST_NAME}"
     try:
-        old = _files(filesystem, root)
-        if MANIFEST_NAME in old:  # from here on, the old output is no longer whole: no stage reads it
-            filesystem.delete_file(f"{root}/{MANIFEST_NAME}")
+        old = _listed(filesystem, root) if filesystem.get_file_info(manifest).type == fs.FileType.File else []
+        if old:  # from here on, the old output is no longer whole: no stage reads it
+            filesystem.delete_file(manifest)
         for name in names:
             if name != MANIFEST_NAME:
                 _upload(staging / name, filesystem, f"{root}/{name}")
-        for stale in sorted(set(old) - set(names)):
+        for stale in sorted(set(old) - set(names)):  # files of the old output only, never other files under the prefix
             filesystem.delete_file(f"{root}/{stale}")
-        _upload(staging / MANIFEST_NAME, filesystem, f"{root}/{MANIFEST_NAME}")  # the commit
+        _upload(staging / MANIFEST_NAME, filesystem, manifest)  # the commit
     except OSError as exc:
         raise UserError(f"{uri}: publishing the output failed ({first_line(exc)}); what was uploaded has no "
                         f"{MANIFEST_NAME}, so no stage reads it; run the stage again") from None
 
 
-def _upload(source: Path, filesystem, target: str) -> None:
-    with open(source, "rb") as local, filesystem.open_output_stream(target) as remote:
-        shutil.copyfileobj(local, remote, 8 << 20)
+def _listed(filesystem: Any, root: str) -> list[str]:
+    """The files the manifest under `root` names (itself and its outputs), relative to `root`."""
+    with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}", compression=None) as stream:
+        try:
+            raw = json.loads(stream.read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = {}
+    outputs = raw.get("outputs") if isinstance(raw, dict) else None
+    return [MANIFEST_NAME, *(name for name in outputs or [] if isinstance(name, str))]
 
 
 @contextmanager
 def input_dirs(locations: list[str]) -> Iterator[list[Path]]:
-    """Each input set as a local directory: a local path as it is, a URI's files downloaded into a
-    temporary directory (removed afterwards) once its manifest is there."""
+    """Each input set as a local directory: a local path as it is, a URI as a temporary local copy
+    of its manifest and the files it lists (removed afterwards). One-line errors about the copy
+    name the URI, not the temporary directory."""
     with ExitStack() as stack:
         yield [stack.enter_context(_input_dir(location)) for location in locations]
 
@@ -116,22 +181,45 @@ def _input_dir(location: str) -> Iterator[Path]:
         yield local_path(location)
         return
     filesystem, root = _filesystem(location)
-    names = _files(filesystem, root)
-    if MANIFEST_NAME not in names:
-        raise UserError(f"{location}: no {MANIFEST_NAME}; not the output of a prefdata stage, or the run that wrote it "
-                        "stopped before it finished publishing (run that stage again)")
     local = Path(tempfile.mkdtemp(prefix="prefdata-in-"))
     try:
-        try:
-            for name in names:
-                (local / name).parent.mkdir(parents=True, exist_ok=True)
-                with filesystem.open_input_stream(f"{root}/{name}") as remote, open(local / name, "wb") as copy:
-                    shutil.copyfileobj(remote, copy, 8 << 20)
-        except OSError as exc:
-            raise UserError(f"{location}: downloading the input set failed ({first_line(exc)})") from None
+        _fetch(filesystem, root, location, local)
         yield local
+    except UserError as exc:
+        if type(exc) is UserError and str(local) in str(exc):
+            raise UserError(str(exc).replace(str(local), _base(location))) from None
+        raise
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _fetch(filesystem: Any, root: str, location: str, local: Path) -> None:
+    from pyarrow import fs
+
+    manifest = f"{root}/{MANIFEST_NAME}"
+    try:
+        before = filesystem.get_file_info(manifest)
+        if before.type != fs.FileType.File:
+            raise UserError(f"{location}: no {MANIFEST_NAME}; not the output of a prefdata stage, or the run that wrote it "
+                            "stopped before it finished publishing (run that stage again)")
+        _download(filesystem, manifest, local / MANIFEST_NAME)
+        for name in _listed(filesystem, root)[1:]:
+            if filesystem.get_file_info(f"{root}/{name}").type != fs.FileType.File:
+                raise UserError(f"{_base(location)}/{name}: listed in its {MANIFEST_NAME} but missing; re-run the stage that wrote it")
+            _download(filesystem, f"{root}/{name}", local / name)
+        after = filesystem.get_file_info(manifest)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(location) from None
+        raise UserError(f"{location}: downloading the input set failed ({first_line(exc)})") from None
+    if (after.type, after.mtime, after.size) != (before.type, before.mtime, before.size):
+        raise UserError(f"{location}: its {MANIFEST_NAME} changed while it was read (another run is publishing there); "
+                        "run this stage again once that one has finished")
+
+
+def _base(location: str) -> str:
+    """A URI without its query (pyarrow's options, e.g. ?region=…) and trailing slash."""
+    return location.partition("?")[0].rstrip("/")
 
 
 def shown(path: Path, dirs: list[Path], locations: list[str]) -> str:
@@ -139,5 +227,6 @@ def shown(path: Path, dirs: list[Path], locations: list[str]) -> str:
     manifest: a temporary directory's name means nothing to a later run)."""
     for local, location in zip(dirs, locations):
         if is_uri(location) and path.is_relative_to(local):
-            return f"{location.rstrip('/')}/{path.relative_to(local).as_posix()}"
+            base, query = _base(location), location.partition("?")[2]
+            return f"{base}/{path.relative_to(local).as_posix()}" + (f"?{query}" if query else "")
     return str(path)

@@ -51,11 +51,15 @@ def s3():
 
 
 def _remote_files(uri: str) -> dict[str, bytes]:
+    """Every file under the prefix, by its path relative to it."""
+    from pyarrow import fs
+
     filesystem, root = location._filesystem(uri)
     out = {}
-    for name in location._files(filesystem, root):
-        with filesystem.open_input_stream(f"{root}/{name}") as stream:
-            out[name] = stream.read()
+    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == fs.FileType.File:
+            with filesystem.open_input_stream(info.path) as stream:
+                out[info.path[len(root) + 1:]] = stream.read()
     return out
 
 
@@ -96,8 +100,9 @@ def test_the_data_stages_through_an_object_store_write_the_local_bytes(s3, tmp_p
     assert {item["path"] for item in manifest["inputs"]} == {f"{remote[1]}/train.parquet", f"{remote[1]}/eval.parquet"}
 
 
-def test_a_publish_that_dies_part_way_leaves_a_prefix_no_stage_reads(s3, tmp_path, monkeypatch):
-    out = f"{s3}/broken"
+@pytest.mark.parametrize("dies_at", ["quarantine.jsonl", "manifest.json"])
+def test_a_publish_that_dies_part_way_leaves_a_prefix_no_stage_reads(s3, tmp_path, monkeypatch, dies_at):
+    out = f"{s3}/broken-{dies_at}"
     config = IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=out)
     ingest(config)
     assert "manifest.json" in _remote_files(out)
@@ -105,7 +110,7 @@ def test_a_publish_that_dies_part_way_leaves_a_prefix_no_stage_reads(s3, tmp_pat
     upload = location._upload
 
     def upload_then_fail(source: Path, filesystem, target: str) -> None:
-        if source.name == "quarantine.jsonl":
+        if source.name == dies_at:
             raise OSError("connection reset by peer")
         upload(source, filesystem, target)
 
@@ -114,7 +119,7 @@ def test_a_publish_that_dies_part_way_leaves_a_prefix_no_stage_reads(s3, tmp_pat
         ingest(config)
     assert "\n" not in str(failed.value)
     assert "manifest.json" not in _remote_files(out)  # the old one went first: no stage reads the mix
-    with pytest.raises(UserError, match=r"broken: no manifest.json; .* stopped before it finished publishing"):
+    with pytest.raises(UserError, match=rf"broken-{dies_at}: no manifest.json; .* stopped before it finished publishing"):
         curate(CurateConfig(inputs=[out], out=str(tmp_path / "curate")))
     assert not (tmp_path / "curate").exists()
 
@@ -143,15 +148,93 @@ def test_a_rerun_leaves_only_its_own_files_under_the_prefix(s3, tmp_path, chat_t
 
 @pytest.mark.parametrize(("where", "message"), [
     ("nosuchscheme://bucket/x", r"nosuchscheme://bucket/x: pyarrow cannot open this location"),
-    ("s3://no-such-bucket-here/x", r"s3://no-such-bucket-here/x: publishing the output failed"),
+    ("s3://no-such-bucket-here/x", r"s3://no-such-bucket-here/x: there is no bucket \(or top-level directory\) 'no-such-bucket-here'"),
+    ("file://otherhost/x", r"file://otherhost/x: a file:// URI names a path on this machine"),
 ])
-def test_an_unusable_location_is_one_line(s3, where, message):
+def test_an_unusable_location_is_one_line_before_anything_is_read(s3, where, message, monkeypatch):
+    def never(*_):
+        raise AssertionError("rows were converted before the location was checked")
+
+    monkeypatch.setattr("prefdata.ingest._ingest_source", never)
     with pytest.raises(UserError, match=message) as failed:
         ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=where))
     assert "\n" not in str(failed.value)
+
+
+def test_stages_that_take_local_paths_refuse_a_uri_in_one_line(s3, tmp_path):
+    from train.config import TrainConfig
+    from train.loop import train
+    from train.reference import PrecomputeRefConfig, precompute_ref
+
+    with pytest.raises(UserError, match=r"s3://runs/shards: train --shards takes a local path; .* copy the set down first"):
+        train(TrainConfig(shards=f"{s3}/shards", model="unused", out=str(tmp_path / "train")))
+    with pytest.raises(UserError, match=r"s3://runs/shards: precompute-ref takes a local path"):
+        precompute_ref(PrecomputeRefConfig(shards=f"{s3}/shards", model="unused"))
+    assert not (tmp_path / "train").exists()
 
 
 def test_file_uris_are_local_paths_written_by_a_rename(tmp_path):
     ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=f"file://{tmp_path}/ingest"))
     assert (tmp_path / "ingest" / "manifest.json").is_file()
     assert not location.is_uri(f"file://{tmp_path}") and location.is_uri("gs://bucket/x")
+
+
+def test_curate_takes_local_and_object_store_sets_together(s3, tmp_path):
+    """One set here, one in the store: the output of both sets given locally."""
+    first, second = str(tmp_path / "first"), f"{s3}/mixed/second"
+    ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=first))
+    ingest(IngestConfig(inputs=[str(FIXTURES / "ultrafeedback.jsonl")], out=second))
+    ingest(IngestConfig(inputs=[str(FIXTURES / "ultrafeedback.jsonl")], out=str(tmp_path / "second")))
+    curate(CurateConfig(inputs=[first, second], out=str(tmp_path / "mixed"), eval_fraction=0.2))
+    curate(CurateConfig(inputs=[first, str(tmp_path / "second")], out=str(tmp_path / "local"), eval_fraction=0.2))
+    assert _without_locations(_local_files(tmp_path / "mixed")) == _without_locations(_local_files(tmp_path / "local"))
+    names = [item["path"] for item in json.loads((tmp_path / "mixed" / "manifest.json").read_text())["inputs"]]
+    assert names == [f"{first}/records.parquet", f"{second}/records.parquet"]
+
+
+def test_publishing_leaves_other_files_under_the_prefix_alone(s3):
+    """Only the old output's files (those its manifest lists) are replaced or deleted: an output
+    published at a parent prefix does not delete another output below it."""
+    parent, child = f"{s3}/nest", f"{s3}/nest/child"
+    ingest(IngestConfig(inputs=[str(FIXTURES / "shp.jsonl")], out=child))
+    ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=parent))
+    ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=parent))  # a re-run: the old output is replaced
+    files = _remote_files(parent)
+    assert {"child/manifest.json", "child/records.parquet", "manifest.json", "records.parquet"} <= set(files)
+
+
+def test_an_input_set_whose_manifest_changes_while_it_is_read_is_refused(s3, tmp_path, monkeypatch):
+    out = f"{s3}/racing"
+    ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=out))
+    download = location._download
+
+    def download_while_another_run_publishes(filesystem, source: str, target: Path) -> None:
+        download(filesystem, source, target)
+        if source.endswith("records.parquet"):  # the manifest was read; a new run's lands now
+            with filesystem.open_output_stream(f"{source.rsplit('/', 1)[0]}/manifest.json") as stream:
+                stream.write(target.with_name("manifest.json").read_bytes() + b" ")
+
+    monkeypatch.setattr(location, "_download", download_while_another_run_publishes)
+    with pytest.raises(UserError, match=r"racing: its manifest.json changed while it was read \(another run is publishing there\)"):
+        curate(CurateConfig(inputs=[out], out=str(tmp_path / "curate")))
+
+
+def test_an_input_set_is_read_by_its_manifest_and_errors_name_the_uri(s3, tmp_path, chat_tokenizer_dir):
+    """Only the files the manifest lists are fetched; a wrong stage's output is refused naming the
+    URI, not the temporary copy; no temporary directory is left behind."""
+    import tempfile
+
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("prefdata-*")}
+    out = f"{s3}/byname"
+    ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=out))
+    filesystem, root = location._filesystem(out)
+    with filesystem.open_output_stream(f"{root}/notes/unrelated.bin") as stream:
+        stream.write(b"not part of the output")
+    with location.input_dirs([out]) as (local,):
+        assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == \
+            ["manifest.json", "quarantine.jsonl", "records.parquet"]
+    shards = f"{s3}/byname-shards"
+    tokenize(TokenizeConfig(input_dir=out, tokenizer=str(chat_tokenizer_dir), out=shards))
+    with pytest.raises(UserError, match=rf"^{shards}: made by 'tokenize', expected the output of ingest or curate"):
+        curate(CurateConfig(inputs=[shards], out=str(tmp_path / "curate")))
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("prefdata-*")} == before

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.gpu_check import KILLED_RUN  # train, killed as it writes a given checkpoint's trainer state
 from schemas.errors import UserError
 from tests.test_train import _metrics, shards  # noqa: F401  (shards is a fixture)
 from tests.test_train_scale import _common, _torchrun, _weights
@@ -30,7 +31,6 @@ RUNS = {
     "lora": ["--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "2e-2"],
 }
 
-KILLED_RUN = ROOT / "benchmarks" / "killed_run.py"  # train, killed as it writes a given checkpoint's trainer state
 
 
 def _killed_at_checkpoint(port: int, step: int, *args: str) -> None:

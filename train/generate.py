@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
+from schemas.location import local_only
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.records import RECORD_FILES, Message, prompt_hash
@@ -270,7 +271,7 @@ def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: lis
 
 
 def generate(config: GenerateConfig) -> Manifest:
-    out = Path(config.out)
+    out = local_only(config.out, "generate --out")
     if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
         return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
     template, system_turn = _rendering(config)

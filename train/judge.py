@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import sha256_file, write_text_atomic
+from schemas.location import local_only
 from schemas.manifest import QUARANTINE_FILE, Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.render import make_renderer
@@ -266,7 +267,7 @@ def judge(config: JudgeConfig) -> Manifest:
 
 def _write(config: JudgeConfig, source: Path, judged: list[dict], quarantined: list[dict], read: int, dropped: Counter,
            judge_info: dict[str, Any]) -> Manifest:
-    out = Path(config.out)
+    out = local_only(config.out, "judge --out")
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in judged)
     write_text_atomic(out / JUDGED_FILE, lines)
     write_text_atomic(out / QUARANTINE_FILE, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined))

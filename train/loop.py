@@ -25,6 +25,7 @@ import torch
 
 from schemas.errors import UserError
 from schemas.io import atomic_dir
+from schemas.location import local_only
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, package_version
 from schemas.progress import progress
 from schemas.shard import PAIRED, UNPAIRED
@@ -403,7 +404,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     device = dist.device
     if config.cpu_offload and device.type == "cpu":
         raise UserError("--cpu-offload moves FSDP shards from a GPU to host memory; on the CPU they are there already: drop it")
-    out = Path(config.out)
+    local_only(config.shards, "train --shards")
+    out = local_only(config.out, "train --out")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.errors import UserError
 from schemas.io import atomic_path, sha256_file, write_text_atomic
+from schemas.location import local_only
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, ShardFile
 from schemas.progress import progress
 from schemas.shard import SCHEMAS, shard_kind
@@ -303,7 +304,7 @@ class _LazyReference:
 
 
 def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
-    shards_dir = Path(config.shards)
+    shards_dir = local_only(config.shards, "precompute-ref")
     upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
     if not upstream.shards or upstream.tokenizer is None:
         raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
