@@ -16,7 +16,7 @@ from pathlib import Path
 from schemas.errors import UserError
 
 # A write that ran out of room: the disk, or the user's quota on it.
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class NoSpaceError(UserError):
@@ -49,7 +49,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         _chmod(tmp, _mode_of(final, 0o666))
         os.replace(tmp, final)
     except OSError as exc:
-        if exc.errno in _NO_SPACE:
+        if exc.errno in NO_SPACE_ERRNOS:
             raise NoSpaceError(final, final) from None
         raise
     finally:
@@ -196,7 +196,7 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     except NoSpaceError as exc:  # a file written with atomic_path inside: name it where it would have landed
         raise NoSpaceError(_landing(exc.path, tmp, final), final) from None
     except OSError as exc:
-        if exc.errno not in _NO_SPACE:
+        if exc.errno not in NO_SPACE_ERRNOS:
             raise
         # The file when the error names it (Python's own writes); pyarrow's writers name none, so
         # then the stage output the run was writing.

@@ -18,7 +18,6 @@ replaces it); `file://` URIs are local paths.
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -30,12 +29,11 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from schemas.errors import UserError, first_line
-from schemas.io import atomic_dir
+from schemas.io import NO_SPACE_ERRNOS, atomic_dir
 from schemas.manifest import MANIFEST_NAME
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _COPY_BYTES = 8 << 20
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_uri(location: str) -> bool:
@@ -106,7 +104,7 @@ def output_dir(out: str) -> Iterator[Path]:
         try:
             yield staging
         except OSError as exc:
-            if exc.errno in _NO_SPACE:
+            if exc.errno in NO_SPACE_ERRNOS:
                 raise _no_space(out) from None
             raise
         _publish(staging, filesystem, root, out)
@@ -209,7 +207,7 @@ def _fetch(filesystem: Any, root: str, location: str, local: Path) -> None:
             _download(filesystem, f"{root}/{name}", local / name)
         after = filesystem.get_file_info(manifest)
     except OSError as exc:
-        if exc.errno in _NO_SPACE:
+        if exc.errno in NO_SPACE_ERRNOS:
             raise _no_space(location) from None
         raise UserError(f"{location}: downloading the input set failed ({first_line(exc)})") from None
     if (after.type, after.mtime, after.size) != (before.type, before.mtime, before.size):

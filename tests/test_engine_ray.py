@@ -126,8 +126,9 @@ def test_a_signature_block_is_read_from_the_object_store_without_copies(cluster)
     import pyarrow as pa
 
     sign = engine_ray.remote(engine_ray_neardup._sign_block, num_returns=2)
-    # Enough for the shared-memory store (an object under 100 KiB is inlined in the owner instead).
-    texts = pa.array([f"prompt number {i} about the weather in town {i % 7}" for i in range(5000)])
+    # Enough for the shared-memory store (an object under 100 KiB is inlined in the owner instead);
+    # large_string, as curate's prompt spill (a polars frame's Arrow) hands the texts over.
+    texts = pa.array([f"prompt number {i} about the weather in town {i % 7}" for i in range(5000)], pa.large_string())
     _, block = sign.remote(np.arange(5000), texts, 2, 32, 0)
     first, second = ray.get(block), ray.get(block)
     assert first["text"].to_pylist() == texts.to_pylist()

@@ -231,12 +231,12 @@ def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: 
                   packed: bool = False, bucketed: bool = False) -> PairBatch:
     """Build the padded tensors for `rows`. `pad_id` only fills masked positions, so its value never
     changes a result; it must just be a valid embedding index. `packed` (with `shared`): the
-    batch is ONE row, its pairs back to back, without padding, or with `bucketed` padded up to
-    `packed_width`."""
+    batch is ONE row, its pairs back to back, without padding. `bucketed` (with `shared`): rows
+    padded up to `packed_width`, whole FlexAttention tiles, for that kernel."""
     rows = np.asarray(rows, dtype=np.int64)
     if shared:
         bins = [list(range(len(rows)))] if packed else [[k] for k in range(len(rows))]
-        return _collate_shared(columns, rows, bins, pad_id, packed and bucketed)
+        return _collate_shared(columns, rows, bins, pad_id, bucketed)
     n = len(rows)
     width = int(columns.pair_lengths[rows].max())
     ids = np.full((2 * n, width), pad_id, dtype=np.int64)
@@ -260,7 +260,7 @@ class Collator:
     pad_id: int
     shared: bool = False
     packed: bool = False
-    bucketed: bool = False  # packed rows padded to `packed_width`: for a compiled kernel (FlexAttention)
+    bucketed: bool = False  # shared rows padded to `packed_width`: for FlexAttention (`packed_width`)
     second_apart: bool = False  # the second continuations in a batch of their own (`PairBatch.apart`)
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
@@ -275,10 +275,14 @@ FLEX_TILE = 128  # FlexAttention's default block size
 
 
 def packed_width(tokens: int) -> int:
-    """The width a packed row of `tokens` tokens is padded to: whole FlexAttention tiles, and past
-    8 tiles one of 4 widths per doubling (at most a quarter more than its tokens). A packed row's length
-    changes every batch, and the compiled attention kernel is rebuilt for every new shape (past
-    dynamo's recompile limit it falls back to eager); so it meets O(log T) shapes, not one per batch."""
+    """The width a prefix-shared row (packed or not) of `tokens` tokens is padded to for
+    FlexAttention: whole tiles, and past 8 tiles one of 4 widths per doubling (at most a quarter
+    more than its tokens). Whole tiles, because torch 2.13's FlexAttention scored rows whose length
+    is not a tile multiple wrongly here (CPU: off by 5e-3 nats, or NaN, from call to call;
+    tests/test_prefix_sharing.py), and the kv length not being a multiple of the block size is a
+    known source of such errors on CUDA too. Few widths, because a packed row's length changes
+    every batch and the compiled kernel is rebuilt for every new shape (past dynamo's recompile
+    limit it falls back to eager); so it meets O(log T) shapes, not one per batch."""
     tiles = -(-tokens // FLEX_TILE)
     if tiles > 8:
         step = 2 ** (tiles.bit_length() - 1 - 2)  # 4 steps per doubling
