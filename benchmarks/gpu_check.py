@@ -259,7 +259,7 @@ def _reward(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
 
 
 KILLED_RUN = ROOT / "benchmarks" / "killed_run.py"
-RESUME_STEPS, KILLED_AT = 8, 4
+RESUME_STEPS, SAVE_EVERY, KILLED_AT = 8, 2, 4  # killed writing checkpoint 4: checkpoint 2 is the last whole one
 # Eager attention, whose backward adds no atomics (the fused SDPA kernels' may), and cuBLAS's fixed
 # workspace: the same steps give the same numbers run to run, so a resume that lost state shows.
 DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -272,7 +272,7 @@ def _resume(rig: Rig, model: Path, shards: Path, work: Path) -> dict:
     log the same losses and gradient norms, and the final weights be the same. On CUDA that is the
     fused AdamW state and the GPU generators' states coming back onto the GPU under NCCL."""
     args = ["--shards", str(shards), "--model", str(model), *TRAIN_ARGS, "--learning-rate", str(10 * rig.learning_rate),
-            "--max-steps", str(RESUME_STEPS), "--save-every", "2", "--dtype", "float32", "--attn-implementation", "eager"]
+            "--max-steps", str(RESUME_STEPS), "--save-every", str(SAVE_EVERY), "--dtype", "float32", "--attn-implementation", "eager"]
     whole, killed = work / "resume-whole", work / "resume-killed"
     _run("train (never stopped)", _torchrun(rig.processes, "train", *args, "--out", str(whole)), DETERMINISTIC)
     died = subprocess.run([*_launcher(rig.processes), str(KILLED_RUN), str(KILLED_AT), *args, "--out", str(killed)],
@@ -303,7 +303,7 @@ def _check_died_at_checkpoint(died: subprocess.CompletedProcess, out: Path) -> N
     steps = [m["step"] for m in _metrics(out)] if (out / "metrics.jsonl").is_file() else []
     last = latest_checkpoint(out)
     if died.returncode == 0 or "SIGKILL" not in died.stderr or steps != list(range(1, KILLED_AT + 1)) \
-            or last is None or last.name != f"checkpoint-{KILLED_AT - 2:07d}":
+            or last is None or last.name != f"checkpoint-{KILLED_AT - SAVE_EVERY:07d}":
         raise StageFailed(f"resume: the run meant to die writing checkpoint {KILLED_AT} exited {died.returncode} after steps "
                           f"{steps}, last whole checkpoint {last}:\n{died.stderr[-4000:]}")
 
@@ -390,9 +390,9 @@ STAGES = ("precompute-ref", "train ddp", "train fsdp", "train lora", "packing", 
 
 
 def check(rig: Rig, work: Path, only: set[str] | None = None) -> tuple[list[dict], list[str]]:
-    """Every stage on `rig`, or those in `only` (precompute-ref always: the shards the others
-    train on need its log-probs; iterate eval samples from train ddp's policy): (result rows,
-    failures' messages)."""
+    """Every stage on `rig`, or those in `only` and what they need (precompute-ref always: the
+    shards the others train on need its log-probs; iterate eval samples from train ddp's policy):
+    (result rows, failures' messages)."""
     from benchmarks.bench_precompute import prepare
     from train.tiny import build_model
 
@@ -413,7 +413,8 @@ def check(rig: Rig, work: Path, only: set[str] | None = None) -> tuple[list[dict
         ("resume", lambda: _resume(rig, model, shards, work)),
     ]
     assert [name for name, _ in stages] == list(STAGES[:-1])
-    return run_stages([(name, stage) for name, stage in stages if only is None or name in only or name == "precompute-ref"])
+    needed = None if only is None else {"precompute-ref", *only, *(["train ddp"] if "iterate eval" in only else [])}
+    return run_stages([(name, stage) for name, stage in stages if needed is None or name in needed])
 
 
 def main() -> None:
@@ -422,7 +423,8 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true", help="skip the bench-quick table")
     parser.add_argument("--rehearse", action="store_true",
                         help="run the stages on this CPU (2 gloo processes, a small model) to check the script before GPU time")
-    parser.add_argument("--stages", help=f"comma-separated, only these (precompute-ref always runs): {', '.join(STAGES)}")
+    parser.add_argument("--stages", help=f"comma-separated, only these and what they need (precompute-ref; train ddp for "
+                        f"iterate eval): {', '.join(STAGES)}")
     args = parser.parse_args()
     only = None if args.stages is None else {name.strip() for name in args.stages.split(",")}
     if only is not None and only - set(STAGES):

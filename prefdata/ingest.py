@@ -47,7 +47,7 @@ from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.io import sha256_file
-from schemas.location import output_dir
+from schemas.location import local_only, output_dir
 from schemas.manifest import QUARANTINE_FILE, Counts, Manifest
 from schemas.progress import progress
 from schemas.records import (
@@ -419,6 +419,8 @@ def _hashing(sources: list[Source]) -> Iterator[list[Future[str] | None]]:
 
 
 def ingest(config: IngestConfig) -> Manifest:
+    for given in config.inputs:
+        local_only("ingest", {"INPUTS": given})
     sources = resolve_sources(config.inputs, config.split)
     formats = [_format_for(source, config) for source in sources]
     kind = _record_kind(sources, formats, config)

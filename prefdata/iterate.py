@@ -216,7 +216,8 @@ def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> 
 def iterate(config: IterateConfig, after_stage: Callable[[int, str], None] | None = None) -> Manifest:
     """Every round in turn, skipping the stages already done. `after_stage(round, stage)` is
     called after each stage that ran (progress lines; the tests kill a run there)."""
-    out = local_only(config.out, "iterate --out")
+    local_only("iterate", {"--prompts": config.prompts, "--out": config.out})
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     held, per_round = hold_out(config, out)
     lora = bool(config.train.get("lora_r"))

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -52,12 +52,13 @@ def local_path(location: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-def local_only(location: str, what: str) -> Path:
-    """`location` for a stage that reads or writes local paths only, or one line saying so."""
-    if is_uri(location):
-        raise UserError(f"{location}: {what} takes a local path; object-store URIs are for ingest, curate and tokenize "
-                        "(docs/cluster.md): copy the set down first")
-    return local_path(location)
+def local_only(stage: str, options: dict[str, str]) -> None:
+    """One line refusing a URI (file:// included) given to a stage that reads and writes local
+    paths only; `options`: its location arguments, by the name the message gives them."""
+    for name, location in options.items():
+        if _SCHEME.match(location):
+            raise UserError(f"{location}: {stage} {name} takes a local path; object-store URIs are for ingest's --out, "
+                            "curate, tokenize and inspect (docs/cluster.md): copy the set down first")
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -113,14 +114,20 @@ def output_dir(out: str) -> Iterator[Path]:
 
 
 def _check_bucket(filesystem: Any, root: str, out: str) -> None:
+    """A bucket that does not exist, known before the stage runs. Credentials scoped to a prefix
+    may not look up the bucket itself: then a listing of `root` must work instead."""
     from pyarrow import fs
 
     first, *rest = root.split("/")
     bucket = first or f"/{rest[0] if rest else ''}"  # a bucket, or an absolute path's top directory (hdfs://host/top/…)
     try:
         missing = filesystem.get_file_info(bucket).type == fs.FileType.NotFound
-    except OSError as exc:
-        raise UserError(f"{out}: cannot reach this location ({first_line(exc)}); check its credentials") from None
+    except OSError:
+        try:
+            filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+        except OSError as exc:
+            raise UserError(f"{out}: cannot reach this location ({first_line(exc)}); check its credentials") from None
+        return
     if missing:
         raise UserError(f"{out}: there is no bucket (or top-level directory) {bucket!r}; create it first")
 
@@ -156,12 +163,23 @@ def _publish(staging: Path, filesystem: Any, root: str, uri: str) -> None:
 def _listed(filesystem: Any, root: str) -> list[str]:
     """The files the manifest under `root` names (itself and its outputs), relative to `root`."""
     with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}", compression=None) as stream:
-        try:
-            raw = json.loads(stream.read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raw = {}
+        return _named(stream.read(), root)
+
+
+def _named(manifest: bytes, where: str) -> list[str]:
+    """manifest.json and the outputs it lists; an unreadable manifest lists none (the stage that
+    reads it says why), and a name that would leave the directory (absolute, `..`) is not one."""
+    try:
+        raw = json.loads(manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = {}
     outputs = raw.get("outputs") if isinstance(raw, dict) else None
-    return [MANIFEST_NAME, *(name for name in outputs or [] if isinstance(name, str))]
+    names = [name for name in outputs or [] if isinstance(name, str)]
+    unsafe = [name for name in names if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts]
+    if unsafe:
+        raise UserError(f"{where}/{MANIFEST_NAME} lists {unsafe[0]!r} among its outputs, outside its directory; "
+                        "not a prefdata manifest")
+    return [MANIFEST_NAME, *names]
 
 
 @contextmanager
@@ -201,10 +219,12 @@ def _fetch(filesystem: Any, root: str, location: str, local: Path) -> None:
             raise UserError(f"{location}: no {MANIFEST_NAME}; not the output of a prefdata stage, or the run that wrote it "
                             "stopped before it finished publishing (run that stage again)")
         _download(filesystem, manifest, local / MANIFEST_NAME)
-        for name in _listed(filesystem, root)[1:]:
-            if filesystem.get_file_info(f"{root}/{name}").type != fs.FileType.File:
-                raise UserError(f"{_base(location)}/{name}: listed in its {MANIFEST_NAME} but missing; re-run the stage that wrote it")
-            _download(filesystem, f"{root}/{name}", local / name)
+        missing = []
+        for name in _named((local / MANIFEST_NAME).read_bytes(), _base(location))[1:]:
+            if filesystem.get_file_info(f"{root}/{name}").type == fs.FileType.File:
+                _download(filesystem, f"{root}/{name}", local / name)
+            else:
+                missing.append(name)
         after = filesystem.get_file_info(manifest)
     except OSError as exc:
         if exc.errno in NO_SPACE_ERRNOS:
@@ -213,6 +233,8 @@ def _fetch(filesystem: Any, root: str, location: str, local: Path) -> None:
     if (after.type, after.mtime, after.size) != (before.type, before.mtime, before.size):
         raise UserError(f"{location}: its {MANIFEST_NAME} changed while it was read (another run is publishing there); "
                         "run this stage again once that one has finished")
+    if missing:
+        raise UserError(f"{_base(location)}/{missing[0]}: listed in its {MANIFEST_NAME} but missing; re-run the stage that wrote it")
 
 
 def _base(location: str) -> str:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,16 +162,36 @@ def test_an_unusable_location_is_one_line_before_anything_is_read(s3, where, mes
     assert "\n" not in str(failed.value)
 
 
-def test_stages_that_take_local_paths_refuse_a_uri_in_one_line(s3, tmp_path):
+def _local_only_stages(s3: str, tmp: Path) -> list[tuple[str, Any]]:
+    """(the message, a call of the stage with one URI option) for every stage that takes local paths."""
+    from prefdata.iterate import IterateConfig, iterate
     from train.config import TrainConfig
+    from train.eval import EvalConfig, evaluate_policy
+    from train.generate import GenerateConfig, generate
+    from train.judge import JudgeConfig, judge
     from train.loop import train
     from train.reference import PrecomputeRefConfig, precompute_ref
 
-    with pytest.raises(UserError, match=r"s3://runs/shards: train --shards takes a local path; .* copy the set down first"):
-        train(TrainConfig(shards=f"{s3}/shards", model="unused", out=str(tmp_path / "train")))
-    with pytest.raises(UserError, match=r"s3://runs/shards: precompute-ref takes a local path"):
-        precompute_ref(PrecomputeRefConfig(shards=f"{s3}/shards", model="unused"))
-    assert not (tmp_path / "train").exists()
+    here, there, reward = str(tmp / "x"), f"{s3}/x", "demo.data:lexicon_reward"
+    return [
+        ("train --shards", lambda: train(TrainConfig(shards=there, model="m", out=here))),
+        ("train --out", lambda: train(TrainConfig(shards=here, model="m", out=there))),
+        ("precompute-ref SHARDS", lambda: precompute_ref(PrecomputeRefConfig(shards=there, model="m"))),
+        ("eval SHARDS", lambda: evaluate_policy(EvalConfig(shards=there, policy="m", reference="m", out=here))),
+        ("generate --out", lambda: generate(GenerateConfig(prompts=here, policy="m", out=there))),
+        ("judge GENERATIONS", lambda: judge(JudgeConfig(generations=there, out=here, reward=reward))),
+        ("iterate --prompts", lambda: iterate(IterateConfig(prompts=there, policy="m", out=here, reward=reward))),
+        ("iterate --out", lambda: iterate(IterateConfig(prompts=here, policy="m", out=f"file://{tmp}/y", reward=reward))),
+        ("ingest INPUTS", lambda: ingest(IngestConfig(inputs=[f"{there}.jsonl", str(FIXTURES / "hh.jsonl")], out=here))),
+    ]
+
+
+def test_stages_that_take_local_paths_refuse_a_uri_in_one_line_before_any_work(s3, tmp_path):
+    for option, run in _local_only_stages(s3, tmp_path):
+        with pytest.raises(UserError, match=rf"^\S+: {option} takes a local path; object-store URIs are for ingest") as refused:
+            run()
+        assert "\n" not in str(refused.value)
+    assert not list(tmp_path.iterdir())  # nothing was written
 
 
 def test_file_uris_are_local_paths_written_by_a_rename(tmp_path):

@@ -283,3 +283,24 @@ def test_packed_stages_equal_unpacked_ones_and_packing_without_sharing_is_refuse
     assert sum(m["padding_efficiency"] for m in pack) > sum(m["padding_efficiency"] for m in plain)
     with pytest.raises(UserError, match="--packing needs the prefix-shared layout"):
         train(_config(shards, tiny_model_dir, tmp_path / "r", max_steps=1, packing=True, prefix_sharing="off"))
+
+
+@pytest.mark.parametrize(("shared", "packed"), [(False, False), (True, False), (True, True)])
+def test_flexattention_rows_are_whole_tiles_and_the_budget_counts_them(shared, packed):
+    """What the trainer and precompute-ref build for FlexAttention (bucketed): rows of whole tiles
+    in every layout (torch's kernel scores other widths wrongly, `packed_width`), KTO's batch of
+    second continuations too; and the token budget counts the widths the rows are built at, so a
+    batch never holds more tokens than --batch-tokens (unless one pair alone does)."""
+    from train.batching import FLEX_TILE, Collator, token_budget_batches
+
+    columns = _random_columns(23, vocab=96, seed=3)
+    for collate in (Collator(0, shared, packed, bucketed=True), Collator(0, shared, packed, bucketed=True, second_apart=True)):
+        lengths, rows_per_pair = collate.batch_lengths(columns)
+        batches = token_budget_batches(lengths, 4 * FLEX_TILE, rows_per_pair)
+        assert len(batches) > 1
+        for rows in batches:
+            batch = collate(columns, rows)
+            for built in (batch, batch.apart) if batch.apart is not None else (batch,):
+                assert built.input_ids.shape[1] % FLEX_TILE == 0
+            if not packed:
+                assert batch.input_ids.numel() <= max(4 * FLEX_TILE, rows_per_pair * int(lengths[rows].max()))

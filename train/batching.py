@@ -231,14 +231,15 @@ def collate_pairs(columns: TokenColumns, rows: np.ndarray, pad_id: int, shared: 
                   packed: bool = False, bucketed: bool = False) -> PairBatch:
     """Build the padded tensors for `rows`. `pad_id` only fills masked positions, so its value never
     changes a result; it must just be a valid embedding index. `packed` (with `shared`): the
-    batch is ONE row, its pairs back to back, without padding. `bucketed` (with `shared`): rows
-    padded up to `packed_width`, whole FlexAttention tiles, for that kernel."""
+    batch is ONE row, its pairs back to back, without padding. `bucketed`: every row padded up to
+    `packed_width`, whole FlexAttention tiles, for that kernel."""
     rows = np.asarray(rows, dtype=np.int64)
     if shared:
         bins = [list(range(len(rows)))] if packed else [[k] for k in range(len(rows))]
         return _collate_shared(columns, rows, bins, pad_id, bucketed)
     n = len(rows)
     width = int(columns.pair_lengths[rows].max())
+    width = packed_width(width) if bucketed else width
     ids = np.full((2 * n, width), pad_id, dtype=np.int64)
     attention = np.zeros((2 * n, width), dtype=np.int64)
     completion = np.zeros((2 * n, width), dtype=bool)
@@ -260,8 +261,15 @@ class Collator:
     pad_id: int
     shared: bool = False
     packed: bool = False
-    bucketed: bool = False  # shared rows padded to `packed_width`: for FlexAttention (`packed_width`)
+    bucketed: bool = False  # rows padded to `packed_width`: for FlexAttention
     second_apart: bool = False  # the second continuations in a batch of their own (`PairBatch.apart`)
+
+    def batch_lengths(self, columns: TokenColumns) -> tuple[np.ndarray, int]:
+        """(each pair's row length as this collator builds it, rows per pair): what a token budget
+        must count. A bucketed row is its `packed_width`; a packed batch's one row is budgeted by
+        its tokens (its width is at most a quarter more)."""
+        lengths, rows_per_pair = columns.batch_lengths(self.shared)
+        return (packed_widths(lengths) if self.bucketed and not self.packed else lengths), rows_per_pair
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
         if not self.second_apart:
@@ -274,20 +282,24 @@ class Collator:
 FLEX_TILE = 128  # FlexAttention's default block size
 
 
+def packed_widths(tokens: np.ndarray) -> np.ndarray:
+    """`packed_width` of each length."""
+    tiles = -(-np.asarray(tokens, dtype=np.int64) // FLEX_TILE)
+    step = np.left_shift(1, np.maximum(np.frexp(tiles)[1] - 3, 0))  # frexp's exponent: the bit length
+    return -(-tiles // step) * step * FLEX_TILE
+
+
 def packed_width(tokens: int) -> int:
-    """The width a prefix-shared row (packed or not) of `tokens` tokens is padded to for
-    FlexAttention: whole tiles, and past 8 tiles one of 4 widths per doubling (at most a quarter
-    more than its tokens). Whole tiles, because torch 2.13's FlexAttention scored rows whose length
-    is not a tile multiple wrongly here (CPU: off by 5e-3 nats, or NaN, from call to call;
-    tests/test_prefix_sharing.py), and the kv length not being a multiple of the block size is a
-    known source of such errors on CUDA too. Few widths, because a packed row's length changes
-    every batch and the compiled kernel is rebuilt for every new shape (past dynamo's recompile
-    limit it falls back to eager); so it meets O(log T) shapes, not one per batch."""
-    tiles = -(-tokens // FLEX_TILE)
-    if tiles > 8:
-        step = 2 ** (tiles.bit_length() - 1 - 2)  # 4 steps per doubling
-        tiles = -(-tiles // step) * step
-    return tiles * FLEX_TILE
+    """The width a row of `tokens` tokens is padded to for FlexAttention (prefix-shared or packed
+    rows, and plain ones): whole tiles, and past 8 tiles one of 4 widths per doubling (at most a
+    quarter more than its tokens). Whole tiles, because torch 2.13's FlexAttention scored rows
+    whose length is not a tile multiple wrongly on this CPU (a NaN, or 3e-3 to 1.7e-2 nats off,
+    from call to call, by hand: 7 prefix-shared rows of 24 tokens, single short rows; exact at a
+    whole tile), and torch has reports of the same with a kv length that is not a block multiple
+    on CUDA. Few widths, because a packed row's length changes every batch and the compiled kernel
+    is rebuilt for every new shape (past dynamo's recompile limit it falls back to eager); so it
+    meets O(log T) shapes, not one per batch."""
+    return int(packed_widths(np.array([tokens]))[0])
 
 
 def _collate_shared(columns: TokenColumns, rows: np.ndarray, bins: list[list[int]], pad_id: int,

@@ -354,7 +354,7 @@ def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
 def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`. A
     reward model is evaluated as one (`evaluate_reward_model`)."""
-    local_only(config.out, "eval --out")
+    local_only("eval", {"SHARDS": config.shards, "--out": config.out})
     dist = Dist.start(config.device, timedelta(hours=2))
     if is_reward_model(config.policy):
         return evaluate_reward_model(config, dist)

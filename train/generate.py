@@ -271,7 +271,8 @@ def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: lis
 
 
 def generate(config: GenerateConfig) -> Manifest:
-    out = local_only(config.out, "generate --out")
+    local_only("generate", {"PROMPTS": config.prompts, "--out": config.out})
+    out = Path(config.out)
     if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
         return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
     template, system_turn = _rendering(config)

@@ -244,6 +244,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def judge(config: JudgeConfig) -> Manifest:
+    local_only("judge", {"GENERATIONS": config.generations, "--out": config.out})
     source = _generations_file(config.generations)
     rows = _read_rows(source)
     score_fn, judge_info = build_judge(config)
@@ -267,7 +268,7 @@ def judge(config: JudgeConfig) -> Manifest:
 
 def _write(config: JudgeConfig, source: Path, judged: list[dict], quarantined: list[dict], read: int, dropped: Counter,
            judge_info: dict[str, Any]) -> Manifest:
-    out = local_only(config.out, "judge --out")
+    out = Path(config.out)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in judged)
     write_text_atomic(out / JUDGED_FILE, lines)
     write_text_atomic(out / QUARANTINE_FILE, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined))

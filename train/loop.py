@@ -275,7 +275,7 @@ def evaluate(config: TrainConfig, scorer: Any, data: SplitData, ref_model: Any, 
     scores its share of the batches; sums are all-reduced)."""
     model = _inference_view(scorer)
     model.eval()
-    lengths, rows_per_pair = data.columns.batch_lengths(collate.shared)
+    lengths, rows_per_pair = collate.batch_lengths(data.columns)
     batches = token_budget_batches(lengths, config.eval_batch_tokens, rows_per_pair)
     # Each batch's metrics are its share of the split's means, so summed over batches and
     # processes they are the split's own (KTO's per-label rewards included), not batch averages.
@@ -400,12 +400,12 @@ LOAD_TIMEOUT = timedelta(hours=2)  # rank 0 reading a large model for FSDP, the 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
+    local_only("train", {"--shards": config.shards, "--out": config.out})
     dist = Dist.start(config.device, timedelta(minutes=30))
     device = dist.device
     if config.cpu_offload and device.type == "cpu":
         raise UserError("--cpu-offload moves FSDP shards from a GPU to host memory; on the CPU they are there already: drop it")
-    local_only(config.shards, "train --shards")
-    out = local_only(config.out, "train --out")
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)

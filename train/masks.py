@@ -58,24 +58,20 @@ def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
     hold one and the same pair, no padding, and no rejected query meets a chosen key."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    segment = segments.long()
+
+    def allowed(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        same_pair_causal = (key <= query) & (pair[row, query] == pair[row, key]) & (segment[row, key] >= 0)
+        rejected_on_chosen = (segment[row, query] == 2) & (segment[row, key] == 1)
+        return (same_pair_causal & ~rejected_on_chosen) | (query == key)
+
     rows, length = segments.shape
     tiles = -(-length // FLEX_TILE)
 
     def by_tile(per_token: torch.Tensor) -> torch.Tensor:  # [rows, T] → [rows, tiles, FLEX_TILE], -1 past the end
         return torch.nn.functional.pad(per_token, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
 
-    tiled, tiled_segment = by_tile(pair), by_tile(segments.long())
-    # The kernel calls the rule at every position of a tile, past the row's end too when T is not a
-    # multiple of the tile: read there, `pair` and `segments` themselves would be read out of bounds
-    # (another row's values, or memory past the tensor: wrong scores on CPU, an illegal access on
-    # CUDA). The tiled copies are -1 (padding) up to the last tile's end.
-    pair_of, segment_of = tiled.view(rows, -1), tiled_segment.view(rows, -1)
-
-    def allowed(row: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        same_pair_causal = (key <= query) & (pair_of[row, query] == pair_of[row, key]) & (segment_of[row, key] >= 0)
-        rejected_on_chosen = (segment_of[row, query] == 2) & (segment_of[row, key] == 1)
-        return (same_pair_causal & ~rejected_on_chosen) | (query == key)
-
+    tiled, tiled_segment = by_tile(pair), by_tile(segment)
     real = tiled >= 0
     low = torch.where(real, tiled, torch.iinfo(torch.int64).max).amin(-1)  # [rows, tiles]; no real token: an empty range
     high = torch.where(real, tiled, -1).amax(-1)

@@ -203,12 +203,13 @@ def _score_batches(model: Any, columns: TokenColumns, batches: list[tuple[np.nda
 
 
 def _verify(model: Any, columns: TokenColumns, rows: np.ndarray, batched: tuple[np.ndarray, np.ndarray],
-            pad_id: int, device: torch.device, dtype: torch.dtype, path: Path) -> float:
-    """Score `rows` one at a time (no padding at all) and compare with the batched values."""
+            pad_id: int, device: torch.device, dtype: torch.dtype, path: Path, bucketed: bool = False) -> float:
+    """Score `rows` one at a time in the padded layout (no padding but the FlexAttention tile's
+    with `bucketed`) and compare with the batched values."""
     atol, rtol = VERIFY_TOLERANCE[dtype]
     worst = 0.0
     for row in rows:
-        out = sequence_logps(model, collate_pairs(columns, np.array([row]), pad_id).to(device))
+        out = sequence_logps(model, collate_pairs(columns, np.array([row]), pad_id, bucketed=bucketed).to(device))
         for alone, stored in ((out.chosen.item(), batched[0][row]), (out.rejected.item(), batched[1][row])):
             diff = abs(alone - float(stored))
             worst = max(worst, diff)
@@ -279,19 +280,20 @@ class _LazyReference:
         # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
         shared = self.config.prefix_sharing == "auto" and prefix_sharing_exact(self.model, columns.pair_lengths)
         check_packing(self.config.packing, shared, self.config.prefix_sharing, self.model, columns.pair_lengths)
-        lengths, rows_per_pair = columns.batch_lengths(shared)
+        collate = Collator(self.pad_id, shared, packed=shared and self.config.packing,
+                           bucketed=self.model.config._attn_implementation == "flex_attention")
+        lengths, rows_per_pair = collate.batch_lengths(columns)
         batches = token_budget_batches(lengths, self.config.batch_tokens, rows_per_pair)
         shares = parallel.equal_shares(batches, self.ranks, True) if self.sharded else [(rows, True) for rows in batches]
         start = time.perf_counter()
         # no_grad, not inference_mode: FSDP re-gathers into buffers it allocated in earlier forwards.
         with torch.no_grad():
-            collate = Collator(self.pad_id, shared, packed=shared and self.config.packing,
-                               bucketed=self.model.config._attn_implementation == "flex_attention")
             chosen, rejected = _score_batches(self._scoring, columns, shares, collate, self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
             seconds = time.perf_counter() - start
-            worst = _verify(self._scoring, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path)
+            worst = _verify(self._scoring, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path,
+                            collate.bucketed)
         if self.sharded and not self.ranks.is_main:
             return None
         real = columns.real_tokens
@@ -304,7 +306,8 @@ class _LazyReference:
 
 
 def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
-    shards_dir = local_only(config.shards, "precompute-ref")
+    local_only("precompute-ref", {"SHARDS": config.shards})
+    shards_dir = Path(config.shards)
     upstream = Manifest.read(shards_dir, stages=("tokenize", "precompute-ref"))
     if not upstream.shards or upstream.tokenizer is None:
         raise UserError(f"{shards_dir}: the manifest lists no shards or no tokenizer; re-run prefdata tokenize")
