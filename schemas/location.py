@@ -56,6 +56,9 @@ def local_only(stage: str, options: dict[str, str]) -> None:
     """One line refusing a URI (file:// included) given to a stage that reads and writes local
     paths only; `options`: its location arguments, by the name the message gives them."""
     for name, location in options.items():
+        if location.startswith("file://"):
+            raise UserError(f"{location}: {stage} {name} takes a plain local path; give the path itself "
+                            f"({unquote(urlparse(location).path)})")
         if _SCHEME.match(location):
             raise UserError(f"{location}: {stage} {name} takes a local path; object-store URIs are for ingest's --out, "
                             "curate, tokenize and inspect (docs/cluster.md): copy the set down first")
@@ -146,7 +149,7 @@ def _publish(staging: Path, filesystem: Any, root: str, uri: str) -> None:
 
     manifest = f"{root}/{MANIFEST_NAME}"
     try:
-        old = _listed(filesystem, root) if filesystem.get_file_info(manifest).type == fs.FileType.File else []
+        old = _listed(filesystem, root, uri) if filesystem.get_file_info(manifest).type == fs.FileType.File else []
         if old:  # from here on, the old output is no longer whole: no stage reads it
             filesystem.delete_file(manifest)
         for name in names:
@@ -160,10 +163,10 @@ def _publish(staging: Path, filesystem: Any, root: str, uri: str) -> None:
                         f"{MANIFEST_NAME}, so no stage reads it; run the stage again") from None
 
 
-def _listed(filesystem: Any, root: str) -> list[str]:
-    """The files the manifest under `root` names (itself and its outputs), relative to `root`."""
+def _listed(filesystem: Any, root: str, uri: str) -> list[str]:
+    """The files the manifest under `root` (at `uri`) names: itself and its outputs, relative to `root`."""
     with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}", compression=None) as stream:
-        return _named(stream.read(), root)
+        return _named(stream.read(), _base(uri))
 
 
 def _named(manifest: bytes, where: str) -> list[str]:
@@ -177,8 +180,8 @@ def _named(manifest: bytes, where: str) -> list[str]:
     names = [name for name in outputs or [] if isinstance(name, str)]
     unsafe = [name for name in names if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts]
     if unsafe:
-        raise UserError(f"{where}/{MANIFEST_NAME} lists {unsafe[0]!r} among its outputs, outside its directory; "
-                        "not a prefdata manifest")
+        raise UserError(f"{where}/{MANIFEST_NAME} lists {unsafe[0]!r} among its outputs, outside its directory: not a "
+                        "prefdata manifest; clear that prefix or choose another location")
     return [MANIFEST_NAME, *names]
 
 
@@ -221,9 +224,9 @@ def _fetch(filesystem: Any, root: str, location: str, local: Path) -> None:
         _download(filesystem, manifest, local / MANIFEST_NAME)
         missing = []
         for name in _named((local / MANIFEST_NAME).read_bytes(), _base(location))[1:]:
-            if filesystem.get_file_info(f"{root}/{name}").type == fs.FileType.File:
+            try:  # a publish running meanwhile deletes files: that is reported as the change it is
                 _download(filesystem, f"{root}/{name}", local / name)
-            else:
+            except FileNotFoundError:
                 missing.append(name)
         after = filesystem.get_file_info(manifest)
     except OSError as exc:

@@ -98,11 +98,14 @@ def test_flex_block_mask_allows_exactly_what_the_dense_mask_allows(packed):
     from torch.nn.attention.flex_attention import create_mask
 
     columns = _random_columns(6, vocab=96, seed=14)
-    layout = collate_pairs(columns, np.arange(6), pad_id=0, shared=True, packed=packed).shared
+    layout = collate_pairs(columns, np.arange(6), pad_id=0, shared=True, packed=packed, bucketed=True).shared
     dense = allowed_positions(layout.segments, layout.pair)
     block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
     rows, length = layout.segments.shape
     assert torch.equal(create_mask(block.mask_mod, rows, 1, length, length, device="cpu"), dense)
+    unbucketed = collate_pairs(columns, np.arange(6), pad_id=0, shared=True, packed=packed).shared
+    with pytest.raises(RuntimeError, match="whole 128-token tiles"):  # what torch's kernel scores wrongly
+        shared_attention_mask(unbucketed.segments, unbucketed.pair, "flex_attention", torch.float32)
 
 
 def test_flex_block_mask_skips_the_tiles_of_other_pairs():
@@ -128,7 +131,7 @@ def test_flex_tiles_cover_every_allowed_position_and_full_tiles_need_no_rule(pac
     from train.batching import FLEX_TILE
 
     columns = _long_columns(10, seed=15)
-    layout = collate_pairs(columns, np.arange(10), pad_id=0, shared=True, packed=packed).shared
+    layout = collate_pairs(columns, np.arange(10), pad_id=0, shared=True, packed=packed, bucketed=True).shared
     dense = allowed_positions(layout.segments, layout.pair)[:, 0]
     block = shared_attention_mask(layout.segments, layout.pair, "flex_attention", torch.float32)
     rows, length = layout.segments.shape
@@ -304,3 +307,6 @@ def test_flexattention_rows_are_whole_tiles_and_the_budget_counts_them(shared, p
                 assert built.input_ids.shape[1] % FLEX_TILE == 0
             if not packed:
                 assert batch.input_ids.numel() <= max(4 * FLEX_TILE, rows_per_pair * int(lengths[rows].max()))
+        if not collate.second_apart:  # the manifest's processed tokens: what the built batches hold
+            built = sum(collate(columns, rows).input_ids.numel() for rows in batches)
+            assert collate.processed_tokens(lengths, batches, rows_per_pair) == built

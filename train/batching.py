@@ -267,9 +267,17 @@ class Collator:
     def batch_lengths(self, columns: TokenColumns) -> tuple[np.ndarray, int]:
         """(each pair's row length as this collator builds it, rows per pair): what a token budget
         must count. A bucketed row is its `packed_width`; a packed batch's one row is budgeted by
-        its tokens (its width is at most a quarter more)."""
+        its tokens (bucketed, it is at most a tile wider, past 8 tiles a quarter)."""
         lengths, rows_per_pair = columns.batch_lengths(self.shared)
         return (packed_widths(lengths) if self.bucketed and not self.packed else lengths), rows_per_pair
+
+    def processed_tokens(self, lengths: np.ndarray, batches: list[np.ndarray], rows_per_pair: int) -> int:
+        """Tokens the batches this collator builds put through the model, padding included
+        (`lengths`, `rows_per_pair`: its `batch_lengths`); a packed batch is one row of all its pairs."""
+        if not self.packed:
+            return processed_tokens(lengths, batches, rows_per_pair)
+        widths = [int(lengths[b].sum()) for b in batches if len(b)]
+        return sum(packed_width(width) if self.bucketed else width for width in widths)
 
     def __call__(self, columns: TokenColumns, rows: np.ndarray) -> PairBatch:
         if not self.second_apart:

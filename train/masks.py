@@ -66,10 +66,13 @@ def _flex_block_mask(segments: torch.Tensor, pair: torch.Tensor) -> Any:
         return (same_pair_causal & ~rejected_on_chosen) | (query == key)
 
     rows, length = segments.shape
-    tiles = -(-length // FLEX_TILE)
+    if length % FLEX_TILE:  # a caller that did not bucket its rows (Collator(bucketed=True) does)
+        raise RuntimeError(f"FlexAttention rows must be whole {FLEX_TILE}-token tiles (train.batching.packed_width), not "
+                           f"{length}: torch's kernel scores other widths wrongly")
+    tiles = length // FLEX_TILE
 
-    def by_tile(per_token: torch.Tensor) -> torch.Tensor:  # [rows, T] → [rows, tiles, FLEX_TILE], -1 past the end
-        return torch.nn.functional.pad(per_token, (0, tiles * FLEX_TILE - length), value=-1).view(rows, tiles, FLEX_TILE)
+    def by_tile(per_token: torch.Tensor) -> torch.Tensor:  # [rows, T] → [rows, tiles, FLEX_TILE]
+        return per_token.reshape(rows, tiles, FLEX_TILE)
 
     tiled, tiled_segment = by_tile(pair), by_tile(segment)
     real = tiled >= 0

@@ -41,7 +41,7 @@ from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, Shar
 from schemas.progress import progress
 from schemas.shard import SCHEMAS, shard_kind
 from train import parallel
-from train.batching import Collator, TokenColumns, collate_pairs, processed_tokens, token_budget_batches
+from train.batching import Collator, TokenColumns, collate_pairs, token_budget_batches
 from train.data import read_shard
 from train.device import dtype_name, select_dtype
 from train.distributed import Dist
@@ -299,7 +299,7 @@ class _LazyReference:
         real = columns.real_tokens
         computed = columns.shared_lengths if shared else real
         score = ShardScore(name=name, sha256="", reference=reference, rows=len(columns), real_tokens=int(real.sum()),
-                           processed_tokens=processed_tokens(lengths, batches, rows_per_pair),
+                           processed_tokens=collate.processed_tokens(lengths, batches, rows_per_pair),
                            computed_tokens=int(computed.sum()), prefix_shared=shared,
                            seconds=seconds, verified_rows=len(verify_rows), verify_max_abs_diff=worst)
         return _write_shard(shards_dir, name, table, chosen, rejected, score)
