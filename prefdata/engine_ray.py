@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from prefdata.pool import start_worker
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 
 MAX_RETRIES = 3  # runs of a task after its worker died, before the stage fails
 CONNECT_TIMEOUT_S = 5.0
@@ -137,7 +137,7 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
                  **({} if address else {"include_dashboard": False}))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"--ray-address {address or '(RAY_ADDRESS or local)'}: could not join the Ray cluster "
-                        f"({str(exc).strip().splitlines()[0]}); check the address `ray start --head` printed") from None
+                        f"({first_line(exc)}); check the address `ray start --head` printed") from None
     try:
         yield RayEngine(in_flight)
     finally:

@@ -18,7 +18,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 from schemas.location import input_dirs
 from schemas.manifest import Manifest
 from schemas.records import MESSAGES_TYPE, RECORD_FILES, record_kind
@@ -80,8 +80,7 @@ def _schema_and_rows(path: Path, stage: str) -> tuple[pa.Schema, int]:
         meta = pq.ParquetFile(path)
         return meta.schema_arrow, meta.metadata.num_rows
     except pa.ArrowInvalid as exc:  # cut short (a copy or a disk that stopped mid-file) or overwritten
-        cause = str(exc).splitlines()[0]
-        raise UserError(f"{path}: not a readable {'Arrow' if path.suffix == '.arrow' else 'Parquet'} file ({cause}); "
+        raise UserError(f"{path}: not a readable {'Arrow' if path.suffix == '.arrow' else 'Parquet'} file ({first_line(exc)}); "
                         f"it is truncated or corrupted: re-run prefdata {stage}") from None
 
 

@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BeforeValidator
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 
 # The plain template for base models (no chat template): the Anthropic HH layout, which base
 # models have seen and which the DPO paper's HH experiments used. The completion starts with a
@@ -120,8 +120,7 @@ class ChatRenderer:
             conversation = self._apply([exchange], generation_prompt=False)[0]
             generation = self._apply([exchange[:1]], generation_prompt=True)[0]
         except Exception as exc:  # noqa: BLE001 - any template failure on a plain exchange is the user's template
-            why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-            raise UserError(f"the chat template cannot render a user/assistant exchange ({why}); "
+            raise UserError(f"the chat template cannot render a user/assistant exchange ({first_line(exc)}); "
                             "fix --chat-template-kwargs or use --template plain") from None
         if _PROBE_ANSWER not in conversation:
             raise UserError("the chat template does not render an assistant answer's text; use --template plain")

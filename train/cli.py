@@ -30,7 +30,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 
 CONFIG_OPTION = "config_file"
 
@@ -110,7 +110,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"--config {path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of field: value")
     return values

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 
 ADAPTER_PREFIX = "base_model.model."  # where peft puts the wrapped model's keys
 
@@ -47,7 +47,7 @@ def add_adapter(model: torch.nn.Module, r: int, alpha: float, dropout: float, ta
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # a target module the model does not have
-        raise UserError(f"--lora-target-modules: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"--lora-target-modules: {first_line(exc)}") from None
 
 
 def save_adapter(peft_model: Any, trainable_state: dict[str, torch.Tensor], out_dir: Path) -> None:
