@@ -9,8 +9,9 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
     train lora       r=16 on the same shards (the reference is the base model)
     packing          precompute-ref in float32: prefix-shared rows with SDPA (the default), with
                      FlexAttention, and --packing (FlexAttention, auto on CUDA): log-probs within
-                     the step-0 check's float32 tolerance of SDPA's, and the scoring rate of each;
-                     then train --packing (FlexAttention forward and backward) in bf16
+                     the step-0 check's float32 tolerance of SDPA's, the scoring rate of each, and
+                     --verify 8 (rows scored alone, FlexAttention's in whole tiles, equal the batched
+                     values); then train --packing (FlexAttention forward and backward) in bf16
     iterate eval     the on-policy loop's eval stage (compare_policies: sample, judge, KL) on cuda:0
     kto              the rows ingested --unpaired, tokenized, scored; train --objective kto on all visible
                      GPUs in bf16 with the KL completions in their own no-gradient forward (--kl-completions
@@ -153,7 +154,7 @@ def _packing(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
         copy = work / name.replace(" ", "-")
         shutil.copytree(shards, copy)
         seconds = _run(name, [sys.executable, "-m", "prefdata", "precompute-ref", str(copy), "--model", str(model),
-                              "--dtype", "float32", "--force", *extra])
+                              "--dtype", "float32", "--force", "--verify", "8", *extra])
         manifest = json.loads((copy / "manifest.json").read_text())
         values[name] = _ref_logps(copy)
         results.append({"stage": name, "seconds": seconds, "tokens_per_s": manifest["stats"]["tokens_per_s"], "dtype": "float32"})
