@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,bench,lora,lint,ray]"
 	touch $(STAMP)
 
+# Whole files per test process (--dist loadfile), so a module's fixtures are built once;
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 # ruff (pyflakes, pycodestyle, isort, bugbear; pyproject.toml) over the whole tree
 lint: $(STAMP)

@@ -254,24 +254,6 @@ def _ref_columns(shards_dir: Path) -> dict[str, np.ndarray]:
     return {name: frame[name].to_numpy() for name in ("ref_chosen_logps", "ref_rejected_logps")}
 
 
-def test_fsdp_two_processes_equal_one_process(uninterrupted, shards, tiny_model_dir):
-    """The reference sharded over two gloo processes, which score each shard's batches between
-    them and rank 0 writes: the values of the one-process run (the model is the same, only the
-    place each weight lives differs), checked with --verify on the sharded model too."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "prefdata", "precompute-ref",
-                           str(shards), "--model", str(tiny_model_dir), "--batch-tokens", str(BATCH_TOKENS),
-                           "--parallelism", "fsdp", "--verify", "6"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("precompute-ref: scored 6 shard(s)") == 1
-    ours, expected = _ref_columns(shards), _ref_columns(uninterrupted)
-    for name, values in expected.items():
-        np.testing.assert_allclose(ours[name], values, atol=1e-5, rtol=0)
-    assert Manifest.read(shards).stats["verified_rows"] == 6
-
-
 # ---------------------------------------------------------------------------------------------
 # guards: one-line UserErrors, nothing written
 

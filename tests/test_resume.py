@@ -17,7 +17,7 @@ import torch
 from benchmarks.gpu_check import KILLED_RUN  # train, killed as it writes a given checkpoint's trainer state
 from schemas.errors import UserError
 from tests.test_train import _metrics, shards  # noqa: F401  (shards is a fixture)
-from tests.test_train_scale import _common, _torchrun, _weights
+from tests.test_train_scale import _weights
 from train.parallel import latest_checkpoint, restore_rng_state, rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,23 @@ RUNS = {
 }
 
 
+def _two_processes(port: int, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           *command], capture_output=True, text=True, cwd=ROOT)
+
+
+def _torchrun(port: int, *args: str) -> None:
+    run = _two_processes(port, "-m", "train", *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _common(shards_dir: Path, model: Path, *extra: str) -> list[str]:
+    return ["--shards", str(shards_dir), "--model", str(model), "--learning-rate", "5e-3", "--beta", "0.5", "--max-steps", "4",
+            "--log-every", "1", "--seed", "0", "--eval-batch-tokens", "300", "--warmup-steps", "2", *extra]
+
 
 def _killed_at_checkpoint(port: int, step: int, *args: str) -> None:
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                          str(KILLED_RUN), str(step), *args], capture_output=True, text=True, cwd=ROOT)
+    run = _two_processes(port, str(KILLED_RUN), str(step), *args)
     assert run.returncode != 0 and "SIGKILL" in run.stderr, run.stderr[-3000:]
 
 
@@ -50,6 +63,8 @@ def test_a_two_process_run_killed_mid_way_resumes_to_the_same_losses_and_weights
     args = _common(shards, tiny_model_dir, "--batch-size", "4", "--save-every", "2", *RUNS[run])
     whole = tmp_path / "whole"
     _torchrun(port, *args, "--out", str(whole))
+    if run == "fsdp":  # each process's shard of the weights and optimizer, through torch.distributed.checkpoint
+        assert (whole / "checkpoint-0000002" / "state" / ".metadata").is_file()
 
     killed = tmp_path / "killed"
     _killed_at_checkpoint(port + 1, 4, *args, "--out", str(killed))

@@ -57,6 +57,7 @@ def test_dpo_learns_the_preference(shards, tiny_model_dir, tmp_path):
     assert logged[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # policy == reference at the start
     assert logged[-1]["loss"] < 0.35 and logged[-1]["rewards/accuracies"] > 0.9
     assert evals[-1]["eval/rewards/accuracies"] > 0.9 and evals[-1]["eval/rewards/margins"] > 0
+    assert [m["step"] for m in evals] == [12, 24, 24]  # every 12 steps, and the final eval
     assert result["eval/pairs"] == 16
     expected = {"grad_norm", "learning_rate", "tokens", "tokens_per_s", "padding_efficiency", "logps/chosen", "rewards/margins"}
     assert expected <= set(logged[-1])
@@ -186,24 +187,6 @@ def test_cli_yaml_and_overrides(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train", "--shards", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
-
-
-def test_ddp_two_processes_equal_one_process(shards, tiny_model_dir, tmp_path):
-    common = ["--shards", str(shards), "--model", str(tiny_model_dir), "--learning-rate", "5e-3", "--beta", "0.5",
-              "--max-steps", "4", "--log-every", "1", "--seed", "0", "--eval-every", "2", "--eval-batch-tokens", "300"]
-    one = subprocess.run([sys.executable, "-m", "train", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "train", *common, "--batch-size", "4", "--out", str(tmp_path / "two")], capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two")):
-        assert a["step"] == b["step"]
-        if "loss" in a:
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
-        if "eval/loss" in a:  # eval batches split unevenly over the processes, summed back
-            assert a["eval/pairs"] == b["eval/pairs"] == 16 and a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-5)
-    assert sum("eval/loss" in m for m in _metrics(tmp_path / "two")) == 3  # steps 2, 4 and the final eval
 
 
 def test_gradient_checkpointing_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
