@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--out DIR] [--sections A,B]
 
 The table is written after each section (data, engine, tokenize, model-uniform, model-hh,
-generate, neardup, memory), so a stopped run keeps what it measured; `--sections` runs some of
-them into the table already in --out (the same sizes, machine and software only).
+reward-uniform, reward-hh, generate, neardup, memory), so a stopped run keeps what it measured;
+`--sections` runs some of them into the table already in --out (the same sizes, machine and
+software only), or into a new table in another --out.
 
 Rows (ours | peer):
     ingest          prefdata ingest | datasets load_dataset("json") + map splitting the HH transcripts into
@@ -277,6 +278,20 @@ def model_section(rows_set: str) -> Callable[[Bench], dict]:
     return section
 
 
+def reward_section(rows_set: str) -> Callable[[Bench], dict]:
+    """The reward model on the model section's rows and model (prepared afresh, so it runs alone):
+    ours --objective reward beside TRL's RewardTrainer, and the FLOP bound of the two layouts."""
+    def section(bench: Bench) -> dict:
+        sizes = bench.sizes
+        model, shards = bench_precompute.prepare(bench.work / f"reward-{rows_set}", sizes["model_rows"], sizes["max_length"],
+                                                 bench_precompute.DUMPS[rows_set])
+        runs = bench_reward.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"],
+                                    bench.work / f"reward-{rows_set}")
+        limits = bench_bounds.shard_bounds(shards, model, objective="reward")
+        return {"rows": bench_reward.table_rows(rows_set, runs, limits, row), "train_runs": runs}
+    return section
+
+
 def generate_section(bench: Bench) -> dict:
     generated = bench_generate.run(quick=bench.size == "quick", work=bench.work / "generate")
     return {"rows": [*(row("generate", "tokens/s", generated["ours"]["tokens_per_s"], generated[name]["tokens_per_s"], peer,
@@ -297,6 +312,7 @@ def memory_section(bench: Bench) -> dict:
 SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "data": data_section, "engine": engine_section, "tokenize": tokenize_section,
     "model-uniform": model_section("uniform"), "model-hh": model_section("hh"),
+    "reward-uniform": reward_section("uniform"), "reward-hh": reward_section("hh"),
     "generate": generate_section, "neardup": neardup_section, "memory": memory_section,
 }
 
@@ -414,14 +430,11 @@ def model_stages(work: Path, rows_set: str, sizes: dict, repeats: int, flops: fl
              row(stage, "bound: training GFLOPs, one epoch", limits.flops_ours / 1e9, limits.flops_trl / 1e9,
                  "TRL precompute", "—", False)]
     rows += mfu_rows(stage, _parameters(model), flops, train)
-    # The reward model on the same rows and model: ours --objective reward beside TRL's RewardTrainer.
-    reward = bench_reward.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"], work)
-    rows += bench_reward.table_rows(rows_set, reward, bench_bounds.shard_bounds(shards, model, objective="reward"), row)
     # KTO on the same dump rows ingested --unpaired: ours beside TRL's KTOTrainer, stored references both sides.
     kto_shards = bench_kto.unpaired_shards(work, model, sizes["model_rows"], sizes["max_length"], bench_precompute.DUMPS[rows_set])
     kto = bench_kto.compare(model, kto_shards, sizes["train_steps"] or bench_train.epoch_steps(kto_shards), sizes["train_repeats"], work)
     rows += bench_kto.table_rows(rows_set, kto, bench_bounds.shard_bounds(kto_shards, model, objective="kto"), row)
-    return rows, {**train, **reward, **kto}
+    return rows, {**train, **kto}
 
 
 def mfu_rows(stage: str, params: int, matmul_flops: float, train: dict[str, dict]) -> list[dict]:

@@ -43,7 +43,7 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_orde
     # Small figures keep the digits their ratio needs; only shares are percentages.
     assert "| train KTO | rows/s | 27.4 | TRL | 9.96 | 2.75× | — |" in text and "| seconds, ours fixed cost | 0.520 | — |" in text
     assert "data (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start, commit abc1234)" in text
-    assert "Not measured: engine, tokenize, model-uniform, generate, neardup, memory." in text
+    assert "Not measured: engine, tokenize, model-uniform, reward-uniform, reward-hh, generate, neardup, memory." in text
 
 
 def test_a_stopped_run_keeps_the_sections_it_finished_and_a_later_run_fills_in_the_rest(tmp_path, monkeypatch):
