@@ -241,12 +241,15 @@ def test_an_input_set_whose_manifest_changes_while_it_is_read_is_refused(s3, tmp
         curate(CurateConfig(inputs=[out], out=str(tmp_path / "curate")))
 
 
-def test_an_input_set_is_read_by_its_manifest_and_errors_name_the_uri(s3, tmp_path, chat_tokenizer_dir):
+def test_an_input_set_is_read_by_its_manifest_and_errors_name_the_uri(s3, tmp_path, chat_tokenizer_dir, monkeypatch):
     """Only the files the manifest lists are fetched; a wrong stage's output is refused naming the
     URI, not the temporary copy; no temporary directory is left behind."""
     import tempfile
 
-    before = {p.name for p in Path(tempfile.gettempdir()).glob("prefdata-*")}
+    # A TMPDIR of this test's own: other test processes make and remove theirs meanwhile.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     out = f"{s3}/byname"
     ingest(IngestConfig(inputs=[str(FIXTURES / "hh.jsonl")], out=out))
     filesystem, root = location._filesystem(out)
@@ -259,4 +262,4 @@ def test_an_input_set_is_read_by_its_manifest_and_errors_name_the_uri(s3, tmp_pa
     tokenize(TokenizeConfig(input_dir=out, tokenizer=str(chat_tokenizer_dir), out=shards))
     with pytest.raises(UserError, match=rf"^{shards}: made by 'tokenize', expected the output of ingest or curate"):
         curate(CurateConfig(inputs=[shards], out=str(tmp_path / "curate")))
-    assert {p.name for p in Path(tempfile.gettempdir()).glob("prefdata-*")} == before
+    assert not list(temporary.iterdir())

@@ -247,13 +247,6 @@ def test_torchrun_two_processes_equal_one_process(uninterrupted, shards, tiny_mo
     assert Manifest.read(shards).shards == Manifest.read(uninterrupted).shards
 
 
-def _ref_columns(shards_dir: Path) -> dict[str, np.ndarray]:
-    import polars as pl
-
-    frame = pl.read_ipc(shards_dir / "*.arrow").sort("id")
-    return {name: frame[name].to_numpy() for name in ("ref_chosen_logps", "ref_rejected_logps")}
-
-
 # ---------------------------------------------------------------------------------------------
 # guards: one-line UserErrors, nothing written
 

@@ -1,4 +1,5 @@
-"""The trainer end to end on a tiny model: learning, resume, refusals, divergence, DDP."""
+"""The trainer end to end on a tiny model: learning, resume, refusals, divergence (more than one
+process: tests/test_multiprocess.py, tests/test_resume.py)."""
 
 from __future__ import annotations
 

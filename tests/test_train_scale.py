@@ -1,5 +1,5 @@
-"""The trainer at model scale, on tiny models: a bf16 reference, FSDP2 over two gloo processes,
-LoRA adapters (alone, and under FSDP), and their checkpoints."""
+"""The trainer at model scale, on tiny models: a bf16 reference, and LoRA adapters and their
+checkpoints (FSDP2 and LoRA on several processes: tests/test_multiprocess.py, tests/test_resume.py)."""
 
 from __future__ import annotations
 

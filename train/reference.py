@@ -121,8 +121,8 @@ class ShardScore(BaseModel):
 @dataclass
 class PrecomputeResult:
     manifest: Manifest
-    scored: list[str] = field(default_factory=list)  # shards this process scored in this run
-    skipped: list[str] = field(default_factory=list)  # shards this process found already done
+    scored: list[str] = field(default_factory=list)  # shards scored in this run, by any process
+    skipped: list[str] = field(default_factory=list)  # shards found already done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +338,10 @@ def precompute_ref(config: PrecomputeRefConfig) -> PrecomputeResult:
             for shard in todo:
                 scorer.score_shard(shards_dir, shard.name, picks[shard.name], reference, bar)
                 result.scored.append(shard.name)
+    if config.parallelism != "fsdp":  # each process had shards of its own: the run's report counts all of them
+        order = {shard.name: i for i, shard in enumerate(upstream.shards)}
+        everyone = ranks.gather_objects((result.scored, result.skipped))
+        result.scored, result.skipped = (sorted(sum((names[part] for names in everyone), []), key=order.get) for part in (0, 1))
     ranks.barrier()
     if ranks.rank == 0 and (shards_dir / MARKERS_DIR).is_dir():
         _final_manifest(shards_dir, upstream, config, reference).write(shards_dir)
