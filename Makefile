@@ -59,7 +59,7 @@ demo: $(STAMP)
 # Every stage beside its peer (TRL, datasets: the .[bench] extra), medians of alternating runs → benchmarks/results/bench.json, bench.md.
 # SECTIONS=model-hh,memory runs only those into the table there (same machine and sizes), e.g. after a stopped run;
 # BENCH_OUT=DIR writes the table there instead (another machine's table beside this one).
-BENCH_SECTIONS = $(if $(SECTIONS),--sections $(SECTIONS)) $(if $(BENCH_OUT),--out $(BENCH_OUT))
+BENCH_SECTIONS = $(if $(SECTIONS),--sections $(SECTIONS)) $(if $(BENCH_OUT),--out "$(BENCH_OUT)")
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py $(BENCH_SECTIONS)
 

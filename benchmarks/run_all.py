@@ -288,7 +288,7 @@ def reward_section(rows_set: str) -> Callable[[Bench], dict]:
         runs = bench_reward.compare(model, shards, sizes["train_steps"] or bench_train.epoch_steps(shards), sizes["train_repeats"],
                                     bench.work / f"reward-{rows_set}")
         limits = bench_bounds.shard_bounds(shards, model, objective="reward")
-        return {"rows": bench_reward.table_rows(rows_set, runs, limits, row), "train_runs": runs}
+        return {"rows": bench_reward.table_rows(rows_set, runs, limits, row), "train_runs": runs, "model_parameters": _parameters(model)}
     return section
 
 
@@ -485,14 +485,17 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     m, sections = report["machine"], report["sections"]
+    # A section measured inside another's run (a table from before it had one of its own) says so.
     measured = [f"{name} ({s['started']}, {s['seconds'] / 60:.0f} min, load average {s['load_average_at_start']:.1f} at its start, "
-                f"commit {s.get('commit')})" for name, s in sections.items()]
+                f"commit {s.get('commit')}" + (f"; measured within {s['part_of']}'s run" if "part_of" in s else "") + ")"
+                for name, s in sections.items()]
     missing = [name for name in SECTIONS if name not in sections]
-    model = next((s for s in sections.values() if "matmul_gflops" in s), None)
+    matmul = next((s["matmul_gflops"] for s in sections.values() if "matmul_gflops" in s), None)
+    parameters = next((s["model_parameters"] for s in sections.values() if "model_parameters" in s), None)
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); torch {m['torch']}, transformers "
              f"{m['transformers']}, TRL {m['trl']}; model stages on device: {m['device']}."
-             + (f" Dense float32 matmul there: {model['matmul_gflops']:.1f} GFLOP/s; model {model['model_parameters'] / 1e6:.2f}M "
-                "parameters." if model else ""),
+             + (f" Dense float32 matmul there: {matmul:.1f} GFLOP/s;" if matmul else "")
+             + (f" model {parameters / 1e6:.2f}M parameters." if parameters else ""),
              f"`{report['size']}` sizes: {report['sizes']}.", "",
              f"Sections measured: {'; '.join(measured) or 'none'}." + (f" Not measured: {', '.join(missing)}." if missing else ""), "",
              "| stage | metric | ours | peer | peer value | ours/peer | target |", "|---|---|---|---|---|---|---|"]

@@ -46,6 +46,16 @@ def test_markdown_names_the_machine_and_device_and_lists_every_row_in_table_orde
     assert "Not measured: engine, tokenize, model-uniform, reward-uniform, reward-hh, generate, neardup, memory." in text
 
 
+def test_a_table_of_reward_sections_alone_names_the_model_and_a_section_measured_inside_another_says_so():
+    report = {"size": "quick", "sizes": SIZES["quick"], "machine": MACHINE, "sections": {
+        "reward-hh": _section([row("train reward model [hh]", "tokens/s", 9_000.0, 3_000.0, "TRL", "—")],
+                              model_parameters=3_670_000, part_of="model-hh")}}
+    text = markdown(report)
+    assert "device: cpu. model 3.67M parameters." in text and "GFLOP/s" not in text
+    assert "reward-hh (2026-12-07 02:00 UTC, 10 min, load average 0.5 at its start, commit abc1234; measured within model-hh's run)" in text
+    assert "| train reward model [hh] | tokens/s | 9,000 | TRL | 3,000 | 3.00× | — |" in text
+
+
 def test_a_stopped_run_keeps_the_sections_it_finished_and_a_later_run_fills_in_the_rest(tmp_path, monkeypatch):
     from benchmarks import run_all
 
