@@ -27,6 +27,7 @@ class Stage:
     run: str  # "module:function", called with the config; prints what the user should see
     arguments: tuple[str, ...] = ()  # config fields taken as positional arguments
     renames: dict[str, str] = field(default_factory=dict)  # field → option name, where the field's name reads badly
+    torchrun: bool = False  # splits its work over torchrun's processes; the others run in one process only
 
 
 STAGES: dict[str, Stage] = {
@@ -37,17 +38,17 @@ STAGES: dict[str, Stage] = {
     "tokenize": Stage("Tokenize records into Arrow IPC shards (TRL column names, int32 ids).",
                       "prefdata.tokenize:TokenizeConfig", "prefdata.cli:run_tokenize", ("input_dir",)),
     "precompute-ref": Stage("Add the reference model's log-probs to every shard (resumable; torchrun-aware).",
-                            "train.reference:PrecomputeRefConfig", "prefdata.cli:run_precompute_ref", ("shards",)),
+                            "train.reference:PrecomputeRefConfig", "prefdata.cli:run_precompute_ref", ("shards",), torchrun=True),
     "train": Stage("Train a policy on the shards (DPO and friends; torchrun-aware). Same as python -m train.",
-                   "train.config:TrainConfig", "train.loop:train_and_report"),
+                   "train.config:TrainConfig", "train.loop:train_and_report", torchrun=True),
     "generate": Stage("Sample K answers per prompt from a policy (on-policy data), resumable by chunk.",
-                      "train.generate:GenerateConfig", "prefdata.cli:run_generate", ("prompts",)),
+                      "train.generate:GenerateConfig", "prefdata.cli:run_generate", ("prompts",), torchrun=True),
     "judge": Stage("Score every sampled answer with a reward model or a function; ingest reads the result.",
                    "train.judge:JudgeConfig", "prefdata.cli:run_judge", ("generations",)),
     "iterate": Stage("Iterative DPO: generate, judge, ingest, curate, tokenize, precompute-ref, train — per round.",
                      "prefdata.iterate:IterateConfig", "prefdata.cli:run_iterate"),
     "eval": Stage("Implicit-reward accuracy on the eval shards; KL, judged reward, win rate, Best-of-N of samples.",
-                  "train.eval:EvalConfig", "prefdata.cli:run_eval", ("shards",)),
+                  "train.eval:EvalConfig", "prefdata.cli:run_eval", ("shards",), torchrun=True),
     "inspect": Stage("Stage, schema, rows per file, length quantiles, drop reasons, fingerprints, samples.",
                      "prefdata.inspect:InspectConfig", "prefdata.cli:run_inspect", ("directory",), {"as_json": "json"}),
 }
@@ -62,7 +63,19 @@ def build_command(name: str) -> Any:
     from train.cli import command
 
     stage = STAGES[name]
-    return command(_load(stage.config), _load(stage.run), name, stage.help, stage.arguments, stage.renames)
+    run = _load(stage.run) if stage.torchrun else _one_process(name, _load(stage.run))
+    return command(_load(stage.config), run, name, stage.help, stage.arguments, stage.renames)
+
+
+def _one_process(name: str, run: Any) -> Any:
+    """`run`, refused under torchrun: every process would do the whole stage and write the same files."""
+    def checked(config: Any) -> None:
+        if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+            raise UserError(f"prefdata {name} runs in one process, not under torchrun ({world} processes here): every "
+                            "process would write the same output; run it without torchrun (precompute-ref, train, generate "
+                            "and eval are the stages torchrun splits)")
+        run(config)
+    return checked
 
 
 class Commands(TyperGroup):

@@ -17,12 +17,13 @@ from prefdata.ingest import IngestConfig
 from schemas.errors import UserError
 from train.cli import build_config
 
+FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _prefdata(*args: str) -> subprocess.CompletedProcess:
+def _prefdata(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prefdata", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 def test_prefdata_help_lists_every_command():
@@ -85,6 +86,19 @@ def test_a_bad_config_file_or_value_is_one_line(tmp_path):
                  ["tokenize", "x", "--out", "o"]):
         done = _prefdata(*args)
         assert done.returncode == 2 and done.stderr.startswith("prefdata: error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_the_stages_torchrun_does_not_split_refuse_to_run_under_it(tmp_path):
+    """Under torchrun every process would run the whole stage and write the same files."""
+    assert {name for name, stage in STAGES.items() if stage.torchrun} == {"precompute-ref", "train", "generate", "eval"}
+    records = tmp_path / "records"
+    for args in (["ingest", str(FIXTURES / "hh.jsonl"), "--out", str(records)], ["curate", str(records), "--out", str(tmp_path / "c")],
+                 ["judge", str(tmp_path / "g"), "--reward", "demo.data:lexicon_reward", "--out", str(tmp_path / "j")]):
+        done = _prefdata(*args, env={"WORLD_SIZE": "2"})
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert f"prefdata {args[0]} runs in one process, not under torchrun (2 processes here)" in done.stderr
+    assert not records.exists()
+    assert _prefdata("ingest", str(FIXTURES / "hh.jsonl"), "--out", str(records), env={"WORLD_SIZE": "1"}).returncode == 0
 
 
 @pytest.mark.parametrize("fails", [False, True])

@@ -47,14 +47,15 @@ def uneven(tiny_model_dir, tmp_path_factory) -> Path:
     return root
 
 
-def _torchrun(processes: int, probe: Path, *module_and_args: str) -> str:
-    """The command on `processes` processes; its standard output."""
+def _torchrun(processes: int, probe: Path, *module_and_args: str) -> subprocess.CompletedProcess:
+    """The command on `processes` processes, checked: it succeeded, its collectives crossed ranks
+    through train/distributed.py."""
     env = {**os.environ, "COLLECTIVE_PROBE_DIR": str(probe), "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                           "-m", "tests.collective_probe", *module_and_args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     _check_collectives(probe, processes)
-    return run.stdout
+    return run
 
 
 def _check_collectives(probe: Path, processes: int) -> None:
@@ -85,12 +86,21 @@ def test_precompute_ref_on_three_processes_equals_one_process(uneven, tiny_model
     shards = tmp_path / "shards"
     shutil.copytree(uneven / "unscored", shards)
     verify = ["--verify", "6"] if parallelism == "fsdp" else []
-    stdout = _torchrun(3, tmp_path / "probe", "prefdata", "precompute-ref", str(shards), "--model", str(tiny_model_dir),
-                       "--parallelism", parallelism, "--batch-tokens", "64", *verify)
-    assert stdout.count(f"precompute-ref: scored {len(list(shards.glob('*.arrow')))} shard(s)") == 1, stdout  # rank 0 reports
+    run = _torchrun(3, tmp_path / "probe", "prefdata", "precompute-ref", str(shards), "--model", str(tiny_model_dir),
+                    "--parallelism", parallelism, "--batch-tokens", "64", *verify)
+    shard_files = len(list(shards.glob("*.arrow")))
+    assert run.stdout.count(f"precompute-ref: scored {shard_files} shard(s)") == 1, run.stdout  # rank 0 reports the run's
     for name, values in _ref_columns(uneven / "shards").items():
         np.testing.assert_allclose(_ref_columns(shards)[name], values, atol=1e-5, err_msg=name)
-    assert Manifest.read(shards).stats["verified_rows"] == (6 if verify else 0)
+    stats = Manifest.read(shards).stats
+    assert stats["verified_rows"] == (6 if verify else 0)
+    # tokens/s per process: a shard scored by three FSDP processes together took three process-seconds a second.
+    processes = 3 if parallelism == "fsdp" else 1
+    assert [shard["processes"] for shard in stats["shards"].values()] == [processes] * shard_files
+    process_seconds = sum(shard["seconds"] * processes for shard in stats["shards"].values())
+    assert stats["tokens_per_s"] == pytest.approx(stats["real_tokens"] / process_seconds)
+    if parallelism == "fsdp":  # every process scores every shard with the others: each one's bar ends at all rows
+        assert run.stderr.count(f"[precompute-ref] {stats['rows']}/{stats['rows']}") == 3, run.stderr[-3000:]
 
 
 def _args(shards: Path, model: Path, out: Path, **options: object) -> list[str]:
@@ -195,6 +205,21 @@ def test_generate_and_eval_on_two_processes(uneven, tiny_model_dir, tmp_path):
               "--out", str(two), "--config", str(tmp_path / "generate.yaml"))
     # A chunk's seed is its number's: the same answers whichever process wrote it.
     assert (two / GENERATIONS_FILE).read_text() == (one / GENERATIONS_FILE).read_text()
+    tokens = Manifest.read(one).stats["generated_tokens"]
+    assert tokens > 0 and Manifest.read(two).stats["generated_tokens"] == tokens  # every process's, counted once
+
+    # A killed run whose only missing chunk is process 1's (chunks 0, 2, 4 are process 0's): the
+    # resumed run's rate is process 1's new tokens, not process 0's none.
+    lines = (one / GENERATIONS_FILE).read_text().splitlines(keepends=True)
+    resumed = tmp_path / "generate-resumed"
+    (resumed / "chunks").mkdir(parents=True)
+    for number in (0, 2, 3, 4, 5):
+        (resumed / "chunks" / f"chunk-{number:05d}.jsonl").write_text("".join(lines[3 * number:3 * number + 3]))
+    _torchrun(2, tmp_path / "probe-resumed", "prefdata", "generate", str(uneven / "records"), "--policy", str(tiny_model_dir),
+              "--out", str(resumed), "--config", str(tmp_path / "generate.yaml"))
+    assert (resumed / GENERATIONS_FILE).read_text() == (one / GENERATIONS_FILE).read_text()
+    stats = Manifest.read(resumed).stats
+    assert 0 < stats["generated_tokens"] < tokens and stats["tokens_per_s"] > 0
 
     # A policy that is not the reference: every margin and log-ratio is something to add up.
     policy = tmp_path / "policy"

@@ -237,7 +237,7 @@ def test_shards_scored_shared_equal_shards_scored_padded_and_train_accepts_eithe
     import shutil
 
     from schemas.manifest import Manifest
-    from tests.test_reference import _ref_columns
+    from tests.test_multiprocess import _ref_columns
     from tests.test_train import _config, _metrics
     from train.loop import train
     from train.reference import PrecomputeRefConfig, precompute_ref
@@ -266,7 +266,7 @@ def test_packed_stages_equal_unpacked_ones_and_packing_without_sharing_is_refuse
     import shutil
 
     from schemas.errors import UserError
-    from tests.test_reference import _ref_columns
+    from tests.test_multiprocess import _ref_columns
     from tests.test_train import _config, _metrics
     from train.loop import train
     from train.reference import PrecomputeRefConfig, precompute_ref

@@ -294,7 +294,7 @@ def generate(config: GenerateConfig) -> Manifest:
     chunks = out / CHUNKS_DIR
     chunks.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(order), config.chunk_prompts)
-    began, generated_tokens, timed = time.perf_counter(), 0, False
+    began, generated_tokens = time.perf_counter(), 0
     # Under torchrun process r answers chunks r, r + W, …; a chunk's seed is its number's, so the
     # answers do not depend on how many processes there are.
     mine = [number for number in range(len(starts)) if number % dist.world == dist.rank]
@@ -310,14 +310,13 @@ def generate(config: GenerateConfig) -> Manifest:
                                              stop_ids)
                 write_text_atomic(path, "".join(lines))
                 generated_tokens += tokens
-                timed = True
             bar.advance(len(part))
-    seconds = time.perf_counter() - began
     dist.barrier()  # every chunk written
+    # The run's rate: every process's new tokens over the time until the slowest was done.
+    seconds, generated_tokens = time.perf_counter() - began, sum(dist.gather_objects(generated_tokens))
     if dist.is_main:
         _finish(config, out, starts, inputs, len(raw), len(prompts), dropped,
-                model_fingerprint(policy_dir, config.policy, dtype, device),
-                dist.world * generated_tokens / seconds if timed else None)  # rank 0's rate × processes
+                model_fingerprint(policy_dir, config.policy, dtype, device), generated_tokens, seconds)
     dist.barrier()
     return Manifest.read(out, stages=("generate",))
 
@@ -365,7 +364,7 @@ def _fitting(prompts: list[list[dict]], ids: list[list[int]], model: Any, max_ne
 
 
 def _finish(config: GenerateConfig, out: Path, starts: range, inputs: list[InputFile], read: int, kept: int,
-            dropped: Counter, policy_fingerprint: Any, tokens_per_s: float | None) -> Manifest:
+            dropped: Counter, policy_fingerprint: Any, generated_tokens: int, seconds: float) -> Manifest:
     """Join the chunks into generations.jsonl (atomically), then the manifest, then drop the chunks."""
     chunk_files = [out / CHUNKS_DIR / f"chunk-{n:05d}.jsonl" for n in range(len(starts))]
     text = "".join(p.read_text(encoding="utf-8") for p in chunk_files)
@@ -374,7 +373,10 @@ def _finish(config: GenerateConfig, out: Path, starts: range, inputs: list[Input
     manifest = Manifest(stage="generate", package_version=package_version(), config=config.model_dump(), inputs=inputs,
                         counts=Counts(read=read, kept=kept, dropped=dict(dropped)), outputs=[GENERATIONS_FILE],
                         stats={"responses": sum(finish_reasons.values()), "finish_reasons": dict(finish_reasons),
-                               "policy": policy_fingerprint.model_dump(), "tokens_per_s": tokens_per_s},
+                               "policy": policy_fingerprint.model_dump(),
+                               # this run's new tokens (a resumed run's: of the chunks it wrote), all processes'
+                               "generated_tokens": generated_tokens,
+                               "tokens_per_s": generated_tokens / seconds if generated_tokens else None},
                         versions={"torch": torch.__version__, "transformers": _transformers_version()})
     manifest.write(out)
     shutil.rmtree(out / CHUNKS_DIR)

@@ -114,6 +114,7 @@ class ShardScore(BaseModel):
     computed_tokens: int = 0  # non-padding tokens put through the model (real_tokens less the shared prompts)
     prefix_shared: bool = False
     seconds: float
+    processes: int = 1  # that scored the shard together (FSDP: every process); tokens_per_s counts process-seconds
     verified_rows: int = 0
     verify_max_abs_diff: float = 0.0
 
@@ -291,6 +292,7 @@ class _LazyReference:
             chosen, rejected = _score_batches(self._scoring, columns, shares, collate, self.device, bar)
             if self.sharded:  # each row was scored by one process, the others hold 0 there
                 chosen, rejected = (self.ranks.sum(torch.from_numpy(v)).numpy() for v in (chosen, rejected))
+                bar.advance(len(columns) - sum(len(rows) for rows, counts in shares if counts))  # the others' rows
             seconds = time.perf_counter() - start
             worst = _verify(self._scoring, columns, verify_rows, (chosen, rejected), self.pad_id, self.device, self.dtype, path,
                             collate.bucketed)
@@ -301,7 +303,8 @@ class _LazyReference:
         score = ShardScore(name=name, sha256="", reference=reference, rows=len(columns), real_tokens=int(real.sum()),
                            processed_tokens=collate.processed_tokens(lengths, batches, rows_per_pair),
                            computed_tokens=int(computed.sum()), prefix_shared=shared,
-                           seconds=seconds, verified_rows=len(verify_rows), verify_max_abs_diff=worst)
+                           seconds=seconds, processes=self.ranks.world if self.sharded else 1,
+                           verified_rows=len(verify_rows), verify_max_abs_diff=worst)
         return _write_shard(shards_dir, name, table, chosen, rejected, score)
 
 
@@ -367,7 +370,7 @@ def _final_manifest(shards_dir: Path, upstream: Manifest, config: PrecomputeRefC
             per_shard[shard.name] = upstream_stats[shard.name]
     rows = sum(s.rows for s in shards)
     real = sum(s["real_tokens"] for s in per_shard.values())
-    seconds = sum(s["seconds"] for s in per_shard.values())
+    process_seconds = sum(s["seconds"] * s.get("processes", 1) for s in per_shard.values())
     import transformers
 
     return Manifest(
@@ -387,7 +390,7 @@ def _final_manifest(shards_dir: Path, upstream: Manifest, config: PrecomputeRefC
             "padding_efficiency": sum(s.get("computed_tokens") or s["real_tokens"] for s in per_shard.values())
             / max(1, sum(s["processed_tokens"] for s in per_shard.values())),
             "prefix_shared_shards": sum(bool(s.get("prefix_shared")) for s in per_shard.values()),
-            "tokens_per_s": real / seconds if seconds else None,  # per process, summed over shards
+            "tokens_per_s": real / process_seconds if process_seconds else None,  # per process: over process-seconds
             "verified_rows": sum(s["verified_rows"] for s in per_shard.values()),
             "verify_max_abs_diff": max(s["verify_max_abs_diff"] for s in per_shard.values()),
             "shards": per_shard,
@@ -405,6 +408,6 @@ def summary_lines(result: PrecomputeResult) -> list[str]:
         return [f"precompute-ref: nothing to do; {len(result.skipped)} shard(s) already hold log-probs of "
                 f"{ref.name_or_path if ref else '?'}"]
     return [f"precompute-ref: scored {len(result.scored)} shard(s), {len(result.skipped)} already done; "
-            f"{stats['rows']} rows, {stats['tokens_per_s']:,.0f} tokens/s, padding efficiency "
+            f"{stats['rows']} rows, {stats['tokens_per_s']:,.0f} tokens/s per process, padding efficiency "
             f"{stats['padding_efficiency']:.1%}, reference {ref.name_or_path} ({ref.dtype} on {ref.device_type})"]
 
