@@ -204,7 +204,7 @@ def test_compile_option_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)
 
 
-def test_adamw_takes_the_fused_kernel_where_torch_has_one(tmp_path):
+def test_adamw_takes_the_fused_kernel_where_torch_has_one(tmp_path, monkeypatch):
     """The optimizer TRL's trainers use by default (transformers' `adamw_torch_fused`), on the
     devices torch has the kernel for; elsewhere torch's default implementation, not an error."""
     import torch
@@ -216,6 +216,10 @@ def test_adamw_takes_the_fused_kernel_where_torch_has_one(tmp_path):
     assert on_cpu.param_groups[0]["fused"] is True
     on_meta = adamw([torch.nn.Parameter(torch.ones(3, device="meta"))], config)
     assert not on_meta.param_groups[0]["fused"]
+    # A torch without the private list of fused devices: the default kernel, not an ImportError.
+    with monkeypatch.context() as patch:
+        patch.delattr("torch.utils._foreach_utils._get_fused_kernels_supported_devices")
+        assert not adamw([torch.nn.Parameter(torch.ones(3))], config).param_groups[0]["fused"]
 
 
 def test_a_checkpoint_from_another_adamw_kernel_resumes_on_this_runs(tmp_path):

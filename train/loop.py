@@ -88,9 +88,13 @@ def adamw(trainable: list[torch.nn.Parameter], config: TrainConfig) -> torch.opt
     one kernel per step instead of a dozen elementwise passes over every parameter (about half
     the optimizer step's time on the bench's 4M-parameter model, in one profile). transformers'
     Trainer, so TRL, uses the same kernel by default (`adamw_torch_fused`)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point() for p in trainable)
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # private in torch: a release without it trains with the default kernel
+        devices = []
+    fused = all(p.device.type in devices and p.is_floating_point() for p in trainable)
     return torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
                              betas=(config.adam_beta1, config.adam_beta2), fused=fused or None)
 
