@@ -70,10 +70,11 @@ def build_command(name: str) -> Any:
 def _one_process(name: str, run: Any) -> Any:
     """`run`, refused under torchrun: every process would do the whole stage and write the same files."""
     def checked(config: Any) -> None:
-        if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
-            raise UserError(f"prefdata {name} runs in one process, not under torchrun ({world} processes here): every "
-                            "process would write the same output; run it without torchrun (precompute-ref, train, generate "
-                            "and eval are the stages torchrun splits)")
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.strip() not in ("", "1"):
+            raise UserError(f"prefdata {name} runs in one process, not under torchrun (WORLD_SIZE={world} here): every "
+                            "process would write the same output; run it without torchrun, or with WORLD_SIZE=1 where a "
+                            "cluster sets it for every job (precompute-ref, train, generate and eval are the stages torchrun splits)")
         run(config)
     return checked
 
@@ -120,8 +121,9 @@ def run_curate(config: Any) -> None:
     from rich.console import Console
 
     from prefdata.curate import checked_inputs, curate, summary_table
-    from schemas.location import is_uri, local_path
+    from schemas.location import check_output, is_uri, local_path
 
+    check_output(config.out, config.inputs)  # before a --score-with model loads
     scorer = None
     if config.score_with is not None:  # label noise: the model side, only when asked for
         from train.label_scores import load_pair_scorer

@@ -75,8 +75,8 @@ from prefdata.neardup import (
 )
 from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
-from schemas.io import sha256_file
-from schemas.location import input_dirs, local_path, output_dir, shown
+from schemas.io import parquet_batches, parquet_read, sha256_file
+from schemas.location import check_output, input_dirs, local_path, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
@@ -95,7 +95,8 @@ LABEL_FIELDS = [pa.field("label_margin", pa.float64()), pa.field("label_suspect"
 # Output row groups have a fixed size, so an output file's bytes depend only on its rows, not on
 # chunk_rows or on how the inputs were split into files.
 ROW_GROUP_ROWS = 65_536
-DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "tie", "low_margin", "too_short", "too_long")
+DEGENERATE_REASONS = ("identical_after_normalisation", "empty_answer", "non_finite_score", "tie", "low_margin", "too_short",
+                      "too_long")
 DROP_REASONS = (*DEGENERATE_REASONS, "conflicting_label", "duplicate", "contaminated", "prompt_cap", SUSPECT_LABEL)
 _REASON = pl.Enum(DROP_REASONS)
 TRAIN, EVAL, DROPPED = 0, 1, 2
@@ -189,7 +190,8 @@ def _record_files(dirs: list[Path]) -> tuple[list[Path], str]:
             path = directory / name
             if not path.is_file():
                 raise UserError(f"{path} missing; re-run prefdata {manifest.stage} for {directory}")
-            schema = pq.read_schema(path)
+            with parquet_read(path, f"re-run prefdata {manifest.stage} for {directory}"):
+                schema = pq.read_schema(path)
             kind = record_kind(schema.names)
             if not all(field in schema for field in record_schema(kind)):
                 raise UserError(f"{path}: not a prefdata record set (columns {schema.names}); re-run prefdata {manifest.stage}")
@@ -227,7 +229,7 @@ def _input_chunks(inputs: list[InputFile], chunk_rows: int, columns: list[str]) 
     for item in inputs:
         parquet = pq.ParquetFile(item.path)
         present = [c for c in columns if c in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=present):
+        for batch in parquet_batches(item.path, batch_size=chunk_rows, columns=present):
             table = pa.Table.from_batches([batch])
             if "prompt_cluster" in columns and "prompt_cluster" not in present:
                 table = table.append_column("prompt_cluster", pa.nulls(table.num_rows, pa.string()))
@@ -299,6 +301,9 @@ def _degenerate(frame: pl.DataFrame, config: CurateConfig) -> pl.DataFrame:
     rules = [
         ("identical_after_normalisation", pl.col("chosen_norm") == pl.col("rejected_norm") if paired else pl.lit(False)),
         ("empty_answer", shortest == 0),
+        # A record set from before ingest refused them, or made by hand: NaN passes every comparison
+        # below and ranks first within its prompt.
+        ("non_finite_score", margin.is_nan() | margin.is_infinite()),
         ("tie", margin == 0),
         ("low_margin", margin < config.min_margin if config.min_margin is not None else pl.lit(False)),
         ("too_short", shortest < config.min_chars),
@@ -825,13 +830,14 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
     """The stage. With `config.score_with`, `scorer` is the model that scores the pairs
     (`train.label_scores.load_pair_scorer`; the `prefdata curate` command builds it, since this
     package never imports the model side)."""
+    check_output(config.out, config.inputs)  # before the inputs are fetched and hashed
     with input_dirs(config.inputs) as dirs:
         files, kind = checked_inputs(config, dirs)
         if config.scored and scorer is None:
             raise UserError("curate --score-with needs its scorer: run prefdata curate, or pass "
                             "scorer=train.label_scores.load_pair_scorer(...) to prefdata.curate.curate")
         inputs = [_input_file(path) for path in files]
-        with output_dir(config.out) as out_dir, session(config.execution) as engine:
+        with output_dir(config.out, config.inputs) as out_dir, session(config.execution) as engine:
             # Spill files live inside the output's temporary directory: a failed or killed run leaves
             # them where output_dir leaves its partial output, never beside the finished one.
             spill = out_dir / ".spill"

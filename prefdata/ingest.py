@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -43,11 +44,12 @@ from prefdata.engine import EngineOptions, Pool, session
 from prefdata.formats.base import NON_BINARY_LABEL, SCORE_FIX, Format, FormatError, FormatOptions, Skipped
 from prefdata.formats.registry import FORMATS, build_format, detect_format
 from prefdata.formats.tabular import MAPPABLE_FIELDS
+from prefdata.pairing import NON_FINITE_SCORE
 from prefdata.readers import LineRange, RawRow, Row, Source, line_ranges, range_rows, resolve_sources
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError
 from schemas.io import sha256_file
-from schemas.location import local_only, output_dir
+from schemas.location import check_output, local_only, output_dir
 from schemas.manifest import QUARANTINE_FILE, Counts, Manifest
 from schemas.progress import progress
 from schemas.records import (
@@ -181,12 +183,12 @@ def _convert_row(
     if raw.error:
         return raw.error
     model, _, noun, nothing = _KINDS[fmt.kind]
-    records, failures = [], []
+    records, failures, notes = [], [], Counter[str]()
     provenance = {"source": source.name, "source_format": fmt.name, "source_row": raw.number}
     try:
         for item in fmt.candidates(raw.value):  # type: ignore[arg-type]  # no error means a value
             if isinstance(item, Skipped):
-                skipped[item.reason] += item.count
+                notes[item.reason] += item.count
                 continue
             try:
                 records.append(model.model_validate({**item, **provenance}))
@@ -196,8 +198,12 @@ def _convert_row(
                 failures.append((first["type"], f"{where}: {first['msg']}" if where else first["msg"]))
     except FormatError as exc:
         return exc.reason, exc.message
+    except OverflowError:  # float() of an integer past 1e308, which the JSON parsers accept
+        return NON_FINITE_SCORE, "a number too large for a float"
     if not records:
         return failures[0] if failures else (nothing, f"format {fmt.name} found no {noun} in this row")
+    # Parts left out are counted for kept rows only: a quarantined row is counted whole, by its reason.
+    skipped.update(notes)
     skipped.update(f"{noun}_{reason}" for reason, _ in failures)
     return records
 
@@ -418,15 +424,25 @@ def _hashing(sources: list[Source]) -> Iterator[list[Future[str] | None]]:
         hasher.shutdown(cancel_futures=True)
 
 
+def _local_inputs(specs: list[str], sources: list[Source]) -> list[str]:
+    """The files read and the folders given (not globs or Hub names): what --out must not hold or sit in."""
+    return [spec for spec in specs if os.path.isdir(spec)] + [source.location for source in sources if source.is_file]
+
+
 def ingest(config: IngestConfig) -> Manifest:
     for given in config.inputs:
         local_only("ingest", {"INPUTS": given})
     sources = resolve_sources(config.inputs, config.split)
+    check_output(config.out, _local_inputs(config.inputs, sources))  # before the formats are sniffed
     formats = [_format_for(source, config) for source in sources]
     kind = _record_kind(sources, formats, config)
     tallies: list[_SourceTally] = []
     left = config.limit  # rows still to read under --limit
-    with output_dir(config.out) as tmp, _hashing(sources) as hashes, session(config.execution) as engine:
+    with (
+        output_dir(config.out, _local_inputs(config.inputs, sources)) as tmp,
+        _hashing(sources) as hashes,
+        session(config.execution) as engine,
+    ):
         with (
             engine.pool(_convert, config.workers) as converter,
             _RecordWriter(tmp / RECORDS_FILE, config.row_group_rows, kind) as records,

@@ -18,12 +18,15 @@ one completion, desirable when its score reaches `--score-threshold`, with the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from prefdata.formats.base import Candidate, FormatError, FormatOptions, Messages, PairingRule
+from prefdata.formats.base import Candidate, FormatError, FormatOptions, Messages, PairingRule, Skipped
 
 TOO_FEW_ANSWERS = "too_few_answers"
+NON_FINITE_SCORE = "non_finite_score"  # NaN or ±inf: it orders no answer (and NaN sorts anywhere)
+LOW_MARGIN_PAIRS = "pair_low_margin"  # pairs of a kept row under --min-margin (a part of the row left out)
 TIE = "tie"
 LOW_MARGIN = "low_margin"
 
@@ -35,12 +38,21 @@ class Scored(NamedTuple, Generic[T]):
     answer: T
 
 
-def pair_up(
-    answers: Sequence[Scored[T]], rule: PairingRule, min_margin: float = 0.0
-) -> list[tuple[Scored[T], Scored[T]]]:
-    """(chosen, rejected) pairs by `rule`; FormatError when none is left."""
+class Pairing(NamedTuple, Generic[T]):
+    pairs: list[tuple[Scored[T], Scored[T]]]  # (chosen, rejected)
+    skipped: list[Skipped]  # the rule's pairs that --min-margin left out, for the manifest's stats
+
+
+def _check_finite(answers: Sequence[Scored[T]]) -> None:
+    if bad := [a.score for a in answers if not math.isfinite(a.score)]:
+        raise FormatError(NON_FINITE_SCORE, f"score {bad[0]} orders no answer; {len(bad)} of {len(answers)} scores are not finite")
+
+
+def pair_up(answers: Sequence[Scored[T]], rule: PairingRule, min_margin: float = 0.0) -> Pairing[T]:
+    """(chosen, rejected) pairs by `rule`, and how many `min_margin` left out; FormatError when none is left."""
     if len(answers) < 2:
         raise FormatError(TOO_FEW_ANSWERS, f"{len(answers)} scored answer(s); a pair needs two")
+    _check_finite(answers)
     ranked = sorted(answers, key=lambda a: -a.score)  # stable: equal scores keep their input order
     if ranked[0].score == ranked[-1].score:
         raise FormatError(TIE, f"all {len(ranked)} answers have the same score ({ranked[0].score:g})")
@@ -57,7 +69,8 @@ def pair_up(
     if not kept:
         best = max(a.score - b.score for a, b in pairs)
         raise FormatError(LOW_MARGIN, f"no pair differs by --min-margin {min_margin:g} (largest margin {best:g})")
-    return kept
+    left_out = len(pairs) - len(kept)
+    return Pairing(kept, [Skipped(LOW_MARGIN_PAIRS, left_out)] if left_out else [])
 
 
 def scored_candidates(
@@ -72,14 +85,16 @@ def scored_candidates(
     if options.unpaired:
         if not answers:
             raise FormatError(TOO_FEW_ANSWERS, "no scored answer")
+        _check_finite(answers)
         labelled = []
         for a in answers:
             content, own = completion(a.answer)
             labelled.append({"prompt": prompt, "completion": content, "label": a.score >= options.score_threshold,
                              "score": a.score, "meta": {**meta, **own}})
         return labelled
-    pairs = []
-    for chosen, rejected in pair_up(answers, options.pairs, options.min_margin):
+    pairing = pair_up(answers, options.pairs, options.min_margin)
+    pairs: list[Candidate] = [*pairing.skipped]
+    for chosen, rejected in pairing.pairs:
         (chosen_messages, chosen_meta), (rejected_messages, rejected_meta) = completion(chosen.answer), completion(rejected.answer)
         pairs.append({"prompt": prompt, "chosen": chosen_messages, "rejected": rejected_messages,
                       "chosen_score": chosen.score, "rejected_score": rejected.score,

@@ -40,6 +40,7 @@ from schemas.manifest import MANIFEST_NAME, QUARANTINE_FILE, InputFile, Manifest
 from schemas.records import RECORD_FILES
 
 INVALID_JSON = "invalid_json"
+NESTED_TOO_DEEPLY = "nested too deeply to read (Python's recursion limit)"
 INVALID_UTF8 = "invalid_utf8"
 TRUNCATED_LINE = "truncated_line"
 NOT_AN_OBJECT = "wrong_type"
@@ -110,6 +111,8 @@ class JsonLine(NamedTuple):
             cut = not line.endswith(b"\n") and _cut_short(exc)
             reason = TRUNCATED_LINE if cut else INVALID_JSON
             return RawRow(number, None, line, (reason, f"{exc.msg} at column {exc.colno}"))
+        except RecursionError:
+            return RawRow(number, None, line, (INVALID_JSON, NESTED_TOO_DEEPLY))
         if not isinstance(value, dict):
             problem = f"expected a JSON object per line, got {_json_kind(value)}"
             return RawRow(number, None, line, (NOT_AN_OBJECT, problem))
@@ -166,7 +169,13 @@ def resolve_sources(specs: list[str], split: str | None = None) -> list[Source]:
     found: list[tuple[str, str, str | None, str | None]] = []  # (location, kind, compression, split)
     for spec in specs:
         found.extend(_resolve_one(spec, split))
-    unique = list(dict.fromkeys(found))
+    # Each file once however it is spelled (./a.jsonl, a.jsonl, a link to it): read twice, its rows would count twice.
+    unique, seen = [], set()
+    for entry in found:
+        key = (entry[0] if entry[1] == "hub" else os.path.realpath(entry[0]), *entry[1:])
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
     names = _display_names([loc for loc, kind, _, _ in unique if kind not in ("saved", "hub")])
     sources = []
     for location, kind, compression, part in unique:
@@ -226,7 +235,8 @@ def _directory_files(directory: str) -> list[str]:
         raise UserError(f"{exc.filename}: cannot read directory ({exc.strerror}); check its permissions")
 
     for root, dirs, names in os.walk(directory, onerror=fail):
-        dirs.sort()
+        # Hidden folders are never data: a killed stage's .tmp-* output, .git, caches.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if MANIFEST_NAME in names:  # a stage's output inside the folder: its data, not its manifest
             dirs.clear()
             files.extend(_stage_output_files(root))
@@ -299,7 +309,7 @@ def _open_binary(source: Source) -> Iterator[IO[bytes]]:
         elif source.compression == ".bz2":
             fh = bz2.open(source.location, "rb")
         elif source.compression == ".zst":
-            fh = io.BufferedReader(zstandard.open(source.location, "rb"))
+            fh = io.BufferedReader(_ZstdReader(source.location), buffer_size=1 << 20)
         else:
             fh = open(source.location, "rb")
     except OSError as exc:
@@ -316,6 +326,50 @@ def _open_binary(source: Source) -> Iterator[IO[bytes]]:
         if source.compression:  # bz2 reports bad data as a plain OSError
             raise UserError(f"{source.location}: cannot decompress ({exc}); re-download or re-compress it") from None
         raise
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's bytes, every frame's. zstandard's own reader ends a frame cut short as if the
+    file ended there; this one raises EOFError, so a truncated download is an error, not half a
+    file. Compressed bytes go in SLICE at a time, which bounds what one call holds decompressed
+    (zstd expands at most ~32,000:1, so 128 MiB)."""
+
+    SLICE = 4 << 10
+
+    def __init__(self, path: str) -> None:
+        import zstandard
+
+        self._file = open(path, "rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame: Any = None  # the current frame's decompression object
+        self._compressed, self._in = b"", 0  # read from the file, not decompressed yet
+        self._out, self._at = b"", 0  # decompressed, not handed out yet
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._out):
+            if self._in == len(self._compressed):
+                self._compressed, self._in = self._file.read(1 << 20), 0
+                if not self._compressed:
+                    if self._frame is not None and not self._frame.eof:
+                        raise EOFError("the file ends inside a zstd frame")
+                    return 0
+            if self._frame is None or self._frame.eof:  # concatenated frames: each needs its own object
+                self._frame = self._decompressor.decompressobj()
+            piece = self._compressed[self._in:self._in + self.SLICE]
+            self._out, self._at = self._frame.decompress(piece), 0
+            # A frame that ended inside the slice leaves the rest for the next frame.
+            self._in += len(piece) - (len(self._frame.unused_data) if self._frame.eof else 0)
+        size = min(len(buffer), len(self._out) - self._at)
+        buffer[:size] = self._out[self._at:self._at + size]
+        self._at += size
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _open_text(fh: IO[bytes]) -> io.TextIOWrapper:
@@ -373,8 +427,8 @@ def _is_json_array(source: Source) -> bool:
             return True  # the only line, or a long one: an array on one line
         try:
             json.loads(line)
-        except ValueError:
-            return True  # the array goes on over the next lines
+        except (ValueError, RecursionError):
+            return True  # the array goes on over the next lines (or nests past the parser: its reader says so)
         return not any(chunk.strip() for chunk in iter(lambda: fh.read(1 << 16), b""))
 
 
@@ -502,6 +556,10 @@ def _json_array_rows(stream: IO[str]) -> Iterator[RawRow]:
                 problem = f"array element {number}: {exc.msg}; rest of the file skipped"
                 yield RawRow(number, None, buf.rest(), (reason, problem))
                 return
+            except RecursionError:  # where the element ends is not known either
+                yield RawRow(number, None, buf.rest(), (INVALID_JSON, f"array element {number}: {NESTED_TOO_DEEPLY}; "
+                                                        "rest of the file skipped"))
+                return
         raw = buf.text[buf.pos:end]
         buf.pos = end
         if not isinstance(value, dict):
@@ -524,6 +582,9 @@ def _csv_rows(source: Source) -> Iterator[RawRow]:
         header = next(reader, None)
         if header is None:
             return
+        if repeated := sorted({name for name in header if name and header.count(name) > 1}):  # '': a spreadsheet's trailing commas
+            raise UserError(f"{source.location}: the header names {', '.join(map(repr, repeated))} more than once, so "
+                            "one of the columns would be lost; rename them")
         number = 0
         while True:
             try:

@@ -37,8 +37,8 @@ from prefdata.pool import prestart
 from schemas.cpus import usable_cpus
 from schemas.errors import UserError, first_line
 from schemas.fingerprint import tokenizer_fingerprint
-from schemas.io import sha256_file
-from schemas.location import input_dirs, output_dir, shown
+from schemas.io import parquet_batches, parquet_read, sha256_file
+from schemas.location import check_output, input_dirs, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
@@ -423,7 +423,10 @@ def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]], str
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise UserError(f"{input_dir}: {', '.join(missing)} missing; re-run prefdata {upstream.stage}")
-    kinds = {p.name: record_kind(pq.ParquetFile(p).schema_arrow.names) for _, p in files}
+    kinds = {}
+    for _, path in files:
+        with parquet_read(path, f"re-run prefdata {upstream.stage}"):
+            kinds[path.name] = record_kind(pq.ParquetFile(path).schema_arrow.names)
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{name}: {kind}" for name, kind in kinds.items())
         raise UserError(f"{input_dir}: the record files mix paired and unpaired records ({listing}); re-run prefdata {upstream.stage}")
@@ -432,10 +435,11 @@ def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]], str
 
 def _batches(path: Path, rows: int, kind: str) -> Iterator[pa.RecordBatch]:
     columns = ["id", "prompt", *ANSWERS[kind], *(["label"] if kind == UNPAIRED else [])]
-    return pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
+    return parquet_batches(path, batch_size=rows, columns=columns)
 
 
 def tokenize(config: TokenizeConfig) -> Manifest:
+    check_output(config.out, [config.input_dir])  # before the input is fetched or the tokenizer loads
     with input_dirs([config.input_dir]) as (input_dir,):
         return _tokenize_local(config, input_dir)
 
@@ -458,7 +462,7 @@ def _tokenize_local(config: TokenizeConfig, input_dir: Path) -> Manifest:
     dropped_rows: list[dict] = []
     labels: dict[str, Counter] = {}  # unpaired: desirable / undesirable rows kept per split
     with (
-        output_dir(config.out) as out_dir,
+        output_dir(config.out, [config.input_dir]) as out_dir,
         progress("tokenize", total=total) as bar,
         session(config.execution) as engine,
         engine.pool(_encode_job, config.workers, _start_encoder, (tokenizer, config, kind)) as pool,

@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from schemas.errors import UserError
+from schemas.errors import UserError, first_line
 
 # A write that ran out of room: the disk, or the user's quota on it.
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -92,6 +93,44 @@ def _umask() -> int:
 def write_text_atomic(final: str | os.PathLike[str], text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def parquet_read(path: str | os.PathLike[str], fix: str) -> Iterator[None]:
+    """pyarrow's error on a damaged parquet file (cut short, overwritten) as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's refusal (permissions, a vanished file), not its bytes
+            raise UserError(f"{path}: cannot read ({exc.strerror or exc}); check the path and its permissions") from None
+        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)}); {fix}") from None
+    except ValueError as exc:  # ArrowInvalid
+        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)}); {fix}") from None
+
+
+DAMAGED_RECORDS = "its record set is damaged: re-run the stage that wrote it"
+
+
+def parquet_batches(path: str | os.PathLike[str], fix: str = DAMAGED_RECORDS, **options: Any) -> Iterator[Any]:
+    """`pq.ParquetFile(path).iter_batches(**options)`, a damaged file's error one line naming it."""
+    import pyarrow.parquet as pq
+
+    with parquet_read(path, fix):
+        batches = pq.ParquetFile(path).iter_batches(**options)
+    while True:
+        with parquet_read(path, fix):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def read_utf8(path: str | os.PathLike[str], fix: str) -> str:
+    """A whole text file that must be UTF-8; otherwise one line naming the first bad byte and `fix`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:

@@ -22,7 +22,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -92,12 +92,14 @@ def _download(filesystem: Any, source: str, target: Path) -> None:
 
 
 @contextmanager
-def output_dir(out: str) -> Iterator[Path]:
+def output_dir(out: str, inputs: Sequence[str] = ()) -> Iterator[Path]:
     """A fresh local directory for a stage's output; on success it becomes `out`: by a rename for a
     local path, by publishing it (the manifest last) for a URI. After a failure inside, `out` is
-    as it was. A URI's bucket is looked up before the stage runs, so a missing bucket or refused
-    credentials stop the run at once, not after it."""
+    as it was. A local `out` that replacing would destroy what is not a stage output (see
+    `check_output`; `inputs` are the stage's) and a URI's missing bucket or refused credentials
+    stop the run at once, not after it."""
     if not is_uri(out):
+        check_output(out, inputs)
         with atomic_dir(local_path(out)) as tmp:
             yield tmp
         return
@@ -114,6 +116,40 @@ def output_dir(out: str) -> Iterator[Path]:
         _publish(staging, filesystem, root, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(out: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse, in one line, a local --out whose replacement would destroy what is not a stage's
+    output: it is replaced whole, so it must be new, empty or a stage's output (a manifest), and
+    neither hold an input nor the working directory (which cannot be renamed), nor sit inside an
+    input folder (reading or re-writing that folder would take it). Stages call it before any
+    work; `output_dir` again just before it writes. A URI --out is never replaced whole."""
+    if is_uri(out):
+        return
+    given = local_path(out)
+    where = given.parent.resolve() / given.name  # a link named as --out is what the rename replaces, not its target
+    for location in inputs:
+        if is_uri(location):
+            continue
+        source = local_path(location).resolve()
+        if source == where or source.is_relative_to(where):
+            raise UserError(f"--out {out}: holds the input {location}, which writing the output would delete; give another --out")
+        if source.is_dir() and where.is_relative_to(source):
+            raise UserError(f"--out {out}: is inside the input folder {location}, where reading or re-writing that folder "
+                            "would take it; give another --out")
+    if Path.cwd().resolve().is_relative_to(where):
+        raise UserError(f"--out {out}: holds the working directory; give a folder of its own")
+    if where.is_symlink() or not where.exists():
+        return
+    if not where.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder")
+    try:
+        holds_files = any(where.iterdir())
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot list it ({exc.strerror or exc}); check its permissions") from None
+    if holds_files and not (where / MANIFEST_NAME).is_file():
+        raise UserError(f"--out {out}: a folder with files but no {MANIFEST_NAME}, so not a stage's output; writing the output "
+                        "replaces the folder whole: give a new or empty folder")
 
 
 def _check_bucket(filesystem: Any, root: str, out: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 import pyarrow as pa
@@ -112,6 +112,10 @@ def _fill_or_check_id(record: BaseModel, expected: str) -> None:
         raise PydanticCustomError(ID_MISMATCH, "id does not match the record's content")
 
 
+# A rating or judge score: NaN orders nothing and inf no margin, so neither reaches a record.
+Score = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class PreferenceRecord(BaseModel):
     """One validated comparison. `id` is filled in from the content when not given, and checked
     when given (a record edited by hand must not keep its old id)."""
@@ -125,8 +129,8 @@ class PreferenceRecord(BaseModel):
     source: str
     source_format: str
     source_row: int
-    chosen_score: float | None = None
-    rejected_score: float | None = None
+    chosen_score: Score | None = None
+    rejected_score: Score | None = None
     meta: dict[str, MetaValue] = Field(default_factory=dict)  # a {} default would be deep-copied per record
 
     @model_validator(mode="after")
@@ -155,7 +159,7 @@ class UnpairedRecord(BaseModel):
     source: str
     source_format: str
     source_row: int
-    score: float | None = None  # the rating the label came from, when the source has one
+    score: Score | None = None  # the rating the label came from, when the source has one
     meta: dict[str, MetaValue] = Field(default_factory=dict)
 
     @model_validator(mode="after")

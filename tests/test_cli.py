@@ -96,7 +96,7 @@ def test_the_stages_torchrun_does_not_split_refuse_to_run_under_it(tmp_path):
                  ["judge", str(tmp_path / "g"), "--reward", "demo.data:lexicon_reward", "--out", str(tmp_path / "j")]):
         done = _prefdata(*args, env={"WORLD_SIZE": "2"})
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-        assert f"prefdata {args[0]} runs in one process, not under torchrun (2 processes here)" in done.stderr
+        assert f"prefdata {args[0]} runs in one process, not under torchrun (WORLD_SIZE=2 here)" in done.stderr
     assert not records.exists()
     assert _prefdata("ingest", str(FIXTURES / "hh.jsonl"), "--out", str(records), env={"WORLD_SIZE": "1"}).returncode == 0
 

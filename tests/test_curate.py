@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,28 @@ def test_an_empty_record_set_curates_to_empty_splits(tmp_path):
     manifest = curate(CurateConfig(inputs=[str(empty)], out=str(tmp_path / "out")))
     assert manifest.counts.model_dump() == {"read": 0, "kept": 0, "dropped": {}}
     assert pq.read_table(tmp_path / "out" / "train.parquet").num_rows == 0
+
+
+def test_a_damaged_record_file_or_an_out_over_an_input_is_one_line_and_nothing_is_written(tmp_path):
+    src = write_records_dir(tmp_path / "in", {"records": [make_record(f"q{i}", "a", "b") for i in range(50)]}, stage="ingest")
+    with pytest.raises(UserError, match="^" + re.escape(f"--out {src}: holds the input {src}")):
+        curate(CurateConfig(inputs=[str(src)], out=str(src)))
+    with pytest.raises(UserError, match="^" + re.escape(f"--out {src / 'curated'}: is inside the input folder {src}")):
+        curate(CurateConfig(inputs=[str(src)], out=str(src / "curated")))
+    data = (src / "records.parquet").read_bytes()
+    (src / "records.parquet").write_bytes(data[:len(data) // 2])  # cut short, as a copy that died
+    with pytest.raises(UserError, match=r"records.parquet: not a readable parquet file \(.*\); re-run prefdata ingest"):
+        _run(tmp_path, [src])
+    assert sorted(p.name for p in src.iterdir()) == ["manifest.json", "records.parquet"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_scores_that_are_not_finite_are_dropped_with_their_reason(tmp_path):
+    """A record set from before ingest refused them, or made by hand: NaN passed the tie and
+    --min-margin rules and ranked first within its prompt."""
+    good = make_record("q1", "a", "b", chosen_score=2.0, rejected_score=1.0)
+    nan = make_record("q2", "a", "b", row=2, chosen_score=2.0, rejected_score=1.0).model_copy(update={"rejected_score": float("nan")})
+    inf = make_record("q3", "a", "b", row=3, chosen_score=2.0, rejected_score=1.0).model_copy(update={"chosen_score": float("inf")})
+    src = write_records_dir(tmp_path / "in", {"records": [good, nan, inf]}, stage="ingest")
+    manifest = _run(tmp_path, [src], min_margin=0.5, eval_fraction=0)
+    assert manifest.counts.model_dump() == {"read": 3, "kept": 1, "dropped": {"non_finite_score": 2}}

@@ -192,12 +192,12 @@ def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(clust
     monkeypatch.setattr(engine_ray, "MAX_RETRIES", 0)
     path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous run")
+    ingest(IngestConfig(inputs=[str(dirty_jsonl(tmp_path / "before.jsonl", 5))], out=str(out)))  # a previous run's output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     killed, error = _kill_a_worker_mid_stage(lambda: ingest(IngestConfig(inputs=[str(path)], out=str(out), execution=RAY)))
     assert killed and isinstance(error, UserError)
     assert "\n" not in str(error) and str(error).startswith("ray: prefdata.ingest._convert failed after 0 retries")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_unreachable_address_and_missing_ray_are_one_line(cluster, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -97,6 +98,14 @@ def test_generate_refuses_unusable_input_in_one_line(tiny_model_dir, tmp_path):
         generate(GenerateConfig(prompts=str(empty), policy=str(tiny_model_dir), out=str(tmp_path / "o"), device="cpu"))
     with pytest.raises(UserError, match="not a record set"):
         generate(GenerateConfig(prompts=str(tmp_path / "x.csv"), policy=str(tiny_model_dir), out=str(tmp_path / "o")))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "café?"}\n'.encode("latin-1"))
+    no_prompt = tmp_path / "answers.parquet"
+    pq.write_table(pa.table({"question": ["a?"]}), no_prompt)
+    for path, message in [(latin1, r"latin1.jsonl: not UTF-8 text \(byte 15"),
+                          (no_prompt, "answers.parquet: cannot read its prompt column")]:
+        with pytest.raises(UserError, match=message):
+            generate(GenerateConfig(prompts=str(path), policy=str(tiny_model_dir), out=str(tmp_path / "o")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +166,16 @@ def test_judge_with_a_reward_model_batches_like_it_scores_one_at_a_time(chat_tok
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and len(set(scores[0])) == 4
     assert all(math.isfinite(s) for s in scores[0])
     assert batched.stats["reward_model"]["weights_sha256"]
+
+
+def test_judge_refuses_generations_that_generate_did_not_write_in_one_line(tmp_path):
+    strings = _write_generations(tmp_path / "strings", [["an answer as a bare string"]])
+    latin1 = _write_generations(tmp_path / "latin1", [[{"text": "x", "finish_reason": "stop"}]])
+    (latin1 / GENERATIONS_FILE).write_bytes((latin1 / GENERATIONS_FILE).read_bytes().replace(b"x", "é".encode("latin-1")))
+    for directory, message in [(strings, r":1: not a prefdata generate row"), (latin1, r"not UTF-8 text \(byte \d+")]:
+        with pytest.raises(UserError, match=message):
+            judge(JudgeConfig(generations=str(directory), out=str(tmp_path / "o"), reward="tests.test_generate_judge:length_reward"))
+    assert not (tmp_path / "o").exists()
 
 
 def test_judge_needs_exactly_one_judge(tmp_path):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -54,12 +56,72 @@ def test_compressed_jsonl(tmp_path, suffix, opener):
     assert manifest.inputs[0].sha256 == sha256_file(path)  # the file as stored, not its decompressed bytes
 
 
-def test_truncated_compressed_file_is_a_user_error(tmp_path):
-    path = tmp_path / "hh.jsonl.gz"
-    path.write_bytes(gzip.compress(("".join(line + "\n" for line in GOOD * 200)).encode())[:-40])
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".zst-streamed"])
+def test_truncated_compressed_file_is_a_user_error(tmp_path, suffix):
+    """zstandard's own reader ends a frame cut short as if the file ended there: half a download
+    would pass as a whole one."""
+    data = ("".join(line + "\n" for line in GOOD * 20_000)).encode()
+    if suffix == ".gz":
+        compressed = gzip.compress(data)
+    elif suffix == ".zst":
+        compressed = zstandard.ZstdCompressor().compress(data)
+    else:  # a frame without its size in the header, as `zstd` writes from a pipe
+        compressed = b"".join(zstandard.ZstdCompressor().read_to_iter(io.BytesIO(data)))
+    path = tmp_path / f"hh.jsonl{suffix.removesuffix('-streamed')}"
+    path.write_bytes(compressed[:len(compressed) // 2])
     with pytest.raises(UserError, match="compressed data is corrupt or cut short"):
         run_ingest(tmp_path / "out", path)
     assert not (tmp_path / "out").exists()
+
+
+def test_concatenated_zstd_frames_are_read_whole(tmp_path):
+    path = tmp_path / "hh.jsonl.zst"
+    path.write_bytes(b"".join(zstandard.ZstdCompressor().compress((line + "\n").encode()) for line in GOOD))
+    records, _, _ = run_ingest(tmp_path / "out", path)
+    assert pairs(records) == GOOD_PAIRS
+
+
+def test_a_file_given_twice_or_under_two_spellings_is_read_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_lines(tmp_path / "a.jsonl", GOOD)
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    records, _, manifest = run_ingest(tmp_path / "out", "a.jsonl", "./a.jsonl", str(tmp_path / "a.jsonl"), "link.jsonl")
+    assert pairs(records) == GOOD_PAIRS and manifest.counts.read == 2 and len(manifest.inputs) == 1
+
+
+def test_hidden_folders_are_not_input(tmp_path):
+    """A killed run's .tmp-* output inside the input folder, .git, caches: never data."""
+    data = tmp_path / "data"
+    (data / ".tmp-out.x1").mkdir(parents=True)
+    write_lines(data / "a.jsonl", GOOD[:1])
+    write_lines(data / ".tmp-out.x1" / "b.jsonl", GOOD[1:])
+    records, _, manifest = run_ingest(tmp_path / "out", data)
+    assert [r["source"] for r in records] == ["a.jsonl"] and manifest.counts.read == 1
+
+
+def test_out_that_is_not_a_stage_output_or_holds_an_input_is_refused_and_left_alone(tmp_path, monkeypatch):
+    """--out is replaced whole: a folder of other files, an input, a folder holding the input or
+    the working directory would be deleted; an --out inside an input folder would be read back."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_lines(data / "train.jsonl", GOOD)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for out, message in [(tmp_path / "notes", "a folder with files but no manifest.json"),
+                         (data, "holds the input"), (tmp_path, "holds the input"),
+                         (data / "out", "is inside the input folder"), (data / "train.jsonl", "holds the input")]:
+        inputs = [data] if out == data / "out" else [data / "train.jsonl"]
+        with pytest.raises(UserError, match=f"^{re.escape(f'--out {out}: {message}')}"):
+            run_ingest(out, *inputs)
+    monkeypatch.chdir(data)
+    with pytest.raises(UserError, match="holds the working directory"):
+        run_ingest(tmp_path, FIXTURES / "hh.jsonl")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (data / "train.jsonl").is_file()
+    assert sorted(p.name for p in data.iterdir()) == ["train.jsonl"]
+    (tmp_path / "empty").mkdir()
+    run_ingest(tmp_path / "empty", data)  # an empty folder, and then a stage's output, are replaced
+    run_ingest(tmp_path / "empty", data)
+    assert (tmp_path / "empty" / "records.parquet").is_file()
 
 
 def test_directory_and_glob_keep_provenance_per_file(tmp_path):
@@ -188,6 +250,7 @@ def test_json_array_read_in_small_chunks(tmp_path, monkeypatch):
         ("[" + GOOD[0] + ", [1, 2]]", {2: "wrong_type"}),
         ("[" + GOOD[0] + ",\n", {2: "truncated_line"}),  # the array never closes
         ("[" + GOOD[0] + " " + GOOD[1] + "]", {2: "invalid_json"}),
+        ("[" + GOOD[0] + ", " + "[" * 100_000 + "]" * 100_000 + ", " + GOOD[1] + "]", {2: "invalid_json"}),  # nested too deeply
     ],
 )
 def test_broken_json_array(tmp_path, text, expected):
@@ -285,20 +348,28 @@ def test_bad_lines_are_quarantined_with_their_reason(tmp_path):
         b"",                                                               # 9 blank: not a row
         b'{"chosen": "\\n\\nHuman: \\ud800\\n\\nAssistant: a", "rejected": "r"}',  # 10 lone surrogate escape
         GOOD[1].encode(),                                                  # 11 good
-        GOOD[1][:25].encode(),                                             # 12 truncated last line (no newline)
+        b"[" * 100_000 + b"]" * 100_000,                                    # 12 nested past Python's recursion limit
+        GOOD[1][:25].encode(),                                             # 13 truncated last line (no newline)
     ]
     path.write_bytes(b"\n".join(lines))
     records, quarantine, manifest = run_ingest(tmp_path / "out", path)
     assert [r["source_row"] for r in records] == [1, 11]
     assert reasons(quarantine) == {2: "invalid_json", 3: "invalid_utf8", 4: "wrong_type", 5: "wrong_type",
                                    6: "missing_field", 7: "null_value", 8: "empty_content", 10: "invalid_utf8",
-                                   12: "truncated_line"}
-    assert manifest.counts.read == 11 and manifest.counts.kept == 2
-    assert sum(manifest.counts.dropped.values()) == 9
+                                   12: "invalid_json", 13: "truncated_line"}
+    assert manifest.counts.read == 12 and manifest.counts.kept == 2
+    assert sum(manifest.counts.dropped.values()) == 10
     by_row = {q["source_row"]: q for q in quarantine}
     assert by_row[3]["raw"] == '{"chosen": "\\n\\nHuman: caf\\xe9\\n\\nAssistant: a", "rejected": "r"}'
-    assert by_row[12]["raw"] == GOOD[1][:25]
+    assert by_row[13]["raw"] == GOOD[1][:25] and "nested too deeply" in by_row[12]["message"]
     assert all(set(q) == {"source", "source_row", "reason", "message", "raw"} for q in quarantine)
+
+
+def test_a_csv_header_with_empty_trailing_names_reads_as_before(tmp_path):
+    """A spreadsheet's export ends its lines in commas: the empty names repeat, and name no column."""
+    path = write_lines(tmp_path / "sheet.csv", ["prompt,chosen,rejected,,", "Capital of France?,Paris.,Lyon.,,"])
+    records, quarantine, _ = run_ingest(tmp_path / "out", path)
+    assert len(records) == 1 and quarantine == []
 
 
 def test_bad_csv_rows(tmp_path):
@@ -356,6 +427,8 @@ def test_every_row_is_kept_or_quarantined(tmp_path_factory, lines, newline_at_en
         (lambda d: write_lines(d / "junk.jsonl", ["{", "nope"]), "junk.jsonl: none of the first 2 rows parses"),
         (lambda d: write_lines(d / "sft.jsonl", ['{"messages": []}']),
          r"no known preference format has columns \[messages\]"),
+        (lambda d: write_lines(d / "twice.csv", ["prompt,chosen,rejected,rejected", "q,a,b,c"]),
+         "twice.csv: the header names 'rejected' more than once, so one of the columns would be lost"),
     ],
 )
 def test_unusable_input_is_a_user_error_and_nothing_is_written(tmp_path, make, message):

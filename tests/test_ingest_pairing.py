@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prefdata.formats.base import FormatError
+from prefdata.formats.base import FormatError, Skipped
 from prefdata.pairing import Scored, pair_up
 
 # b and c tie for best, d and e tie for worst
@@ -27,12 +27,26 @@ def names(pairs):
     ],
 )
 def test_rules(rule, expected):
-    assert names(pair_up(ANSWERS, rule)) == expected
+    assert names(pair_up(ANSWERS, rule).pairs) == expected
 
 
-def test_min_margin_keeps_pairs_at_least_that_far_apart():
-    assert names(pair_up(ANSWERS, "all", min_margin=2.5)) == [("b", "d"), ("b", "e"), ("c", "d"), ("c", "e")]
-    assert names(pair_up(ANSWERS, "adjacent", min_margin=2)) == [("c", "a"), ("a", "d")]
+def test_min_margin_keeps_pairs_at_least_that_far_apart_and_counts_the_rest():
+    kept = pair_up(ANSWERS, "all", min_margin=2.5)
+    assert names(kept.pairs) == [("b", "d"), ("b", "e"), ("c", "d"), ("c", "e")]
+    assert kept.skipped == [Skipped("pair_low_margin", 4)]  # (b, a), (c, a), (a, d), (a, e): 2 apart
+    kept = pair_up(ANSWERS, "adjacent", min_margin=2)
+    assert names(kept.pairs) == [("c", "a"), ("a", "d")] and kept.skipped == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [0, 1, 3])
+def test_a_score_that_is_not_finite_orders_nothing(bad, at):
+    """NaN compares false with everything, so a sort puts it anywhere: it made the wrong answer best."""
+    answers = [Scored(3.0, "a"), Scored(5.0, "b"), Scored(1.0, "c"), Scored(4.0, "d")]
+    answers[at] = Scored(bad, answers[at].answer)
+    with pytest.raises(FormatError) as info:
+        pair_up(answers, "best-vs-worst")
+    assert info.value.reason == "non_finite_score"
 
 
 @pytest.mark.parametrize(
@@ -55,7 +69,7 @@ def test_no_pair_is_a_reason(answers, margin, reason):
 def test_chosen_always_scores_higher(scores, rule):
     answers = [Scored(float(s), i) for i, s in enumerate(scores)]
     try:
-        pairs = pair_up(answers, rule)
+        pairs = pair_up(answers, rule).pairs
     except FormatError as exc:
         assert exc.reason == "tie" and len(set(scores)) == 1
         return

@@ -124,9 +124,58 @@ def test_ultrafeedback_score_rules_and_pairing_rules(tmp_path):
     assert manifest.stats["skipped"] == {"unrated": 2}
     records, _, _ = run_ingest(tmp_path / "c", FIXTURES / "ultrafeedback.jsonl", options={"pairs": "all"})
     assert scores(records) == [(4.75, 3.0), (4.75, 2.0), (3.0, 2.0)]
-    records, _, _ = run_ingest(tmp_path / "d", FIXTURES / "ultrafeedback.jsonl",
-                               options={"pairs": "all", "min_margin": 1.5})
+    records, _, manifest = run_ingest(tmp_path / "d", FIXTURES / "ultrafeedback.jsonl",
+                                      options={"pairs": "all", "min_margin": 1.5})
     assert scores(records) == [(4.75, 3.0), (4.75, 2.0)]
+    assert manifest.stats["skipped"] == {"unrated": 1, "pair_low_margin": 1}  # (3.0, 2.0): counted, not lost
+
+
+def test_scores_that_are_not_finite_are_quarantined_in_every_format(tmp_path):
+    """A NaN rating made the wrong answer best or stopped the run; a NaN or inf score kept as
+    given reached train.parquet. Rated rows are quarantined by the pairing, and any record's
+    score by its validation."""
+    rows = [json.loads(line) for line in (FIXTURES / "ultrafeedback.jsonl").read_text().splitlines()][:1]
+    rows[0]["completions"][1]["annotations"]["helpfulness"]["Rating"] = "nan"
+    rows[0]["completions"][1]["overall_score"] = float("nan")
+    rated = tmp_path / "rated.jsonl"
+    rated.write_text(json.dumps(rows[0]) + "\n")
+    _, quarantine, manifest = run_ingest(tmp_path / "a", rated, options={"score": "overall"})
+    assert reasons(quarantine) == {1: "non_finite_score"} and manifest.counts.kept == 0
+    binarized = [json.loads(line) for line in (FIXTURES / "ultrafeedback_binarized.jsonl").read_text().splitlines()][:1]
+    binarized.append({**binarized[0], "score_chosen": float("inf")})
+    binarized.append({**binarized[0], "score_rejected": float("nan")})
+    path = tmp_path / "binarized.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in binarized))
+    records, quarantine, _ = run_ingest(tmp_path / "b", path)
+    assert [r["source_row"] for r in records] == [1] and reasons(quarantine) == {2: "finite_number", 3: "finite_number"}
+
+
+def test_a_strength_or_rating_that_is_no_finite_float_is_quarantined(tmp_path):
+    """NaN compares false both ways, so a NaN preference strength chose response 2; an integer past
+    1e308 (Python's JSON parser keeps it whole) stopped the run with an OverflowError."""
+    row = json.loads((FIXTURES / "helpsteer2_preference.jsonl").read_text().splitlines()[0])
+    path = tmp_path / "strength.jsonl"
+    path.write_text(json.dumps({**row, "preference_strength": float("nan")}) + "\n" + json.dumps(row) + "\n")
+    records, quarantine, _ = run_ingest(tmp_path / "a", path)
+    assert [r["source_row"] for r in records] == [2] and reasons(quarantine) == {1: "non_finite_score"}
+    rated = json.loads((FIXTURES / "ultrafeedback.jsonl").read_text().splitlines()[0])
+    rated["completions"][1]["overall_score"] = 10 ** 400
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps(rated) + "\n")
+    _, quarantine, _ = run_ingest(tmp_path / "b", path, options={"score": "overall"})
+    assert reasons(quarantine) == {1: "non_finite_score"}
+
+
+def test_a_flat_oasst_tree_with_a_repeated_message_id_is_quarantined(tmp_path):
+    """Which reply answers which message is unknown: the best answer was lost and a pair written twice."""
+    rows = [json.loads(line) for line in (FIXTURES / "oasst_flat.jsonl").read_text().splitlines()]
+    tree = [row for row in rows if row["message_tree_id"] == "t1"]
+    tree[2]["message_id"] = tree[1]["message_id"]
+    path = tmp_path / "oasst.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in tree))
+    records, quarantine, manifest = run_ingest(tmp_path / "out", path)
+    assert records == [] and set(reasons(quarantine).values()) == {"duplicate_message_id"}
+    assert manifest.counts.model_dump() == {"read": len(tree), "kept": 0, "dropped": {"duplicate_message_id": len(tree)}}
 
 
 def test_ultrafeedback_rejects_an_unknown_score_rule(tmp_path):

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import polars as pl
 import pyarrow as pa
@@ -187,6 +189,23 @@ def test_directory_without_tokenizer_or_records(tmp_path, chat_tokenizer_dir, re
         tokenize(TokenizeConfig(input_dir=str(records_dir), tokenizer=str(tmp_path / "empty"), out=str(tmp_path / "s")))
     with pytest.raises(UserError, match="no manifest.json"):
         tokenize(TokenizeConfig(input_dir=str(tmp_path / "empty"), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s")))
+
+
+def test_a_damaged_record_file_or_an_out_over_the_input_is_one_line_and_nothing_is_written(records_dir, chat_tokenizer_dir,
+                                                                                             tmp_path):
+    def run(input_dir, out):
+        return tokenize(TokenizeConfig(input_dir=str(input_dir), tokenizer=str(chat_tokenizer_dir), out=str(out)))
+
+    with pytest.raises(UserError, match="^" + re.escape(f"--out {records_dir}: holds the input {records_dir}")):
+        run(records_dir, records_dir)
+    assert (records_dir / "train.parquet").is_file()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(records_dir, damaged)
+    data = (damaged / "train.parquet").read_bytes()
+    (damaged / "train.parquet").write_bytes(data[:len(data) // 2])  # cut short, as a copy that died
+    with pytest.raises(UserError, match=r"train.parquet: not a readable parquet file \(.*\); re-run prefdata curate"):
+        run(damaged, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_one_line_error_and_success(records_dir, chat_tokenizer_dir, tmp_path):

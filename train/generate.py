@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.errors import UserError
-from schemas.io import sha256_file, write_text_atomic
+from schemas.errors import UserError, first_line
+from schemas.io import read_utf8, sha256_file, write_text_atomic
 from schemas.location import local_only
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
@@ -109,9 +109,19 @@ def record_files(directory: Path, split: str) -> list[Path]:
             if split == "all" or part == split or manifest.stage == "ingest"]
 
 
+PROMPT_FILES = "prompts are a record set, a .parquet with a prompt column, UTF-8 .jsonl of {\"prompt\": ...} or .txt lines"
+
+
+def _parquet_prompts(path: Path) -> list[Any]:
+    try:
+        return pq.read_table(path, columns=["prompt"]).column("prompt").to_pylist()
+    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError: not parquet, or no prompt column
+        raise UserError(f"{path}: cannot read its prompt column ({first_line(exc)}); {PROMPT_FILES}") from None
+
+
 def _jsonl_prompts(path: Path) -> list[Any]:
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path, PROMPT_FILES).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -136,11 +146,11 @@ def raw_prompts(path_text: str, split: str) -> tuple[list[Any], list[InputFile]]
         if not file.is_file():
             raise UserError(f"{file}: no such file")
         if file.suffix == ".parquet":
-            prompts += pq.read_table(file, columns=["prompt"]).column("prompt").to_pylist()
+            prompts += _parquet_prompts(file)
         elif file.suffix == ".jsonl":
             prompts += _jsonl_prompts(file)
         else:
-            prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompts += [line for line in read_utf8(file, PROMPT_FILES).splitlines() if line.strip()]
     inputs = [InputFile(path=str(f), sha256=sha256_file(f), bytes=f.stat().st_size) for f in files]
     return prompts, inputs
 

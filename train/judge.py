@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
-from schemas.io import sha256_file, write_text_atomic
+from schemas.io import read_utf8, sha256_file, write_text_atomic
 from schemas.location import local_only
 from schemas.manifest import QUARANTINE_FILE, Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
@@ -232,12 +232,13 @@ def _generations_file(path_text: str) -> Path:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path, "re-run prefdata generate").splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if not (isinstance(row, dict) and isinstance(row.get("responses"), list) and isinstance(row.get("prompt"), list)):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), list) and isinstance(row.get("responses"), list)
+                and all(isinstance(response, dict) and isinstance(response.get("text"), str) for response in row["responses"])):
             raise UserError(f"{path}:{number}: not a prefdata generate row; re-run prefdata generate")
         rows.append(row)
     return rows

@@ -18,6 +18,7 @@ they become messages.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -34,7 +35,7 @@ from prefdata.formats.base import (
     message,
     text,
 )
-from prefdata.pairing import LOW_MARGIN, TIE, Scored, scored_candidates
+from prefdata.pairing import LOW_MARGIN, NON_FINITE_SCORE, TIE, Scored, scored_candidates
 from schemas.errors import UserError
 
 TURN_MARKER = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
@@ -57,6 +58,8 @@ class HelpSteer2PreferenceFormat(Format):
         strength = field(row, "preference_strength")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise FormatError(WRONG_TYPE, f"'preference_strength' must be a number, got {strength!r}")
+        if not math.isfinite(strength):
+            raise FormatError(NON_FINITE_SCORE, f"preference_strength {strength} orders neither response")
         if strength == 0:
             raise FormatError(TIE, "preference_strength is 0")
         if abs(strength) < self.options.min_margin:

@@ -16,6 +16,7 @@ from prefdata.formats.base import (
     Candidate,
     Format,
     FormatError,
+    Skipped,
     answer,
     as_dict,
     as_list,
@@ -36,7 +37,7 @@ class NectarFormat(Format):
     name = "nectar"
     columns = frozenset({"prompt", "answers"})
 
-    def convert(self, row: dict[str, Any]) -> Iterator[Candidate]:
+    def convert(self, row: dict[str, Any]) -> Iterator[Candidate | Skipped]:
         transcript = text(field(row, "prompt"), "prompt").rstrip()
         if not transcript.endswith(LAST_ANSWER_MARKER):
             raise FormatError(HH_NOT_ALTERNATING, "'prompt' does not end with an empty 'Assistant:' turn")
@@ -45,7 +46,9 @@ class NectarFormat(Format):
         for i, item in enumerate(as_list(field(row, "answers"), "answers")):
             item = as_dict(item, f"answers[{i}]")
             ranked.append(Scored(-_rank(field(item, "rank", f"answers[{i}]."), f"answers[{i}].rank"), item))
-        for chosen, rejected in pair_up(ranked, self.options.pairs, self.options.min_margin):
+        pairing = pair_up(ranked, self.options.pairs, self.options.min_margin)
+        yield from pairing.skipped
+        for chosen, rejected in pairing.pairs:
             yield {
                 "prompt": prompt,
                 "chosen": answer(text(field(chosen.answer, "answer"), "answer")),

@@ -102,11 +102,12 @@ class OasstTreeFormat(Format):
         if len(ranked) < 2:
             return
         try:
-            pairs = pair_up(ranked, self.options.pairs, self.options.min_margin)
+            pairing = pair_up(ranked, self.options.pairs, self.options.min_margin)
         except FormatError as exc:  # one prompt's replies tie: the tree's other prompts may still pair
             yield Skipped(exc.reason)
             return
-        for chosen, rejected in pairs:
+        yield from pairing.skipped
+        for chosen, rejected in pairing.pairs:
             (chosen_where, chosen_node), (rejected_where, rejected_node) = chosen.answer, rejected.answer
             yield {
                 "prompt": prompt,
@@ -120,6 +121,7 @@ class OasstTreeFormat(Format):
 
 ORPHAN = "orphan"
 NO_ROOT = "no_root"
+DUPLICATE_MESSAGE_ID = "duplicate_message_id"
 
 
 class OasstFlatFormat(OasstTreeFormat):
@@ -129,6 +131,10 @@ class OasstFlatFormat(OasstTreeFormat):
 
     def convert(self, row: dict[str, Any]) -> Iterator[Candidate | Skipped]:
         messages = [as_dict(m, f"rows[{i}]") for i, m in enumerate(row["rows"])]
+        ids = [m.get("message_id") for m in messages]
+        if repeated := sorted({str(i) for i in ids if ids.count(i) > 1}):
+            raise FormatError(DUPLICATE_MESSAGE_ID, f"message_id {repeated[0]!r} names more than one message of the tree: "
+                              "which one a reply answers is unknown")
         nodes = {m.get("message_id"): {**m, "replies": []} for m in messages}
         roots = [nodes[m.get("message_id")] for m in messages if m.get("parent_id") is None]
         if len(roots) != 1:

@@ -58,7 +58,7 @@ class SHPFormat(Format):
             ratio = _score_ratio(row, score_a, score_b)
             if ratio is None:
                 raise FormatError(NO_SCORE_RATIO, "--min-score-ratio is set but the row has no score_ratio or scores")
-            if ratio < minimum:
+            if not ratio >= minimum:  # NaN too
                 raise FormatError(LOW_SCORE_RATIO, f"score ratio {ratio:g} is below --min-score-ratio {minimum:g}")
         if label == 1:
             (chosen, chosen_score), (rejected, rejected_score) = (a, score_a), (b, score_b)
