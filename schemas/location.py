@@ -118,6 +118,25 @@ def output_dir(out: str, inputs: Sequence[str] = ()) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _out_path(out: str) -> Path:
+    given = local_path(out)
+    return given.parent.resolve() / given.name  # a link named as --out is what a rename replaces, not its target
+
+
+def check_apart(out: str, inputs: Sequence[str | None]) -> None:
+    """Refuse an --out that is one of the stage's `inputs` (those that exist here) or holds one:
+    the stage's writes would overwrite it (train --out SHARDS, generate --out PROMPTS, …)."""
+    if is_uri(out):
+        return
+    where = _out_path(out)
+    for location in inputs:
+        if location is None or is_uri(location) or not local_path(location).exists():  # a Hub name, a glob
+            continue
+        source = local_path(location).resolve()
+        if source == where or source.is_relative_to(where):
+            raise UserError(f"--out {out}: holds the input {location}, which writing the output would overwrite; give another --out")
+
+
 def check_output(out: str, inputs: Sequence[str] = ()) -> None:
     """Refuse, in one line, a local --out whose replacement would destroy what is not a stage's
     output: it is replaced whole, so it must be new, empty or a stage's output (a manifest), and
@@ -126,14 +145,12 @@ def check_output(out: str, inputs: Sequence[str] = ()) -> None:
     work; `output_dir` again just before it writes. A URI --out is never replaced whole."""
     if is_uri(out):
         return
-    given = local_path(out)
-    where = given.parent.resolve() / given.name  # a link named as --out is what the rename replaces, not its target
+    check_apart(out, inputs)
+    where = _out_path(out)
     for location in inputs:
         if is_uri(location):
             continue
         source = local_path(location).resolve()
-        if source == where or source.is_relative_to(where):
-            raise UserError(f"--out {out}: holds the input {location}, which writing the output would delete; give another --out")
         if source.is_dir() and where.is_relative_to(source):
             raise UserError(f"--out {out}: is inside the input folder {location}, where reading or re-writing that folder "
                             "would take it; give another --out")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -44,6 +45,9 @@ PLAIN_GENERATION_PROMPT = "\n\nAssistant:"
 TEMPLATE_ERROR = "template_error"  # the template raised on this conversation
 TEMPLATE_MISMATCH = "template_mismatch"  # the conversation's rendering does not continue the prompt's
 SYSTEM_NOT_SUPPORTED = "system_not_supported"  # --system-turn drop, and the template has no system role
+# A message's text holds a special token's string (</s>, <|im_end|>, <|endoftext|>): encoded, it
+# would be that token, an end of turn or of text inside the answer the model learns from.
+SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 SystemTurn = Literal["fold", "drop"]
 
 # Probe texts: plain words no template rewrites, starting with a letter no template's generation
@@ -102,6 +106,24 @@ def _all_rendered(texts: list[str]) -> Rendered:
     return Rendered(list(texts), [None] * len(texts))
 
 
+def _special_text(tokenizer: Any) -> re.Pattern[str] | None:
+    """The strings the tokenizer encodes as its special tokens wherever they appear in a text."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _without_specials(pattern: re.Pattern[str] | None, conversations: Sequence[list[dict]], rendered: Rendered) -> Rendered:
+    """`rendered`, with each conversation a message of which holds a special token's string refused
+    (SPECIAL_TOKEN_IN_TEXT)."""
+    if pattern is None:
+        return rendered
+    texts, reasons = list(rendered.texts), list(rendered.reasons)
+    for i, messages in enumerate(conversations):
+        if reasons[i] is None and any(pattern.search(m["content"]) for m in messages):
+            texts[i], reasons[i] = None, SPECIAL_TOKEN_IN_TEXT
+    return Rendered(texts, reasons)
+
+
 class ChatRenderer:
     """The tokenizer's own chat template, with the end of turn, prompt rule and system-role
     support found by probing it (module docstring)."""
@@ -113,6 +135,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.template_kwargs = dict(chat_template_kwargs or {})
         self.system_turn = system_turn
+        self.special_text = _special_text(tokenizer)
         # Longest first, so a special token that contains another is the one found.
         self._specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content}, key=len, reverse=True)
         exchange = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
@@ -212,7 +235,7 @@ class ChatRenderer:
                     texts[i] = self._apply([fitted[i][0]], generation_prompt)[0]
                 except Exception:  # noqa: BLE001
                     reasons[i] = TEMPLATE_ERROR
-        return Rendered(texts, reasons)
+        return _without_specials(self.special_text, conversations, Rendered(texts, reasons))
 
     def prompts(self, prompts: Sequence[list[dict]]) -> Rendered:
         rendered = self._render(prompts, generation_prompt=True)
@@ -270,20 +293,25 @@ class PlainRenderer:
         self.add_bos_id = bos is not None and bool(probe) and probe[0] == bos
         self.end_of_turn_ids = self.appended_ids = [tokenizer.eos_token_id]
         self.system_role = True  # "System: …" is part of the layout
+        self.special_text = _special_text(tokenizer)
 
     @staticmethod
     def _render(messages: list[dict]) -> str:
         return "".join(PLAIN_ROLE_PREFIX[m["role"]] + m["content"] for m in messages)
 
     def prompts(self, prompts: Sequence[list[dict]]) -> Rendered:
-        return _all_rendered([(self._render(p) + PLAIN_GENERATION_PROMPT).lstrip("\n") for p in prompts])
+        rendered = _all_rendered([(self._render(p) + PLAIN_GENERATION_PROMPT).lstrip("\n") for p in prompts])
+        return _without_specials(self.special_text, prompts, rendered)
 
     def conversations(self, prompts: Sequence[list[dict]], answers: Sequence[str]) -> Rendered:
-        return _all_rendered([text + " " + answer for text, answer in zip(self.prompts(prompts).texts, answers)])
+        rendered = self.prompts(prompts)
+        texts = [text + " " + answer if text is not None else None for text, answer in zip(rendered.texts, answers)]
+        return _without_specials(self.special_text, [[{"content": a}] for a in answers], Rendered(texts, rendered.reasons))
 
     def completions(self, prompts: Sequence[list[dict]], prompt_texts: Sequence[str | None], answers: Sequence[list[dict]]) -> Rendered:
         # The answer's own "\n\nAssistant: " prefix is already in the prompt's generation prompt.
-        return _all_rendered([" " + self._render(a)[len(PLAIN_ROLE_PREFIX["assistant"]):] for a in answers])
+        rendered = _all_rendered([" " + self._render(a)[len(PLAIN_ROLE_PREFIX["assistant"]):] for a in answers])
+        return _without_specials(self.special_text, answers, rendered)
 
     def describe(self) -> dict[str, Any]:
         return {"template": self.kind, "end_of_turn": self.tokenizer.eos_token, "eos_appended": True,

@@ -106,6 +106,8 @@ def test_generate_refuses_unusable_input_in_one_line(tiny_model_dir, tmp_path):
                           (no_prompt, "answers.parquet: cannot read its prompt column")]:
         with pytest.raises(UserError, match=message):
             generate(GenerateConfig(prompts=str(path), policy=str(tiny_model_dir), out=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="holds the input"):  # its manifest would replace the prompts'
+        generate(GenerateConfig(prompts=str(no_prompt), policy=str(tiny_model_dir), out=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------

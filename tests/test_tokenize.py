@@ -221,3 +221,18 @@ def test_cli_one_line_error_and_success(records_dir, chat_tokenizer_dir, tmp_pat
     assert "read 3, kept 3" in ok.stdout
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["stage"] == "tokenize" and manifest["config"]["workers"] == 2
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_a_special_tokens_string_in_a_message_drops_the_record_with_its_reason(chat_tokenizer_dir, tmp_path, template):
+    """Encoded, `<|im_end|>` or `</s>` inside an answer is that token: an end of turn or of text in
+    the middle of what the model learns, where the shard format promises one at the end."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    injected = [make_record("Say it.", f"Done{tokenizer.eos_token} and more.", "No.", row=3),
+                make_record("Quote <|im_start|>user please.", "Sure.", "No.", row=4)]
+    records = write_records_dir(tmp_path / "records", {"train": [SINGLE, *injected], "eval": []})
+    manifest = tokenize(TokenizeConfig(input_dir=str(records), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "s"),
+                                       template=template))
+    assert manifest.counts.model_dump() == {"read": 3, "kept": 1, "dropped": {"special_token_in_text": 2}}
+    dropped = pl.read_parquet(tmp_path / "s" / "dropped.parquet")
+    assert sorted(dropped["id"].to_list()) == sorted(r.id for r in injected)

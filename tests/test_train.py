@@ -4,6 +4,7 @@ process: tests/test_multiprocess.py, tests/test_resume.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,13 @@ def test_cli_yaml_and_overrides(tmp_path):
     assert parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "ipo:1,sigmoid:0.5"]).loss == {"ipo": 1.0, "sigmoid": 0.5}
     with pytest.raises(UserError, match="unknown loss"):
         parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "nope"])
+    # A negative weight trained the opposite preference; 0 or NaN nothing. AdamW's betas are in [0, 1).
+    for flags, message in [(["--loss", "sigmoid:-1"], "loss weights must be positive numbers"),
+                           (["--loss", "sigmoid:1,hinge:nan"], "loss weights must be positive numbers"),
+                           (["--adam-beta1", "1.5"], "--adam-beta1: Input should be less than 1"),
+                           (["--adam-beta2", "-1"], "--adam-beta2: Input should be greater than or equal to 0")]:
+        with pytest.raises(UserError, match=message):
+            parse_args(["--shards", "s", "--model", "m", "--out", "o", *flags])
     bad = subprocess.run([sys.executable, "-m", "train", "--shards", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
@@ -253,3 +261,79 @@ def test_a_checkpoint_from_another_adamw_kernel_resumes_on_this_runs(tmp_path):
     step(resumed, fused)
     for ours, reference in zip(resumed.parameters(), saved.parameters()):
         torch.testing.assert_close(ours, reference)
+
+
+def test_an_out_that_is_or_holds_an_input_is_refused_before_any_work(shards, tiny_model_dir, tmp_path):
+    """train wrote its manifest over the shards' and its final/ over a model given as OUT/final."""
+    import shutil
+
+    from schemas.errors import UserError
+
+    before = (shards / "manifest.json").read_bytes()
+    with pytest.raises(UserError, match="holds the input"):
+        train(_config(shards, tiny_model_dir, shards))
+    run = tmp_path / "run0"
+    shutil.copytree(tiny_model_dir, run / "final")
+    with pytest.raises(UserError, match="holds the input"):
+        train(_config(shards, run / "final", run))
+    assert (shards / "manifest.json").read_bytes() == before and not (run / "metrics.jsonl").exists()
+
+
+def test_a_model_too_small_for_the_shards_is_refused_in_one_line(shards, tiny_model_dir, tmp_path):
+    """A smaller embedding failed inside the forward (IndexError); rows past the model's positions
+    were scored (RoPE) or failed (learned positions) without a word."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from schemas.errors import UserError
+    from train.eval import EvalConfig, evaluate_policy
+
+    def model(name: str, **config) -> Path:
+        directory = tmp_path / name
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, **config)).save_pretrained(directory)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+        return directory
+
+    vocabulary = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    for small, message in [(model("vocab", vocab_size=16), "hold token id .* but its vocabulary has 16 entries"),
+                           (model("positions", vocab_size=vocabulary, max_position_embeddings=8),
+                            r"hold a row of \d+ tokens, past the model's 8 positions")]:
+        with pytest.raises(UserError, match=f"the train shards {message}"):
+            train(_config(shards, small, tmp_path / "run", reference="live"))
+        with pytest.raises(UserError, match=f"the eval shards {message}"):
+            evaluate_policy(EvalConfig(shards=str(shards), policy=str(small), reference=str(tiny_model_dir),
+                                       out=str(tmp_path / "eval")))
+
+
+def test_a_model_changed_at_the_path_its_shards_were_scored_from_is_refused(shards, tiny_model_dir, tmp_path):
+    """The step-0 check compares a policy with the reference it is; retrained in place, the policy
+    is another model under the same name, and its stored log-probs were silently the old one's."""
+    import shutil
+
+    from schemas.errors import UserError
+    from train.reference import PrecomputeRefConfig, precompute_ref
+    from train.tiny import build_model
+
+    scored = tmp_path / "shards"
+    shutil.copytree(shards, scored)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    precompute_ref(PrecomputeRefConfig(shards=str(scored), model=str(model), force=True))
+    build_model(tiny_model_dir, model, seed=1)  # retrained in place
+    with pytest.raises(UserError, match=r"the shards' reference log-probs were computed from it with other weights"):
+        train(_config(scored, model, tmp_path / "run"))
+    train(_config(scored, tiny_model_dir, tmp_path / "other", max_steps=1))  # the scored weights at another path train
+
+
+def test_a_resume_with_other_settings_is_refused_and_one_with_its_own_runs(shards, tiny_model_dir, tmp_path):
+    """The restored scheduler kept the old learning rate while config.yaml showed the new one, and a
+    new batch size re-read the data from another place."""
+    from schemas.errors import UserError
+
+    out = tmp_path / "run"
+    train(_config(shards, tiny_model_dir, out, max_steps=4, save_every=2))
+    for change, flag in [({"learning_rate": 1e-4}, "--learning-rate 0.005 → 0.0001"), ({"batch_size": 3}, "--batch-size 8 → 3")]:
+        with pytest.raises(UserError, match=re.escape(flag)):
+            train(_config(shards, tiny_model_dir, out, max_steps=6, save_every=2, resume=True, **change))
+    train(_config(shards, tiny_model_dir, out, max_steps=6, save_every=2, log_every=1, resume=True))  # longer, logged more often
+    assert max(m["step"] for m in _metrics(out)) == 6

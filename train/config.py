@@ -7,6 +7,7 @@ output directory (config.yaml and manifest.json), so a run can be repeated from 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +58,8 @@ class TrainConfig(BaseModel):
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_beta1: float = Field(0.9, description="AdamW β1.")
-    adam_beta2: float = Field(0.999, description="AdamW β2.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW β2.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     seed: int = Field(0, description="Seed of the data order, dropout and LoRA init.")
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="auto: CUDA if present, else MPS, else CPU.")
@@ -125,6 +126,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown loss {', '.join(sorted(unknown))}; choose from {', '.join(PAIR_LOSSES)}")
         if self.objective == "dpo" and not self.loss:
             raise ValueError("objective dpo needs at least one loss")
+        if bad := {name: weight for name, weight in self.loss.items() if not (math.isfinite(weight) and weight > 0)}:
+            # a negative weight learns the opposite preference, 0 or NaN nothing
+            raise ValueError(f"loss weights must be positive numbers, got {bad}")
         if "exo_pair" in self.loss and self.label_smoothing == 0:
             raise ValueError("loss exo_pair needs --label-smoothing > 0")
         if self.cpu_offload and self.parallelism != "fsdp":

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import write_text_atomic
-from schemas.location import local_only
+from schemas.location import check_apart, local_only
 from schemas.manifest import ModelFingerprint
 from schemas.render import (
     CHAT_TEMPLATE_KWARGS_HELP,
@@ -49,7 +49,7 @@ from train.distributed import Dist
 from train.generate import GenerateConfig, Sampling, generation_batches, record_files, sample_completions, shard_tokenize_config
 from train.judge import Judge, JudgeError, JudgeOptions, build_judge, score_responses
 from train.logprobs import sequence_logps
-from train.models import check_tokenizer, load_causal_lm, model_dir, model_fingerprint, padding_id, same_weights
+from train.models import check_fits, check_tokenizer, load_causal_lm, model_dir, model_fingerprint, padding_id, same_weights
 from train.rewards import is_reward_model
 from train.tracking import open_tracker
 
@@ -333,14 +333,16 @@ def models_dtype(name: str, reference: ModelFingerprint | None, device: torch.de
 def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     from train.rewards import load_reward_model
 
-    _, _, data = open_shards(config.shards, need_ref=False)
+    manifest, _, data = open_shards(config.shards, need_ref=False)
     if data is None or not len(data):
         raise UserError(f"{config.shards}: no eval split (eval-*.arrow); curate with --eval-fraction > 0")
     if data.labels is not None:
         raise UserError(f"{config.shards}: unpaired shards; a reward model is evaluated on pairs (its pairwise accuracy): "
                         "pass shards tokenized from a paired record set")
+    check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
     model, tokenizer = load_reward_model(model_dir(config.policy), config.policy, models_dtype(config.dtype, None, dist.device),
                                          dist.device)
+    check_fits(model, config.policy, data.columns, "the eval shards")
     with torch.inference_mode():
         result = {"policy": config.policy, **reward_model_metrics(model.eval(), data, padding_id(tokenizer),
                                                                   config.batch_tokens, dist)}
@@ -355,6 +357,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`. A
     reward model is evaluated as one (`evaluate_reward_model`)."""
     local_only("eval", {"SHARDS": config.shards, "--out": config.out})
+    check_apart(config.out, [config.shards, config.policy, config.reference, config.reward_model])
     dist = Dist.start(config.device, timedelta(hours=2))
     if is_reward_model(config.policy):
         return evaluate_reward_model(config, dist)
@@ -376,6 +379,8 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     reference, _ = load_causal_lm(reference_dir, config.reference, dtype, device)
     stored_dtype = DTYPES[manifest.reference.dtype]
     check_tokenizer(model_dir(config.policy), config.policy, manifest.tokenizer)
+    for model, name in ((policy, config.policy), (reference, config.reference)):
+        check_fits(model, name, data.columns, "the eval shards")
     # Samples stop where the shards' completions end: the renderer the shards were made with.
     tokenized_with = shard_tokenize_config(manifest)
     check_template_kwargs(config.chat_template_kwargs, tokenized_with.get("chat_template_kwargs", {}), f"{config.shards}: the shards")

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.errors import UserError, first_line
 from schemas.io import read_utf8, sha256_file, write_text_atomic
-from schemas.location import local_only
+from schemas.location import check_apart, local_only
 from schemas.manifest import Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.records import RECORD_FILES, Message, prompt_hash
@@ -282,6 +282,7 @@ def _chunk_lines(model: Any, tokenizer: Any, prompts: list[list[dict]], ids: lis
 
 def generate(config: GenerateConfig) -> Manifest:
     local_only("generate", {"PROMPTS": config.prompts, "--out": config.out})
+    check_apart(config.out, [config.prompts, config.policy])
     out = Path(config.out)
     if (out / GENERATIONS_FILE).is_file() and (out / "manifest.json").is_file():
         return Manifest.read(out, stages=("generate",))  # done; a new run goes to a new --out
@@ -295,6 +296,9 @@ def generate(config: GenerateConfig) -> Manifest:
     dtype = select_dtype(config.dtype, device)
     policy_dir = model_dir(config.policy)
     model, tokenizer = load_causal_lm(policy_dir, config.policy, dtype, device)
+    if len(tokenizer) > (vocabulary := model.get_input_embeddings().num_embeddings):  # its ids would index past the embedding
+        raise UserError(f"model {config.policy}: its tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                        f"{vocabulary}; the tokenizer belongs to another model")
     model.eval()
     renderer = make_renderer(tokenizer, template, config.chat_template_kwargs, system_turn)
     prompts, ids = _rendered(prompts, renderer, dropped)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import read_utf8, sha256_file, write_text_atomic
-from schemas.location import local_only
+from schemas.location import check_apart, local_only
 from schemas.manifest import QUARANTINE_FILE, Counts, InputFile, Manifest, package_version
 from schemas.progress import progress
 from schemas.render import make_renderer
@@ -246,6 +246,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def judge(config: JudgeConfig) -> Manifest:
     local_only("judge", {"GENERATIONS": config.generations, "--out": config.out})
+    check_apart(config.out, [config.generations, config.reward_model])
     source = _generations_file(config.generations)
     rows = _read_rows(source)
     score_fn, judge_info = build_judge(config)

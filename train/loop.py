@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from schemas.errors import UserError
 from schemas.io import atomic_dir
-from schemas.location import local_only
+from schemas.location import check_apart, local_only
 from schemas.manifest import Counts, InputFile, Manifest, ModelFingerprint, package_version
 from schemas.progress import progress
 from schemas.shard import PAIRED, UNPAIRED
@@ -49,6 +50,7 @@ from train.losses import (
 )
 from train.models import (
     attention_kernel,
+    check_fits,
     check_tokenizer,
     disable_dropout,
     load_causal_lm,
@@ -81,6 +83,44 @@ def _autocast(device: torch.device, compute_dtype: torch.dtype) -> Any:
 
 # TrainConfig.lr_schedule → transformers' schedule; each warms up linearly from 0 first.
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+# What a resumed run may set anew: where it is (a run copied elsewhere), how long it runs, how
+# often and where it reports, and how it computes (not what). Anything else would silently mix two
+# runs: the restored scheduler keeps the old learning rate while config.yaml shows the new one, a
+# new batch size re-reads the data from another place, new shards or loss train another run on top.
+RESUMABLE_SETTINGS = frozenset({"out", "max_steps", "epochs", "log_every", "eval_every", "save_every", "eval_batch_tokens", "report_to",
+                                "resume", "device", "gradient_checkpointing", "compile", "attn_implementation",
+                                "check_reference_rows"})
+
+
+def check_resumed_settings(config: TrainConfig, out: Path) -> None:
+    """The run being resumed had these settings (its config.yaml), bar RESUMABLE_SETTINGS."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    before = yaml.safe_load(saved.read_text())
+    now = yaml.safe_load(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    changed = [key for key in now if key not in RESUMABLE_SETTINGS and before.get(key) != now[key]]
+    if changed:
+        listed = ", ".join(f"--{key.replace('_', '-')} {before.get(key)!r} → {now[key]!r}" for key in changed)
+        raise UserError(f"--resume: {out} is a run with other settings ({listed}); resume with its own (config.yaml), "
+                        "or start a new run in another --out")
+
+
+def refuse_changed_reference(config: TrainConfig, reference: ModelFingerprint | None, policy: ModelFingerprint) -> None:
+    """A policy given by the path (or Hub name) the shards' reference was scored from, whose weights
+    are not those any more (retrained, or updated on the Hub): its stored log-probs are another
+    model's, and the step-0 check, which compares a policy with the reference it is, cannot run."""
+    if reference is None or not _same_location(reference.name_or_path, config.model):
+        return
+    raise UserError(f"--model {config.model}: the shards' reference log-probs were computed from it with other weights "
+                    f"({reference.weights_sha256[:12]}…, now {policy.weights_sha256[:12]}…); re-run prefdata precompute-ref "
+                    f"{config.shards} --model {config.model} --force to score them with these weights")
+
+
+def _same_location(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def adamw(trainable: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -405,6 +445,7 @@ LOAD_TIMEOUT = timedelta(hours=2)  # rank 0 reading a large model for FSDP, the 
 def train(config: TrainConfig) -> dict[str, Any]:
     # --- set-up ------------------------------------------------------------------------------
     local_only("train", {"--shards": config.shards, "--out": config.out})
+    check_apart(config.out, [config.shards, config.model, config.reference_model])
     dist = Dist.start(config.device, timedelta(minutes=30))
     device = dist.device
     if config.cpu_offload and device.type == "cpu":
@@ -431,9 +472,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resume_from = parallel.latest_checkpoint(out) if config.resume else None
     if config.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint-*/{parallel.STATE_FILE} in {out}; start without --resume")
+    if resume_from is not None:
+        check_resumed_settings(config, out)
     # Hashed once (cached per file): the LoRA base check and the step-0 check both compare it.
     policy_fingerprint = model_fingerprint(policy_dir, config.model, torch.float32, device)
     model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, policy_fingerprint, dist)
+    for split, name in ((train_data, "train"), (eval_data, "eval")):
+        if split is not None:
+            check_fits(model, config.model, split.columns, f"the {name} shards")
     pad_id = padding_id(tokenizer)
     # Prefix sharing where it gives the padded layout's numbers (train/layouts.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
@@ -451,9 +497,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     ref_model = None
     if config.needs_reference and config.reference == "live":
-        ref_dir = model_dir(config.reference_model or config.model)
-        ref_model, _ = load_causal_lm(ref_dir, config.reference_model or config.model, torch.float32, device,
+        ref_name = config.reference_model or config.model
+        ref_dir = model_dir(ref_name)
+        check_tokenizer(ref_dir, ref_name, manifest.tokenizer)
+        ref_model, _ = load_causal_lm(ref_dir, ref_name, torch.float32, device,
                                       attention_kernel(config.attn_implementation, config.packing, device))
+        check_fits(ref_model, ref_name, train_data.columns, "the train shards")
 
     scorer: Any = RewardScorer(model) if config.objective == "reward" else SequenceScorer(model)
     if config.compile:
@@ -464,6 +513,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # longer). A barrier on gloo with its own timeout holds them until rank 0 is there.
         dist.barrier(timeout=LOAD_TIMEOUT)
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
+    if needs_stored_ref and resume_from is None and not same_weights(manifest.reference, policy_fingerprint):
+        refuse_changed_reference(config, manifest.reference, policy_fingerprint)
     if needs_stored_ref and resume_from is None and same_weights(manifest.reference, policy_fingerprint):
         check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)
 

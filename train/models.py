@@ -75,6 +75,21 @@ def check_tokenizer(directory: Path, name_or_path: str, expected: TokenizerFinge
     return tokenizer
 
 
+def check_fits(model: Any, name_or_path: str, columns: Any, where: str) -> None:
+    """The shards' rows (`columns`, a batching.TokenColumns) must be ids of the model's vocabulary
+    and fit its positions: a smaller embedding fails inside the forward with an IndexError, and
+    positions past the trained ones score silently (RoPE) or fail (learned positions)."""
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if len(columns) and columns.max_token_id() >= vocabulary:
+        raise UserError(f"model {name_or_path}: {where} hold token id {columns.max_token_id()} but its vocabulary has "
+                        f"{vocabulary} entries; the shards were made for another model")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    longest = int(columns.pair_lengths.max()) if len(columns) else 0
+    if positions and longest > positions:
+        raise UserError(f"model {name_or_path}: {where} hold a row of {longest} tokens, past the model's {positions} positions; "
+                        f"re-run prefdata tokenize with --max-length {positions} or less")
+
+
 def attention_kernel(requested: str | None, packing: bool, device: torch.device) -> str | None:
     """The attention `from_pretrained` loads the model with for computing on `device` (None:
     transformers' default, SDPA). Packed rows on CUDA get FlexAttention: its block mask skips every
@@ -90,9 +105,10 @@ def attention_kernel(requested: str | None, packing: bool, device: torch.device)
 
 
 def instantiate(auto_class: Any, directory: Path, name_or_path: str, dtype: torch.dtype, attn_implementation: str | None,
-                weights: bool, what: str = "it", **config_overrides: Any) -> Any:
+                weights: bool, what: str = "it", new_weights: frozenset[str] = frozenset(), **config_overrides: Any) -> Any:
     """`auto_class` (AutoModelForCausalLM, AutoModelForSequenceClassification) from `directory`,
-    on the CPU, in `dtype`. Any load failure is a one-line UserError.
+    on the CPU, in `dtype`. Any load failure is a one-line UserError, and so is a checkpoint that
+    lacks weights of the model other than `new_weights` (those a new head starts at random).
 
     `weights=False`: the architecture only, its parameters on the meta device (no memory), for
     the FSDP processes that receive their shard of the weights from rank 0 instead of reading
@@ -103,12 +119,18 @@ def instantiate(auto_class: Any, directory: Path, name_or_path: str, dtype: torc
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        if weights:
-            return auto_class.from_pretrained(directory, **kwargs, **config_overrides)
-        with torch.device("meta"):
-            return auto_class.from_config(AutoConfig.from_pretrained(directory, **config_overrides), **kwargs)
+        if not weights:
+            with torch.device("meta"):
+                return auto_class.from_config(AutoConfig.from_pretrained(directory, **config_overrides), **kwargs)
+        model, loading = auto_class.from_pretrained(directory, **kwargs, **config_overrides, output_loading_info=True)
     except Exception as exc:  # corrupt weights, unknown architecture, bad attn name: all one-line errors
         raise UserError(f"model {name_or_path}: cannot load {what}: {first_line(exc)}") from None
+    missing = sorted(set(loading.get("missing_keys") or ()) - new_weights)
+    if missing:  # transformers starts them at random and goes on: a reward model's checkpoint read as a causal LM, say
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"model {name_or_path}: cannot load {what}: the checkpoint has no {listed} (transformers would start "
+                        "them at random); is it another kind of model, such as a reward model?")
+    return model
 
 
 def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, device: torch.device,

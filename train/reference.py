@@ -47,7 +47,7 @@ from train.device import dtype_name, select_dtype
 from train.distributed import Dist
 from train.layouts import check_packing, prefix_sharing_exact
 from train.logprobs import SequenceScorer, sequence_logps
-from train.models import attention_kernel, check_tokenizer, load_causal_lm, model_fingerprint, padding_id, same_weights
+from train.models import attention_kernel, check_fits, check_tokenizer, load_causal_lm, model_fingerprint, padding_id, same_weights
 from train.models import model_dir as resolve_model_dir
 
 MARKERS_DIR = ".precompute-ref"
@@ -179,10 +179,8 @@ def _needs_work(shards_dir: Path, shard: ShardFile, upstream: Manifest, referenc
     return force or not (upstream.stage == "precompute-ref" and same_reference(upstream.reference, reference))
 
 
-def _check_rows(path: Path, columns: TokenColumns, vocab_size: int) -> None:
-    if columns.max_token_id() >= vocab_size:
-        raise UserError(f"{path}: token id {columns.max_token_id()} but the model's vocabulary has {vocab_size} "
-                        "entries; the shards were made for another model")
+def _check_rows(path: Path, columns: TokenColumns, model: Any, name_or_path: str) -> None:
+    check_fits(model, name_or_path, columns, str(path))
     if len(columns) and min(columns.prompt.lengths.min(), columns.chosen.lengths.min(), columns.rejected.lengths.min()) < 1:
         raise UserError(f"{path}: a row has an empty prompt or completion, which has no log-prob; re-run prefdata tokenize")
 
@@ -277,7 +275,7 @@ class _LazyReference:
         path = shards_dir / name
         table = read_shard(path)
         columns = TokenColumns.from_table(table)
-        _check_rows(path, columns, self.model.get_input_embeddings().num_embeddings)
+        _check_rows(path, columns, self.model, self.config.model)
         # Prefix sharing where exact; --verify then re-scores rows alone in the padded layout.
         shared = self.config.prefix_sharing == "auto" and prefix_sharing_exact(self.model, columns.pair_lengths)
         check_packing(self.config.packing, shared, self.config.prefix_sharing, self.model, columns.pair_lengths)

@@ -150,8 +150,10 @@ def load_reward_model(directory: Path, name_or_path: str, dtype: torch.dtype, de
     from train.models import instantiate, padding_id
 
     tokenizer = load_model_tokenizer(directory, name_or_path)
+    # A causal LM checkpoint has no score head: the one weight a new reward model starts at random.
     model = instantiate(AutoModelForSequenceClassification, directory, name_or_path, dtype, attn_implementation, weights,
-                        "it as a reward model", num_labels=1, pad_token_id=padding_id(tokenizer))
+                        "it as a reward model", frozenset({"score.weight", "score.bias"}), num_labels=1,
+                        pad_token_id=padding_id(tokenizer))
     model.config.reward_scored_at = SCORED_AT
     reward_head(model)
     if weights:
