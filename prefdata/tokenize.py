@@ -42,7 +42,7 @@ from schemas.location import check_output, input_dirs, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
-from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, Renderer, SystemTurn, make_renderer
+from schemas.render import CHAT_TEMPLATE_KWARGS_HELP, ChatTemplateKwargs, Renderer, SpecialTokensInText, SystemTurn, make_renderer
 from schemas.shard import SHARD_SCHEMA, TOKEN_COLUMNS, UNPAIRED_SHARD_SCHEMA, shard_name
 
 TOO_LONG = "too_long"
@@ -76,6 +76,9 @@ class TokenizeConfig(BaseModel):
                      "manifest.json.")
     template: Literal["auto", "chat", "plain"] = Field("auto", description="auto: the tokenizer's chat template if it has one, else plain.")
     chat_template_kwargs: ChatTemplateKwargs = Field({}, description=CHAT_TEMPLATE_KWARGS_HELP)
+    special_tokens_in_text: SpecialTokensInText = Field("drop", description="A message holding a special token's string "
+                                                        "(</s>, <|im_end|>): drop its record (special_token_in_text), or keep "
+                                                        "it, the string encoded as that token (TRL's behaviour).")
     system_turn: SystemTurn = Field("fold", description="For a chat template without a system role: fold the system turn "
                                     "into the first user turn, or drop the record (system_not_supported).")
     max_length: int = Field(1024, gt=1, description="Prompt + completion tokens, per answer.")
@@ -379,7 +382,8 @@ class RecordEncoder:
     on every batch."""
 
     def __init__(self, tokenizer: Any, config: TokenizeConfig, kind: str) -> None:
-        self.renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn)
+        self.renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn,
+                                      config.special_tokens_in_text)
         self.encode = batch_encoder(tokenizer)
         self.config, self.kind = config, kind
         self.bos_id = tokenizer.bos_token_id
@@ -454,7 +458,8 @@ def _tokenize_local(config: TokenizeConfig, input_dir: Path) -> Manifest:
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {config.tokenizer} has no EOS token; completions must end with one")
-    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn)
+    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn,
+                             config.special_tokens_in_text)
     dropped: Counter = Counter()
     stats: Counter = Counter()
     read = kept = 0

@@ -48,6 +48,7 @@ SYSTEM_NOT_SUPPORTED = "system_not_supported"  # --system-turn drop, and the tem
 # A message's text holds a special token's string (</s>, <|im_end|>, <|endoftext|>): encoded, it
 # would be that token, an end of turn or of text inside the answer the model learns from.
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
+SpecialTokensInText = Literal["drop", "keep"]
 SystemTurn = Literal["fold", "drop"]
 
 # Probe texts: plain words no template rewrites, starting with a letter no template's generation
@@ -322,13 +323,15 @@ Renderer = ChatRenderer | PlainRenderer
 
 
 def make_renderer(tokenizer: Any, template: str, chat_template_kwargs: dict[str, Any] | None = None,
-                  system_turn: SystemTurn = "fold") -> Renderer:
+                  system_turn: SystemTurn = "fold", special_tokens_in_text: SpecialTokensInText = "drop") -> Renderer:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_template:
         raise UserError("--template chat: this tokenizer has no chat template; use --template plain (or auto)")
-    if template == "chat" or (template == "auto" and has_template):
-        return ChatRenderer(tokenizer, chat_template_kwargs, system_turn)
-    return PlainRenderer(tokenizer)
+    renderer: Renderer = (ChatRenderer(tokenizer, chat_template_kwargs, system_turn)
+                          if template == "chat" or (template == "auto" and has_template) else PlainRenderer(tokenizer))
+    if special_tokens_in_text == "keep":  # encoded as the tokens themselves, as TRL and the tokenizer do
+        renderer.special_text = None
+    return renderer
 
 
 def prompt_token_ids(renderer: Renderer, prompts: Sequence[list[dict]]) -> tuple[list[list[int] | None], list[str | None]]:

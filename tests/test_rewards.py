@@ -257,19 +257,25 @@ def test_margins_come_from_the_records_ratings_and_enter_the_loss(tiny_model_dir
 
 
 def test_a_reward_models_checkpoint_is_refused_where_a_causal_lm_is_loaded(tiny_model_dir, tmp_path):
-    """transformers starts the missing LM head at random and goes on: the reference's log-probs
-    of such a 'policy' came out different on every load."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    """transformers starts a missing LM head at random and goes on: the reference's log-probs of
+    such a 'policy' came out different on every load. A reward model is refused by its
+    architecture (tied or not), any other checkpoint that lacks weights by what it lacks."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, LlamaModel
 
     from schemas.errors import UserError
     from train.models import load_causal_lm
 
-    # Untied, as Llama's: a tied LM head would be the embeddings, which the checkpoint holds.
-    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1, tie_word_embeddings=False)
-    reward_model = tmp_path / "rm"
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward_model)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(reward_model)
-    with pytest.raises(UserError, match=r"rm: cannot load it: the checkpoint has no lm_head.weight .*such as a reward model"):
-        load_causal_lm(reward_model, str(reward_model), torch.float32, torch.device("cpu"))
+    def saved(model, name: str):
+        model.save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    tied = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    untied = AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=False)
+    cases = [(saved(AutoModelForSequenceClassification.from_config(tied), "rm"), "a reward model .*where a causal LM is needed"),
+             (saved(LlamaModel(untied), "backbone"), "the checkpoint has no lm_head.weight")]
+    for directory, message in cases:
+        with pytest.raises(UserError, match=message):
+            load_causal_lm(directory, str(directory), torch.float32, torch.device("cpu"))
     model, _ = load_causal_lm(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))  # a causal LM loads
     assert model.lm_head.weight.shape[0] == model.config.vocab_size

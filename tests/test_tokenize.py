@@ -236,3 +236,7 @@ def test_a_special_tokens_string_in_a_message_drops_the_record_with_its_reason(c
     assert manifest.counts.model_dump() == {"read": 3, "kept": 1, "dropped": {"special_token_in_text": 2}}
     dropped = pl.read_parquet(tmp_path / "s" / "dropped.parquet")
     assert sorted(dropped["id"].to_list()) == sorted(r.id for r in injected)
+    # Kept on request, the string encoded as the token itself (TRL's behaviour).
+    kept = tokenize(TokenizeConfig(input_dir=str(records), tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "k"),
+                                   template=template, special_tokens_in_text="keep"))
+    assert kept.counts.kept == 3 and kept.config["special_tokens_in_text"] == "keep"

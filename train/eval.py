@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import UserError
 from schemas.io import write_text_atomic
-from schemas.location import check_apart, local_only
+from schemas.location import local_only
 from schemas.manifest import ModelFingerprint
 from schemas.render import (
     CHAT_TEMPLATE_KWARGS_HELP,
@@ -357,7 +357,6 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     """Everything above for one policy; writes eval.json and reward_vs_kl.png into `config.out`. A
     reward model is evaluated as one (`evaluate_reward_model`)."""
     local_only("eval", {"SHARDS": config.shards, "--out": config.out})
-    check_apart(config.out, [config.shards, config.policy, config.reference, config.reward_model])
     dist = Dist.start(config.device, timedelta(hours=2))
     if is_reward_model(config.policy):
         return evaluate_reward_model(config, dist)

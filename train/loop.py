@@ -89,9 +89,9 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 # often and where it reports, and how it computes (not what). Anything else would silently mix two
 # runs: the restored scheduler keeps the old learning rate while config.yaml shows the new one, a
 # new batch size re-reads the data from another place, new shards or loss train another run on top.
-RESUMABLE_SETTINGS = frozenset({"out", "max_steps", "epochs", "log_every", "eval_every", "save_every", "eval_batch_tokens", "report_to",
-                                "resume", "device", "gradient_checkpointing", "compile", "attn_implementation",
-                                "check_reference_rows"})
+RESUMABLE_SETTINGS = frozenset({"out", "cpu_offload", "max_steps", "epochs", "log_every", "eval_every", "save_every",
+                                "eval_batch_tokens", "report_to", "resume", "device", "gradient_checkpointing", "compile",
+                                "attn_implementation", "check_reference_rows"})
 
 
 def check_resumed_settings(config: TrainConfig, out: Path) -> None:
@@ -99,28 +99,24 @@ def check_resumed_settings(config: TrainConfig, out: Path) -> None:
     saved = out / "config.yaml"
     if not saved.is_file():
         return
-    before = yaml.safe_load(saved.read_text())
+    # A setting the saved file lacks (a run from before it existed) had its default; paths compare resolved.
+    defaults = {name: field.default for name, field in TrainConfig.model_fields.items()}
+    before = {**defaults, **yaml.safe_load(saved.read_text())}
     now = yaml.safe_load(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    changed = [key for key in now if key not in RESUMABLE_SETTINGS and before.get(key) != now[key]]
+    changed = [key for key in now if key not in RESUMABLE_SETTINGS and before.get(key) != now[key]
+               and not (key in ("shards", "model", "reference_model") and before.get(key) and now[key]
+                        and _same_location(before[key], now[key]))]
     if changed:
         listed = ", ".join(f"--{key.replace('_', '-')} {before.get(key)!r} → {now[key]!r}" for key in changed)
         raise UserError(f"--resume: {out} is a run with other settings ({listed}); resume with its own (config.yaml), "
                         "or start a new run in another --out")
 
 
-def refuse_changed_reference(config: TrainConfig, reference: ModelFingerprint | None, policy: ModelFingerprint) -> None:
-    """A policy given by the path (or Hub name) the shards' reference was scored from, whose weights
-    are not those any more (retrained, or updated on the Hub): its stored log-probs are another
-    model's, and the step-0 check, which compares a policy with the reference it is, cannot run."""
-    if reference is None or not _same_location(reference.name_or_path, config.model):
-        return
-    raise UserError(f"--model {config.model}: the shards' reference log-probs were computed from it with other weights "
-                    f"({reference.weights_sha256[:12]}…, now {policy.weights_sha256[:12]}…); re-run prefdata precompute-ref "
-                    f"{config.shards} --model {config.model} --force to score them with these weights")
-
-
 def _same_location(a: str, b: str) -> bool:
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+    """One model directory (however the path is written), or one Hub name."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b and not Path(a).exists()
 
 
 def adamw(trainable: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
@@ -513,9 +509,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # longer). A barrier on gloo with its own timeout holds them until rank 0 is there.
         dist.barrier(timeout=LOAD_TIMEOUT)
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
-    if needs_stored_ref and resume_from is None and not same_weights(manifest.reference, policy_fingerprint):
-        refuse_changed_reference(config, manifest.reference, policy_fingerprint)
-    if needs_stored_ref and resume_from is None and same_weights(manifest.reference, policy_fingerprint):
+    # The step-0 check compares the stored log-probs with the policy where the policy should be the
+    # shards' reference: the same weights, or the model at the path they were scored from (retrained
+    # in place since, its stored log-probs are the old model's: the check finds them stale).
+    if needs_stored_ref and resume_from is None and (
+            same_weights(manifest.reference, policy_fingerprint)
+            or (manifest.reference is not None and _same_location(manifest.reference.name_or_path, config.model))):
         check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,

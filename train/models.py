@@ -83,7 +83,11 @@ def check_fits(model: Any, name_or_path: str, columns: Any, where: str) -> None:
     if len(columns) and columns.max_token_id() >= vocabulary:
         raise UserError(f"model {name_or_path}: {where} hold token id {columns.max_token_id()} but its vocabulary has "
                         f"{vocabulary} entries; the shards were made for another model")
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    text = model.config.get_text_config()  # a multimodal model's language model holds the limit
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    rope = getattr(text, "rope_scaling", None) or {}
+    if positions and rope.get("factor") and rope.get("original_max_position_embeddings"):  # YaRN and the like run longer
+        positions = max(positions, int(rope["factor"] * rope["original_max_position_embeddings"]))
     longest = int(columns.pair_lengths.max()) if len(columns) else 0
     if positions and longest > positions:
         raise UserError(f"model {name_or_path}: {where} hold a row of {longest} tokens, past the model's {positions} positions; "
@@ -138,6 +142,10 @@ def load_causal_lm(directory: Path, name_or_path: str, dtype: torch.dtype, devic
     """(model on `device` in `dtype`, tokenizer); `weights=False`: on the meta device (`instantiate`)."""
     from transformers import AutoModelForCausalLM
 
+    from train.rewards import is_reward_model
+
+    if is_reward_model(directory):  # a tied LM head would load from its embeddings without a missing weight
+        raise UserError(f"model {name_or_path}: a reward model (a sequence classifier), where a causal LM is needed")
     model = instantiate(AutoModelForCausalLM, directory, name_or_path, dtype, attn_implementation, weights)
     model = model.to(device) if weights else model
     check_scoring_matches_forward(model, name_or_path)
