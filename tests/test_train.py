@@ -184,13 +184,26 @@ def test_cli_yaml_and_overrides(tmp_path):
     parsed = parse_args(["--config", str(config), "--max-steps", "7", "--no-gradient-checkpointing"])
     assert parsed.beta == 0.3 and parsed.max_steps == 7 and parsed.loss == {"sigmoid": 1.0, "hinge": 0.5}
     assert parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "ipo:1,sigmoid:0.5"]).loss == {"ipo": 1.0, "sigmoid": 0.5}
+    for used in (["--loss", "sigmoid", "--label-smoothing", "0.1"],
+                 ["--objective", "simpo", "--simpo-gamma", "1", "--label-smoothing", "0.1"], ["--objective", "cpo", "--cpo-alpha", "2"],
+                 ["--lora-r", "4", "--lora-alpha", "8"],
+                 ["--reference", "live", "--reference-model", "m2"], ["--objective", "reward", "--center-rewards-coefficient", "0.1"]):
+        parse_args(["--shards", "s", "--model", "m", "--out", "o", *used])  # read by their runs: accepted
     with pytest.raises(UserError, match="unknown loss"):
         parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "nope"])
     # A negative weight trained the opposite preference; 0 or NaN nothing. AdamW's betas are in [0, 1).
     for flags, message in [(["--loss", "sigmoid:-1"], "loss weights must be positive numbers"),
                            (["--loss", "sigmoid:1,hinge:nan"], "loss weights must be positive numbers"),
                            (["--adam-beta1", "1.5"], "--adam-beta1: Input should be less than 1"),
-                           (["--adam-beta2", "-1"], "--adam-beta2: Input should be greater than or equal to 0")]:
+                           (["--adam-beta2", "-1"], "--adam-beta2: Input should be greater than or equal to 0"),
+                           # Options the run would not read, while config.yaml said they were set.
+                           (["--objective", "simpo", "--loss", "ipo"], "--loss is not read by --objective simpo"),
+                           (["--loss", "ipo", "--label-smoothing", "0.1"],
+                            "--label-smoothing is not read by --objective dpo with --loss ipo"),
+                           (["--reference-model", "x"], "--reference-model is read with --reference live only"),
+                           (["--lora-alpha", "8"], "--lora-alpha is read with --lora-r only"),
+                           (["--objective", "reward", "--center-rewards-coefficient", "0.1", "--reference", "live"],
+                            "--reference live: --objective reward has no reference model")]:
         with pytest.raises(UserError, match=message):
             parse_args(["--shards", "s", "--model", "m", "--out", "o", *flags])
     bad = subprocess.run([sys.executable, "-m", "train", "--shards", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")],

@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from train.losses import PAIR_LOSSES, LossParams
 
+# Options only some runs read (TrainConfig._options_used): set in a run that does not, refused.
+OBJECTIVE_OPTIONS = ("loss", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "sft_weight",
+                     "center_rewards_coefficient", "reference_model", "lora_alpha", "lora_dropout")
+READ_ONLY_WITH = {"reference_model": "read with --reference live only", "lora_alpha": "read with --lora-r only",
+                  "lora_dropout": "read with --lora-r only"}
+
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -144,7 +150,29 @@ class TrainConfig(BaseModel):
             raise ValueError("--margin-from-scores is for --objective reward")
         if self.lora_r and self.reference == "live":
             raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
+        if self.reference == "live" and not self.needs_reference:
+            raise ValueError(f"--reference live: --objective {self.objective} has no reference model")
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        ignored = sorted(name for name in OBJECTIVE_OPTIONS if getattr(self, name) != defaults[name] and name not in self._options_used())
+        if ignored:  # the run would go on without them while its config.yaml says they were set
+            run = f"--objective {self.objective}" + (f" with --loss {','.join(self.loss)}" if self.objective == "dpo" else "")
+            reasons = [f"--{name.replace('_', '-')} is {READ_ONLY_WITH.get(name, 'not read by ' + run)}" for name in ignored]
+            raise ValueError("; ".join(reasons) + ": leave it out")
         return self
+
+    def _options_used(self) -> set[str]:
+        """The options of OBJECTIVE_OPTIONS this run's objective, losses and adapters read."""
+        used = {"simpo": {"simpo_gamma", "label_smoothing"}, "cpo": {"cpo_alpha", "label_smoothing"},
+                "reward": {"center_rewards_coefficient"}}.get(self.objective, set())
+        if self.objective == "dpo":
+            used |= {"loss", "sft_weight"}
+            used |= {"label_smoothing"} if set(self.loss) & {"sigmoid", "robust", "exo_pair"} else set()
+            used |= {"discopop_tau"} if "discopop" in self.loss else set()
+        if self.needs_reference and self.reference == "live":
+            used.add("reference_model")
+        if self.lora_r:
+            used |= {"lora_alpha", "lora_dropout"}
+        return used
 
     @property
     def needs_reference(self) -> bool:
