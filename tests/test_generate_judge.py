@@ -270,3 +270,12 @@ def test_prompts_whose_answers_would_not_fit_the_model_are_counted_and_refused_w
     with pytest.raises(UserError, match="longer than the model's 1024 positions"):
         generate(GenerateConfig(prompts=str(prompt_file), policy=str(tiny_model_dir), out=str(tmp_path / "o"),
                                 max_new_tokens=1020, device="cpu"))
+
+
+def test_eval_json_has_null_where_there_was_nothing_to_average():
+    """Every answer unjudged gave a NaN reward, and json.dumps wrote `NaN`, which strict JSON readers refuse."""
+    from train.eval import _json
+
+    text = _json({"reward": math.nan, "win_rate": {"rate": math.inf, "prompts": 0}, "samples": [1.5, -math.inf]})
+    assert json.loads(text) == {"reward": None, "win_rate": {"rate": None, "prompts": 0}, "samples": [1.5, None]}
+    assert "NaN" not in text and "Infinity" not in text

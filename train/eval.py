@@ -324,6 +324,19 @@ def reward_model_metrics(model: Any, data: SplitData, pad_id: int, batch_tokens:
                                                 weights=[b["pairs"] for b in buckets]))}
 
 
+def _json(result: dict[str, Any]) -> str:
+    """eval.json's text: a figure with nothing to average (every answer unjudged, no prompt both
+    sides answered) is null, as JSON has no NaN (json.dumps would write one that strict readers refuse)."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: finite(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps(finite(result), indent=2, allow_nan=False)
+
+
 def models_dtype(name: str, reference: ModelFingerprint | None, device: torch.device) -> torch.dtype:
     """`auto`: the dtype the stored reference log-probs were computed in (the policy's log-probs are
     set against them), else bfloat16 on a GPU that has it; or the named dtype."""
@@ -349,7 +362,7 @@ def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     if dist.is_main:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "eval.json", json.dumps({**result, "config": config.model_dump()}, indent=2))
+        write_text_atomic(out / "eval.json", _json({**result, "config": config.model_dump()}))
     return result
 
 
@@ -413,7 +426,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     result.update(prompts=len(prompts), samples=len(samples["policy"]), config=config.model_dump(), examples=texts[:5])
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "eval.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "eval.json", _json(result))
     if tracker is not None:
         tracker.start(None)
         tracker.log({"step": 0, **_flat(result)})
