@@ -38,6 +38,7 @@ from schemas.progress import progress
 from schemas.records import RECORD_FILES, Message, prompt_hash
 from schemas.render import (
     CHAT_TEMPLATE_KWARGS_HELP,
+    SPECIAL_TOKEN_IN_TEXT,
     ChatTemplateKwargs,
     check_template_kwargs,
     make_renderer,
@@ -361,7 +362,9 @@ def _rendered(prompts: list[list[dict]], renderer: Any, dropped: Counter) -> tup
     dropped.update(reason for reason in reasons if reason)
     keep = [i for i, reason in enumerate(reasons) if reason is None]
     if not keep:
-        raise UserError(f"the chat template refused every prompt ({dict(dropped)}); check --chat-template-kwargs or use --template plain")
+        hint = ("their text holds the tokenizer's special tokens" if set(dropped) == {SPECIAL_TOKEN_IN_TEXT}
+                else "check --chat-template-kwargs or use --template plain")
+        raise UserError(f"every prompt was refused in rendering ({dict(dropped)}); {hint}")
     return [prompts[i] for i in keep], [ids[i] for i in keep]
 
 

@@ -249,6 +249,8 @@ def judge(config: JudgeConfig) -> Manifest:
     check_apart(config.out, [config.generations, config.reward_model])
     source = _generations_file(config.generations)
     rows = _read_rows(source)
+    if not rows:  # an empty judged file would only fail later, in ingest
+        raise UserError(f"{source}: no generations to judge; run prefdata generate on prompts first")
     score_fn, judge_info = build_judge(config)
     with progress("judge", total=sum(len(row["responses"]) for row in rows)) as bar:
         scores = score_responses(score_fn, [row["prompt"] for row in rows], [row["responses"] for row in rows],
