@@ -198,7 +198,7 @@ def _has_pairs(r: Round, curated: Manifest) -> None:
 
 def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> None:
     """π_{r+1} against π_r on the held-out prompts, by the round's judge."""
-    from train.eval import compare_policies
+    from train.eval import compare_policies, eval_json
     from train.judge import JudgeOptions
 
     result = compare_policies(str(r.trained), r.policy, held,
@@ -206,7 +206,7 @@ def _evaluate_round(config: IterateConfig, r: Round, held: list[list[dict]]) -> 
                               n=config.n, temperature=config.temperature, top_p=config.top_p,
                               max_new_tokens=config.max_new_tokens, seed=config.seed, device=config.device,
                               chat_template_kwargs=config.chat_template_kwargs)
-    write_text_atomic(r.dir / "eval.json", json.dumps({"round": r.number, **result}, indent=2))
+    write_text_atomic(r.dir / "eval.json", eval_json({"round": r.number, **result}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +259,13 @@ def _write_manifest(config: IterateConfig, out: Path, finished: list[Round]) -> 
 def summary_lines(manifest: Manifest) -> list[str]:
     lines = []
     for record in manifest.stats["rounds"]:
-        win = record["eval"]["win_rate"]
+        win, result = record["eval"]["win_rate"], record["eval"]
         lines.append(f"round {record['round']}: {record['pairs']} pairs; π_{record['round'] + 1} vs π_{record['round']}: "
-                     f"win rate {win['rate']:.3f} [{win['low']:.3f}, {win['high']:.3f}], reward "
-                     f"{record['eval']['reward']:.3f} vs {record['eval']['baseline_reward']:.3f}")
+                     f"win rate {_figure(win['rate'])} [{_figure(win['low'])}, {_figure(win['high'])}], reward "
+                     f"{_figure(result['reward'])} vs {_figure(result['baseline_reward'])}")
     return lines
+
+
+def _figure(value: float | None) -> str:
+    """eval.json holds null where nothing was judged."""
+    return "n/a" if value is None else f"{value:.3f}"

@@ -280,8 +280,8 @@ def test_prompts_whose_answers_would_not_fit_the_model_are_counted_and_refused_w
 
 def test_eval_json_has_null_where_there_was_nothing_to_average():
     """Every answer unjudged gave a NaN reward, and json.dumps wrote `NaN`, which strict JSON readers refuse."""
-    from train.eval import _json
+    from train.eval import eval_json
 
-    text = _json({"reward": math.nan, "win_rate": {"rate": math.inf, "prompts": 0}, "samples": [1.5, -math.inf]})
+    text = eval_json({"reward": math.nan, "win_rate": {"rate": math.inf, "prompts": 0}, "samples": [1.5, -math.inf]})
     assert json.loads(text) == {"reward": None, "win_rate": {"rate": None, "prompts": 0}, "samples": [1.5, None]}
     assert "NaN" not in text and "Infinity" not in text

@@ -116,3 +116,14 @@ def test_lora_rounds_continue_from_the_merged_model(pool, tiny_model_dir, tmp_pa
     assert not list((out / "round-2" / "train" / "final").glob("model*.safetensors"))  # round 2 trained an adapter too
     assert [(r["eval"]["policy"], r["eval"]["baseline"]) for r in rounds] == \
         [(str(merged[0]), str(tiny_model_dir)), (str(merged[1]), str(merged[0]))]
+
+
+def test_the_summary_says_n_a_where_a_round_judged_nothing():
+    """eval.json holds null where nothing was judged; the summary's number format crashed on it."""
+    from prefdata.iterate import summary_lines
+    from schemas.manifest import Counts, Manifest
+
+    round_eval = {"win_rate": {"rate": None, "low": None, "high": None}, "reward": None, "baseline_reward": 0.25}
+    manifest = Manifest(stage="iterate", package_version="t", config={}, counts=Counts(read=0, kept=0),
+                        stats={"rounds": [{"round": 1, "pairs": 3, "eval": round_eval}]})
+    assert summary_lines(manifest) == ["round 1: 3 pairs; π_2 vs π_1: win rate n/a [n/a, n/a], reward n/a vs 0.250"]

@@ -202,6 +202,7 @@ def test_cli_yaml_and_overrides(tmp_path):
                             "--label-smoothing is not read by --objective dpo with --loss ipo"),
                            (["--reference-model", "x"], "--reference-model is read with --reference live only"),
                            (["--lora-alpha", "8"], "--lora-alpha is read with --lora-r only"),
+                           (["--lora-target-modules", "q_proj"], "--lora-target-modules is read with --lora-r only"),
                            (["--objective", "reward", "--center-rewards-coefficient", "0.1", "--reference", "live"],
                             "--reference live: --objective reward has no reference model")]:
         with pytest.raises(UserError, match=message):

@@ -18,9 +18,9 @@ from train.losses import PAIR_LOSSES, LossParams
 
 # Options only some runs read (TrainConfig._options_used): set in a run that does not, refused.
 OBJECTIVE_OPTIONS = ("loss", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "sft_weight",
-                     "center_rewards_coefficient", "reference_model", "lora_alpha", "lora_dropout")
-READ_ONLY_WITH = {"reference_model": "read with --reference live only", "lora_alpha": "read with --lora-r only",
-                  "lora_dropout": "read with --lora-r only"}
+                     "center_rewards_coefficient", "reference_model", "lora_alpha", "lora_dropout", "lora_target_modules")
+READ_ONLY_WITH = {"reference_model": "read with --reference live only",
+                  **{name: "read with --lora-r only" for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}}
 
 
 class TrainConfig(BaseModel):
@@ -171,7 +171,7 @@ class TrainConfig(BaseModel):
         if self.needs_reference and self.reference == "live":
             used.add("reference_model")
         if self.lora_r:
-            used |= {"lora_alpha", "lora_dropout"}
+            used |= {"lora_alpha", "lora_dropout", "lora_target_modules"}
         return used
 
     @property

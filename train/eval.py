@@ -324,7 +324,7 @@ def reward_model_metrics(model: Any, data: SplitData, pad_id: int, batch_tokens:
                                                 weights=[b["pairs"] for b in buckets]))}
 
 
-def _json(result: dict[str, Any]) -> str:
+def eval_json(result: dict[str, Any]) -> str:
     """eval.json's text: a figure with nothing to average (every answer unjudged, no prompt both
     sides answered) is null, as JSON has no NaN (json.dumps would write one that strict readers refuse)."""
     def finite(value: Any) -> Any:
@@ -362,7 +362,7 @@ def evaluate_reward_model(config: EvalConfig, dist: Dist) -> dict[str, Any]:
     if dist.is_main:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "eval.json", _json({**result, "config": config.model_dump()}))
+        write_text_atomic(out / "eval.json", eval_json({**result, "config": config.model_dump()}))
     return result
 
 
@@ -426,7 +426,7 @@ def evaluate_policy(config: EvalConfig) -> dict[str, Any]:
     result.update(prompts=len(prompts), samples=len(samples["policy"]), config=config.model_dump(), examples=texts[:5])
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "eval.json", _json(result))
+    write_text_atomic(out / "eval.json", eval_json(result))
     if tracker is not None:
         tracker.start(None)
         tracker.log({"step": 0, **_flat(result)})

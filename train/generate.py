@@ -362,9 +362,10 @@ def _rendered(prompts: list[list[dict]], renderer: Any, dropped: Counter) -> tup
     dropped.update(reason for reason in reasons if reason)
     keep = [i for i, reason in enumerate(reasons) if reason is None]
     if not keep:
-        hint = ("their text holds the tokenizer's special tokens" if set(dropped) == {SPECIAL_TOKEN_IN_TEXT}
-                else "check --chat-template-kwargs or use --template plain")
-        raise UserError(f"every prompt was refused in rendering ({dict(dropped)}); {hint}")
+        refused = Counter(reason for reason in reasons if reason)
+        hint = ("their text holds the tokenizer's special tokens: take those strings out of the prompts"
+                if set(refused) == {SPECIAL_TOKEN_IN_TEXT} else "check --chat-template-kwargs or use --template plain")
+        raise UserError(f"every prompt was refused in rendering ({dict(refused)}); {hint}")
     return [prompts[i] for i in keep], [ids[i] for i in keep]
 
 

@@ -390,7 +390,9 @@ def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, ma
         disable_dropout(model)  # before any adapter: --lora-dropout is the adapters' own, as asked
     peft_model = None
     if config.lora_r:
-        if config.needs_reference and not same_weights(manifest.reference, policy_fingerprint):
+        # The base model re-saved at its path is left to the step-0 check (as for a full policy).
+        if config.needs_reference and not same_weights(manifest.reference, policy_fingerprint) and not (
+                manifest.reference is not None and _same_location(manifest.reference.name_or_path, config.model)):
             name = manifest.reference.name_or_path if manifest.reference else "no model"
             raise UserError(f"--lora-r: the shards' reference is {name}, not the base model {config.model}; run "
                             f"prefdata precompute-ref {config.shards} --model {config.model} --force")
