@@ -433,13 +433,14 @@ def ingest(config: IngestConfig) -> Manifest:
     for given in config.inputs:
         local_only("ingest", {"INPUTS": given})
     sources = resolve_sources(config.inputs, config.split)
-    check_output(config.out, _local_inputs(config.inputs, sources))  # before the formats are sniffed
+    local_inputs = _local_inputs(config.inputs, sources)
+    check_output(config.out, local_inputs)  # before the formats are sniffed
     formats = [_format_for(source, config) for source in sources]
     kind = _record_kind(sources, formats, config)
     tallies: list[_SourceTally] = []
     left = config.limit  # rows still to read under --limit
     with (
-        output_dir(config.out, _local_inputs(config.inputs, sources)) as tmp,
+        output_dir(config.out, local_inputs) as tmp,
         _hashing(sources) as hashes,
         session(config.execution) as engine,
     ):

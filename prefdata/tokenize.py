@@ -102,6 +102,10 @@ class TokenizeConfig(BaseModel):
             )
         return self
 
+    def renderer(self, tokenizer: Any) -> Renderer:
+        """The rendering rule these settings name, for `tokenizer`."""
+        return make_renderer(tokenizer, self.template, self.chat_template_kwargs, self.system_turn, self.special_tokens_in_text)
+
 
 def load_tokenizer(name_or_path: str) -> Any:
     """AutoTokenizer with one-line errors for a missing path, a directory without tokenizer files,
@@ -382,8 +386,7 @@ class RecordEncoder:
     on every batch."""
 
     def __init__(self, tokenizer: Any, config: TokenizeConfig, kind: str) -> None:
-        self.renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn,
-                                      config.special_tokens_in_text)
+        self.renderer = config.renderer(tokenizer)
         self.encode = batch_encoder(tokenizer)
         self.config, self.kind = config, kind
         self.bos_id = tokenizer.bos_token_id
@@ -458,8 +461,7 @@ def _tokenize_local(config: TokenizeConfig, input_dir: Path) -> Manifest:
     tokenizer = load_tokenizer(config.tokenizer)
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {config.tokenizer} has no EOS token; completions must end with one")
-    renderer = make_renderer(tokenizer, config.template, config.chat_template_kwargs, config.system_turn,
-                             config.special_tokens_in_text)
+    renderer = config.renderer(tokenizer)
     dropped: Counter = Counter()
     stats: Counter = Counter()
     read = kept = 0

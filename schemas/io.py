@@ -100,11 +100,9 @@ def parquet_read(path: str | os.PathLike[str], fix: str) -> Iterator[None]:
     """pyarrow's error on a damaged parquet file (cut short, overwritten) as one line naming it."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno is not None:  # the file system's refusal (permissions, a vanished file), not its bytes
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's refusal (permissions, a vanished file)
             raise UserError(f"{path}: cannot read ({exc.strerror or exc}); check the path and its permissions") from None
-        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)}); {fix}") from None
-    except ValueError as exc:  # ArrowInvalid
         raise UserError(f"{path}: not a readable parquet file ({first_line(exc)}); {fix}") from None
 
 

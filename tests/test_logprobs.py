@@ -204,7 +204,7 @@ def test_collate_lays_out_chosen_rows_then_rejected_rows_right_padded():
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
     assert batch.completion_mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]
     assert (batch.real_tokens, batch.padded_tokens) == (5 + 3 + 4 + 4, 20)
-    assert columns.max_token_id() == 11
+    assert columns.max_token_id == 11
 
 
 def test_columns_of_a_sliced_table_index_the_right_rows():

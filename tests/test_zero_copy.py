@@ -76,7 +76,7 @@ def test_batches_from_views_equal_batches_from_a_copied_table(tmp_path):
     assert len(data) == len(copied) == 150
     np.testing.assert_array_equal(data.columns.pair_lengths, copied.pair_lengths)
     np.testing.assert_array_equal(data.columns.real_tokens, copied.real_tokens)
-    assert data.columns.max_token_id() == copied.max_token_id()
+    assert data.columns.max_token_id == copied.max_token_id
     rng = np.random.default_rng(1)
     # Batches across chunk and file boundaries, the first and last row included.
     for rows in [np.array([0, 149]), np.array([15, 16, 49, 50, 99, 100]), *(rng.permutation(150)[:8] for _ in range(10))]:
@@ -142,13 +142,13 @@ _MEASURE = textwrap.dedent("""
         return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
 
     # Warm-up on a tiny set: lazy imports and allocator arenas are paid once, not per byte.
-    open_shards(sys.argv[2], need_ref=True)[1].columns.max_token_id()
+    open_shards(sys.argv[2], need_ref=True)[1].columns.max_token_id
     out = {"before": status()}
     manifest, data, _ = open_shards(sys.argv[1], need_ref=True)
     out["opened"] = status()
     # Touch every token and every reference value, and build batches: pages come in from the
     # page cache (RssFile, shared by every process), never into the process's own memory.
-    out["max_token_id"] = data.columns.max_token_id()
+    out["max_token_id"] = data.columns.max_token_id
     rows = np.arange(len(data))
     out["ref_sum"] = float(sum(x.sum(dtype=np.float64) for x in data.ref_logps(rows)))
     for start in range(0, len(data), len(data) // 8):

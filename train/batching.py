@@ -144,6 +144,7 @@ class TokenColumns:
         """Tokens a pair puts through the model: the prompt twice (once per answer) and both answers."""
         return _frozen(2 * self.prompt.lengths + self.chosen.lengths + self.rejected.lengths)
 
+    @cached_property  # a scan of every token: the policy's and a live reference's checks share it
     def max_token_id(self) -> int:
         return max(c.max_id() for c in (self.prompt, self.chosen, self.rejected))
 

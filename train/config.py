@@ -152,13 +152,18 @@ class TrainConfig(BaseModel):
             raise ValueError("--lora-r: the reference is the base model; precompute it once instead of --reference live")
         if self.reference == "live" and not self.needs_reference:
             raise ValueError(f"--reference live: --objective {self.objective} has no reference model")
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        defaults = self.defaults()
         ignored = sorted(name for name in OBJECTIVE_OPTIONS if getattr(self, name) != defaults[name] and name not in self._options_used())
         if ignored:  # the run would go on without them while its config.yaml says they were set
             run = f"--objective {self.objective}" + (f" with --loss {','.join(self.loss)}" if self.objective == "dpo" else "")
             reasons = [f"--{name.replace('_', '-')} is {READ_ONLY_WITH.get(name, 'not read by ' + run)}" for name in ignored]
             raise ValueError("; ".join(reasons) + ": leave it out")
         return self
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each field's default: what a setting left out is (in an older config.yaml too)."""
+        return {name: field.default for name, field in cls.model_fields.items()}
 
     def _options_used(self) -> set[str]:
         """The options of OBJECTIVE_OPTIONS this run's objective, losses and adapters read."""

@@ -100,8 +100,7 @@ def check_resumed_settings(config: TrainConfig, out: Path) -> None:
     if not saved.is_file():
         return
     # A setting the saved file lacks (a run from before it existed) had its default; paths compare resolved.
-    defaults = {name: field.default for name, field in TrainConfig.model_fields.items()}
-    before = {**defaults, **yaml.safe_load(saved.read_text())}
+    before = {**TrainConfig.defaults(), **yaml.safe_load(saved.read_text())}
     now = yaml.safe_load(yaml.safe_dump(config.model_dump(), sort_keys=False))
     changed = [key for key in now if key not in RESUMABLE_SETTINGS and before.get(key) != now[key]
                and not (key in ("shards", "model", "reference_model") and before.get(key) and now[key]
@@ -110,6 +109,14 @@ def check_resumed_settings(config: TrainConfig, out: Path) -> None:
         listed = ", ".join(f"--{key.replace('_', '-')} {before.get(key)!r} → {now[key]!r}" for key in changed)
         raise UserError(f"--resume: {out} is a run with other settings ({listed}); resume with its own (config.yaml), "
                         "or start a new run in another --out")
+
+
+def _is_shards_reference(manifest: Manifest, config: TrainConfig, policy: ModelFingerprint) -> bool:
+    """Whether the policy is meant to be the model the shards' reference log-probs were scored
+    with, so the step-0 check compares the two: the same weights, or the model at the path they
+    were scored from (re-saved there, or retrained in place: then the check finds them stale)."""
+    reference = manifest.reference
+    return same_weights(reference, policy) or (reference is not None and _same_location(reference.name_or_path, config.model))
 
 
 def _same_location(a: str, b: str) -> bool:
@@ -390,9 +397,7 @@ def _load_policy(config: TrainConfig, policy_dir: Path, device: torch.device, ma
         disable_dropout(model)  # before any adapter: --lora-dropout is the adapters' own, as asked
     peft_model = None
     if config.lora_r:
-        # The base model re-saved at its path is left to the step-0 check (as for a full policy).
-        if config.needs_reference and not same_weights(manifest.reference, policy_fingerprint) and not (
-                manifest.reference is not None and _same_location(manifest.reference.name_or_path, config.model)):
+        if config.needs_reference and not _is_shards_reference(manifest, config, policy_fingerprint):
             name = manifest.reference.name_or_path if manifest.reference else "no model"
             raise UserError(f"--lora-r: the shards' reference is {name}, not the base model {config.model}; run "
                             f"prefdata precompute-ref {config.shards} --model {config.model} --force")
@@ -511,12 +516,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # longer). A barrier on gloo with its own timeout holds them until rank 0 is there.
         dist.barrier(timeout=LOAD_TIMEOUT)
     scorer = parallel.wrap(scorer, model, config.parallelism, device, config.dtype, config.cpu_offload, dist)
-    # The step-0 check compares the stored log-probs with the policy where the policy should be the
-    # shards' reference: the same weights, or the model at the path they were scored from (retrained
-    # in place since, its stored log-probs are the old model's: the check finds them stale).
-    if needs_stored_ref and resume_from is None and (
-            same_weights(manifest.reference, policy_fingerprint)
-            or (manifest.reference is not None and _same_location(manifest.reference.name_or_path, config.model))):
+    if needs_stored_ref and resume_from is None and _is_shards_reference(manifest, config, policy_fingerprint):
         check_stored_reference(config, scorer, train_data, collate, device, autocast, compute_dtype, manifest.reference.dtype)
 
     # The sampler yields global batches (all processes); each process takes every world-th pair,

@@ -80,8 +80,8 @@ def check_fits(model: Any, name_or_path: str, columns: Any, where: str) -> None:
     and fit its positions: a smaller embedding fails inside the forward with an IndexError, and
     positions past the trained ones score silently (RoPE) or fail (learned positions)."""
     vocabulary = model.get_input_embeddings().num_embeddings
-    if len(columns) and columns.max_token_id() >= vocabulary:
-        raise UserError(f"model {name_or_path}: {where} hold token id {columns.max_token_id()} but its vocabulary has "
+    if len(columns) and columns.max_token_id >= vocabulary:
+        raise UserError(f"model {name_or_path}: {where} hold token id {columns.max_token_id} but its vocabulary has "
                         f"{vocabulary} entries; the shards were made for another model")
     text = model.config.get_text_config()  # a multimodal model's language model holds the limit
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)

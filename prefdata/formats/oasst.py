@@ -18,6 +18,7 @@ message whose ranked replies tie is counted under `tie`. Ranks are kept in `meta
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,8 +132,7 @@ class OasstFlatFormat(OasstTreeFormat):
 
     def convert(self, row: dict[str, Any]) -> Iterator[Candidate | Skipped]:
         messages = [as_dict(m, f"rows[{i}]") for i, m in enumerate(row["rows"])]
-        ids = [m.get("message_id") for m in messages]
-        if repeated := sorted({str(i) for i in ids if ids.count(i) > 1}):
+        if repeated := sorted(str(i) for i, n in Counter(m.get("message_id") for m in messages).items() if n > 1):
             raise FormatError(DUPLICATE_MESSAGE_ID, f"message_id {repeated[0]!r} names more than one message of the tree: "
                               "which one a reply answers is unknown")
         nodes = {m.get("message_id"): {**m, "replies": []} for m in messages}
