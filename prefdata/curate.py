@@ -43,6 +43,7 @@ Every step decides exactly what the single-frame version decided (tests/test_cur
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ from prefdata.neardup import (
 from prefdata.spill import IpcSpill, bucket_sort
 from schemas.errors import UserError
 from schemas.io import parquet_batches, parquet_read, sha256_file
-from schemas.location import check_output, input_dirs, local_path, output_dir, shown
+from schemas.location import check_output, input_dirs, is_uri, local_path, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, record_kind, record_schema
@@ -398,30 +399,38 @@ def _narrow_chunk(table: pa.Table, first_pos: int, config: CurateConfig,
     return columns, encoded.dictionary.to_pylist(), texts
 
 
-def _narrow_job(job: tuple[pa.Table, int, CurateConfig, np.ndarray | None]) -> tuple[dict[str, Any], list[str], pl.DataFrame | None]:
+_NarrowJob = tuple[pa.Table, int, CurateConfig, np.ndarray | None]  # a chunk, its first record's position, config, eval n-grams
+
+
+def _narrow_job(job: _NarrowJob) -> tuple[dict[str, Any], list[str], pl.DataFrame | None]:
     return _narrow_chunk(*job)
 
 
-def _positioned(tables: Iterator[pa.Table]) -> Iterator[tuple[pa.Table, int]]:
-    """Each chunk with the input position of its first record."""
-    pos = 0
-    for table in tables:
-        yield table, pos
+def _narrow_jobs(unit: tuple[InputFile, int, CurateConfig, np.ndarray | None, str]) -> Iterator[_NarrowJob]:
+    """One input file's chunks, each with the input position of its first record (the unit holds
+    the file's): the engine's read of one file."""
+    item, pos, config, eval_grams, kind = unit
+    for table in _input_chunks([item], config.chunk_rows, NARROW_INPUTS[kind]):
+        yield table, pos, config, eval_grams
         pos += table.num_rows
 
 
-def _pass1(inputs: list[InputFile], kind: str, config: CurateConfig, spill: Path,
-           engine: Engine) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
+def _pass1(inputs: list[InputFile], kind: str, config: CurateConfig, spill: Path, engine: Engine,
+           fetched: bool) -> tuple[_Narrow, np.ndarray, IpcSpill, list[str]]:
     """(narrow table in output order, input position of each row, prompt texts, source names by
     the codes in `_Narrow.source`). Chunks are turned into narrow columns by the engine's pool
-    (here, in this process, on the local engine), and come back in input order."""
+    (here, in this process, on the local engine), and come back in input order. `fetched`: the
+    inputs are this process's copies of an object store's sets, which only its node can read."""
     eval_grams = _eval_grams(config)
     texts = IpcSpill(spill / "prompts.arrow")
     chunks: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
-    jobs = ((table, pos, config, eval_grams) for table, pos in _positioned(_input_chunks(inputs, config.chunk_rows, NARROW_INPUTS[kind])))
+    first_pos = np.cumsum([0] + [item.rows for item in inputs])
+    # Absolute paths: a Ray task's working directory is not this process's.
+    units = [(item.model_copy(update={"path": os.path.abspath(item.path)}), int(pos), config, eval_grams, kind)
+             for item, pos in zip(inputs, first_pos)]
     with engine.pool(_narrow_job, 1) as pool:
-        for columns, names, prompt_texts in pool.map(jobs):
+        for columns, names, prompt_texts in pool.map_units(units, _narrow_jobs, here=fetched):
             code_of = np.array([sources.setdefault(name, len(sources)) for name in names] or [0], np.int32)
             columns["source"] = code_of[columns["source"]]
             chunks.append(columns)
@@ -842,7 +851,7 @@ def curate(config: CurateConfig, scorer: LabelScorer | None = None) -> Manifest:
             # them where output_dir leaves its partial output, never beside the finished one.
             spill = out_dir / ".spill"
             spill.mkdir()
-            narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill, engine)
+            narrow, order, prompts, source_names = _pass1(inputs, kind, config, spill, engine, any(map(is_uri, config.inputs)))
             refused: dict[str, int] = {}  # records the scorer's template could not render, by reason
 
             def labels_of(row_of_pos: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -1,22 +1,24 @@
 """Which executor runs a data stage's units of work: this machine's process pool, or a Ray cluster
 (docs/cluster.md).
 
-The engine replaces the executor only. A stage cuts its input into the same units of work
-either way, runs the same per-row functions on them, and consumes the results in input order
-with the same writer, so its outputs are byte-identical on either engine. `EngineOptions` is a
+The engine replaces the executor only. A stage names its inputs as the same units either way
+(a file, a byte range of one), reads them with the same function into the same jobs, runs the
+same per-row functions on those, and consumes the results in input order with the same writer,
+so its outputs are byte-identical on either engine. The local engine reads in this process; the
+Ray engine reads with Ray Data, in tasks on the cluster's nodes. `EngineOptions` is a
 part of each data stage's config (ingest, curate, tokenize), so `--engine` and `--ray-address`
 are options of their commands and in their manifests' config; nothing else in a manifest
 depends on the engine.
 
 Ray is an extra (`pip install 'prefdata[ray]'`), imported only when `--engine ray` runs:
 `prefdata --help` and the local engine never import it. Its code is in prefdata/engine_ray.py
-(the ordered task pool) and prefdata/neardup_ray.py (near-duplicate clusters on the cluster).
+(the Ray Data pipeline) and prefdata/neardup_ray.py (near-duplicate clusters on the cluster).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Protocol
 
@@ -35,19 +37,22 @@ class EngineOptions(BaseModel):
                                             "cluster (same outputs, byte for byte; docs/cluster.md).")
     ray_address: str | None = Field(None, description="With --engine ray: the cluster's address (host:port, or auto). "
                                     "Default: the RAY_ADDRESS of a running cluster, else a local one started for the run.")
-    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: units of work (chunks) sent to the cluster ahead "
-                               "of the one being written, at most: the tasks that can run at once, and the chunks the "
-                               "object store holds for them (memory grows with it, not with the input).")
+    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: chunks being processed at once, at most (and at "
+                               "most two per cluster CPU); Ray Data holds back the reads while results wait, so memory "
+                               "grows with it, not with the input.")
 
 
 class Pool(Protocol):
-    """What a stage asks of its executor: `fn(job)` for every job, yielded in input order."""
+    """What a stage asks of its executor: `fn(job)` for every job that `read(unit)` yields, unit
+    after unit, the results in input order. The units are small (a file, a byte range of one): the
+    local engine reads them in this process, the Ray engine where its tasks run (`here`: on this
+    process's node, for inputs only it holds)."""
 
     def __enter__(self) -> Pool: ...
 
     def __exit__(self, *exc: Any) -> None: ...
 
-    def map(self, jobs: Any) -> Iterator[Any]: ...
+    def map_units(self, units: Any, read: Callable[[Any], Iterable[Any]], here: bool = False) -> Iterator[Any]: ...
 
 
 class Engine(Protocol):

@@ -1,9 +1,13 @@
-"""`--engine ray`: a stage's units of work as Ray tasks (prefdata.engine; docs/cluster.md).
+"""`--engine ray`: a stage's units of work on a Ray cluster, through Ray Data (prefdata.engine;
+docs/cluster.md).
 
-`RayPool` has `OrderedPool`'s interface: `map(jobs)` submits `fn(job)` for each job as a Ray task,
-at most two per CPU of the cluster in flight, and yields the results in input order, so the stage
-writes them as the local engine does. A worker process runs the pool's initializer once before
-its first job of that pool (`prefdata.pool.start_worker`, as the local workers do).
+`RayPool.map_units(units, read)` is `OrderedPool.map_units`'s counterpart: the stage names its inputs as
+small units (a file, a byte range of one, a file of a record set), and a Ray Data pipeline reads
+them where they are (`read(unit)` in a task on the cluster, yielding the unit's jobs as it goes),
+applies the stage's per-row code to each job (`fn(job)` in another task), and streams the results
+back to the stage in input order, so the stage writes them as the local engine does. A worker
+process runs the pool's initializer once before its first job of that pool
+(`prefdata.pool.start_worker`, as the local workers do).
 
 Fault tolerance is Ray's: a task whose worker process dies (killed, out of memory, its node lost)
 is run again, up to MAX_RETRIES times, and its result is the same since a job is a pure function
@@ -16,30 +20,36 @@ Imported only by prefdata.engine.session, when `--engine ray` runs.
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import socket
 import uuid
-from collections import deque
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import ray
+from ray.data import DataContext, TaskPoolStrategy
 from ray.exceptions import RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prefdata.pool import start_worker
 from schemas.errors import UserError, first_line
 
-MAX_RETRIES = 3  # runs of a task after its worker died, before the stage fails
+MAX_RETRIES = 3  # runs of a task after its worker died, before the stage fails (Ray Data's own default: forever)
 CONNECT_TIMEOUT_S = 5.0
 _ready: set[str] = set()  # in a worker process: the pools whose initializer ran here
 
-
-def _run(pool_id: str, setup: tuple[Callable[..., None] | None, tuple], fn: Callable[[Any], Any], job: Any) -> Any:
-    if pool_id not in _ready:
-        start_worker(*setup)
-        _ready.add(pool_id)
-    return fn(job)
+# Passing `max_retries` to a Ray Data operator is deprecated from Ray 2.60 with nothing that replaces
+# it until its removal in 2.64 (the extra pins below that); a unit with fewer jobs than the
+# operator's task limit is the common case here, not a mistake.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches")
+# Ray Data logs each pipeline's start, plan and end to the terminal; the stage has its own bar.
+logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def remote(fn: Callable[..., Any], **options: Any) -> Any:
@@ -48,17 +58,11 @@ def remote(fn: Callable[..., Any], **options: Any) -> Any:
 
 
 def get(refs: Any, what: str) -> Any:
-    """`ray.get`, with a task's UserError raised as itself and a lost worker or node as one line."""
+    """`ray.get`, with a task's failure raised as `_one_line` says."""
     try:
         return ray.get(refs)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, UserError):
-            raise exc.cause from None
-        raise
-    except RayError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"ray: {what} failed after {MAX_RETRIES} retries ({type(exc).__name__}: {first}); "
-                        "the output was not written, run it again") from None
+    except Exception as exc:  # noqa: BLE001 - sorted by _one_line
+        raise _one_line(exc, what) from None
 
 
 def cluster_cpus() -> int:
@@ -66,30 +70,115 @@ def cluster_cpus() -> int:
 
 
 class RayPool:
+    """The Ray engine's executor: `map_units(units, read)` runs as a Ray Data pipeline of two operators,
+    a read (`read(unit)` in a task on the cluster, yielding the unit's jobs as it goes) and an
+    apply (`fn(job)` in a task), with the results streamed back in input order."""
+
     def __init__(self, fn: Callable[[Any], Any], in_flight: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = ()) -> None:
         self.fn, self.in_flight, self.initializer, self.initargs = fn, in_flight, initializer, initargs
-        self._in_flight: deque[Any] = deque()
 
     def __enter__(self) -> RayPool:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        for ref in self._in_flight:  # a failed stage leaves no task running
-            ray.cancel(ref, force=True)
+        pass  # a pipeline whose results are no longer consumed is shut down by Ray Data itself
 
-    def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
-        task, what = remote(_run), f"{self.fn.__module__}.{self.fn.__name__}"
-        setup = ray.put((self.initializer, self.initargs))  # one copy in the object store, not one per job
-        # Two per CPU keeps every CPU busy while results wait their turn; never more than
-        # `in_flight`, which bounds the chunks held for them whatever the cluster's size.
-        pool_id, limit = uuid.uuid4().hex, min(2 * cluster_cpus(), self.in_flight)
-        for job in jobs:
-            self._in_flight.append(task.remote(pool_id, setup, self.fn, job))
-            if len(self._in_flight) >= limit:
-                yield get(self._in_flight.popleft(), what)
-        while self._in_flight:
-            yield get(self._in_flight.popleft(), what)
+    def map_units(self, units: Iterable[Any], read: Callable[[Any], Iterable[Any]], here: bool = False) -> Iterator[Any]:
+        """`fn(job)` for every job `read(unit)` yields, unit after unit, in that order. `here`: the
+        reads run on this process's node (inputs only it holds: a copy fetched from an object store,
+        a Hub dataset in its cache); otherwise on any node, which then reads the shared filesystem."""
+        units = [pickle.dumps(unit, PICKLE) for unit in units]
+        if not units:
+            return
+        what = f"{self.fn.__module__}.{self.fn.__name__}"
+        setup = (uuid.uuid4().hex, self.initializer, self.initargs, self.fn)
+        with _pipeline_context():
+            jobs = ray.data.from_items([{"unit": unit} for unit in units], override_num_blocks=len(units)).map_batches(
+                _read_jobs, fn_args=(read,), batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+                compute=TaskPoolStrategy(size=len(units)), **_retried(), **(_on_this_node() if here else {}))
+            # Not more than `in_flight` tasks at once, whatever the cluster's size; Ray Data's
+            # streaming executor holds back the reads while the results wait to be consumed.
+            results = jobs.map_batches(_apply, fn_args=(setup,), batch_size=1, batch_format="numpy", num_cpus=1,
+                                       compute=TaskPoolStrategy(size=min(self.in_flight, 2 * cluster_cpus())), **_retried())
+        rows = iter(results.iter_rows())
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray Data's wrappers of a task's failure
+                raise _one_line(exc, what) from None
+            yield pickle.loads(row["result"])
+
+
+PICKLE = 5  # out-of-band buffers: an Arrow table or a numpy array pickles without a copy of its data
+READ_CPUS = 0.25  # a read waits on its consumers most of the time; a whole CPU each would starve the applies
+
+
+def _retried() -> dict[str, Any]:
+    """A task whose worker process dies is run again; one that raises is not (it would raise again)."""
+    return {"max_retries": MAX_RETRIES, "retry_exceptions": False}
+
+
+def _on_this_node() -> dict[str, Any]:
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+@contextmanager
+def _pipeline_context() -> Iterator[None]:
+    """The Ray Data settings a pipeline is built with (each dataset keeps a copy of them): results in
+    input order; every job its own block, so the applies share one unit's jobs rather than one task
+    taking them all; no progress bars (the stage has its own)."""
+    context = DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars)
+    context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars = True, 1, False
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars = saved
+
+
+def _objects(column: str, items: Iterable[Any]) -> dict[str, np.ndarray]:
+    return {column: np.array([pickle.dumps(item, PICKLE) for item in items], dtype=object)}
+
+
+def _read_jobs(batch: dict[str, np.ndarray], read: Callable[[Any], Iterable[Any]]) -> Iterator[dict[str, np.ndarray]]:
+    for unit in batch["unit"]:
+        for job in read(pickle.loads(unit)):
+            yield _objects("job", [job])
+
+
+_Setup = tuple[str, Callable[..., None] | None, tuple, Callable[[Any], Any]]  # pool id, initializer, its args, fn
+
+
+def _apply(batch: dict[str, np.ndarray], setup: _Setup) -> dict[str, np.ndarray]:
+    pool_id, initializer, initargs, fn = setup
+    if pool_id not in _ready:
+        start_worker(initializer, initargs)
+        _ready.add(pool_id)
+    return _objects("result", [fn(pickle.loads(job)) for job in batch["job"]])
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _one_line(exc: BaseException, what: str) -> BaseException:
+    """What a failed task raises here: its UserError as itself (Ray and Ray Data wrap it), a worker
+    or node lost past the retries as one line, anything else (a bug) as it came."""
+    for cause in _causes(exc):
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(cause, RayTaskError) and isinstance(cause.cause, UserError):
+            return cause.cause
+    if not any(isinstance(cause, RayError) for cause in _causes(exc)):
+        return exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserError(f"ray: {what} failed after {MAX_RETRIES} retries ({type(exc).__name__}: {first}); "
+                     "the output was not written, run it again")
 
 
 class RayEngine:

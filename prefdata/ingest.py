@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby, islice
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -310,6 +310,12 @@ def _work(source: Source, fmt: Format, limit: int | None) -> Iterator[Work]:
     return _chunks(items, CHUNK_ROWS)
 
 
+def _source_jobs(unit: tuple[Source, Format, int | None]) -> Iterator[tuple[Source, Format, Work]]:
+    """A source's jobs, in input order: the engine's read of one source."""
+    source, fmt, limit = unit
+    return ((source, fmt, work) for work in _work(source, fmt, limit))
+
+
 class _RecordWriter:
     """Record tables → parquet, row groups of exactly `row_group_rows` (the last one less), so
     memory stays flat and the file's bytes depend on the records only, not on how they were cut
@@ -403,7 +409,10 @@ def _ingest_source(
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
-    for chunks in converter.map((source, fmt, work) for work in _work(source, fmt, limit)):
+    hub = source.kind == "hub"  # in this machine's cache, where only this process's node can read it
+    # A file's path made absolute: a Ray task's working directory is not this process's.
+    unit = (source if hub else replace(source, location=os.path.abspath(source.location)), fmt, limit)
+    for chunks in converter.map_units([unit], _source_jobs, here=hub):
         for chunk in chunks:
             records.add(chunk.table)
             quarantine.writelines(chunk.quarantine)

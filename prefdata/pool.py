@@ -79,6 +79,11 @@ class OrderedPool:
             self._initialized_here = True
         return map(self.fn, jobs)
 
+    def map_units(self, units: Iterable[Any], read: Callable[[Any], Iterable[Any]], here: bool = False) -> Iterator[Any]:
+        """`fn(job)` for every job `read(unit)` yields, unit after unit: the reads run here, in
+        this process (`here` is the Ray engine's; every read is here on this one)."""
+        return self.map(chain.from_iterable(map(read, units)))
+
     def map(self, jobs: Iterable[Any]) -> Iterator[Any]:
         jobs = iter(jobs)
         head = list(islice(jobs, 2))

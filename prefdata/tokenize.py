@@ -19,6 +19,7 @@ completion, another row's completion after its own prompt (`KlCompletions`, docs
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,7 @@ from schemas.cpus import usable_cpus
 from schemas.errors import UserError, first_line
 from schemas.fingerprint import tokenizer_fingerprint
 from schemas.io import parquet_batches, parquet_read, sha256_file
-from schemas.location import check_output, input_dirs, output_dir, shown
+from schemas.location import check_output, input_dirs, is_uri, output_dir, shown
 from schemas.manifest import Counts, InputFile, Manifest, ShardFile
 from schemas.progress import progress
 from schemas.records import ANSWERS, PAIRED, RECORD_FILES, UNPAIRED, prompt_hash, record_kind
@@ -440,9 +441,11 @@ def _input_files(input_dir: Path) -> tuple[Manifest, list[tuple[str, Path]], str
     return upstream, files, next(iter(kinds.values()))
 
 
-def _batches(path: Path, rows: int, kind: str) -> Iterator[pa.RecordBatch]:
+def _batches(unit: tuple[str, int, str]) -> Iterator[pa.RecordBatch]:
+    """One record file's batches of `rows`: the engine's read of one file."""
+    path, rows, kind = unit
     columns = ["id", "prompt", *ANSWERS[kind], *(["label"] if kind == UNPAIRED else [])]
-    return parquet_batches(path, batch_size=rows, columns=columns)
+    return parquet_batches(Path(path), batch_size=rows, columns=columns)
 
 
 def tokenize(config: TokenizeConfig) -> Manifest:
@@ -477,7 +480,10 @@ def _tokenize_local(config: TokenizeConfig, input_dir: Path) -> Manifest:
         for split, path in files:
             writer = ShardWriter(out_dir, split, config.rows_per_shard, SHARD_SCHEMA_OF[kind])
             kl = KlCompletions(split, config.max_length) if kind == UNPAIRED else None
-            for batch in pool.map(_batches(path, config.batch_rows, kind)):
+            # Absolute: a Ray task's working directory is not this process's; a set fetched from an
+            # object store is a copy on this process's node, which only its tasks can read.
+            unit = (os.path.abspath(path), config.batch_rows, kind)
+            for batch in pool.map_units([unit], _batches, here=is_uri(config.input_dir)):
                 for table in kl.add(batch.table) if kl else [batch.table]:
                     writer.write(table)
                 if kl:

@@ -32,6 +32,7 @@ from schemas.errors import UserError  # noqa: E402
 from tests.records_factory import make_record, unpaired_from_pairs, write_records_dir  # noqa: E402
 from tests.test_curate_chunked import _mixed_records, _records_dir  # noqa: E402
 from tests.test_ingest_inputs import dirty_jsonl  # noqa: E402
+from tests.test_object_store import s3  # noqa: E402, F401 - the S3 endpoint fixture
 
 RAY = {"engine": "ray"}
 
@@ -105,6 +106,28 @@ def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_
         assert outs["ray"][file] == outs["local"][file], file
 
 
+def test_sets_fetched_from_an_object_store_are_read_on_the_drivers_node(cluster, s3, tmp_path, chat_tokenizer_dir,  # noqa: F811
+                                                                        monkeypatch):
+    """A set read from a URI is this process's temporary copy, which other nodes lack: the reads
+    are pinned to this process's node (Ray Data tasks with node affinity), the applies still run
+    anywhere, and curate and tokenize write the local engine's bytes."""
+    pinned = []
+    real_pin = engine_ray._on_this_node
+    monkeypatch.setattr(engine_ray, "_on_this_node", lambda: pinned.append(1) or real_pin())
+    records = _records_dir(tmp_path, "in", _mixed_records(seed=4), shuffle_seed=1)
+    curate(CurateConfig(inputs=[str(records)], out=f"{s3}/fetched/curated", eval_fraction=0.3))
+    outs = {}
+    for engine in ("local", "ray"):
+        curate(CurateConfig(inputs=[f"{s3}/fetched/curated"], out=str(tmp_path / "curated"), chunk_rows=9,
+                            execution={"engine": engine}))
+        tokenize(TokenizeConfig(input_dir=f"{s3}/fetched/curated", tokenizer=str(chat_tokenizer_dir), out=str(tmp_path / "shards"),
+                                max_length=64, batch_rows=5, rows_per_shard=7, execution={"engine": engine}))
+        outs[engine] = {f"{stage}/{name}": data for stage in ("curated", "shards")
+                        for name, data in _outputs(tmp_path / stage, engine).items()}
+    assert pinned == [1, 1, 1]  # curate's one read, tokenize's of train and eval
+    assert outs["ray"] == outs["local"]
+
+
 def test_components_on_the_cluster_equal_the_local_ones(cluster):
     """Chains (many rounds of propagation), stars, repeated edges and lone nodes, the edges split
     over several partitions as the object store holds them."""
@@ -137,7 +160,8 @@ def test_a_signature_block_is_read_from_the_object_store_without_copies(cluster)
     assert np.shares_memory(signatures, again)
 
 
-TASKS = ("ray::_run", "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # the titles of our tasks' workers
+TASKS = ("ray::MapBatches(_read_jobs)", "ray::MapBatches(_apply)",  # the titles of our tasks' workers: Ray Data's operators,
+         "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # and near-duplicates' plain tasks
 
 
 def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
@@ -257,17 +281,17 @@ def test_components_take_few_rounds_on_a_long_chain():
 def test_the_ray_runs_really_ran_on_the_cluster(cluster, tmp_path, monkeypatch):
     """The byte comparisons above would pass if --engine ray quietly ran locally: count the tasks."""
     calls = []
-    real_map = engine_ray.RayPool.map
+    real_map = engine_ray.RayPool.map_units
 
-    def counted(pool, jobs):
-        for result in real_map(pool, jobs):
+    def counted(pool, units, read, here=False):
+        for result in real_map(pool, units, read, here):
             calls.append(pool.fn.__name__)
             yield result
 
-    monkeypatch.setattr(engine_ray.RayPool, "map", counted)
+    monkeypatch.setattr(engine_ray.RayPool, "map_units", counted)
     near_dup = []
     real_nodes = engine_ray_neardup.near_duplicate_nodes
     monkeypatch.setattr(engine_ray_neardup, "near_duplicate_nodes", lambda *a, **k: near_dup.append(1) or real_nodes(*a, **k))
     src = _records_dir(tmp_path, "in", _mixed_records(seed=3), shuffle_seed=2)
     curate(CurateConfig(inputs=[str(src)], out=str(tmp_path / "out"), chunk_rows=7, execution=RAY))
-    assert calls and near_dup == [1]
+    assert set(calls) == {"_narrow_job"} and len(calls) >= 2 and near_dup == [1]
