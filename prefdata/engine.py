@@ -2,7 +2,7 @@
 (docs/cluster.md).
 
 The engine replaces the executor only. A stage names its inputs as the same units either way
-(a file, a byte range of one), reads them with the same function into the same jobs, runs the
+(an input file or dataset), reads them with the same function into the same jobs, runs the
 same per-row functions on those, and consumes the results in input order with the same writer,
 so its outputs are byte-identical on either engine. The local engine reads in this process; the
 Ray engine reads with Ray Data, in tasks on the cluster's nodes. `EngineOptions` is a
@@ -37,14 +37,14 @@ class EngineOptions(BaseModel):
                                             "cluster (same outputs, byte for byte; docs/cluster.md).")
     ray_address: str | None = Field(None, description="With --engine ray: the cluster's address (host:port, or auto). "
                                     "Default: the RAY_ADDRESS of a running cluster, else a local one started for the run.")
-    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: chunks being processed at once, at most (and at "
-                               "most two per cluster CPU); Ray Data holds back the reads while results wait, so memory "
-                               "grows with it, not with the input.")
+    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: chunks processed at once, at most (a CPU each); "
+                               "Ray Data holds back the reads while results wait, so memory grows with it, not with "
+                               "the input.")
 
 
 class Pool(Protocol):
     """What a stage asks of its executor: `fn(job)` for every job that `read(unit)` yields, unit
-    after unit, the results in input order. The units are small (a file, a byte range of one): the
+    after unit, the results in input order. A unit is small (an input's name and where to start): the
     local engine reads them in this process, the Ray engine where its tasks run (`here`: on this
     process's node, for inputs only it holds)."""
 

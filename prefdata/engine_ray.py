@@ -2,7 +2,7 @@
 docs/cluster.md).
 
 `RayPool.map_units(units, read)` is `OrderedPool.map_units`'s counterpart: the stage names its inputs as
-small units (a file, a byte range of one, a file of a record set), and a Ray Data pipeline reads
+small units (an ingest source, a record file), and a Ray Data pipeline reads
 them where they are (`read(unit)` in a task on the cluster, yielding the unit's jobs as it goes),
 applies the stage's per-row code to each job (`fn(job)` in another task), and streams the results
 back to the stage in input order, so the stage writes them as the local engine does. A worker
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import socket
 import uuid
 import warnings
@@ -31,9 +32,21 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data import DataContext, TaskPoolStrategy
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    OutOfDiskError,
+    OutOfMemoryError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prefdata.pool import start_worker
@@ -48,12 +61,13 @@ _ready: set[str] = set()  # in a worker process: the pools whose initializer ran
 # operator's task limit is the common case here, not a mistake.
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches")
-# Ray Data logs each pipeline's start, plan and end to the terminal; the stage has its own bar.
-logging.getLogger("ray.data").setLevel(logging.ERROR)
+# Ray Data logs each pipeline's start, plan and end to the terminal, and a failed task's traceback
+# beside the error the stage reports in one line; the stage has its own bar.
+logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 def remote(fn: Callable[..., Any], **options: Any) -> Any:
-    """`fn` as a Ray task that is retried when its worker dies (never on an exception it raises)."""
+    """`fn` as a Ray task that is retried when its worker dies (not on an exception it raises)."""
     return ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, **options)(fn)
 
 
@@ -77,12 +91,14 @@ class RayPool:
     def __init__(self, fn: Callable[[Any], Any], in_flight: int, initializer: Callable[..., None] | None = None,
                  initargs: tuple = ()) -> None:
         self.fn, self.in_flight, self.initializer, self.initargs = fn, in_flight, initializer, initargs
+        self._pipelines: list[Any] = []
 
     def __enter__(self) -> RayPool:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        pass  # a pipeline whose results are no longer consumed is shut down by Ray Data itself
+        for rows in self._pipelines:  # a failed stage leaves no pipeline running: closing one stops its executor
+            rows.close()
 
     def map_units(self, units: Iterable[Any], read: Callable[[Any], Iterable[Any]], here: bool = False) -> Iterator[Any]:
         """`fn(job)` for every job `read(unit)` yields, unit after unit, in that order. `here`: the
@@ -94,35 +110,47 @@ class RayPool:
         what = f"{self.fn.__module__}.{self.fn.__name__}"
         setup = (uuid.uuid4().hex, self.initializer, self.initargs, self.fn)
         with _pipeline_context():
+            # A read asks for no CPU, as the local engine's reads in the driver take no worker's:
+            # it waits on its consumers most of the time (Ray holds a streaming task at two blocks
+            # ahead of them), and a CPU held by it would leave a small cluster's applies without
+            # one: the read would stream its whole input into the object store before any ran.
+            # A cluster's head, where pinned reads go, often has no CPU to offer at all.
             jobs = ray.data.from_items([{"unit": unit} for unit in units], override_num_blocks=len(units)).map_batches(
-                _read_jobs, fn_args=(read,), batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-                compute=TaskPoolStrategy(size=len(units)), **_retried(), **(_on_this_node() if here else {}))
+                _read_jobs, fn_args=(read,), batch_size=1, batch_format="pyarrow", num_cpus=0,
+                compute=TaskPoolStrategy(size=min(len(units), self.in_flight)), **_retried(),
+                **(_on_this_node() if here else {}))
             # Not more than `in_flight` tasks at once, whatever the cluster's size; Ray Data's
             # streaming executor holds back the reads while the results wait to be consumed.
-            results = jobs.map_batches(_apply, fn_args=(setup,), batch_size=1, batch_format="numpy", num_cpus=1,
-                                       compute=TaskPoolStrategy(size=min(self.in_flight, 2 * cluster_cpus())), **_retried())
-        rows = iter(results.iter_rows())
+            results = jobs.map_batches(_apply, fn_args=(setup,), batch_size=1, batch_format="pyarrow", num_cpus=1,
+                                       compute=TaskPoolStrategy(size=self.in_flight), **_retried())
+        blocks = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
+        self._pipelines.append(blocks)
         while True:
             try:
-                row = next(rows)
+                block = next(blocks)
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray Data's wrappers of a task's failure
                 raise _one_line(exc, what) from None
-            yield pickle.loads(row["result"])
+            for result in block.column("result").chunks:
+                yield from _unpickled(result)
 
 
-PICKLE = 5  # out-of-band buffers: an Arrow table or a numpy array pickles without a copy of its data
-READ_CPUS = 0.25  # a read waits on its consumers most of the time; a whole CPU each would starve the applies
+PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 def _retried() -> dict[str, Any]:
-    """A task whose worker process dies is run again; one that raises is not (it would raise again)."""
+    """A task whose worker process dies is run again; one that raises is not (it would raise again),
+    save Ray's own RaySystemError, which Ray Data adds to the exceptions retried."""
     return {"max_retries": MAX_RETRIES, "retry_exceptions": False}
 
 
 def _on_this_node() -> dict[str, Any]:
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    """A read on this process's node, with its Hub settings (token, offline mode, endpoint, cache):
+    a worker there has the environment of whoever started the node, not this process's."""
+    hub = {name: value for name, value in os.environ.items() if name.startswith(("HF_", "HUGGING_FACE_"))}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+            **({"runtime_env": {"env_vars": hub}} if hub else {})}
 
 
 @contextmanager
@@ -131,20 +159,33 @@ def _pipeline_context() -> Iterator[None]:
     input order; every job its own block, so the applies share one unit's jobs rather than one task
     taking them all; no progress bars (the stage has its own)."""
     context = DataContext.get_current()
-    saved = (context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars)
-    context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars = True, 1, False
+    # raise_original_map_exception: a task's UserError as itself, not inside Ray Data's UserCodeException.
+    ours = {"target_max_block_size": 1, "enable_progress_bars": False, "raise_original_map_exception": True}
+    saved = {name: getattr(context, name) for name in ours}, context.execution_options.preserve_order
+    for name, value in ours.items():
+        setattr(context, name, value)
+    context.execution_options.preserve_order = True
     try:
         yield
     finally:
-        context.execution_options.preserve_order, context.target_max_block_size, context.enable_progress_bars = saved
+        for name, value in saved[0].items():
+            setattr(context, name, value)
+        context.execution_options.preserve_order = saved[1]
 
 
-def _objects(column: str, items: Iterable[Any]) -> dict[str, np.ndarray]:
-    return {column: np.array([pickle.dumps(item, PICKLE) for item in items], dtype=object)}
+def _objects(column: str, items: Iterable[Any]) -> pa.Table:
+    return pa.table({column: pa.array([pickle.dumps(item, PICKLE) for item in items], pa.large_binary())})
 
 
-def _read_jobs(batch: dict[str, np.ndarray], read: Callable[[Any], Iterable[Any]]) -> Iterator[dict[str, np.ndarray]]:
-    for unit in batch["unit"]:
+def _unpickled(values: pa.LargeBinaryArray) -> Iterator[Any]:
+    """Each value's object, read from the Arrow buffer in place (no copy into a bytes object first)."""
+    offsets, data = np.frombuffer(values.buffers()[1], np.int64)[values.offset:], values.buffers()[2]
+    for i in range(len(values)):
+        yield pickle.loads(memoryview(data)[offsets[i]:offsets[i + 1]])
+
+
+def _read_jobs(batch: pa.Table, read: Callable[[Any], Iterable[Any]]) -> Iterator[pa.Table]:
+    for unit in batch.column("unit").to_pylist():
         for job in read(pickle.loads(unit)):
             yield _objects("job", [job])
 
@@ -152,12 +193,12 @@ def _read_jobs(batch: dict[str, np.ndarray], read: Callable[[Any], Iterable[Any]
 _Setup = tuple[str, Callable[..., None] | None, tuple, Callable[[Any], Any]]  # pool id, initializer, its args, fn
 
 
-def _apply(batch: dict[str, np.ndarray], setup: _Setup) -> dict[str, np.ndarray]:
+def _apply(batch: pa.Table, setup: _Setup) -> pa.Table:
     pool_id, initializer, initargs, fn = setup
     if pool_id not in _ready:
         start_worker(initializer, initargs)
         _ready.add(pool_id)
-    return _objects("result", [fn(pickle.loads(job)) for job in batch["job"]])
+    return _objects("result", [fn(pickle.loads(job)) for job in batch.column("job").to_pylist()])
 
 
 def _causes(exc: BaseException | None) -> Iterator[BaseException]:
@@ -166,19 +207,41 @@ def _causes(exc: BaseException | None) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
+# What a lost worker, node or object raises once Ray's retries are spent: the machine's fault, not
+# the input's or the code's.
+_LOST = (WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError, OutOfMemoryError, ObjectStoreFullError,
+         OutOfDiskError, RaySystemError, RayActorError)
+
+
 def _one_line(exc: BaseException, what: str) -> BaseException:
-    """What a failed task raises here: its UserError as itself (Ray and Ray Data wrap it), a worker
-    or node lost past the retries as one line, anything else (a bug) as it came."""
+    """What a failed task raises here: the UserError it raised (wrapped by Ray as a RayTaskError
+    that is also a UserError, whose text is the remote traceback) as itself; a worker, node or
+    object lost past the retries as one line; anything else (a bug) as it came, traceback and all."""
     for cause in _causes(exc):
-        if isinstance(cause, UserError):
-            return cause
-        if isinstance(cause, RayTaskError) and isinstance(cause.cause, UserError):
-            return cause.cause
-    if not any(isinstance(cause, RayError) for cause in _causes(exc)):
-        return exc
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return UserError(f"ray: {what} failed after {MAX_RETRIES} retries ({type(exc).__name__}: {first}); "
-                     "the output was not written, run it again")
+        if isinstance(cause, RayTaskError):
+            if isinstance(cause.cause, UserError):
+                return _without_retry_note(cause.cause)
+        elif isinstance(cause, UserError):
+            return _without_retry_note(cause)
+        if isinstance(cause, _LOST):
+            first = _ANSI.sub("", str(cause)).strip().splitlines()
+            return UserError(f"ray: {what} failed after {MAX_RETRIES} retries ({type(cause).__name__}: {first[0] if first else ''}); "
+                             "the output was not written, run it again")
+    return exc
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RETRY_NOTE = "Failed to apply UDF transform after "
+
+
+def _without_retry_note(error: UserError) -> UserError:
+    """Ray Data appends its retry advice to a task's exception's message, as more lines ("Failed to
+    apply UDF transform after 1/1 attempts …"); a UserError is one line."""
+    message, *rest = error.args or ("",)
+    if isinstance(message, str):
+        message = message.split(f"\n{_RETRY_NOTE}")[0]
+    error.args = (message, *(arg for arg in rest if not (isinstance(arg, str) and arg.startswith(_RETRY_NOTE))))
+    return error
 
 
 class RayEngine:
@@ -195,7 +258,12 @@ class RayEngine:
 
 def _check_reachable(address: str) -> None:
     """ray.init retries an address nobody listens on for minutes; a host:port is tried first."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address.startswith("ray://"):
+        # A Ray Client driver is on no node: the tasks could not read the files it names, nor
+        # its copies of an object store's sets.
+        raise UserError(f"--ray-address (or RAY_ADDRESS) {address}: Ray Client (ray://) addresses are not supported; run "
+                        "prefdata on a node of the cluster (`ray start --address HEAD:6379` there) with the head's host:port")
+    host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", "local": Ray's own lookups
     try:
@@ -212,7 +280,7 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
     stopped)."""
     if ray.is_initialized():
         held = ray.get_runtime_context().gcs_address
-        if address and address != "auto" and address.removeprefix("ray://") != held:
+        if address and address != "auto" and address != held:
             raise UserError(f"--ray-address {address}: this process is already connected to the Ray cluster at {held}; "
                             "pass that address, or leave --ray-address out")
         yield RayEngine(in_flight)

@@ -409,7 +409,7 @@ def _ingest_source(
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
-    hub = source.kind == "hub"  # in this machine's cache, where only this process's node can read it
+    hub = source.kind == "hub"  # streamed with this process's environment (token, offline mode), so read on its node
     # A file's path made absolute: a Ray task's working directory is not this process's.
     unit = (source if hub else replace(source, location=os.path.abspath(source.location)), fmt, limit)
     for chunks in converter.map_units([unit], _source_jobs, here=hub):

@@ -7,9 +7,11 @@ bytes, or, without retries, the stage fails in one line and leaves --out as it w
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -108,12 +110,20 @@ def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_
 
 def test_sets_fetched_from_an_object_store_are_read_on_the_drivers_node(cluster, s3, tmp_path, chat_tokenizer_dir,  # noqa: F811
                                                                         monkeypatch):
-    """A set read from a URI is this process's temporary copy, which other nodes lack: the reads
-    are pinned to this process's node (Ray Data tasks with node affinity), the applies still run
-    anywhere, and curate and tokenize write the local engine's bytes."""
-    pinned = []
-    real_pin = engine_ray._on_this_node
-    monkeypatch.setattr(engine_ray, "_on_this_node", lambda: pinned.append(1) or real_pin())
+    """A set read from a URI is this process's temporary copy, which other nodes lack: its reads
+    run on this process's node (each read records the node it ran on; unpinned, Ray Data spreads
+    tasks over the three nodes), and curate and tokenize write the local engine's bytes."""
+    marks = tmp_path / "read-nodes"
+    real_map = engine_ray.RayPool.map_units
+
+    def recorded(pool, units, read, here=False):
+        def read_and_record(unit):  # defined here, so Ray ships it by value to the workers
+            with open(marks, "a") as out:
+                out.write(f"{ray.get_runtime_context().get_node_id()}\n")
+            return read(unit)
+        return real_map(pool, units, read_and_record, here)
+
+    monkeypatch.setattr(engine_ray.RayPool, "map_units", recorded)
     records = _records_dir(tmp_path, "in", _mixed_records(seed=4), shuffle_seed=1)
     curate(CurateConfig(inputs=[str(records)], out=f"{s3}/fetched/curated", eval_fraction=0.3))
     outs = {}
@@ -124,7 +134,8 @@ def test_sets_fetched_from_an_object_store_are_read_on_the_drivers_node(cluster,
                                 max_length=64, batch_rows=5, rows_per_shard=7, execution={"engine": engine}))
         outs[engine] = {f"{stage}/{name}": data for stage in ("curated", "shards")
                         for name, data in _outputs(tmp_path / stage, engine).items()}
-    assert pinned == [1, 1, 1]  # curate's one read, tokenize's of train and eval
+    # curate's reads of the set's train and eval files, and tokenize's, each on this process's node
+    assert marks.read_text().split() == [ray.get_runtime_context().get_node_id()] * 4
     assert outs["ray"] == outs["local"]
 
 
@@ -164,8 +175,9 @@ TASKS = ("ray::MapBatches(_read_jobs)", "ray::MapBatches(_apply)",  # the titles
          "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # and near-duplicates' plain tasks
 
 
-def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
-    """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a task of it."""
+def _kill_a_worker_mid_stage(stage, titles: tuple[str, ...] = TASKS) -> tuple[list[int], BaseException | None]:
+    """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a task of it
+    whose title is one of `titles`."""
     killed, error = [], []
 
     def run():
@@ -179,7 +191,7 @@ def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
     while thread.is_alive() and not killed:
         for process in psutil.Process(os.getpid()).children(recursive=True):
             try:
-                if process.cmdline()[:1] and process.cmdline()[0] in TASKS:
+                if process.cmdline()[:1] and process.cmdline()[0] in titles:
                     os.kill(process.pid, signal.SIGKILL)
                     killed.append(process.pid)
                     break
@@ -190,13 +202,19 @@ def _kill_a_worker_mid_stage(stage) -> tuple[list[int], BaseException | None]:
     return killed, error[0] if error else None
 
 
-def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["read", "apply"])
+def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeypatch, task):
+    """Either operator's worker: a read task streaming a compressed file's rows (re-run from the
+    file's start, its jobs already delivered not repeated), or a task applying the per-row code."""
     monkeypatch.setattr(ingest_module, "RANGE_BYTES", 300)
     path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
+    if task == "read":
+        path = tmp_path / "dirty.jsonl.gz"
+        path.write_bytes(gzip.compress((tmp_path / "dirty.jsonl").read_bytes()))
     ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), workers=2))
     local = _outputs(tmp_path / "out", "local")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
-    killed, error = _kill_a_worker_mid_stage(lambda: ingest(config))
+    killed, error = _kill_a_worker_mid_stage(lambda: ingest(config), (f"ray::MapBatches(_{task}{'_jobs' * (task == 'read')})",))
     assert killed and error is None
     assert _outputs(tmp_path / "out", "ray") == local
 
@@ -209,6 +227,50 @@ def test_a_killed_worker_in_curate_is_retried_to_the_same_bytes(cluster, tmp_pat
     killed, error = _kill_a_worker_mid_stage(lambda: curate(CurateConfig(**options, execution=RAY)))
     assert killed and error is None
     assert _outputs(tmp_path / "out", "ray") == local
+
+
+def test_an_input_error_in_a_read_task_is_the_local_engines_one_line(cluster, tmp_path):
+    """A compressed file cut short is found by the read task streaming it, on some node: the stage
+    stops with the local engine's one line, and --out is not written."""
+    whole = gzip.compress(dirty_jsonl(tmp_path / "dirty.jsonl", 2000).read_bytes())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    messages = {}
+    for engine in ("local", "ray"):
+        with pytest.raises(UserError) as exc:
+            ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution={"engine": engine}))
+        messages[engine] = str(exc.value)
+    assert messages["ray"] == messages["local"] and "cut short" in messages["ray"] and "\n" not in messages["ray"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tasks_user_error_is_itself_and_a_bug_keeps_its_traceback(cluster):
+    """A UserError raised by the per-row code in a task is raised here as that UserError (Ray wraps
+    it in a RayTaskError whose text is the remote traceback); an error that is not the input's
+    is not dressed up as a lost worker."""
+    from prefdata.ingest import parse_column_map
+
+    pool = engine_ray.RayPool(parse_column_map, in_flight=4)
+    assert list(pool.map_units([["prompt=question", "system=sys"]], list)) == [{"prompt": "question"}, {"system": "sys"}]
+    with pytest.raises(UserError) as exc:
+        list(pool.map_units([["prompt=question", "no-equals-sign"]], list))
+    assert type(exc.value) is UserError
+    assert str(exc.value) == "--map: 'no-equals-sign' is not field=column (e.g. --map system=system,prompt=question)"
+    with pytest.raises(Exception) as exc:
+        list(engine_ray.RayPool(len, in_flight=4).map_units([[3]], list))  # len(3): a TypeError in the task
+    assert "TypeError" in str(exc.value) and not isinstance(exc.value, UserError)
+
+
+def test_the_cli_on_ray_prints_one_line_for_bad_input(cluster, tmp_path):
+    """The whole of stderr, through the CLI joined to the cluster by RAY_ADDRESS: no Ray Data
+    plan or progress lines, no traceback logged beside the error."""
+    whole = gzip.compress(dirty_jsonl(tmp_path / "dirty.jsonl", 2000).read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "prefdata", "ingest", str(tmp_path / "cut.jsonl.gz"), "--out", str(tmp_path / "out"),
+                          "--engine", "ray"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0 and "cut short" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(cluster, tmp_path, monkeypatch):
@@ -235,6 +297,10 @@ def test_unreachable_address_and_missing_ray_are_one_line(cluster, tmp_path, mon
     with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) 127.0.0.1:9: no Ray cluster answers there") as exc:
         ingest(config)
     assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
+    # A Ray Client driver is on no node, so the tasks could not read what it names.
+    with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) ray://127.0.0.1:10001: Ray Client \(ray://\) "
+                                        r"addresses are not supported"):
+        ingest(config.model_copy(update={"execution": config.execution.model_copy(update={"ray_address": "ray://127.0.0.1:10001"})}))
     # The same for a dead RAY_ADDRESS with no --ray-address (ray.init would retry it for minutes).
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     with pytest.raises(UserError, match=r"^--ray-address \(or RAY_ADDRESS\) 127.0.0.1:9: no Ray"):
