@@ -37,9 +37,9 @@ class EngineOptions(BaseModel):
                                             "cluster (same outputs, byte for byte; docs/cluster.md).")
     ray_address: str | None = Field(None, description="With --engine ray: the cluster's address (host:port, or auto). "
                                     "Default: the RAY_ADDRESS of a running cluster, else a local one started for the run.")
-    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: chunks processed at once, at most (a CPU each); "
-                               "Ray Data holds back the reads while results wait, so memory grows with it, not with "
-                               "the input.")
+    ray_in_flight: int = Field(16, gt=0, description="With --engine ray: chunks processed at once, at most (a CPU each), "
+                               "and input files read at once; Ray Data holds back the reads while results wait, so "
+                               "memory does not grow with the input.")
 
 
 class Pool(Protocol):

@@ -47,6 +47,7 @@ from ray.exceptions import (
     RayTaskError,
     WorkerCrashedError,
 )
+from ray.util.client import ray as client_ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from prefdata.pool import start_worker
@@ -61,9 +62,9 @@ _ready: set[str] = set()  # in a worker process: the pools whose initializer ran
 # operator's task limit is the common case here, not a mistake.
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches")
-# Ray Data logs each pipeline's start, plan and end to the terminal, and a failed task's traceback
-# beside the error the stage reports in one line; the stage has its own bar.
-logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+# When several tasks fail, the stage reports the first; Ray would log each of the others' tracebacks
+# as an "unhandled error" when its result is freed unread.
+os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def remote(fn: Callable[..., Any], **options: Any) -> Any:
@@ -102,27 +103,27 @@ class RayPool:
 
     def map_units(self, units: Iterable[Any], read: Callable[[Any], Iterable[Any]], here: bool = False) -> Iterator[Any]:
         """`fn(job)` for every job `read(unit)` yields, unit after unit, in that order. `here`: the
-        reads run on this process's node (inputs only it holds: a copy fetched from an object store,
-        a Hub dataset in its cache); otherwise on any node, which then reads the shared filesystem."""
+        reads run on this process's node (inputs only it holds: a copy fetched from an object store;
+        a Hub dataset, streamed where it was found); otherwise on any node, which then reads the
+        shared filesystem."""
         units = [pickle.dumps(unit, PICKLE) for unit in units]
         if not units:
             return
         what = f"{self.fn.__module__}.{self.fn.__name__}"
         setup = (uuid.uuid4().hex, self.initializer, self.initargs, self.fn)
-        with _pipeline_context():
-            # A read asks for no CPU, as the local engine's reads in the driver take no worker's:
-            # it waits on its consumers most of the time (Ray holds a streaming task at two blocks
-            # ahead of them), and a CPU held by it would leave a small cluster's applies without
-            # one: the read would stream its whole input into the object store before any ran.
-            # A cluster's head, where pinned reads go, often has no CPU to offer at all.
-            jobs = ray.data.from_items([{"unit": unit} for unit in units], override_num_blocks=len(units)).map_batches(
-                _read_jobs, fn_args=(read,), batch_size=1, batch_format="pyarrow", num_cpus=0,
-                compute=TaskPoolStrategy(size=min(len(units), self.in_flight)), **_retried(),
-                **(_on_this_node() if here else {}))
-            # Not more than `in_flight` tasks at once, whatever the cluster's size; Ray Data's
-            # streaming executor holds back the reads while the results wait to be consumed.
-            results = jobs.map_batches(_apply, fn_args=(setup,), batch_size=1, batch_format="pyarrow", num_cpus=1,
-                                       compute=TaskPoolStrategy(size=self.in_flight), **_retried())
+        items = ray.data.from_items([{"unit": unit} for unit in units], override_num_blocks=len(units))
+        _configure(items.context)
+        # A read asks for no CPU, as the local engine's reads in the driver take no worker's: it
+        # waits on its consumers most of the time (Ray Data holds it back by its object-store
+        # budget), and a CPU held by it would leave a small cluster's applies without one. A
+        # cluster's head, where pinned reads go, often has no CPU to offer at all.
+        jobs = items.map_batches(_read_jobs, fn_args=(read,), batch_size=1, batch_format="pyarrow", num_cpus=0,
+                                 compute=TaskPoolStrategy(size=min(len(units), self.in_flight)), **_retried(),
+                                 **(_on_this_node() if here else {}))
+        # Not more than `in_flight` tasks at once, whatever the cluster's size; Ray Data's
+        # streaming executor holds back the reads while the results wait to be consumed.
+        results = jobs.map_batches(_apply, fn_args=(setup,), batch_size=1, batch_format="pyarrow", num_cpus=1,
+                                   compute=TaskPoolStrategy(size=self.in_flight), **_retried())
         blocks = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
         self._pipelines.append(blocks)
         while True:
@@ -146,31 +147,18 @@ def _retried() -> dict[str, Any]:
 
 
 def _on_this_node() -> dict[str, Any]:
-    """A read on this process's node, with its Hub settings (token, offline mode, endpoint, cache):
-    a worker there has the environment of whoever started the node, not this process's."""
-    hub = {name: value for name, value in os.environ.items() if name.startswith(("HF_", "HUGGING_FACE_"))}
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-            **({"runtime_env": {"env_vars": hub}} if hub else {})}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
-@contextmanager
-def _pipeline_context() -> Iterator[None]:
-    """The Ray Data settings a pipeline is built with (each dataset keeps a copy of them): results in
-    input order; every job its own block, so the applies share one unit's jobs rather than one task
-    taking them all; no progress bars (the stage has its own)."""
-    context = DataContext.get_current()
-    # raise_original_map_exception: a task's UserError as itself, not inside Ray Data's UserCodeException.
-    ours = {"target_max_block_size": 1, "enable_progress_bars": False, "raise_original_map_exception": True}
-    saved = {name: getattr(context, name) for name in ours}, context.execution_options.preserve_order
-    for name, value in ours.items():
-        setattr(context, name, value)
+def _configure(context: DataContext) -> None:
+    """The settings of one pipeline, on its own copy of Ray Data's context (the global one is
+    another stage's, or the user's): results in input order; every job its own block, so the
+    applies share one unit's jobs rather than one task taking them all; a task's UserError as
+    itself, not inside Ray Data's UserCodeException; no progress bars (the stage has its own)."""
     context.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        for name, value in saved[0].items():
-            setattr(context, name, value)
-        context.execution_options.preserve_order = saved[1]
+    context.target_max_block_size = 1
+    context.raise_original_map_exception = True
+    context.enable_progress_bars = False
 
 
 def _objects(column: str, items: Iterable[Any]) -> pa.Table:
@@ -256,13 +244,16 @@ class RayEngine:
         return RayPool(fn, self.in_flight, initializer, initargs)
 
 
+# A Ray Client driver is on no node: the tasks could not read the files it names, nor its copies
+# of an object store's sets.
+CLIENT_REFUSED = ("{address}: Ray Client (ray://) addresses are not supported; run prefdata on a node of the cluster "
+                  "(`ray start --address HEAD:6379` there) with the head's host:port")
+
+
 def _check_reachable(address: str) -> None:
     """ray.init retries an address nobody listens on for minutes; a host:port is tried first."""
     if address.startswith("ray://"):
-        # A Ray Client driver is on no node: the tasks could not read the files it names, nor
-        # its copies of an object store's sets.
-        raise UserError(f"--ray-address (or RAY_ADDRESS) {address}: Ray Client (ray://) addresses are not supported; run "
-                        "prefdata on a node of the cluster (`ray start --address HEAD:6379` there) with the head's host:port")
+        raise UserError(CLIENT_REFUSED.format(address=f"--ray-address (or RAY_ADDRESS) {address}"))
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", "local": Ray's own lookups
@@ -278,12 +269,34 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
     """A connection to the cluster for one stage. A connection this process already holds is
     used and kept; one opened here is closed after the stage (and a local cluster started for it
     stopped)."""
+    with _ray_data_quiet(), _connection(address):
+        yield RayEngine(in_flight)
+
+
+@contextmanager
+def _ray_data_quiet() -> Iterator[None]:
+    """Ray Data logs each pipeline's start, plan and end to the terminal, and a failed task's
+    traceback beside the error the stage reports in one line; the stage has its own bar. Only for
+    the stage: a script's own pipelines keep their logging."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextmanager
+def _connection(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
+        if client_ray.is_connected():
+            raise UserError(CLIENT_REFUSED.format(address="this process's Ray Client connection"))
         held = ray.get_runtime_context().gcs_address
         if address and address != "auto" and address != held:
             raise UserError(f"--ray-address {address}: this process is already connected to the Ray cluster at {held}; "
                             "pass that address, or leave --ray-address out")
-        yield RayEngine(in_flight)
+        yield
         return
     # RAY_ADDRESS is where ray.init goes without an address: a dead one would hang as long.
     target = address or os.environ.get("RAY_ADDRESS")
@@ -296,6 +309,6 @@ def connected(address: str | None, in_flight: int) -> Iterator[RayEngine]:
         raise UserError(f"--ray-address {address or '(RAY_ADDRESS or local)'}: could not join the Ray cluster "
                         f"({first_line(exc)}); check the address `ray start --head` printed") from None
     try:
-        yield RayEngine(in_flight)
+        yield
     finally:
         ray.shutdown()

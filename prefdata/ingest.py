@@ -289,31 +289,34 @@ def _cyclic_gc_paused() -> Iterator[None]:
 Work = LineRange | list[Row | _Group]  # a worker's unit: lines it reads itself, or rows read here
 
 
-def _convert(job: tuple[Source, Format, Work]) -> list[_Chunk]:
-    """One unit of work, in a worker process (or here, with one worker)."""
-    source, fmt, work = job
+def _convert(job: tuple[Source, Format, Work, int]) -> list[_Chunk]:
+    """One unit of work, in a worker process (or here, with one worker): its rows converted
+    `chunk_rows` at a time."""
+    source, fmt, work, chunk_rows = job
     with _cyclic_gc_paused():
         if isinstance(work, LineRange):
-            return [_convert_chunk(source, fmt, rows) for rows in _chunks(range_rows(source, work), CHUNK_ROWS)]
+            return [_convert_chunk(source, fmt, rows) for rows in _chunks(range_rows(source, work), chunk_rows)]
         return [_convert_chunk(source, fmt, work)]
 
 
-def _work(source: Source, fmt: Format, limit: int | None) -> Iterator[Work]:
+def _work(source: Source, fmt: Format, limit: int | None, range_bytes: int, chunk_rows: int) -> Iterator[Work]:
     """The source's units of work, in input order. Line ranges where the file allows them; rows
     read here otherwise: compressed files, JSON arrays, CSV, parquet and datasets have no line
     boundaries to cut at, a format's group (`group_by`: OASST trees, HelpSteer2 prompts) could
     straddle a cut, and --limit counts rows, which a worker cannot know of the ranges before its own."""
     if limit is None and fmt.group_by is None and source.has_line_ranges():
-        return line_ranges(source, RANGE_BYTES)
+        return line_ranges(source, range_bytes)
     rows = source.rows() if limit is None else islice(source.rows(), limit)
     items = rows if fmt.group_by is None else _grouped(rows, fmt.group_by)
-    return _chunks(items, CHUNK_ROWS)
+    return _chunks(items, chunk_rows)
 
 
-def _source_jobs(unit: tuple[Source, Format, int | None]) -> Iterator[tuple[Source, Format, Work]]:
-    """A source's jobs, in input order: the engine's read of one source."""
-    source, fmt, limit = unit
-    return ((source, fmt, work) for work in _work(source, fmt, limit))
+def _source_jobs(unit: tuple[Source, Format, int | None, int, int]) -> Iterator[tuple[Source, Format, Work, int]]:
+    """A source's jobs, in input order: the engine's read of one source. The unit carries the
+    sizes the jobs are cut to, so that a worker process (which imports this module afresh) cuts
+    them as this one was told to."""
+    source, fmt, limit, range_bytes, chunk_rows = unit
+    return ((source, fmt, work, chunk_rows) for work in _work(source, fmt, limit, range_bytes, chunk_rows))
 
 
 class _RecordWriter:
@@ -409,9 +412,9 @@ def _ingest_source(
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
-    hub = source.kind == "hub"  # streamed with this process's environment (token, offline mode), so read on its node
+    hub = source.kind == "hub"  # streamed from the Hub: read on this process's node, where it was found
     # A file's path made absolute: a Ray task's working directory is not this process's.
-    unit = (source if hub else replace(source, location=os.path.abspath(source.location)), fmt, limit)
+    unit = (source if hub else replace(source, location=os.path.abspath(source.location)), fmt, limit, RANGE_BYTES, CHUNK_ROWS)
     for chunks in converter.map_units([unit], _source_jobs, here=hub):
         for chunk in chunks:
             records.add(chunk.table)

@@ -108,22 +108,28 @@ def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_
         assert outs["ray"][file] == outs["local"][file], file
 
 
-def test_sets_fetched_from_an_object_store_are_read_on_the_drivers_node(cluster, s3, tmp_path, chat_tokenizer_dir,  # noqa: F811
-                                                                        monkeypatch):
-    """A set read from a URI is this process's temporary copy, which other nodes lack: its reads
-    run on this process's node (each read records the node it ran on; unpinned, Ray Data spreads
-    tasks over the three nodes), and curate and tokenize write the local engine's bytes."""
-    marks = tmp_path / "read-nodes"
+def _record_reads(monkeypatch, marks: Path) -> None:
+    """Every Ray read appends the id of the node it ran on to `marks` (the wrapper is defined here,
+    so Ray ships it by value to the workers, where a monkeypatch of this process cannot reach)."""
     real_map = engine_ray.RayPool.map_units
 
     def recorded(pool, units, read, here=False):
-        def read_and_record(unit):  # defined here, so Ray ships it by value to the workers
+        def read_and_record(unit):
             with open(marks, "a") as out:
                 out.write(f"{ray.get_runtime_context().get_node_id()}\n")
             return read(unit)
         return real_map(pool, units, read_and_record, here)
 
     monkeypatch.setattr(engine_ray.RayPool, "map_units", recorded)
+
+
+def test_sets_fetched_from_an_object_store_are_read_on_the_drivers_node(cluster, s3, tmp_path, chat_tokenizer_dir,  # noqa: F811
+                                                                        monkeypatch):
+    """A set read from a URI is this process's temporary copy, which other nodes lack: its reads
+    run on this process's node (each read records the node it ran on; unpinned, Ray Data spreads
+    tasks over the three nodes), and curate and tokenize write the local engine's bytes."""
+    marks = tmp_path / "read-nodes"
+    _record_reads(monkeypatch, marks)
     records = _records_dir(tmp_path, "in", _mixed_records(seed=4), shuffle_seed=1)
     curate(CurateConfig(inputs=[str(records)], out=f"{s3}/fetched/curated", eval_fraction=0.3))
     outs = {}
@@ -207,6 +213,7 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     """Either operator's worker: a read task streaming a compressed file's rows (re-run from the
     file's start, its jobs already delivered not repeated), or a task applying the per-row code."""
     monkeypatch.setattr(ingest_module, "RANGE_BYTES", 300)
+    monkeypatch.setattr(ingest_module, "CHUNK_ROWS", 10)  # 300 jobs: the read streams long enough to be killed
     path = dirty_jsonl(tmp_path / "dirty.jsonl", 3000)
     if task == "read":
         path = tmp_path / "dirty.jsonl.gz"
@@ -214,8 +221,11 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), workers=2))
     local = _outputs(tmp_path / "out", "local")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
+    _record_reads(monkeypatch, tmp_path / "reads")
     killed, error = _kill_a_worker_mid_stage(lambda: ingest(config), (f"ray::MapBatches(_{task}{'_jobs' * (task == 'read')})",))
     assert killed and error is None
+    reads = len((tmp_path / "reads").read_text().split())
+    assert reads == 2 if task == "read" else reads == 1  # the killed read was run again; a killed apply's read was not
     assert _outputs(tmp_path / "out", "ray") == local
 
 
@@ -258,7 +268,7 @@ def test_a_tasks_user_error_is_itself_and_a_bug_keeps_its_traceback(cluster):
     assert str(exc.value) == "--map: 'no-equals-sign' is not field=column (e.g. --map system=system,prompt=question)"
     with pytest.raises(Exception) as exc:
         list(engine_ray.RayPool(len, in_flight=4).map_units([[3]], list))  # len(3): a TypeError in the task
-    assert "TypeError" in str(exc.value) and not isinstance(exc.value, UserError)
+    assert isinstance(exc.value, TypeError) and not isinstance(exc.value, UserError) and "Traceback" in str(exc.value)
 
 
 def test_the_cli_on_ray_prints_one_line_for_bad_input(cluster, tmp_path):
@@ -271,6 +281,27 @@ def test_the_cli_on_ray_prints_one_line_for_bad_input(cluster, tmp_path):
                           "--engine", "ray"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode != 0 and "cut short" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_many_failing_tasks_print_one_line(cluster):
+    """Every in-flight task raising (a bad row in each chunk, say): the stage reports the first;
+    Ray would log the others' tracebacks as unhandled errors when their results are freed."""
+    script = ("import sys\n"
+              "from prefdata.engine_ray import RayPool, connected\n"
+              "from prefdata.ingest import parse_column_map\n"
+              "from schemas.errors import UserError\n"
+              "try:\n"
+              "    with connected(None, 16):\n"
+              "        list(RayPool(parse_column_map, 16).map_units([['bad'] * 12], list))\n"
+              "except UserError as exc:\n"
+              "    print(exc, file=sys.stderr)\n"
+              "    sys.exit(1)\n")
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    env.pop("RAY_IGNORE_UNHANDLED_ERRORS", None)  # as a user's shell has it: not set
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == ["--map: 'bad' is not field=column (e.g. --map system=system,prompt=question)"], run.stderr
 
 
 def test_a_worker_killed_past_the_retries_fails_in_one_line_and_leaves_out(cluster, tmp_path, monkeypatch):
