@@ -62,9 +62,6 @@ _ready: set[str] = set()  # in a worker process: the pools whose initializer ran
 # operator's task limit is the common case here, not a mistake.
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'MapBatches")
-# When several tasks fail, the stage reports the first; Ray would log each of the others' tracebacks
-# as an "unhandled error" when its result is freed unread.
-os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
 
 def remote(fn: Callable[..., Any], **options: Any) -> Any:

@@ -181,9 +181,10 @@ TASKS = ("ray::MapBatches(_read_jobs)", "ray::MapBatches(_apply)",  # the titles
          "ray::_sign_block", "ray::_band_pieces", "ray::_partition_edges")  # and near-duplicates' plain tasks
 
 
-def _kill_a_worker_mid_stage(stage, titles: tuple[str, ...] = TASKS) -> tuple[list[int], BaseException | None]:
+def _kill_a_worker_mid_stage(stage, titles: tuple[str, ...] = TASKS, ready=lambda: True) -> tuple[list[int], BaseException | None]:
     """Run `stage()` on a thread; SIGKILL the first Ray worker process seen running a task of it
-    whose title is one of `titles`."""
+    whose title is one of `titles`, once `ready()` (the task has begun its work, not only its
+    start-up)."""
     killed, error = [], []
 
     def run():
@@ -195,6 +196,9 @@ def _kill_a_worker_mid_stage(stage, titles: tuple[str, ...] = TASKS) -> tuple[li
     thread = threading.Thread(target=run)
     thread.start()
     while thread.is_alive() and not killed:
+        if not ready():
+            time.sleep(0.001)
+            continue
         for process in psutil.Process(os.getpid()).children(recursive=True):
             try:
                 if process.cmdline()[:1] and process.cmdline()[0] in titles:
@@ -221,11 +225,13 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     ingest(IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), workers=2))
     local = _outputs(tmp_path / "out", "local")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
-    _record_reads(monkeypatch, tmp_path / "reads")
-    killed, error = _kill_a_worker_mid_stage(lambda: ingest(config), (f"ray::MapBatches(_{task}{'_jobs' * (task == 'read')})",))
+    marks = tmp_path / "reads"
+    _record_reads(monkeypatch, marks)
+    killed, error = _kill_a_worker_mid_stage(lambda: ingest(config), (f"ray::MapBatches(_{task}{'_jobs' * (task == 'read')})",),
+                                             ready=marks.exists)  # the read has begun
     assert killed and error is None
-    reads = len((tmp_path / "reads").read_text().split())
-    assert reads == 2 if task == "read" else reads == 1  # the killed read was run again; a killed apply's read was not
+    reads = len(marks.read_text().split())
+    assert reads == (2 if task == "read" else 1), reads  # the killed read was run again; a killed apply's read was not
     assert _outputs(tmp_path / "out", "ray") == local
 
 
@@ -268,7 +274,7 @@ def test_a_tasks_user_error_is_itself_and_a_bug_keeps_its_traceback(cluster):
     assert str(exc.value) == "--map: 'no-equals-sign' is not field=column (e.g. --map system=system,prompt=question)"
     with pytest.raises(Exception) as exc:
         list(engine_ray.RayPool(len, in_flight=4).map_units([[3]], list))  # len(3): a TypeError in the task
-    assert isinstance(exc.value, TypeError) and not isinstance(exc.value, UserError) and "Traceback" in str(exc.value)
+    assert isinstance(exc.value, TypeError) and not isinstance(exc.value, UserError) and "File \"" in str(exc.value)  # its frames
 
 
 def test_the_cli_on_ray_prints_one_line_for_bad_input(cluster, tmp_path):
@@ -284,8 +290,8 @@ def test_the_cli_on_ray_prints_one_line_for_bad_input(cluster, tmp_path):
 
 
 def test_many_failing_tasks_print_one_line(cluster):
-    """Every in-flight task raising (a bad row in each chunk, say): the stage reports the first;
-    Ray would log the others' tracebacks as unhandled errors when their results are freed."""
+    """Every in-flight task raising (a bad row in each chunk, say): the stage reports the first, and
+    the others' failures, never read, are not logged beside it (as Ray's "unhandled errors")."""
     script = ("import sys\n"
               "from prefdata.engine_ray import RayPool, connected\n"
               "from prefdata.ingest import parse_column_map\n"
