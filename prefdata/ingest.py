@@ -412,7 +412,7 @@ def _ingest_source(
     quarantine: IO[str], bar: Any,
 ) -> _SourceTally:
     tally = _SourceTally(fmt.name)
-    hub = source.kind == "hub"  # streamed from the Hub: read on this process's node, where it was found
+    hub = source.kind == "hub"  # streamed from the Hub: read on this process's node, where its format was detected
     # A file's path made absolute: a Ray task's working directory is not this process's.
     unit = (source if hub else replace(source, location=os.path.abspath(source.location)), fmt, limit, RANGE_BYTES, CHUNK_ROWS)
     for chunks in converter.map_units([unit], _source_jobs, here=hub):
