@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import DataContext, TaskPoolStrategy
@@ -130,8 +129,8 @@ class RayPool:
                 return
             except Exception as exc:  # noqa: BLE001 - Ray Data's wrappers of a task's failure
                 raise _one_line(exc, what) from None
-            for result in block.column("result").chunks:
-                yield from _unpickled(result)
+            for result in block.column("result").to_pylist():
+                yield pickle.loads(result)
 
 
 PICKLE = pickle.HIGHEST_PROTOCOL
@@ -160,13 +159,6 @@ def _configure(context: DataContext) -> None:
 
 def _objects(column: str, items: Iterable[Any]) -> pa.Table:
     return pa.table({column: pa.array([pickle.dumps(item, PICKLE) for item in items], pa.large_binary())})
-
-
-def _unpickled(values: pa.LargeBinaryArray) -> Iterator[Any]:
-    """Each value's object, read from the Arrow buffer in place (no copy into a bytes object first)."""
-    offsets, data = np.frombuffer(values.buffers()[1], np.int64)[values.offset:], values.buffers()[2]
-    for i in range(len(values)):
-        yield pickle.loads(memoryview(data)[offsets[i]:offsets[i + 1]])
 
 
 def _read_jobs(batch: pa.Table, read: Callable[[Any], Iterable[Any]]) -> Iterator[pa.Table]:

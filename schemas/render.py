@@ -107,9 +107,18 @@ def _all_rendered(texts: list[str]) -> Rendered:
     return Rendered(list(texts), [None] * len(texts))
 
 
-def _special_text(tokenizer: Any) -> re.Pattern[str] | None:
-    """The strings the tokenizer encodes as its special tokens wherever they appear in a text."""
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}, key=len, reverse=True)
+def _added_texts(tokenizer: Any, special_only: bool = False) -> list[str]:
+    """The strings of the tokenizer's added tokens (its special ones only), longest first, so a
+    token that contains another is the one found."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content and (t.special or not special_only)},
+                  key=len, reverse=True)
+
+
+def _special_text(tokenizer: Any, special_tokens_in_text: SpecialTokensInText) -> re.Pattern[str] | None:
+    """What `_without_specials` refuses: the strings the tokenizer encodes as its special tokens
+    wherever they appear in a text; None with `keep` (encoded as the tokens themselves, as TRL and
+    the tokenizer do)."""
+    specials = _added_texts(tokenizer, special_only=True) if special_tokens_in_text == "drop" else []
     return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
@@ -132,13 +141,13 @@ class ChatRenderer:
     kind = "chat"
     add_bos_id = False  # a chat template renders its own BOS where the model wants one
 
-    def __init__(self, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None, system_turn: SystemTurn = "fold") -> None:
+    def __init__(self, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None, system_turn: SystemTurn = "fold",
+                 special_tokens_in_text: SpecialTokensInText = "drop") -> None:
         self.tokenizer = tokenizer
         self.template_kwargs = dict(chat_template_kwargs or {})
         self.system_turn = system_turn
-        self.special_text = _special_text(tokenizer)
-        # Longest first, so a special token that contains another is the one found.
-        self._specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content}, key=len, reverse=True)
+        self.special_text = _special_text(tokenizer, special_tokens_in_text)
+        self._specials = _added_texts(tokenizer)
         exchange = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
         try:
             conversation = self._apply([exchange], generation_prompt=False)[0]
@@ -285,7 +294,7 @@ class PlainRenderer:
 
     kind = "plain"
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, special_tokens_in_text: SpecialTokensInText = "drop") -> None:
         self.tokenizer = tokenizer
         bos = tokenizer.bos_token_id
         # Prepend BOS exactly when the tokenizer itself would (Llama-style), so a base model sees
@@ -294,7 +303,7 @@ class PlainRenderer:
         self.add_bos_id = bos is not None and bool(probe) and probe[0] == bos
         self.end_of_turn_ids = self.appended_ids = [tokenizer.eos_token_id]
         self.system_role = True  # "System: …" is part of the layout
-        self.special_text = _special_text(tokenizer)
+        self.special_text = _special_text(tokenizer, special_tokens_in_text)
 
     @staticmethod
     def _render(messages: list[dict]) -> str:
@@ -327,11 +336,9 @@ def make_renderer(tokenizer: Any, template: str, chat_template_kwargs: dict[str,
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if template == "chat" and not has_template:
         raise UserError("--template chat: this tokenizer has no chat template; use --template plain (or auto)")
-    renderer: Renderer = (ChatRenderer(tokenizer, chat_template_kwargs, system_turn)
-                          if template == "chat" or (template == "auto" and has_template) else PlainRenderer(tokenizer))
-    if special_tokens_in_text == "keep":  # encoded as the tokens themselves, as TRL and the tokenizer do
-        renderer.special_text = None
-    return renderer
+    if template == "chat" or (template == "auto" and has_template):
+        return ChatRenderer(tokenizer, chat_template_kwargs, system_turn, special_tokens_in_text)
+    return PlainRenderer(tokenizer, special_tokens_in_text)
 
 
 def prompt_token_ids(renderer: Renderer, prompts: Sequence[list[dict]]) -> tuple[list[list[int] | None], list[str | None]]:

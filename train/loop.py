@@ -126,6 +126,14 @@ def _same_location(a: str, b: str) -> bool:
     return a == b and not Path(a).exists()
 
 
+def _check_fits_shards(model: Any, name_or_path: str, train_data: Any, eval_data: Any) -> None:
+    """Both splits' rows are the model's ids and fit its positions (`check_fits`): the policy
+    and a live reference score the same rows."""
+    for split, name in ((train_data, "train"), (eval_data, "eval")):
+        if split is not None:
+            check_fits(model, name_or_path, split.columns, f"the {name} shards")
+
+
 def adamw(trainable: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for the parameters' device (CPU and CUDA do):
     one kernel per step instead of a dozen elementwise passes over every parameter (about half
@@ -480,9 +488,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Hashed once (cached per file): the LoRA base check and the step-0 check both compare it.
     policy_fingerprint = model_fingerprint(policy_dir, config.model, torch.float32, device)
     model, peft_model, tokenizer = _load_policy(config, policy_dir, device, manifest, policy_fingerprint, dist)
-    for split, name in ((train_data, "train"), (eval_data, "eval")):
-        if split is not None:
-            check_fits(model, config.model, split.columns, f"the {name} shards")
+    _check_fits_shards(model, config.model, train_data, eval_data)
     pad_id = padding_id(tokenizer)
     # Prefix sharing where it gives the padded layout's numbers (train/layouts.py), for every pair.
     longest = np.concatenate([d.columns.pair_lengths for d in (train_data, eval_data) if d is not None])
@@ -505,7 +511,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         check_tokenizer(ref_dir, ref_name, manifest.tokenizer)
         ref_model, _ = load_causal_lm(ref_dir, ref_name, torch.float32, device,
                                       attention_kernel(config.attn_implementation, config.packing, device))
-        check_fits(ref_model, ref_name, train_data.columns, "the train shards")
+        _check_fits_shards(ref_model, ref_name, train_data, eval_data)
 
     scorer: Any = RewardScorer(model) if config.objective == "reward" else SequenceScorer(model)
     if config.compile:
