@@ -17,7 +17,10 @@ the same prefix-shared, length-grouped rows; TRL's `RewardTrainer` the same rand
 padded rows per pair), no LM head, and a one-output score head (2 × hidden FLOPs per position it
 projects): ours at 2 positions per pair (each answer's last token), TRL at every position it pads
 to (the classifier scores every position, then picks each row's last real one); 3 × forward for
-forward and backward on both sides, since nothing is recomputed.
+forward and backward on both sides, since nothing is recomputed. That is the layout's bound, the
+whole model at every position. `flops_ours_computed` is what our trainer computes besides: its last
+layer (train/last_layer.py) projects queries (forward only), keys and values at every position, and
+runs the rest of the layer at the 2 read positions per pair, their queries over the row's keys.
 
 `--objective kto` (unpaired shards: a row's continuations are its completion and its KL
 completion): ours what `--kl-completions auto` picks, the same prefix-shared rows [prompt,
@@ -53,6 +56,8 @@ class Shape:
     layers: int
     hidden: int
     vocabulary: int
+    query_parameters: int = 0  # one layer's query projection
+    key_value_parameters: int = 0  # one layer's key and value projections
 
     @classmethod
     def of(cls, model_dir: Path) -> Shape:
@@ -61,7 +66,20 @@ class Shape:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         config = model.config.get_text_config()
         layers = model.base_model.layers
-        return cls(sum(p.numel() for p in layers.parameters()), len(layers), config.hidden_size, config.vocab_size)
+        attention = layers[-1].self_attn
+        count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+        return cls(count(layers), len(layers), config.hidden_size, config.vocab_size, count(attention.q_proj),
+                   count(attention.k_proj, attention.v_proj))
+
+    def read_last_layer_flops(self, rows: int, width: int, reads: int) -> float:
+        """A training step's FLOPs of the last layer read at `reads` positions of `rows` rows padded
+        to `width` (train/last_layer.py): queries projected at every position (forward only: they
+        are never read), keys and values there too, and at the reads the whole layer, their
+        queries against the row's keys."""
+        tokens = rows * width
+        layer = self.decoder_parameters // self.layers
+        return (2 * self.query_parameters * tokens + 3 * 2 * self.key_value_parameters * tokens
+                + 3 * (2 * layer * reads + 4 * self.hidden * reads * width))
 
 
 @dataclass(frozen=True)
@@ -75,12 +93,14 @@ class Bounds:
     padded_tokens_trl: int
     flops_ours: float
     flops_trl: float
+    flops_ours_computed: float  # what our trainer computes: flops_ours, but for reward's last layer read at 2 tokens per pair
 
     def ratios(self) -> dict[str, float]:
         return {"prompt_share": self.prompt_tokens / self.real_tokens, "sharing": self.real_tokens / self.shared_tokens,
                 "padded_tokens": self.padded_tokens_trl / self.padded_tokens_ours,
                 "padding_efficiency_ours": self.shared_tokens / self.padded_tokens_ours,
-                "padding_efficiency_trl": self.real_tokens / self.padded_tokens_trl, "flops": self.flops_trl / self.flops_ours}
+                "padding_efficiency_trl": self.real_tokens / self.padded_tokens_trl, "flops": self.flops_trl / self.flops_ours,
+                "flops_computed": self.flops_trl / self.flops_ours_computed}
 
 
 def _decoder_flops(shape: Shape, rows: int, width: int) -> float:
@@ -125,9 +145,14 @@ def bounds(columns: TokenColumns, shape: Shape, batch_size: int = BATCH_SIZE, ob
             head = 2 * shape.hidden  # one output
             head_ours = 3 * head * 2 * len(columns)  # each answer's last token, no recompute
         head_trl = 3 * head * trl_padded  # every padded position of both rows
+    flops_ours = decoder_ours + head_ours
+    computed = flops_ours
+    if objective == "reward":  # the last layer read at each answer's last token instead of run whole
+        computed -= sum(_decoder_flops(shape, len(b), int(shared[b].max())) / shape.layers
+                        - shape.read_last_layer_flops(len(b), int(shared[b].max()), 2 * len(b)) for b in ours)
     return Bounds(real_tokens=int(columns.real_tokens.sum()), shared_tokens=int(shared.sum()),
                   prompt_tokens=int(2 * columns.prompt.lengths.sum()), padded_tokens_ours=ours_padded, padded_tokens_trl=trl_padded,
-                  flops_ours=decoder_ours + head_ours, flops_trl=decoder_trl + head_trl)
+                  flops_ours=flops_ours, flops_trl=decoder_trl + head_trl, flops_ours_computed=computed)
 
 
 def _kto_rows(columns: TokenColumns) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ score head), batch 8 pairs, float32, the same learning rate, one epoch by defaul
 activation checkpointing on either side (RewardConfig's default turns it on; it is set off here):
     ours-reward  `train()` with objective reward: one prefix-shared row [prompt, chosen, rejected]
                  per pair, the trainer's length-grouped batches, each answer scored at its last token
+                 and the last decoder layer run there only (train/last_layer.py)
     trl-reward   TRL `RewardTrainer`: two rows per pair (prompt + chosen, prompt + rejected, its
                  `DataCollatorForPreference` padding them), random batches, the classifier's own
                  forward (the score head at every position, read at each row's last real token)
@@ -17,7 +18,8 @@ Each run is its own subprocess, alternating; its peak RSS is that process's own 
 (VmHWM, `process_memory.py`). Tokens/s = real tokens (prompt twice + both answers: TRL's own
 counter, attention-mask sums) ÷ the time of steps 2..N (step 1's warm-up, loading and saving left
 out on both sides). The FLOP bound for this layout against TRL's on the same batches is
-`bench_bounds.py --objective reward`.
+`bench_bounds.py --objective reward`: the layout's, the whole model at every position (the
+target), and beside it the FLOPs ours computes with its last layer read at 2 tokens per pair.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from benchmarks.process_memory import peak_rss_mib  # noqa: E402
 
 VARIANTS = ("ours-reward", "trl-reward")
 # What each side runs, for the table's rows.
-OURS = "ours --objective reward (prefix-shared rows, length-grouped, scored at 2 positions per pair)"
+OURS = "ours --objective reward (prefix-shared rows, length-grouped, scored at 2 positions per pair, the last layer there only)"
 PEER = "TRL RewardTrainer (2 padded rows per pair, random batches)"
 
 
@@ -99,12 +101,14 @@ def compare(model: Path, shards: Path, steps: int, repeats: int, work: Path) -> 
 
 def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dict]:
     """The bench table's rows for one row set: tokens/s and peak RSS beside TRL's (targets: at least
-    the FLOP bound of `limits`, a `bench_bounds.Bounds` for objective reward; memory ≤ TRL's), and
-    the bound's own rows. `row` is run_all.row."""
-    bound = limits.ratios()["flops"]
-    return bench_train.peer_rows(f"train reward model [{rows_set}], no checkpointing either side", f"tokens/s, {OURS}",
-                                 "tokens_per_s", results["ours-reward"], results["trl-reward"], PEER,
-                                 f"≥ {bound:.2f}× (FLOP bound)", limits, row)
+    the FLOP bound of `limits`, a `bench_bounds.Bounds` for objective reward; memory ≤ TRL's), the
+    bound's own rows, and the FLOPs ours computes (its last layer read at the scored tokens).
+    `row` is run_all.row."""
+    bound, stage = limits.ratios()["flops"], f"train reward model [{rows_set}], no checkpointing either side"
+    return [*bench_train.peer_rows(stage, f"tokens/s, {OURS}", "tokens_per_s", results["ours-reward"], results["trl-reward"],
+                                   PEER, f"≥ {bound:.2f}× (FLOP bound)", limits, row),
+            row(stage, "bound: training GFLOPs, one epoch, ours as computed (last layer at the scored tokens)",
+                limits.flops_ours_computed / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
 
 
 def main() -> None:

@@ -177,6 +177,15 @@ def test_reward_bounds_count_the_score_head_at_two_positions_per_pair_against_ev
     assert result.flops_ours == 3 * (2 * 10 * 12 + 4 * 2 * 2 * 36) + 3 * 4 * 4 == 2496
     assert result.flops_trl == 3 * (2 * 10 * 20 + 4 * 2 * 4 * 25) + 3 * 4 * 20 == 3840
     assert result.ratios()["flops"] == 3840 / 2496
+    # What ours computes (train/last_layer.py), with the layer's query projection 2 parameters and its
+    # key and value ones 4: the one layer is the last, read at 4 positions of 2 rows of 6. Queries
+    # 2·2·12 forward only, keys and values 3·2·4·12, the reads 3·(2·10·4 + 4·2·4·6) for the whole
+    # layer (3·(2·10·12 + 4·2·2·36) = 2448) in the layout's count.
+    read = bounds(columns, Shape(10, 1, 2, 3, query_parameters=2, key_value_parameters=4), batch_size=2, objective="reward")
+    assert read.flops_ours == result.flops_ours and read.flops_trl == result.flops_trl
+    assert read.flops_ours_computed == 2496 - 2448 + (2 * 2 * 12 + 3 * 2 * 4 * 12 + 3 * (2 * 10 * 4 + 4 * 2 * 4 * 6)) == 1200
+    assert read.ratios()["flops_computed"] == 3840 / 1200
+    assert bounds(columns, Shape(10, 1, 2, 3), batch_size=2).flops_ours_computed == 2784  # DPO: as the layout
     with pytest.raises(ValueError, match="objective"):
         bounds(columns, Shape(10, 1, 2, 3), batch_size=2, objective="nope")
 
@@ -210,13 +219,14 @@ def test_reward_rows_say_what_each_side_ran_and_read_the_bound_as_the_target():
     results = {"ours-reward": {"tokens_per_s": 6_000.0, "peak_rss_mib": 500.0},
                "trl-reward": {"tokens_per_s": 2_000.0, "peak_rss_mib": 750.0}}
     limits = Bounds(real_tokens=150, shared_tokens=110, prompt_tokens=80, padded_tokens_ours=120, padded_tokens_trl=200,
-                    flops_ours=2.5e9, flops_trl=5e9)
-    speed, memory, tokens, flops = table_rows("hh", results, limits, row)
+                    flops_ours=2.5e9, flops_trl=5e9, flops_ours_computed=2e9)
+    speed, memory, tokens, flops, computed = table_rows("hh", results, limits, row)
     assert speed["stage"] == memory["stage"] == "train reward model [hh], no checkpointing either side"
     assert OURS in speed["metric"] and "prefix-shared" in OURS and speed["peer_name"] == PEER and "RewardTrainer" in PEER
     assert (speed["ratio"], speed["target"]) == (3.0, "≥ 2.00× (FLOP bound)")
     assert (memory["ratio"], memory["target"]) == (1.5, "≤ TRL")
     assert tokens["ratio"] == 200 / 120 and (flops["ours"], flops["peer"], flops["ratio"]) == (2.5, 5.0, 2.0)
+    assert "last layer at the scored tokens" in computed["metric"] and (computed["ours"], computed["ratio"]) == (2.0, 2.5)
 
 
 def test_trl_reward_rows_are_prompt_plus_answer_ids_of_our_shards(monkeypatch):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_logprobs import _random_columns
+from tests.test_logprobs import _columns, _random_columns
 from tests.test_train import _config, _metrics, shards  # noqa: F401  (shards is a fixture)
+from train import last_layer
 from train.batching import collate_pairs
 from train.loop import train
 from train.losses import reward_loss
@@ -17,16 +18,22 @@ from train.rewards import RewardScorer, pair_rewards, reward_disagreement
 
 
 def _tiny_reward_model(arch: str, vocab: int = 96):
-    from transformers import AutoModelForSequenceClassification, Gemma2Config, LlamaConfig, Qwen2Config
+    import transformers
+
+    from train.last_layer import MODEL_TYPES
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=0,
                   initializer_range=0.2)  # positions matter enough for a wrong layout to show
-    config = {"llama": lambda: LlamaConfig(**common), "qwen2": lambda: Qwen2Config(**common),
-              "gemma2": lambda: Gemma2Config(**common, head_dim=8, attn_logit_softcapping=5.0, sliding_window=64)}[arch]()
+    extra = {"gemma2": dict(head_dim=8, attn_logit_softcapping=5.0, sliding_window=64), "gemma": dict(head_dim=8),
+             "gemma3_text": dict(head_dim=8), "mixtral": dict(num_local_experts=4),
+             "qwen3_moe": dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)}.get(arch, {})
+    config = transformers.AutoConfig.for_model(arch, **common, **extra)
     config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_config(config).eval()
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    assert model.config.model_type == arch and (arch in MODEL_TYPES or arch == "gpt_neox")
+    return model
 
 
 def _own_forward_rewards(model, columns, rows):
@@ -66,6 +73,101 @@ def test_shared_reward_gradients_equal_the_padded_layout(arch):
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _last_layer_tokens(model) -> list[int]:
+    """A hook's record of how many tokens each call of the last layer's MLP computed."""
+    seen: list[int] = []
+    model.base_model.layers[-1].mlp.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[:-1].numel()))
+    return seen
+
+
+def _own_forward_gradients(model, columns, rows):
+    """The Bradley–Terry loss's gradients through the model's own forward (every layer at every position)."""
+    model.zero_grad()
+    chosen, rejected = _own_forward_rewards(model, columns, rows)
+    reward_loss(chosen, rejected, center_rewards_coefficient=0.01)[0].backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _our_gradients(model, batch):
+    model.zero_grad()
+    chosen, rejected = pair_rewards(RewardScorer(model), batch)
+    reward_loss(chosen, rejected, center_rewards_coefficient=0.01)[0].backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+READ_AT_CASES = [*((arch, layout) for arch in ("llama", "qwen2", "gemma2") for layout in ("padded", "shared", "packed")),
+                 *((arch, layout) for arch in sorted(set(last_layer.MODEL_TYPES) - {"llama", "qwen2", "gemma2"})
+                   for layout in ("padded", "shared"))]
+
+
+@pytest.mark.parametrize(("arch", "layout"), READ_AT_CASES, ids=[f"{a}-{lay}" for a, lay in READ_AT_CASES])
+def test_the_last_layer_runs_at_the_answers_last_tokens_only_with_the_full_models_gradients(arch, layout):
+    """train/last_layer.py, for every decoder in its MODEL_TYPES: the last layer's MLP computes 2
+    tokens per pair (1 per padded row), every earlier layer all of them, and every parameter's
+    gradient (the last layer's q/k/v and MLP, the head, the embeddings) equals the model's own
+    forward's, every layer at every position."""
+    model = _tiny_reward_model(arch)
+    columns = _random_columns(7, vocab=96, seed=23)
+    rows = np.arange(7)
+    batch = collate_pairs(columns, rows, pad_id=0, shared=layout != "padded", packed=layout == "packed")
+    seen = _last_layer_tokens(model)
+    ours = _our_gradients(model, batch)
+    assert seen == [2 * len(rows)] and seen[0] < batch.input_ids.numel()  # each answer's last token
+    theirs = _own_forward_gradients(model, columns, rows)
+    for name, grad in theirs.items():
+        assert grad.abs().max() > 0, name  # every parameter takes part, so the comparison covers it
+        torch.testing.assert_close(ours[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("why", ["gradient checkpointing", "no cache read", "another decoder"])
+def test_a_last_layer_that_reads_no_cache_runs_whole_with_the_same_numbers(why):
+    """Gradient checkpointing sets the layer's cache to None (transformers), and an attention that
+    never calls `cache.update` has none: the layer runs whole once and is read at the positions.
+    A decoder outside MODEL_TYPES (GPT-NeoX) is not touched at all."""
+    model = _tiny_reward_model("gpt_neox" if why == "another decoder" else "llama").train()
+    if why == "gradient checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif why == "no cache read":
+        attention = model.base_model.layers[-1].self_attn
+        forward = attention.forward
+        attention.forward = lambda *args, cache=None, **kwargs: forward(*args, **kwargs)
+    assert RewardScorer(model).reads_last_layer == (why != "another decoder")
+    columns = _random_columns(5, vocab=96, seed=24)
+    rows = np.arange(5)
+    batch = collate_pairs(columns, rows, pad_id=0, shared=True)
+    seen = _last_layer_tokens(model)
+    ours = _our_gradients(model, batch)
+    assert seen[0] == batch.input_ids.numel()  # whole (a recompute in backward calls it again)
+    theirs = _own_forward_gradients(model, columns, rows)
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_padded_rows_past_a_sliding_window_run_the_last_layer_whole():
+    """The model's own mask holds its window there; a causal mask for the read queries would not,
+    so rows longer than the window keep the whole layer (and rows within it are read)."""
+    from transformers import AutoModelForSequenceClassification, MistralConfig
+
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=0,
+                           initializer_range=0.2, sliding_window=6)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    seen = _last_layer_tokens(model)
+    short = _columns([[5, 6], [7, 8, 9]], [[10, 11], [12]], [[13], [14, 15]])  # rows of 3 to 5 tokens
+    with torch.inference_mode():
+        for columns in (_random_columns(5, vocab=96, seed=25), short):  # rows of 8 to 17 tokens, then the short ones
+            seen.clear()
+            rows = np.arange(len(columns))
+            batch = collate_pairs(columns, rows, pad_id=0)
+            chosen, rejected = pair_rewards(RewardScorer(model), batch)
+            assert seen == [batch.input_ids.numel() if batch.input_ids.shape[1] > 6 else 2 * len(rows)]
+            expected_chosen, expected_rejected = _own_forward_rewards(model, columns, rows)
+            torch.testing.assert_close(chosen, expected_chosen, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rejected, expected_rejected, atol=1e-5, rtol=1e-5)
 
 
 def test_reward_loss_by_hand():

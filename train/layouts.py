@@ -8,6 +8,8 @@ train/logprobs.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -24,13 +26,18 @@ def prefix_sharing_obstacle(model: torch.nn.Module, pair_lengths: np.ndarray) ->
     config = model.config
     if config._attn_implementation not in SHARING_ATTENTION:
         return f"its attention {config._attn_implementation} takes no mask"
-    text_config = config.get_text_config()
-    window = getattr(text_config, "sliding_window", None)
-    uses_window = window is not None and getattr(text_config, "use_sliding_window", True) is not False
+    window = sliding_window(config)
     longest = int(pair_lengths.max()) if len(pair_lengths) else 0
-    if uses_window and longest > window:
+    if window is not None and longest > window:
         return f"a pair of {longest} tokens exceeds its sliding window of {window}"
     return None
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window of the model's sliding-window layers, or None where it has none in use."""
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    return window if window is not None and getattr(text_config, "use_sliding_window", True) is not False else None
 
 
 def prefix_sharing_exact(model: torch.nn.Module, pair_lengths: np.ndarray) -> bool:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from schemas.errors import UserError
+from train import last_layer
 from train.batching import PairBatch
+from train.layouts import sliding_window
 from train.masks import shared_attention_mask
 from train.models import load_model_tokenizer
 
@@ -78,33 +80,52 @@ def _last_completion_positions(completion_mask: torch.Tensor) -> torch.Tensor:
 
 class RewardScorer(torch.nn.Module):
     """A reward model seen as "rows → one reward per answer": [2B] float32, chosen then rejected
-    (the order of the padded layout). A Module so DDP/FSDP can wrap it, as `SequenceScorer`."""
+    (the order of the padded layout). A Module so DDP/FSDP can wrap it, as `SequenceScorer`.
+    Its last decoder layer runs at the answers' last tokens only (`train.last_layer`), where the
+    model allows it."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.reads_last_layer = last_layer.install(model)
 
     def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, source: torch.Tensor | None = None,
                 row_of: torch.Tensor | None = None, pair: torch.Tensor | None = None) -> torch.Tensor:
+        rows, length = input_ids.shape
         if segments is None:
             # Right-padded and causal: a real token sees only real tokens, so no mask is needed (as
             # for log-probs), and each row's reward is read at its last completion token.
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            last = hidden[rows, _last_completion_positions(completion_mask)]
+            mask = None
+            answer_rows = torch.arange(rows, device=input_ids.device)
+            answer_positions = _last_completion_positions(completion_mask)
         else:
             mask = shared_attention_mask(segments, pair, self.model.config._attn_implementation, self.model.dtype)
-            hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                                           use_cache=False).last_hidden_state
             batch_index, position = completion_mask.nonzero(as_tuple=True)
-            flat = batch_index * input_ids.shape[1] + position
+            flat = batch_index * length + position
             answers = 2 * (int(pair.max()) + 1)
             # Each answer's last token: the largest flat position among its completion tokens.
             last_flat = torch.full((answers,), -1, dtype=flat.dtype, device=flat.device).scatter_reduce(
                 0, row_of[batch_index, position], flat, reduce="amax")
-            last = hidden.reshape(-1, hidden.shape[-1])[last_flat]
+            answer_rows, answer_positions = last_flat // length, last_flat % length
+        read_at = self._read_at(answer_rows, answer_positions, rows, length, mask)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
+                                       **({} if read_at is None else {last_layer.READ_AT: read_at[0]})).last_hidden_state
+        last = hidden[answer_rows, answer_positions if read_at is None else read_at[1]]
         return reward_head(self.model)(last).squeeze(-1).float()
+
+    def _read_at(self, answer_rows: torch.Tensor, answer_positions: torch.Tensor, rows: int, length: int,
+                 mask: torch.Tensor | None) -> tuple[last_layer.ReadAt, torch.Tensor] | None:
+        """(where the last layer is read, each answer's slot there), or None where it runs whole:
+        a model it cannot be installed on, or padded rows longer than a sliding window (the
+        model's own mask then holds the window, which a causal one built here would not)."""
+        window = sliding_window(self.model.config)
+        if not self.reads_last_layer or (mask is None and window is not None and length > window):
+            return None
+        positions, slot = last_layer.slots(answer_rows, answer_positions, rows)
+        query_mask = (last_layer.causal_query_mask(positions, length, self.model.dtype) if mask is None
+                      else last_layer.rows_of_mask(mask, positions))
+        return last_layer.ReadAt(positions, query_mask), slot
 
 
 def pair_rewards(scorer: torch.nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
