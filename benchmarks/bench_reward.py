@@ -106,7 +106,7 @@ def table_rows(rows_set: str, results: dict[str, dict], limits, row) -> list[dic
     `row` is run_all.row."""
     bound, stage = limits.ratios()["flops"], f"train reward model [{rows_set}], no checkpointing either side"
     return [*bench_train.peer_rows(stage, f"tokens/s, {OURS}", "tokens_per_s", results["ours-reward"], results["trl-reward"],
-                                   PEER, f"≥ {bound:.2f}× (FLOP bound)", limits, row),
+                                   PEER, f"≥ {bound:.2f}× (FLOP bound of the layout)", limits, row),
             row(stage, "bound: training GFLOPs, one epoch, ours as computed (last layer at the scored tokens)",
                 limits.flops_ours_computed / 1e9, limits.flops_trl / 1e9, PEER, "—", False)]
 

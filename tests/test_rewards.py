@@ -145,6 +145,21 @@ def test_a_last_layer_that_reads_no_cache_runs_whole_with_the_same_numbers(why):
         torch.testing.assert_close(ours[name], grad, atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_a_last_layer_that_never_sees_the_read_positions_is_an_error_not_a_misread():
+    """Were READ_AT lost on its way (a transformers release that stops passing keyword arguments to
+    its layers; here a config that runs fewer layers than the model holds), the model's output
+    would be [R, T, H], whose slots are not positions. And Gemma 3 set to attend both ways is not
+    read this way at all (the read queries' mask would be causal)."""
+    model = _tiny_reward_model("llama")
+    model.config.num_hidden_layers = 1
+    columns = _random_columns(3, vocab=96, seed=26)
+    with pytest.raises(RuntimeError, match="did not receive"):
+        pair_rewards(RewardScorer(model), collate_pairs(columns, np.arange(3), pad_id=0, shared=True))
+    bidirectional = _tiny_reward_model("gemma3_text")
+    bidirectional.config.use_bidirectional_attention = True
+    assert not RewardScorer(bidirectional).reads_last_layer and RewardScorer(_tiny_reward_model("gemma3_text")).reads_last_layer
+
+
 def test_padded_rows_past_a_sliding_window_run_the_last_layer_whole():
     """The model's own mask holds its window there; a causal mask for the read queries would not,
     so rows longer than the window keep the whole layer (and rows within it are read)."""

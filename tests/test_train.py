@@ -212,16 +212,20 @@ def test_cli_yaml_and_overrides(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-def test_gradient_checkpointing_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
-    train(_config(shards, tiny_model_dir, tmp_path / "plain", max_steps=3, log_every=1))
-    train(_config(shards, tiny_model_dir, tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True))
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_gradient_checkpointing_gives_the_same_losses(shards, tiny_model_dir, tmp_path, objective):
+    """A reward model's last layer, read at the scored tokens only without checkpointing, runs whole under it."""
+    train(_config(shards, tiny_model_dir, tmp_path / "plain", max_steps=3, log_every=1, objective=objective))
+    train(_config(shards, tiny_model_dir, tmp_path / "ckpt", max_steps=3, log_every=1, gradient_checkpointing=True,
+                  objective=objective))
     losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), abs=1e-6)
 
 
-def test_compile_option_gives_the_same_losses(shards, tiny_model_dir, tmp_path):
-    train(_config(shards, tiny_model_dir, tmp_path / "eager", max_steps=2, log_every=1))
-    train(_config(shards, tiny_model_dir, tmp_path / "compiled", max_steps=2, log_every=1, compile=True))
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_compile_option_gives_the_same_losses(shards, tiny_model_dir, tmp_path, objective):
+    train(_config(shards, tiny_model_dir, tmp_path / "eager", max_steps=2, log_every=1, objective=objective))
+    train(_config(shards, tiny_model_dir, tmp_path / "compiled", max_steps=2, log_every=1, compile=True, objective=objective))
     losses = lambda out: [m["loss"] for m in _metrics(out) if "loss" in m]  # noqa: E731
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), abs=1e-4)
 

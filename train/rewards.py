@@ -111,6 +111,9 @@ class RewardScorer(torch.nn.Module):
         read_at = self._read_at(answer_rows, answer_positions, rows, length, mask)
         hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
                                        **({} if read_at is None else {last_layer.READ_AT: read_at[0]})).last_hidden_state
+        if read_at is not None and hidden.shape[1] != read_at[0].positions.shape[1]:  # [R, S, H] expected, not [R, T, H]
+            raise RuntimeError(f"{type(self.model).__name__}: its last layer did not receive {last_layer.READ_AT} (a "
+                               "transformers release that no longer passes keyword arguments to its layers?)")
         last = hidden[answer_rows, answer_positions if read_at is None else read_at[1]]
         return reward_head(self.model)(last).squeeze(-1).float()
 
