@@ -104,8 +104,9 @@ def test_precompute_ref_on_three_processes_equals_one_process(uneven, tiny_model
 
 
 def _args(shards: Path, model: Path, out: Path, **options: object) -> list[str]:
-    flags = {"shards": shards, "model": model, "out": out, "learning_rate": 5e-3, "beta": 0.5, "epochs": 1, "log_every": 1,
-             "seed": 0, "warmup_steps": 1, "eval_every": 1, "eval_batch_tokens": 40, **options}
+    flags = {"shards": shards, "model": model, "out": out, "learning_rate": 5e-3, "epochs": 1, "log_every": 1,
+             "seed": 0, "warmup_steps": 1, "eval_every": 1, "eval_batch_tokens": 40,
+             **({} if options.get("objective") in ("sft", "reward") else {"beta": 0.5}), **options}
     def parts(name: str, value: object) -> list[str]:
         flag = name.replace("_", "-")
         return [f"--{flag}"] if value is True else [f"--no-{flag}"] if value is False else [f"--{flag}", str(value)]

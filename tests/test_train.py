@@ -43,9 +43,11 @@ def shards(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def _config(shards, model, out, **over) -> TrainConfig:
-    base = dict(shards=str(shards), model=str(model), out=str(out), batch_size=8, learning_rate=5e-3, beta=0.5,
+    """β 0.5 where the objective has one (sft and reward refuse it: they never read it)."""
+    base = dict(shards=str(shards), model=str(model), out=str(out), batch_size=8, learning_rate=5e-3,
                 max_steps=12, log_every=2, warmup_steps=2, seed=0)
-    return TrainConfig(**{**base, **over})
+    beta = {} if over.get("objective") in ("sft", "reward") else {"beta": 0.5}
+    return TrainConfig(**{**base, **beta, **over})
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -187,7 +189,8 @@ def test_cli_yaml_and_overrides(tmp_path):
     for used in (["--loss", "sigmoid", "--label-smoothing", "0.1"],
                  ["--objective", "simpo", "--simpo-gamma", "1", "--label-smoothing", "0.1"], ["--objective", "cpo", "--cpo-alpha", "2"],
                  ["--lora-r", "4", "--lora-alpha", "8"],
-                 ["--reference", "live", "--reference-model", "m2"], ["--objective", "reward", "--center-rewards-coefficient", "0.1"]):
+                 ["--reference", "live", "--reference-model", "m2"], ["--objective", "reward", "--center-rewards-coefficient", "0.1"],
+                 *(["--objective", objective, "--beta", "0.5"] for objective in ("dpo", "kto", "simpo", "cpo", "orpo"))):
         parse_args(["--shards", "s", "--model", "m", "--out", "o", *used])  # read by their runs: accepted
     with pytest.raises(UserError, match="unknown loss"):
         parse_args(["--shards", "s", "--model", "m", "--out", "o", "--loss", "nope"])
@@ -198,6 +201,8 @@ def test_cli_yaml_and_overrides(tmp_path):
                            (["--adam-beta2", "-1"], "--adam-beta2: Input should be greater than or equal to 0"),
                            # Options the run would not read, while config.yaml said they were set.
                            (["--objective", "simpo", "--loss", "ipo"], "--loss is not read by --objective simpo"),
+                           (["--objective", "reward", "--beta", "0.5"], "--beta is not read by --objective reward"),
+                           (["--objective", "sft", "--beta", "0.5"], "--beta is not read by --objective sft"),
                            (["--loss", "ipo", "--label-smoothing", "0.1"],
                             "--label-smoothing is not read by --objective dpo with --loss ipo"),
                            (["--reference-model", "x"], "--reference-model is read with --reference live only"),

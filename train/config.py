@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from train.losses import PAIR_LOSSES, LossParams
 
 # Options only some runs read (TrainConfig._options_used): set in a run that does not, refused.
-OBJECTIVE_OPTIONS = ("loss", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "sft_weight",
+OBJECTIVE_OPTIONS = ("beta", "loss", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "sft_weight",
                      "center_rewards_coefficient", "reference_model", "lora_alpha", "lora_dropout", "lora_target_modules")
 READ_ONLY_WITH = {"reference_model": "read with --reference live only",
                   **{name: "read with --lora-r only" for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}}
@@ -169,6 +169,8 @@ class TrainConfig(BaseModel):
         """The options of OBJECTIVE_OPTIONS this run's objective, losses and adapters read."""
         used = {"simpo": {"simpo_gamma", "label_smoothing"}, "cpo": {"cpo_alpha", "label_smoothing"},
                 "reward": {"center_rewards_coefficient"}}.get(self.objective, set())
+        if self.objective not in ("sft", "reward"):  # neither has a β: no reference, no implicit reward
+            used.add("beta")
         if self.objective == "dpo":
             used |= {"loss", "sft_weight"}
             used |= {"label_smoothing"} if set(self.loss) & {"sigmoid", "robust", "exo_pair"} else set()
