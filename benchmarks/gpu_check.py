@@ -17,8 +17,9 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      GPUs in bf16 with the KL completions in their own no-gradient forward (--kl-completions
                      apart); with ≥ 2 GPUs, FSDP2 KTO on every GPU beside one GPU (the KL estimate's
                      all-reduce on NCCL, stand-in rows in the last batch)
-    reward           train --objective reward on all visible GPUs in bf16 (a new score head: step 1 at log 2); with
-                     ≥ 2 GPUs, FSDP2 reward training on every GPU beside one GPU
+    reward           train --objective reward on all visible GPUs in bf16 (a new score head: step 1 at log 2); on
+                     cuda:0, the last layer read at the scored tokens beside it run whole (rewards and gradients,
+                     float32 and bf16 autocast); with ≥ 2 GPUs, FSDP2 reward training on every GPU beside one GPU
     resume           DDP on all visible GPUs in float32, killed (SIGKILL) as it writes its step-4 checkpoint and
                      resumed: the same losses, gradient norms and final weights as the run never stopped
     multi-GPU        with ≥ 2 GPUs: FSDP2 with --cpu-offload on every GPU; train DDP and FSDP2 in float32 on every GPU beside one GPU on the
@@ -253,10 +254,54 @@ def _reward(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
     beside one GPU. The score head is new, its weights N(0, 0.02²), so each reward starts near 0,
     but its spread grows with the width (~0.5 at 768): step 1's loss is log 2 within 0.25, not
     DPO's 0.05, and must fall."""
-    rows = [_train("train reward", rig, model, shards, work / "reward", *REWARD, start_tolerance=0.25)]
+    rows = [_train("train reward", rig, model, shards, work / "reward", *REWARD, start_tolerance=0.25),
+            _reward_last_layer(rig, model, shards)]
     if rig.processes >= 2:
         rows.append(_multi_gpu_train(rig, model, shards, work, "fsdp", *REWARD))
     return rows
+
+
+# Rewards and gradients of the last layer read at the scored tokens beside the layer whole, as a
+# share of the largest |value| of each: float32 rounding, and bf16 autocast's (8 mantissa bits).
+LAST_LAYER_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def _reward_last_layer(rig: Rig, model: Path, shards: Path) -> dict:
+    """On the first device (cuda:0, or the CPU rehearsing), 8 of the shards' pairs prefix-shared
+    through the reward model with its last layer read at each answer's last token
+    (train/last_layer.py), beside the same model with that layer run whole: rewards and every
+    parameter's gradient agree within LAST_LAYER_TOLERANCE, in float32 and under bf16 autocast
+    (the CUDA kernels the CPU tests cannot run)."""
+    import numpy as np
+    import torch
+
+    from train.batching import collate_pairs
+    from train.data import open_shards
+    from train.losses import reward_loss
+    from train.models import padding_id
+    from train.rewards import RewardScorer, load_reward_model, pair_rewards
+
+    device = torch.device("cuda:0" if rig.device == "cuda" else "cpu")
+    reward_model, tokenizer = load_reward_model(model, str(model), torch.float32, device)
+    _, data, _ = open_shards(str(shards), need_ref=False)
+    batch = collate_pairs(data.columns, np.arange(min(8, len(data))), padding_id(tokenizer), shared=True).to(device)
+    start, result = time.perf_counter(), {"stage": "reward last layer read vs whole", "tokens_per_s": float("nan")}
+    for dtype in ("float32", "bfloat16"):
+        runs = []
+        for reads in (True, False):
+            scorer = RewardScorer(reward_model)
+            scorer.reads_last_layer = reads
+            reward_model.zero_grad()
+            with torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+                chosen, rejected = pair_rewards(scorer, batch)
+            reward_loss(chosen, rejected)[0].backward()
+            runs.append([torch.cat([chosen, rejected]).detach(), *(p.grad.clone() for p in reward_model.parameters())])
+        share = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(*runs))
+        result[f"max_relative_diff_{dtype}"] = share
+        if not share <= LAST_LAYER_TOLERANCE[dtype]:
+            raise StageFailed(f"reward last layer ({dtype}): read at the scored tokens, a reward or gradient differs from the "
+                              f"whole layer's by {share:.3g} of its largest value (tolerance {LAST_LAYER_TOLERANCE[dtype]})")
+    return {**result, "seconds": time.perf_counter() - start}
 
 
 KILLED_RUN = ROOT / "benchmarks" / "killed_run.py"

@@ -396,3 +396,16 @@ def test_a_reward_models_checkpoint_is_refused_where_a_causal_lm_is_loaded(tiny_
             load_causal_lm(directory, str(directory), torch.float32, torch.device("cpu"))
     model, _ = load_causal_lm(tiny_model_dir, str(tiny_model_dir), torch.float32, torch.device("cpu"))  # a causal LM loads
     assert model.lm_head.weight.shape[0] == model.config.vocab_size
+
+
+def test_gpu_checks_last_layer_row_compares_read_and_whole_and_fails_past_its_tolerance(shards, tiny_model_dir, monkeypatch):  # noqa: F811
+    """`make gpu-check`'s reward row (benchmarks/gpu_check.py), run here on the CPU as its rehearsal
+    does: float32 and bf16-autocast rewards and gradients of the two ways, and a stage failure
+    (not a pass) when they differ by more than its tolerance."""
+    from benchmarks import gpu_check
+
+    row = gpu_check._reward_last_layer(gpu_check.REHEARSAL, tiny_model_dir, shards.parent / "unscored")
+    assert 0 < row["max_relative_diff_float32"] <= 1e-4 and 0 < row["max_relative_diff_bfloat16"] <= 5e-2
+    monkeypatch.setitem(gpu_check.LAST_LAYER_TOLERANCE, "bfloat16", 0.0)
+    with pytest.raises(gpu_check.StageFailed, match="bfloat16"):
+        gpu_check._reward_last_layer(gpu_check.REHEARSAL, tiny_model_dir, shards.parent / "unscored")
