@@ -17,9 +17,10 @@ On a machine without CUDA it says so in one line and exits 0. On a CUDA machine,
                      GPUs in bf16 with the KL completions in their own no-gradient forward (--kl-completions
                      apart); with ≥ 2 GPUs, FSDP2 KTO on every GPU beside one GPU (the KL estimate's
                      all-reduce on NCCL, stand-in rows in the last batch)
-    reward           train --objective reward on all visible GPUs in bf16 (a new score head: step 1 at log 2); on
-                     cuda:0, the last layer read at the scored tokens beside it run whole (rewards and gradients,
-                     float32 and bf16 autocast); with ≥ 2 GPUs, FSDP2 reward training on every GPU beside one GPU
+    reward           train --objective reward on all visible GPUs in bf16 (a new score head: step 1 at log 2); with
+                     ≥ 2 GPUs, FSDP2 reward training on every GPU beside one GPU
+    reward last layer  on cuda:0, the reward model's last layer read at the scored tokens beside it run whole:
+                     rewards and gradients, float32 and bf16 autocast
     resume           DDP on all visible GPUs in float32, killed (SIGKILL) as it writes its step-4 checkpoint and
                      resumed: the same losses, gradient norms and final weights as the run never stopped
     multi-GPU        with ≥ 2 GPUs: FSDP2 with --cpu-offload on every GPU; train DDP and FSDP2 in float32 on every GPU beside one GPU on the
@@ -60,7 +61,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TRAIN_ARGS = ["--batch-size", "8", "--beta", "0.1", "--log-every", "1"]
+TRAIN_ARGS = ["--batch-size", "8", "--log-every", "1"]  # β the default, 0.1 (sft and reward refuse one)
 
 
 @dataclass(frozen=True)
@@ -254,15 +255,15 @@ def _reward(rig: Rig, model: Path, shards: Path, work: Path) -> list[dict]:
     beside one GPU. The score head is new, its weights N(0, 0.02²), so each reward starts near 0,
     but its spread grows with the width (~0.5 at 768): step 1's loss is log 2 within 0.25, not
     DPO's 0.05, and must fall."""
-    rows = [_train("train reward", rig, model, shards, work / "reward", *REWARD, start_tolerance=0.25),
-            _reward_last_layer(rig, model, shards)]
+    rows = [_train("train reward", rig, model, shards, work / "reward", *REWARD, start_tolerance=0.25)]
     if rig.processes >= 2:
         rows.append(_multi_gpu_train(rig, model, shards, work, "fsdp", *REWARD))
     return rows
 
 
 # Rewards and gradients of the last layer read at the scored tokens beside the layer whole, as a
-# share of the largest |value| of each: float32 rounding, and bf16 autocast's (8 mantissa bits).
+# share of each tensor's largest |value| (at least a thousandth of the largest gradient's, for
+# tensors whose gradient is all but zero): float32 rounding, and bf16 autocast's (8 mantissa bits).
 LAST_LAYER_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
@@ -271,7 +272,21 @@ def _reward_last_layer(rig: Rig, model: Path, shards: Path) -> dict:
     through the reward model with its last layer read at each answer's last token
     (train/last_layer.py), beside the same model with that layer run whole: rewards and every
     parameter's gradient agree within LAST_LAYER_TOLERANCE, in float32 and under bf16 autocast
-    (the CUDA kernels the CPU tests cannot run)."""
+    (the CUDA kernels the CPU tests cannot run). In this process: any failure is the stage's."""
+    import torch
+
+    from schemas.errors import UserError
+
+    try:
+        return _compare_last_layer(rig, model, shards)
+    except (UserError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        raise StageFailed(f"reward last layer: {type(error).__name__}: {error}") from error
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the later stages' processes share cuda:0
+
+
+def _compare_last_layer(rig: Rig, model: Path, shards: Path) -> dict:
     import numpy as np
     import torch
 
@@ -283,6 +298,9 @@ def _reward_last_layer(rig: Rig, model: Path, shards: Path) -> dict:
 
     device = torch.device("cuda:0" if rig.device == "cuda" else "cpu")
     reward_model, tokenizer = load_reward_model(model, str(model), torch.float32, device)
+    if not RewardScorer(reward_model).reads_last_layer:
+        raise StageFailed(f"reward last layer: {type(reward_model).__name__} "
+                          f"({reward_model.config._attn_implementation}) does not read its last layer at the scored tokens")
     _, data, _ = open_shards(str(shards), need_ref=False)
     batch = collate_pairs(data.columns, np.arange(min(8, len(data))), padding_id(tokenizer), shared=True).to(device)
     start, result = time.perf_counter(), {"stage": "reward last layer read vs whole", "tokens_per_s": float("nan")}
@@ -296,7 +314,8 @@ def _reward_last_layer(rig: Rig, model: Path, shards: Path) -> dict:
                 chosen, rejected = pair_rewards(scorer, batch)
             reward_loss(chosen, rejected)[0].backward()
             runs.append([torch.cat([chosen, rejected]).detach(), *(p.grad.clone() for p in reward_model.parameters())])
-        share = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(*runs))
+        floor = 1e-3 * max(float(grad.abs().max()) for grad in runs[1][1:])
+        share = max(float((a - b).abs().max()) / max(float(b.abs().max()), floor) for a, b in zip(*runs))
         result[f"max_relative_diff_{dtype}"] = share
         if not share <= LAST_LAYER_TOLERANCE[dtype]:
             raise StageFailed(f"reward last layer ({dtype}): read at the scored tokens, a reward or gradient differs from the "
@@ -432,7 +451,7 @@ def report_lines(results: list[dict], header: str) -> list[str]:
 
 
 STAGES = ("precompute-ref", "train ddp", "train fsdp", "train lora", "packing", "train packed (flex)", "iterate eval",
-          "multi-GPU", "kto", "reward", "resume", "bench")
+          "multi-GPU", "kto", "reward", "reward last layer", "resume", "bench")
 
 
 def check(rig: Rig, work: Path, only: set[str] | None = None) -> tuple[list[dict], list[str]]:
@@ -456,6 +475,7 @@ def check(rig: Rig, work: Path, only: set[str] | None = None) -> tuple[list[dict
         ("multi-GPU", lambda: _multi_gpu(rig, model, shards, work)),
         ("kto", lambda: _kto(rig, model, work)),
         ("reward", lambda: _reward(rig, model, shards, work)),
+        ("reward last layer", lambda: _reward_last_layer(rig, model, shards)),
         ("resume", lambda: _resume(rig, model, shards, work)),
     ]
     assert [name for name, _ in stages] == list(STAGES[:-1])

@@ -362,3 +362,15 @@ def test_a_resume_with_other_settings_is_refused_and_one_with_its_own_runs(shard
             train(_config(shards, tiny_model_dir, out, max_steps=6, save_every=2, resume=True, **change))
     train(_config(shards, tiny_model_dir, out, max_steps=6, save_every=2, log_every=1, resume=True))  # longer, logged more often
     assert max(m["step"] for m in _metrics(out)) == 6
+
+
+def test_a_run_saved_with_an_option_its_objective_never_read_resumes(shards, tiny_model_dir, tmp_path):
+    """An SFT run from before --beta was refused for SFT holds β 0.5 in its config.yaml: it never
+    read it, so resuming with the default is resuming with its own settings."""
+    out = tmp_path / "sft"
+    train(_config(shards, tiny_model_dir, out, objective="sft", max_steps=2, save_every=2))
+    saved = out / "config.yaml"
+    saved.write_text(saved.read_text().replace("beta: 0.1\n", "beta: 0.5\n"))
+    assert "beta: 0.5" in saved.read_text()
+    train(_config(shards, tiny_model_dir, out, objective="sft", max_steps=3, save_every=2, resume=True))
+    assert max(m["step"] for m in _metrics(out)) == 3

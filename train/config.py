@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from train.losses import PAIR_LOSSES, LossParams
 
-# Options only some runs read (TrainConfig._options_used): set in a run that does not, refused.
+# Options only some runs read (TrainConfig.options_used): set in a run that does not, refused.
 OBJECTIVE_OPTIONS = ("beta", "loss", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "sft_weight",
                      "center_rewards_coefficient", "reference_model", "lora_alpha", "lora_dropout", "lora_target_modules")
 READ_ONLY_WITH = {"reference_model": "read with --reference live only",
@@ -153,7 +153,7 @@ class TrainConfig(BaseModel):
         if self.reference == "live" and not self.needs_reference:
             raise ValueError(f"--reference live: --objective {self.objective} has no reference model")
         defaults = self.defaults()
-        ignored = sorted(name for name in OBJECTIVE_OPTIONS if getattr(self, name) != defaults[name] and name not in self._options_used())
+        ignored = sorted(name for name in OBJECTIVE_OPTIONS if getattr(self, name) != defaults[name] and name not in self.options_used())
         if ignored:  # the run would go on without them while its config.yaml says they were set
             run = f"--objective {self.objective}" + (f" with --loss {','.join(self.loss)}" if self.objective == "dpo" else "")
             reasons = [f"--{name.replace('_', '-')} is {READ_ONLY_WITH.get(name, 'not read by ' + run)}" for name in ignored]
@@ -165,7 +165,7 @@ class TrainConfig(BaseModel):
         """Each field's default: what a setting left out is (in an older config.yaml too)."""
         return {name: field.default for name, field in cls.model_fields.items()}
 
-    def _options_used(self) -> set[str]:
+    def options_used(self) -> set[str]:
         """The options of OBJECTIVE_OPTIONS this run's objective, losses and adapters read."""
         used = {"simpo": {"simpo_gamma", "label_smoothing"}, "cpo": {"cpo_alpha", "label_smoothing"},
                 "reward": {"center_rewards_coefficient"}}.get(self.objective, set())

@@ -32,7 +32,7 @@ from schemas.progress import progress
 from schemas.shard import PAIRED, UNPAIRED
 from train import parallel
 from train.batching import Collator, LengthGroupedSampler, PairBatch, token_budget_batches
-from train.config import TrainConfig
+from train.config import OBJECTIVE_OPTIONS, TrainConfig
 from train.data import SplitData, open_shards, shards_kind
 from train.device import select_dtype
 from train.distributed import Dist
@@ -102,7 +102,9 @@ def check_resumed_settings(config: TrainConfig, out: Path) -> None:
     # A setting the saved file lacks (a run from before it existed) had its default; paths compare resolved.
     before = {**TrainConfig.defaults(), **yaml.safe_load(saved.read_text())}
     now = yaml.safe_load(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    changed = [key for key in now if key not in RESUMABLE_SETTINGS and before.get(key) != now[key]
+    # An option this objective never reads (β of an SFT run saved before it was refused) changes nothing.
+    unread = set(OBJECTIVE_OPTIONS) - config.options_used()
+    changed = [key for key in now if key not in RESUMABLE_SETTINGS and key not in unread and before.get(key) != now[key]
                and not (key in ("shards", "model", "reference_model") and before.get(key) and now[key]
                         and _same_location(before[key], now[key]))]
     if changed:
@@ -559,8 +561,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 with parallel.gradient_sync(scorer, enabled=micro == len(micro_batches) - 1):
                     loss, metrics = batch_loss(config, scorer, batch, train_data, ref_model, autocast, denominators, dist, weight)
                     if weight and not torch.isfinite(loss):
+                        knobs = "--learning-rate or --beta" if "beta" in config.options_used() else "--learning-rate"
                         raise TrainingDiverged(f"loss is {loss.item()} at step {position.step + 1}, rows {list(train_data.ids[rows])}; "
-                                               "lower --learning-rate or --beta, or check these rows")
+                                               f"lower {knobs}, or check these rows")
                     # DDP and FSDP average the processes' gradients; each loss is its rows' share
                     # of the step's mean, so world × the average is the whole step's gradient.
                     (loss * (weight * dist.world)).backward()
