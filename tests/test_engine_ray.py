@@ -108,16 +108,20 @@ def test_curate_on_ray_writes_the_local_bytes_with_near_duplicates(cluster, tmp_
         assert outs["ray"][file] == outs["local"][file], file
 
 
-def _record_reads(monkeypatch, marks: Path) -> None:
+def _record_reads(monkeypatch, marks: Path, pause: float = 0.0) -> None:
     """Every Ray read appends the id of the node it ran on to `marks` (the wrapper is defined here,
-    so Ray ships it by value to the workers, where a monkeypatch of this process cannot reach)."""
+    so Ray ships it by value to the workers, where a monkeypatch of this process cannot reach);
+    `pause` seconds before each job it yields keep a read streaming long enough to be killed on a
+    busy machine (a read done before the kill landed is not re-run)."""
     real_map = engine_ray.RayPool.map_units
 
     def recorded(pool, units, read, here=False):
         def read_and_record(unit):
             with open(marks, "a") as out:
                 out.write(f"{ray.get_runtime_context().get_node_id()}\n")
-            return read(unit)
+            for job in read(unit):
+                time.sleep(pause)
+                yield job
         return real_map(pool, units, read_and_record, here)
 
     monkeypatch.setattr(engine_ray.RayPool, "map_units", recorded)
@@ -226,7 +230,7 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(cluster, tmp_path, monkeyp
     local = _outputs(tmp_path / "out", "local")
     config = IngestConfig(inputs=[str(path)], out=str(tmp_path / "out"), execution=RAY)
     marks = tmp_path / "reads"
-    _record_reads(monkeypatch, marks)
+    _record_reads(monkeypatch, marks, pause=0.01 if task == "read" else 0.0)  # a read of 300 jobs: 3 s at least
     killed, error = _kill_a_worker_mid_stage(lambda: ingest(config), (f"ray::MapBatches(_{task}{'_jobs' * (task == 'read')})",),
                                              ready=marks.exists)  # the read has begun
     assert killed and error is None
