@@ -82,19 +82,21 @@ def _last_layer_tokens(model) -> list[int]:
     return seen
 
 
-def _own_forward_gradients(model, columns, rows):
-    """The Bradley–Terry loss's gradients through the model's own forward (every layer at every position)."""
+def _gradients(model, rewards):
+    """The Bradley–Terry loss's gradient of every parameter, the (chosen, rejected) rewards from `rewards()`."""
     model.zero_grad()
-    chosen, rejected = _own_forward_rewards(model, columns, rows)
+    chosen, rejected = rewards()
     reward_loss(chosen, rejected, center_rewards_coefficient=0.01)[0].backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _own_forward_gradients(model, columns, rows):
+    """Through the model's own forward (every layer at every position)."""
+    return _gradients(model, lambda: _own_forward_rewards(model, columns, rows))
 
 
 def _our_gradients(model, batch):
-    model.zero_grad()
-    chosen, rejected = pair_rewards(RewardScorer(model), batch)
-    reward_loss(chosen, rejected, center_rewards_coefficient=0.01)[0].backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+    return _gradients(model, lambda: pair_rewards(RewardScorer(model), batch))
 
 
 READ_AT_CASES = [*((arch, layout) for arch in ("llama", "qwen2", "gemma2") for layout in ("padded", "shared", "packed")),

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from train.masks import additive
+
 READ_AT = "prefdata_read_at"  # the keyword a `ReadAt` travels under, through the model to its last layer
 QUERY_MASK_KERNELS = ("sdpa", "eager")  # attention kernels that take a mask for a subset of the queries
 # The decoders whose reward models tests/test_rewards.py checks read this way (their rewards and
@@ -71,8 +73,7 @@ def slots(rows: torch.Tensor, positions: torch.Tensor, num_rows: int) -> tuple[t
 def causal_query_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """[R, 1, S, T] additive mask of queries at `positions` [R, S] in causal rows of `length` tokens."""
     keys = torch.arange(length, device=positions.device)
-    allowed = keys[None, None, :] <= positions[:, :, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return additive(keys[None, None, :] <= positions[:, :, None], dtype)[:, None]
 
 
 def rows_of_mask(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,13 @@ def shared_attention_mask(segments: torch.Tensor, pair: torch.Tensor, attn_imple
     the same values: a masked score is 0 after the softmax either way)."""
     if attn_implementation == "flex_attention":
         return _flex_block_mask(segments, pair)
-    allowed = allowed_positions(segments, pair)
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive(allowed_positions(segments, pair), dtype)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention rule as the additive mask SDPA and eager attention add to their scores:
+    0 where allowed, the dtype's lowest value elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def allowed_positions(segments: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
